@@ -1,0 +1,82 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed over static input buffers.
+
+Each bucket's graph runs the whole decode forward and the LM head for up to ``bucket`` sequences. The block-table
+buffer is as wide as ``max_model_len`` needs, so any admitted sequence fits. Padding rows write no KV (slot -1) and
+attend to one token of block 0, so they stay finite and never touch a live sequence's cache.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
+
+if TYPE_CHECKING:
+    from hf_minivllm.engine.model_runner import ModelRunner
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (and max_num_seqs itself)."""
+    buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    buckets += list(range(16, max_num_seqs, 16)) + [max_num_seqs]
+    return sorted(set(buckets))
+
+
+class DecodeGraphs:
+    def __init__(self, runner: "ModelRunner", max_num_seqs: int):
+        model, device = runner.model, runner.device
+        self.buckets = batch_buckets(max_num_seqs)
+        largest = self.buckets[-1]
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.logits = torch.empty(largest, model.vocab_size, dtype=runner.dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pool = None
+        with torch.inference_mode():
+            for bucket in reversed(self.buckets):
+                metadata = self._metadata(bucket)
+                set_attention_metadata(metadata)
+                try:
+                    self._forward(model, bucket)  # warm-up: Triton compiles and autotuning stay out of the graph
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        self._forward(model, bucket)
+                finally:
+                    set_attention_metadata(None)
+                pool = graph.pool()
+                self.graphs[bucket] = graph
+        torch.cuda.synchronize(device)
+
+    def _metadata(self, bucket: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self.slot_mapping[:bucket],
+            block_tables=self.block_tables[:bucket],
+            context_lens=self.context_lens[:bucket],
+        )
+
+    def _forward(self, model, bucket: int) -> None:
+        hidden = model(self.input_ids[:bucket], self.positions[:bucket])
+        self.logits[:bucket] = model.compute_logits(hidden)
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.buckets[-1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        n = input_ids.shape[0]
+        bucket = next(b for b in self.buckets if b >= n)
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = metadata.slot_mapping
+        self.slot_mapping[n:bucket] = -1
+        self.context_lens[:n] = metadata.context_lens
+        self.context_lens[n:bucket] = 1
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:n, :width] = metadata.block_tables
+        self.block_tables[n:bucket] = 0
+        self.graphs[bucket].replay()
+        return self.logits[:n]

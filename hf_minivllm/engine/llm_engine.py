@@ -1,0 +1,119 @@
+"""The step loop: requests in, scheduler decides, runner computes, finished sequences out."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence as SequenceOf
+from dataclasses import dataclass
+
+from torch import nn
+
+from hf_minivllm.config import Config
+from hf_minivllm.engine.model_runner import ModelRunner
+from hf_minivllm.engine.scheduler import Scheduler
+from hf_minivllm.engine.sequence import Sequence
+from hf_minivllm.engine.stats import EngineStats
+from hf_minivllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one step did: sequences that got a token (``updated``), those that finished, and token counts."""
+
+    updated: list[Sequence]
+    finished: list[Sequence]
+    is_prefill: bool
+    num_tokens: int
+
+
+class LLMEngine:
+    """Continuous-batching engine over a compact decoder (see ``hf_minivllm.models``)."""
+
+    def __init__(self, model: nn.Module, config: Config, eos_token_ids: SequenceOf[int]):
+        self.config = config
+        self.model = model
+        self.eos_token_ids = list(eos_token_ids)
+        self.runner = ModelRunner(model, config, self.eos_token_ids)
+        self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids)
+        self.stats = EngineStats()
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        return min(self.config.max_model_len, self.scheduler.max_tokens_that_fit())
+
+    def validate_request(self, prompt_token_ids: SequenceOf[int], params: SamplingParams, index: int = 0) -> None:
+        """Raise ValueError if the request is malformed or could never fit (checked before any work starts)."""
+        where = f"prompt {index}"
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"{where}: sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if len(prompt_token_ids) == 0:
+            raise ValueError(f"{where} is empty: a prompt needs at least one token")
+        vocab = self.model.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"{where}: token ids must be integers in [0, {vocab})")
+        limit = self.config.max_model_len
+        if len(prompt_token_ids) >= limit:
+            raise ValueError(
+                f"{where} has {len(prompt_token_ids)} tokens; max_model_len={limit} leaves no room to generate "
+                f"(prompts must be shorter than max_model_len)"
+            )
+        needed = min(len(prompt_token_ids) + params.max_tokens, limit)
+        capacity = self.scheduler.max_tokens_that_fit()
+        if needed > capacity:
+            raise ValueError(
+                f"{where} needs up to {needed} tokens of KV cache but the whole cache holds {capacity}; "
+                "lower max_tokens or give the cache more blocks"
+            )
+
+    def add_request(self, prompt_token_ids: SequenceOf[int], params: SamplingParams) -> Sequence:
+        self.validate_request(prompt_token_ids, params)
+        seq = Sequence(list(prompt_token_ids), params, self.config.kvcache_block_size)
+        self.scheduler.add(seq)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepResult:
+        batch = self.scheduler.schedule()
+        if batch.is_prefill:
+            self.stats.prefix_cache_hit_tokens += sum(
+                seq.num_cached_tokens for seq in batch.seqs if seq.num_computed_tokens == seq.num_cached_tokens
+            )
+        token_ids = self.runner.execute(batch)
+        finished = self.scheduler.postprocess(batch, token_ids)
+        updated = [seq for seq, token in zip(batch.seqs, token_ids) if token is not None]
+        self.stats.steps += 1
+        self.stats.generated_tokens += len(updated)
+        self.stats.preemptions = self.scheduler.num_preemptions
+        return StepResult(updated, finished, batch.is_prefill, sum(batch.num_new_tokens))
+
+    def generate(
+        self,
+        prompts: SequenceOf[SequenceOf[int]],
+        params: SequenceOf[SamplingParams],
+        on_step: Callable[[StepResult], None] | None = None,
+    ) -> list[Sequence]:
+        """Run ``prompts`` to completion; returns their sequences in input order.
+
+        Every request is validated before the first is queued, so a bad one leaves the engine untouched. If a
+        step raises, the unfinished requests are dropped and their blocks freed, and the engine stays usable.
+        """
+        if len(prompts) != len(params):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        for index, (prompt, sp) in enumerate(zip(prompts, params)):
+            self.validate_request(prompt, sp, index)
+        seqs = [self.add_request(prompt, sp) for prompt, sp in zip(prompts, params)]
+        try:
+            while self.has_unfinished():
+                result = self.step()
+                if on_step is not None:
+                    on_step(result)
+        except BaseException:
+            self.scheduler.abort_all()
+            raise
+        return seqs

@@ -1,0 +1,240 @@
+"""Turns a scheduled batch into model inputs, runs the decoder, and samples the next tokens.
+
+Owns the paged KV cache (one tensor, a view of it per attention layer) and, on CUDA, the captured decode graphs.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hf_minivllm.config import Config
+from hf_minivllm.engine.cuda_graphs import DecodeGraphs
+from hf_minivllm.engine.scheduler import ScheduledBatch
+from hf_minivllm.engine.sequence import Sequence
+from hf_minivllm.layers.attention import select_attention_backend
+from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
+from hf_minivllm.layers.sampler import SamplingTensors, sample
+from hf_minivllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: Config, eos_token_ids: list[int]):
+        self.model = model
+        self.eos_token_ids = list(eos_token_ids)
+        self.config = config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.block_size = config.kvcache_block_size
+        self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
+        backend = select_attention_backend(config.attention_backend, self.device)
+        for layer in model.attention_layers:
+            layer.backend = backend
+        self.attention_backend = backend
+        self.num_blocks = self._num_kvcache_blocks()
+        self._allocate_kv_cache(self.num_blocks)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self, config.max_num_seqs)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        model = self.model
+        per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def _num_kvcache_blocks(self) -> int:
+        config = self.config
+        if config.num_kvcache_blocks > 0:
+            return config.num_kvcache_blocks
+        if self.device.type != "cuda":
+            return max(1, int(config.cpu_kvcache_space_gib * GIB) // self.kv_bytes_per_block)
+        available = self._profile_available_gpu_memory()
+        num_blocks = available // self.kv_bytes_per_block
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"not enough GPU memory for the KV cache of one max_model_len={config.max_model_len} sequence: "
+                f"{max(available, 0) / GIB:.2f} GiB available at gpu_memory_utilization={config.gpu_memory_utilization} "
+                f"holds {max(num_blocks, 0)} blocks, {self.max_blocks_per_seq} are needed; raise "
+                "gpu_memory_utilization or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    def _profile_available_gpu_memory(self) -> int:
+        """Bytes left for the KV cache after a warm-up step at the largest batch measures peak activations."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._warm_up()
+        free, total = torch.cuda.mem_get_info(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+        used_now = total - free
+        return int(total * self.config.gpu_memory_utilization - used_now - activation_peak)
+
+    def _warm_up(self) -> None:
+        """A prefill of max_num_batched_tokens tokens and the sampler over max_num_seqs rows, on a scratch cache."""
+        config = self.config
+        seq_len = config.max_model_len
+        num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
+        self._allocate_kv_cache(self.max_blocks_per_seq)
+        table = list(range(self.max_blocks_per_seq))
+        seqs = []
+        for _ in range(num_seqs):
+            seq = Sequence([0] * seq_len, _WARMUP_PARAMS, self.block_size)
+            seq.block_table = table
+            seqs.append(seq)
+        batch = ScheduledBatch(seqs, True, [seq_len] * num_seqs, [True] * num_seqs)
+        self.execute(batch)
+        logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device)
+        rows = [Sequence([0], _WARMUP_PARAMS, self.block_size) for _ in range(config.max_num_seqs)]
+        sample(logits, self._sampling_tensors(rows))
+        self._allocate_kv_cache(0)
+        torch.cuda.synchronize(self.device)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        model = self.model
+        self.kv_cache = None
+        for layer in model.attention_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0, device=self.device, dtype=self.dtype)
+        if num_blocks == 0:
+            return
+        shape = (2, model.num_layers, num_blocks, self.block_size, model.num_kv_heads, model.head_dim)
+        self.kv_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
+        for index, layer in enumerate(model.attention_layers):
+            layer.k_cache = self.kv_cache[0, index]
+            layer.v_cache = self.kv_cache[1, index]
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return tensor.to(self.device, non_blocking=True)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        rows = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+        return self._to_device(rows, torch.int32)
+
+    def _prepare_prefill(self, batch: ScheduledBatch):
+        input_ids, positions, slots = [], [], []
+        cu_q, cu_k = [0], [0]
+        logits_rows = []
+        block_size = self.block_size
+        for seq, count, sampled in zip(batch.seqs, batch.num_new_tokens, batch.sample):
+            start = seq.num_computed_tokens
+            end = start + count
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            cu_q.append(cu_q[-1] + count)
+            cu_k.append(cu_k[-1] + end)
+            if sampled:
+                logits_rows.append(cu_q[-1] - 1)
+        metadata = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._block_tables(batch.seqs),
+            cu_seqlens_q=self._to_device(cu_q, torch.int32),
+            cu_seqlens_k=self._to_device(cu_k, torch.int32),
+            max_seqlen_q=max(batch.num_new_tokens),
+            max_seqlen_k=max(seq.num_computed_tokens + n for seq, n in zip(batch.seqs, batch.num_new_tokens)),
+        )
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), metadata, logits_rows
+
+    def _prepare_decode(self, batch: ScheduledBatch):
+        block_size = self.block_size
+        input_ids = [seq.last_token for seq in batch.seqs]
+        positions = [len(seq) - 1 for seq in batch.seqs]
+        slots = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(batch.seqs, positions)]
+        metadata = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._block_tables(batch.seqs),
+            context_lens=self._to_device([p + 1 for p in positions], torch.int32),
+        )
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), metadata
+
+    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        vocab = self.model.vocab_size
+        temperatures, top_ks, top_ps, min_ps = [], [], [], []
+        generators = {}
+        for row, seq in enumerate(seqs):
+            params = seq.sampling_params
+            temperatures.append(float(params.temperature))
+            top_ks.append(params.top_k if params.top_k > 0 else vocab)
+            top_ps.append(float(params.top_p))
+            min_ps.append(float(params.min_p))
+            if params.seed is not None and params.temperature > 0:
+                generators[row] = self._generator(seq)
+        any_greedy = min(temperatures) == 0
+        return SamplingTensors(
+            temperatures=self._to_device(temperatures, torch.float32),
+            top_ks=self._to_device(top_ks, torch.int64),
+            top_ps=self._to_device(top_ps, torch.float32),
+            min_ps=self._to_device(min_ps, torch.float32),
+            all_greedy=max(temperatures) == 0,
+            any_greedy=any_greedy,
+            use_top_k=min(top_ks) < vocab,
+            use_top_p=min(top_ps) < 1.0,
+            use_min_p=max(min_ps) > 0.0,
+            generators=generators,
+        )
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(seq.sampling_params.seed)
+        return seq.generator
+
+    def _suppress_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: eos and stop tokens get -inf until a request has generated that many tokens."""
+        rows, cols = [], []
+        for row, seq in enumerate(seqs):
+            params = seq.sampling_params
+            if seq.num_completion_tokens < params.min_tokens:
+                banned = set(params.stop_token_ids)
+                if not params.ignore_eos:
+                    banned.update(self.eos_token_ids)
+                rows.extend([row] * len(banned))
+                cols.extend(banned)
+        if rows:
+            logits[self._to_device(rows, torch.int64), self._to_device(cols, torch.int64)] = float("-inf")
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run one step; returns the new token of each sampled sequence and None for prefill chunks."""
+        if batch.is_prefill:
+            input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch)
+            set_attention_metadata(metadata)
+            try:
+                hidden = self.model(input_ids, positions)
+            finally:
+                set_attention_metadata(None)
+            sampled_seqs = [seq for seq, sampled in zip(batch.seqs, batch.sample) if sampled]
+            if not sampled_seqs:
+                return [None] * len(batch.seqs)
+            logits = self.model.compute_logits(hidden[self._to_device(logits_rows, torch.int64)])
+        else:
+            input_ids, positions, metadata = self._prepare_decode(batch)
+            sampled_seqs = batch.seqs
+            if self.graphs is not None and self.graphs.can_run(len(sampled_seqs)):
+                logits = self.graphs.run(input_ids, positions, metadata)
+            else:
+                set_attention_metadata(metadata)
+                try:
+                    logits = self.model.compute_logits(self.model(input_ids, positions))
+                finally:
+                    set_attention_metadata(None)
+        logits = logits.float()
+        self._suppress_stop_tokens(logits, sampled_seqs)
+        tokens = iter(sample(logits, self._sampling_tensors(sampled_seqs)).tolist())
+        return [next(tokens) if sampled else None for sampled in batch.sample]
+
+
+# Warm-up rows use every sampling filter, so the sampler's peak memory is part of the measurement.
+_WARMUP_PARAMS = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)

@@ -1,0 +1,74 @@
+"""One request's tokens and state as the scheduler, block manager and runner see it."""
+from __future__ import annotations
+
+import enum
+from itertools import count
+
+from hf_minivllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos or a stop token
+    LENGTH = "length"  # max_tokens or max_model_len
+
+
+class Sequence:
+    """Prompt plus generated tokens, the KV blocks holding them, and how far the KV cache has been filled.
+
+    ``num_computed_tokens`` counts tokens whose K/V are in the cache (prefix-cache hits included);
+    ``num_cached_tokens`` counts those that came from the prefix cache on the last admission;
+    ``num_hashed_blocks`` counts leading blocks whose hashes are published to the prefix cache.
+    """
+
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+        self.seq_id = next(Sequence._ids)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.last_token = self.token_ids[-1]
+        self.num_prompt_tokens = len(self.token_ids)
+        self.block_size = block_size
+        self.sampling_params = sampling_params
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_hashed_blocks = 0
+        self.finish_reason: FinishReason | None = None
+        self.generator = None  # torch.Generator of a seeded request, made on first use by the runner
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_blocks(self) -> int:
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    def block_tokens(self, index: int) -> list[int]:
+        return self.token_ids[index * self.block_size : (index + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.last_token = token_id

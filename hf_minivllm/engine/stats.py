@@ -1,0 +1,33 @@
+"""Counters that show what the engine did: users and tests read them through ``hf_minivllm.stats``."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    fallbacks: int = 0
+    fallback_reasons: Counter = field(default_factory=Counter)
+
+    def record_fallback(self, reason: str) -> None:
+        self.fallbacks += 1
+        self.fallback_reasons[reason] += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
+            "preemptions": self.preemptions,
+            "steps": self.steps,
+            "fallbacks": self.fallbacks,
+            "fallback_reasons": dict(self.fallback_reasons),
+        }

@@ -1,0 +1,63 @@
+"""Batched token sampling on the logits' device: greedy, temperature, top-k, top-p, min-p and per-request seeds.
+
+Everything is tensor work on the whole batch; only the host-side flags (is any row using top-k? ...) branch, so no
+device-to-host sync happens per request. Sampling uses the exponential-race form of the Gumbel-max trick:
+``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p``; a seeded request draws its ``E`` from its own generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row settings of one step, already on the logits' device."""
+
+    temperatures: torch.Tensor  # [n] float32, 0 = greedy
+    top_ks: torch.Tensor  # [n] int64, vocab size where disabled
+    top_ps: torch.Tensor  # [n] float32, 1 where disabled
+    min_ps: torch.Tensor  # [n] float32, 0 where disabled
+    all_greedy: bool
+    any_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator of a seeded request
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Mask (to -inf) what top-k, then top-p, then min-p remove, in the order HF's warpers apply them."""
+    if params.use_top_k or params.use_top_p:
+        sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
+        if params.use_top_k:
+            ranks = torch.arange(logits.shape[-1], device=logits.device)
+            sorted_logits.masked_fill_(ranks[None, :] >= params.top_ks[:, None], float("-inf"))
+        if params.use_top_p:
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            sorted_logits.masked_fill_(mass_before >= params.top_ps[:, None], float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, sorted_index, sorted_logits)
+    if params.use_min_p:
+        probs = logits.softmax(dim=-1)
+        threshold = params.min_ps[:, None] * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Next token id per row of ``logits`` [n, vocab] (float32)."""
+    greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
+    if params.all_greedy:
+        return greedy_tokens
+    temperatures = params.temperatures.clamp_min(1e-6) if params.any_greedy else params.temperatures
+    scaled = apply_top_k_top_p_min_p(logits / temperatures[:, None], params)
+    probs = scaled.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in params.generators.items():
+        noise[row].exponential_(generator=generator)
+    sampled = (probs / noise).argmax(dim=-1)
+    if greedy_tokens is None:
+        return sampled
+    return torch.where(params.temperatures == 0, greedy_tokens, sampled)
