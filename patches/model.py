@@ -1,0 +1,20 @@
+"""Installing and removing the engine on a loaded HF model: the only place that rebinds its methods."""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from hf_minivllm.patches.generate import generate as engine_generate
+from hf_minivllm.patches.state import STATE_ATTRIBUTE, AcceleratedState, is_accelerated, state_of
+
+__all__ = ["install", "uninstall", "is_accelerated", "state_of"]
+
+
+def install(model: Any, llm: Any) -> None:
+    object.__setattr__(model, STATE_ATTRIBUTE, AcceleratedState(model, llm))
+    object.__setattr__(model, "generate", types.MethodType(engine_generate, model))
+
+
+def uninstall(model: Any) -> None:
+    model.__dict__.pop("generate", None)
+    model.__dict__.pop(STATE_ATTRIBUTE, None)

@@ -1,0 +1,35 @@
+"""The engine state that ``accelerate`` attaches to a model, and the fallback to HF's own ``generate``."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+STATE_ATTRIBUTE = "_hf_minivllm"
+
+
+class AcceleratedState:
+    """What ``accelerate`` attaches to a model: its engine and the fallback path to HF's own ``generate``."""
+
+    def __init__(self, model: Any, llm: Any):
+        self.model = model
+        self.llm = llm
+        self.warned: set[str] = set()
+
+    def fall_back(self, reason: str, inputs, generation_config, arguments: dict, kwargs: dict):
+        """Record and warn (once per reason), then run HF's original generate on the same arguments."""
+        self.llm.stats.record_fallback(reason)
+        if reason not in self.warned:
+            self.warned.add(reason)
+            warnings.warn(f"hf-minivllm: handing this generate call to transformers ({reason})", UserWarning, stacklevel=4)
+        extra = {name: value for name, value in arguments.items() if name not in ("inputs", "generation_config")}
+        return type(self.model).generate(self.model, inputs, generation_config, **extra, **kwargs)
+
+
+def is_accelerated(model: Any) -> bool:
+    return isinstance(model.__dict__.get(STATE_ATTRIBUTE), AcceleratedState)
+
+
+def state_of(model: Any) -> AcceleratedState:
+    if not is_accelerated(model):
+        raise ValueError("this model is not accelerated: call hf_minivllm.accelerate(model) first")
+    return model.__dict__[STATE_ATTRIBUTE]
