@@ -1,0 +1,14 @@
+"""Gated activation for the fused gate_up projection."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SiluAndMul(nn.Module):
+    """``silu(gate) * up`` for ``x = [gate | up]`` along the last dim (HF's ``act(gate_proj(x)) * up_proj(x))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

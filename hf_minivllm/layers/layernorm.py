@@ -1,0 +1,31 @@
+"""RMSNorm with an optional fused residual add, in HF's exact order of operations."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalise in fp32, cast back to the input dtype, then scale (token-exact with HF)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """``forward(x)`` normalises; ``forward(x, residual)`` first adds the residual and returns ``(normed, sum)``.
+
+    The add happens in the model dtype before the fp32 upcast, as HF's ``hidden = residual + out`` does, so the
+    sum carried to the next layer is bit-identical to HF's.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        x = residual + x
+        return rms_norm(x, self.weight, self.eps), x

@@ -1,0 +1,98 @@
+"""Tensor-parallel linear layers (Megatron style): column-parallel splits outputs, row-parallel splits inputs.
+
+Weights are ``[out_features, in_features]`` as in ``nn.Linear``. Parameters are created by the caller's device
+context (the adapter builds the model on ``meta`` and then assigns the HF tensors), never initialised here.
+``shard`` helpers turn a full HF weight into this rank's slice, so tensor-parallel loading lives beside the layer
+that consumes it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _divide(numerator: int, denominator: int) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{numerator} is not divisible by the tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+def _frozen(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's rows (outputs) split across ranks; the output stays sharded (no communication)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.in_features = in_features
+        self.out_features = _divide(out_features, tp_size)
+        self.weight = _frozen(self.out_features, in_features)
+        self.bias = _frozen(self.out_features) if bias else None
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full ``[out_features * tp_size, ...]`` tensor (a view)."""
+        size = full.shape[0] // self.tp_size
+        return full[self.tp_rank * size : (self.tp_rank + 1) * size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one GEMM (gate_proj and up_proj)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        self.output_sizes = [_divide(size, tp_size) for size in output_sizes]
+        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
+
+    def fuse(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One new tensor holding this rank's shard of each full part, stacked in order."""
+        return torch.cat([self.shard(part) for part in parts])
+
+    def part_slices(self) -> list[slice]:
+        """Row ranges of each part inside the fused weight."""
+        bounds = [0]
+        for size in self.output_sizes:
+            bounds.append(bounds[-1] + size)
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """Fused q/k/v projection; ranks split heads, so each rank's slice is ``[q heads | k heads | v heads]``."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        self.num_heads = _divide(num_heads, tp_size)
+        self.num_kv_heads = _divide(num_kv_heads, tp_size)
+        self.head_dim = head_dim
+        q, kv = num_heads * head_dim, num_kv_heads * head_dim
+        super().__init__(hidden_size, [q, kv, kv], bias, tp_rank, tp_size)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's columns (inputs) split across ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.in_features = _divide(in_features, tp_size)
+        self.out_features = out_features
+        self.weight = _frozen(out_features, self.in_features)
+        self.bias = _frozen(out_features) if bias else None
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of a full weight (a view; bias is not sharded)."""
+        size = full.shape[-1] // self.tp_size
+        return full[..., self.tp_rank * size : (self.tp_rank + 1) * size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias joins on one rank only, so the all-reduce adds it exactly once.
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.tp_size > 1:
+            dist.all_reduce(y)
+        return y

@@ -1,0 +1,139 @@
+"""Builds the compact decoder from a loaded HF ``*ForCausalLM``, sharing its weights instead of copying them.
+
+At TP=1 the decoder uses the HF parameters themselves (embedding, norms, o_proj, down_proj, lm_head); the fused
+qkv and gate_up tensors are new storage and the HF q/k/v and gate/up parameters are re-pointed to views into them,
+so the old separate tensors are freed and ``hf_model.forward`` keeps working on the same numbers. At TP>1 each
+rank takes its own copy of its shard, so the full HF weights can be dropped afterwards.
+
+This is the only module of the engine core that imports ``transformers``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def load_hf_model(path: str, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """Load a causal LM from a local folder (no network), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+
+
+def _check_supported(hf_model: nn.Module) -> None:
+    name = type(hf_model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    config = hf_model.config
+    if config.hidden_act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; only silu-gated MLPs are supported")
+    rope_type = hf_model.model.rotary_emb.rope_type
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise ValueError(f"rope type {rope_type!r} changes its frequencies with the sequence length; unsupported "
+                         "(static kinds such as default, linear, llama3 and yarn are supported)")
+    # Mirror HF: Mistral masks with the window whenever config.sliding_window is set; Qwen2/Qwen3 only on layers
+    # that config.layer_types marks "sliding_attention" (none unless use_sliding_window). A window at least
+    # max_position_embeddings long never bites, as the engine caps sequences at that length.
+    window = getattr(config, "sliding_window", None)
+    if name == "MistralForCausalLM":
+        active = window is not None
+    else:
+        active = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    if active and window < config.max_position_embeddings:
+        raise ValueError(f"sliding-window attention (window {window} < max_position_embeddings "
+                         f"{config.max_position_embeddings}) is not supported")
+
+
+def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderConfig:
+    """Shapes and flags read from the HF modules themselves, so what HF computes is what we mirror."""
+    config, inner = hf_model.config, hf_model.model
+    attn, mlp = inner.layers[0].self_attn, inner.layers[0].mlp
+    return DecoderConfig(
+        vocab_size=inner.embed_tokens.weight.shape[0],
+        hidden_size=config.hidden_size,
+        intermediate_size=mlp.gate_proj.out_features,
+        num_layers=len(inner.layers),
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=attn.head_dim,
+        rms_norm_eps=inner.layers[0].input_layernorm.variance_epsilon,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_inv_freq=inner.rotary_emb.inv_freq,
+        rope_attention_scaling=inner.rotary_emb.attention_scaling,
+        attention_scale=attn.scaling,
+        qkv_bias=attn.q_proj.bias is not None,
+        o_proj_bias=attn.o_proj.bias is not None,
+        mlp_bias=mlp.gate_proj.bias is not None,
+        qk_norm=hasattr(attn, "q_norm"),
+        dtype=inner.embed_tokens.weight.dtype,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+    )
+
+
+class _Binder:
+    """Assigns HF tensors to decoder parameters: the HF parameter itself at TP=1, an owned shard copy at TP>1."""
+
+    def __init__(self, tp_size: int):
+        self.tp_size = tp_size
+
+    def share(self, module: nn.Module, name: str, hf_param: nn.Parameter | None, shard=None) -> None:
+        if hf_param is None:
+            return
+        if self.tp_size == 1:
+            setattr(module, name, hf_param)
+        else:
+            tensor = shard(hf_param.detach()) if shard is not None else hf_param.detach()
+            setattr(module, name, nn.Parameter(tensor.clone(), requires_grad=False))
+
+    def fuse(self, fused_layer: nn.Module, hf_linears: list[nn.Linear]) -> None:
+        """New storage for the fused weight (and bias); at TP=1 the HF linears become views into it."""
+        for name in ("weight", "bias"):
+            parts = [getattr(linear, name) for linear in hf_linears]
+            if parts[0] is None:
+                continue
+            fused = fused_layer.fuse([part.detach() for part in parts])
+            setattr(fused_layer, name, nn.Parameter(fused, requires_grad=False))
+            if self.tp_size == 1:
+                for linear, rows in zip(hf_linears, fused_layer.part_slices()):
+                    setattr(linear, name, nn.Parameter(fused[rows], requires_grad=False))
+
+
+@torch.no_grad()
+def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> DecoderForCausalLM:
+    """A ``DecoderForCausalLM`` on the HF model's device and dtype, computing exactly what HF computes.
+
+    Raises ``ValueError`` for architectures or features the decoder does not implement.
+    """
+    _check_supported(hf_model)
+    with torch.device("meta"):
+        decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size))
+    bind = _Binder(tp_size)
+    inner = hf_model.model
+    bind.share(decoder.embed_tokens, "weight", inner.embed_tokens.weight, decoder.embed_tokens.shard)
+    bind.share(decoder.norm, "weight", inner.norm.weight)
+    if hf_model.lm_head.weight is inner.embed_tokens.weight:
+        decoder.lm_head.weight = decoder.embed_tokens.weight
+    else:
+        bind.share(decoder.lm_head, "weight", hf_model.lm_head.weight, decoder.lm_head.shard)
+    for layer, hf_layer in zip(decoder.layers, inner.layers):
+        attn, hf_attn, mlp, hf_mlp = layer.self_attn, hf_layer.self_attn, layer.mlp, hf_layer.mlp
+        bind.share(layer.input_layernorm, "weight", hf_layer.input_layernorm.weight)
+        bind.share(layer.post_attention_layernorm, "weight", hf_layer.post_attention_layernorm.weight)
+        bind.fuse(attn.qkv_proj, [hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj])
+        bind.share(attn.o_proj, "weight", hf_attn.o_proj.weight, attn.o_proj.shard)
+        bind.share(attn.o_proj, "bias", hf_attn.o_proj.bias)
+        if attn.q_norm is not None:
+            bind.share(attn.q_norm, "weight", hf_attn.q_norm.weight)
+            bind.share(attn.k_norm, "weight", hf_attn.k_norm.weight)
+        bind.fuse(mlp.gate_up_proj, [hf_mlp.gate_proj, hf_mlp.up_proj])
+        bind.share(mlp.down_proj, "weight", hf_mlp.down_proj.weight, mlp.down_proj.shard)
+        bind.share(mlp.down_proj, "bias", hf_mlp.down_proj.bias)
+    left = [name for name, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_decoder left parameters unassigned: {left[:5]}")
+    return decoder.eval()

@@ -1,0 +1,152 @@
+"""One compact pre-norm decoder for Llama, Qwen2, Qwen3 and Mistral, on flat packed tokens.
+
+The families differ only in flags: q/k/v bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), MLP and o_proj
+bias (some Llamas). Tokens of all sequences in a step are packed along one axis (no batch dim, no padding); where
+each token's K/V lives is told to the attention layers through ``hf_minivllm.layers.context``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hf_minivllm.layers.activation import SiluAndMul
+from hf_minivllm.layers.attention import Attention
+from hf_minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from hf_minivllm.layers.layernorm import RMSNorm
+from hf_minivllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from hf_minivllm.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class DecoderConfig:
+    """Shapes and per-family flags; sizes are the full (unsharded) model's, heads are split by ``tp_size``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_inv_freq: torch.Tensor
+    rope_attention_scaling: float = 1.0
+    attention_scale: float | None = None
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    dtype: torch.dtype = torch.float32
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+class DecoderAttention(nn.Module):
+    """qkv projection -> (q/k norm) -> RoPE -> paged attention -> o_proj."""
+
+    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        tp = dict(tp_rank=config.tp_rank, tp_size=config.tp_size)
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
+                                          bias=config.qkv_bias, **tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size,
+                                        bias=config.o_proj_bias, **tp)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary_emb = rotary_emb  # one module shared by every layer
+        scale = config.attention_scale if config.attention_scale is not None else config.head_dim**-0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, config.head_dim, scale)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.reshape(x.shape[0], -1), k.reshape(x.shape[0], -1), v)
+        return self.o_proj(out)
+
+
+class DecoderMLP(nn.Module):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)) with gate and up fused into one GEMM."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        tp = dict(tp_rank=config.tp_rank, tp_size=config.tp_size)
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=config.mlp_bias, **tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, **tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; the residual stream is carried separately so each norm can fuse the preceding add."""
+
+    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = DecoderAttention(config, rotary_emb)
+        self.mlp = DecoderMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderForCausalLM(nn.Module):
+    """``forward(input_ids [T], positions [T]) -> hidden [T, hidden]``; ``compute_logits`` projects chosen rows.
+
+    Parameters are left uninitialised: build it under ``torch.device("meta")`` and assign real tensors (see
+    ``hf_minivllm.models.adapter.build_decoder``). The runner assigns each of ``attention_layers``' ``k_cache`` and
+    ``v_cache`` (``[num_blocks, block_size, num_kv_heads, head_dim]``, ``num_kv_heads`` being this rank's).
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        tp = dict(tp_rank=config.tp_rank, tp_size=config.tp_size)
+        self.vocab_size = config.vocab_size
+        self.num_layers = config.num_layers
+        self.head_dim = config.head_dim
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_inv_freq, config.rope_attention_scaling,
+                                          config.max_position_embeddings, config.dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary_emb) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp)
+        self.num_kv_heads = self.layers[0].self_attn.num_kv_heads
+        self.attention_layers: list[Attention] = [layer.self_attn.attn for layer in self.layers]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[n, hidden] -> [n, vocab]`` in the model dtype, full vocabulary on every rank."""
+        return self.lm_head(hidden_states)
