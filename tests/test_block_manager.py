@@ -1,0 +1,113 @@
+"""Paged blocks, reference counts and the prefix cache, including the pitfalls listed in DESIGN.md section 4."""
+import pytest
+
+from hf_minivllm.engine import block_manager as bm
+from hf_minivllm.engine.block_manager import BlockManager
+from hf_minivllm.engine.sequence import Sequence
+from hf_minivllm.sampling_params import SamplingParams
+
+BS = 4
+
+
+def seq(tokens):
+    return Sequence(list(tokens), SamplingParams(max_tokens=8), BS)
+
+
+def admit(manager, s):
+    manager.allocate(s)
+    manager.publish(s, len(s))
+    return s
+
+
+def test_allocate_and_free_restores_every_block():
+    manager = BlockManager(8, BS)
+    a = admit(manager, seq(range(10)))
+    assert len(a.block_table) == 3 and manager.num_free_blocks == 5
+    manager.deallocate(a)
+    assert manager.num_free_blocks == 8 and a.block_table == []
+
+
+def test_shared_prefix_hits_full_blocks_only():
+    manager = BlockManager(16, BS)
+    a = admit(manager, seq(list(range(10))))
+    b = admit(manager, seq(list(range(8)) + [50, 51, 52]))
+    assert b.num_cached_tokens == 8
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert manager.blocks[a.block_table[0]].ref_count == 2
+
+
+def test_fully_cached_prompt_still_computes_its_last_token():
+    manager = BlockManager(16, BS)
+    admit(manager, seq(range(8)))
+    b = admit(manager, seq(range(8)))
+    assert b.num_cached_tokens == 7 and b.num_computed_tokens == 7
+
+
+def test_same_new_prefix_admitted_in_one_step_shares_blocks():
+    manager = BlockManager(16, BS)
+    a, b = seq(range(12)), seq(range(12))
+    admit(manager, a)
+    admit(manager, b)  # no step ran in between: the hashes were published at scheduling time
+    assert a.block_table == b.block_table
+    assert manager.num_free_blocks == 16 - 3
+
+
+def test_freed_block_keeps_its_cache_until_reused_then_drops_the_hash():
+    manager = BlockManager(3, BS)
+    a = admit(manager, seq(range(8)))
+    manager.deallocate(a)
+    b = admit(manager, seq(range(8)))
+    assert b.num_cached_tokens == 7  # revived from the free list
+    manager.deallocate(b)
+    c = admit(manager, seq([90 + i for i in range(12)]))  # needs all 3 blocks: old content overwritten
+    assert sorted(c.block_table) == [0, 1, 2]
+    manager.deallocate(c)
+    d = seq(range(8))
+    manager.allocate(d)
+    assert d.num_cached_tokens == 0, "a reused block must not answer for its old hash"
+
+
+def test_hash_collision_is_caught_by_comparing_token_ids(monkeypatch):
+    monkeypatch.setattr(bm, "chain_hash", lambda tokens, prefix: 42)
+    manager = BlockManager(16, BS)
+    admit(manager, seq([1, 2, 3, 4, 5]))
+    b = seq([9, 9, 9, 9, 5])
+    manager.allocate(b)
+    assert b.num_cached_tokens == 0
+
+
+def test_can_allocate_counts_revived_blocks_and_reserve():
+    manager = BlockManager(4, BS)
+    a = admit(manager, seq(range(8)))
+    manager.deallocate(a)
+    assert manager.can_allocate(seq(range(16)))  # 2 revived + 2 fresh = all 4 blocks
+    assert not manager.can_allocate(seq(range(17)))
+    assert not manager.can_allocate(seq(range(16)), reserve=1)
+
+
+def test_prefix_caching_off_shares_nothing():
+    manager = BlockManager(16, BS, enable_prefix_caching=False)
+    a = admit(manager, seq(range(8)))
+    b = admit(manager, seq(range(8)))
+    assert b.num_cached_tokens == 0 and set(a.block_table).isdisjoint(b.block_table)
+
+
+def test_decode_appends_a_block_at_the_boundary_and_publishes_full_blocks():
+    manager = BlockManager(8, BS)
+    a = admit(manager, seq(range(4)))
+    a.num_computed_tokens = 4
+    a.append_token(100)  # position 4 starts block 2
+    assert manager.can_append(a)
+    manager.append_slot(a)
+    assert len(a.block_table) == 2
+    for token in (101, 102, 103):
+        a.append_token(token)
+        manager.append_slot(a)
+    manager.publish(a, len(a))
+    b = admit(manager, seq([0, 1, 2, 3, 100, 101, 102, 103, 7]))
+    assert b.num_cached_tokens == 8
+
+
+def test_zero_blocks_is_an_error():
+    with pytest.raises(ValueError, match="at least one block"):
+        BlockManager(0, BS)
