@@ -1,0 +1,211 @@
+"""Decode attention over the paged KV cache: one new query token per sequence.
+
+Flash-decoding: each (sequence, KV head) context is cut into ``num_splits`` contiguous ranges, one program per
+range, and a second kernel merges the partial results by their log-sum-exp. Splitting lets a small batch with a
+long context still occupy every SM; the split count depends only on static shapes (batch size, heads and the
+block-table width), never on ``context_lens`` values, so the launch is CUDA-graph capturable. Each program
+handles all query heads of one KV head group (GQA), so every K/V tile is read from memory once per group.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2_E = 1.4426950408889634
+_MAX_SPLITS = 64
+# Aim for about this many programs per SM, so that the grid covers the chip evenly.
+_PROGRAMS_PER_SM = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """SM count of a CUDA device; the interpreter (CPU tensors) stands in for a small GPU."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes tuned on an H100 (bf16); fp32 gets smaller tiles so that it fits in shared memory."""
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim >= 128:
+        return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int) -> int:
+    """How many ranges to cut each context into, from static shapes only (graph capturable).
+
+    Enough programs to give every SM about ``_PROGRAMS_PER_SM`` of them, but no split shorter than one tile of
+    the longest possible context.
+    """
+    programs = batch * num_kv_heads
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, programs)
+    return max(1, min(wanted, triton.cdiv(max_context, block_n), _MAX_SPLITS))
+
+
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 context_lens: torch.Tensor, block_tables: torch.Tensor,
+                                 softmax_scale: float) -> torch.Tensor:
+    """Reference (and CPU path): gather each sequence's pages into a padded dense K/V, then masked SDPA.
+
+    Computes in the input dtype, as HF's sdpa attention does, so fp32 matches HF to rounding.
+    """
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    width = block_tables.shape[1]
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Read no more pages than the longest context needs (a host sync, fine outside graph capture).
+        width = max(1, min(width, triton.cdiv(int(context_lens.max()), block_size)))
+    pages_needed = (context_lens.to(torch.int64) + block_size - 1) // block_size
+    page_valid = torch.arange(width, device=q.device)[None, :] < pages_needed[:, None]
+    pages = torch.where(page_valid, block_tables[:, :width].to(torch.int64), 0)
+    keys = k_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim)
+    values = v_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim)
+    group = num_heads // num_kv_heads
+    keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)
+    values = values.transpose(1, 2).repeat_interleave(group, dim=1)
+    positions = torch.arange(width * block_size, device=q.device)
+    # An empty (padding) row still sees position 0, so that it yields finite values rather than NaN.
+    visible = positions[None, :] < context_lens.clamp(min=1).to(torch.int64)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :], scale=softmax_scale)
+    return out.squeeze(2)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr,
+    scale_log2,
+    q_seq_stride, q_head_stride, out_seq_stride, out_head_stride, block_table_stride,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    context_len = tl.load(context_lens_ptr + seq)
+    # Split lengths are whole tiles, so only a split's last tile can be partial.
+    split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, context_len)
+
+    heads = tl.arange(0, BLOCK_H)
+    head_mask = heads < GROUP_SIZE
+    q_heads = kv_head * GROUP_SIZE + heads
+    dims = tl.arange(0, HEAD_DIM)
+    seq64 = seq.to(tl.int64)
+    q = tl.load(q_ptr + seq64 * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :],
+                mask=head_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    block_table_row = block_tables_ptr + seq64 * block_table_stride
+    token_offsets = tl.arange(0, BLOCK_N)
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + token_offsets
+        token_mask = tokens < end
+        pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+        slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
+        kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (or an empty padding row) leaves l_i == 0: write zeros and a log-sum-exp of -inf.
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    if NUM_SPLITS == 1:
+        out_offsets = seq64 * out_seq_stride + q_heads[:, None] * out_head_stride + dims[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        row = (seq64 * NUM_HEADS + q_heads) * NUM_SPLITS + split
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr, out_seq_stride, out_head_stride,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    split_mask = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM)
+    rows = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    lse = tl.load(partial_lse_ptr + rows, mask=split_mask, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - lse_max)
+    partial = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * out_seq_stride + head * out_head_stride + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
+                           *, num_splits: int | None = None) -> torch.Tensor:
+    """Triton split-KV decode attention: ``q [n, heads, head_dim]`` -> ``[n, heads, head_dim]``.
+
+    ``context_lens`` [n] int32 counts each sequence's tokens (the new one included, already in the cache);
+    ``block_tables`` [n, width] int32. ``num_splits`` overrides the static heuristic (tests use it).
+    """
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton decode kernel needs a power-of-two head_dim >= 16, got {head_dim}")
+    if q.stride(2) != 1 or block_tables.stride(1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q must be contiguous along head_dim, block_tables along its rows, the caches entirely")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    config = _decode_config(head_dim, q.dtype)
+    block_n = config.pop("BLOCK_N")
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n,
+                                       _sm_count(q.device))
+    group_size = num_heads // num_kv_heads
+    if num_splits > 1:
+        partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out  # unused: the single split writes the output directly
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
+        softmax_scale * _LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **config,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            partial_out, partial_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,179 @@
+"""Prefill attention over the paged KV cache: variable-length causal attention for packed sequences.
+
+Each sequence's queries are the last ``query_len`` tokens of its context (a cached prefix, possibly empty, comes
+first); all of its keys and values, the new ones included, are read from the cache pages, since ``store_kvcache``
+has already written this step's K/V. Query token ``i`` sits at position ``prefix_len + i`` and sees keys at
+positions ``<= prefix_len + i``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2_E = 1.4426950408889634
+
+
+def _gather_context(cache: torch.Tensor, block_table_row: torch.Tensor, context_len: int) -> torch.Tensor:
+    """One sequence's ``[context_len, kv_heads, head_dim]`` keys (or values), read page by page."""
+    block_size = cache.shape[1]
+    pages = block_table_row[: triton.cdiv(context_len, block_size)].to(torch.int64)
+    return cache[pages].flatten(0, 1)[:context_len]
+
+
+def paged_prefill_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                                  max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Reference (and CPU path): per sequence, gather K/V from the pages and run SDPA with a causal mask
+    shifted by the prefix length. Computes in the input dtype, as HF's sdpa attention does."""
+    num_heads = q.shape[1]
+    group = num_heads // k_cache.shape[2]
+    out = torch.empty_like(q)
+    q_bounds = cu_seqlens_q.tolist()
+    k_bounds = cu_seqlens_k.tolist()
+    for seq in range(len(q_bounds) - 1):
+        q_start, q_end = q_bounds[seq], q_bounds[seq + 1]
+        query_len, context_len = q_end - q_start, k_bounds[seq + 1] - k_bounds[seq]
+        if query_len == 0:
+            continue
+        keys = _gather_context(k_cache, block_tables[seq], context_len).to(q.dtype)
+        values = _gather_context(v_cache, block_tables[seq], context_len).to(q.dtype)
+        keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)
+        values = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        queries = q[q_start:q_end].transpose(0, 1)
+        if query_len == context_len:
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                queries, keys, values, is_causal=True, scale=softmax_scale)
+        else:
+            prefix_len = context_len - query_len
+            query_positions = torch.arange(prefix_len, context_len, device=q.device)
+            visible = torch.arange(context_len, device=q.device)[None, :] <= query_positions[:, None]
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=visible, scale=softmax_scale)
+        out[q_start:q_end] = attended.transpose(0, 1)
+    return out
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes tuned on an H100 (bf16); fp32 gets smaller tiles so that it fits in shared memory."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim >= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if head_dim >= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, query_positions,
+                 context_len, scale_log2,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys ``[tile_start, tile_start + BLOCK_N)``, read through the block table."""
+    tokens = tile_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    if CAUSAL_MASK:
+        token_mask = tokens < context_len
+        pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+    else:
+        pages = tl.load(block_table_row + tokens // BLOCK_SIZE).to(tl.int64)
+    slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
+    kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
+    if CAUSAL_MASK:
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_offsets)
+        v = tl.load(v_cache_ptr + kv_offsets)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if CAUSAL_MASK:
+        visible = (tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_tables_ptr,
+    scale_log2,
+    q_token_stride, q_head_stride, out_token_stride, out_head_stride, block_table_stride,
+    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    # The grid's slowest axis runs over query tiles, last tile first: the longest tiles start earliest.
+    m_block = tl.num_programs(2) - 1 - tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if m_block * BLOCK_M < query_len:
+        context_len = tl.load(cu_seqlens_k_ptr + seq + 1) - tl.load(cu_seqlens_k_ptr + seq)
+        prefix_len = context_len - query_len
+        kv_head = head // GROUP_SIZE
+
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < query_len
+        dims = tl.arange(0, HEAD_DIM)
+        q_tokens = (q_start + rows).to(tl.int64)
+        q = tl.load(q_ptr + q_tokens[:, None] * q_token_stride + head * q_head_stride + dims[None, :],
+                    mask=row_mask[:, None], other=0.0)
+        query_positions = prefix_len + rows
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        block_table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+        # Keys before the tile's first query position are visible to every row: no mask needed there.
+        unmasked_end = (prefix_len + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
+        causal_end = tl.minimum(context_len, prefix_len + (m_block + 1) * BLOCK_M)
+        for tile_start in range(0, unmasked_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
+                                         kv_head, query_positions, context_len, scale_log2,
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
+        for tile_start in range(unmasked_end, causal_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
+                                         kv_head, query_positions, context_len, scale_log2,
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
+
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + q_tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                            max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Triton flash-attention prefill (online softmax, K/V tiles gathered through the block table).
+
+    ``q [tokens, heads, head_dim]`` -> ``[tokens, heads, head_dim]``; ``cu_seqlens_*`` [n+1] int32.
+    ``max_seqlen_k`` is accepted for API parity with flash-attn; the kernel reads each length from the device.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton prefill kernel needs a power-of-two head_dim >= 16, got {head_dim}")
+    if q.stride(2) != 1 or block_tables.stride(1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q must be contiguous along head_dim, block_tables along its rows, the caches entirely")
+    out = torch.empty_like(q)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    config = _prefill_config(head_dim, q.dtype)
+    block_m = config["BLOCK_M"]
+    grid = (num_heads, num_seqs, triton.cdiv(max_seqlen_q, block_m))
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_tables,
+        softmax_scale * _LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **config,
+    )
+    return out

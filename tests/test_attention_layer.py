@@ -1,0 +1,202 @@
+"""The Attention layer end to end (store K/V, then prefill or decode) against naive dense attention, and backend
+selection."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+# First: test_kernels sets TRITON_INTERPRET on CPU machines, which must precede triton's first import.
+from test_kernels import kernels, naive_attention  # noqa: F401, I001  (kernels: the fixture)
+
+from hf_minivllm.layers import attention as attention_module  # noqa: I001
+from hf_minivllm.layers.attention import Attention, select_attention_backend
+from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4, 2, 16, 4
+CUDA = torch.cuda.is_available()
+
+
+class Sequences:
+    """Several sequences growing step by step in one paged cache, with their dense K/V history for checking."""
+
+    def __init__(self, num_seqs: int, num_blocks: int = 64, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.k_cache = torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        free = torch.randperm(num_blocks).tolist()
+        self.pages = [free[i::num_seqs] for i in range(num_seqs)]
+        self.keys = [torch.empty(0, NUM_KV_HEADS, HEAD_DIM) for _ in range(num_seqs)]
+        self.values = [torch.empty(0, NUM_KV_HEADS, HEAD_DIM) for _ in range(num_seqs)]
+        self.dtype, self.device = dtype, device
+
+    def block_tables(self) -> torch.Tensor:
+        width = max(math.ceil(len(k) / BLOCK_SIZE) for k in self.keys) + 1
+        table = torch.full((len(self.keys), width), 1 << 30, dtype=torch.int32)
+        for seq, keys in enumerate(self.keys):
+            used = math.ceil(len(keys) / BLOCK_SIZE)
+            table[seq, :used] = torch.tensor(self.pages[seq][:used], dtype=torch.int32)
+        return table.to(self.device)
+
+    def step(self, layer: Attention, new_tokens: list[int], is_prefill: bool, store: bool = True) -> None:
+        """Run the layer on ``new_tokens[s]`` new tokens per sequence and check it against naive attention."""
+        # Inputs rounded to the layer's dtype up front, so that the check measures the attention's own error.
+        q, k, v = (torch.randn(sum(new_tokens), heads * HEAD_DIM).to(self.dtype).float()
+                   for heads in (NUM_HEADS, NUM_KV_HEADS, NUM_KV_HEADS))
+        prefix_lens = [len(keys) for keys in self.keys]
+        start = 0
+        for seq, count in enumerate(new_tokens):
+            self.keys[seq] = torch.cat([self.keys[seq], k[start:start + count].view(-1, NUM_KV_HEADS, HEAD_DIM)])
+            self.values[seq] = torch.cat([self.values[seq], v[start:start + count].view(-1, NUM_KV_HEADS, HEAD_DIM)])
+            start += count
+        slots = []
+        for seq, (prefix_len, count) in enumerate(zip(prefix_lens, new_tokens)):
+            for position in range(prefix_len, prefix_len + count):
+                slots.append(self.pages[seq][position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE)
+        context_lens = [len(keys) for keys in self.keys]
+        to_device = dict(device=self.device)
+        metadata = AttentionMetadata(
+            is_prefill=is_prefill,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, **to_device),
+            block_tables=self.block_tables(),
+            context_lens=None if is_prefill else torch.tensor(context_lens, dtype=torch.int32, **to_device),
+            cu_seqlens_q=torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32, **to_device),
+            cu_seqlens_k=torch.tensor([0, *torch.tensor(context_lens).cumsum(0).tolist()], dtype=torch.int32, **to_device),
+            max_seqlen_q=max(new_tokens),
+            max_seqlen_k=max(context_lens),
+        )
+        if store:
+            layer.k_cache, layer.v_cache = self.k_cache, self.v_cache
+        set_attention_metadata(metadata)
+        try:
+            out = layer(*(t.to(self.dtype).to(self.device) for t in (q, k, v)))
+        finally:
+            set_attention_metadata(None)
+        out = out.float().cpu().view(-1, NUM_HEADS, HEAD_DIM)
+        start = 0
+        for seq, (prefix_len, count) in enumerate(zip(prefix_lens, new_tokens)):
+            positions = torch.arange(prefix_len, prefix_len + count)
+            expected = naive_attention(q[start:start + count].view(-1, NUM_HEADS, HEAD_DIM), self.keys[seq],
+                                       self.values[seq], positions, layer.scale)
+            tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out[start:start + count].double(), expected, atol=tolerance, rtol=tolerance)
+            start += count
+
+
+def _layer(backend: str = "torch") -> Attention:
+    layer = Attention(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM ** -0.5)
+    layer.backend = backend
+    return layer
+
+
+def test_prefill_then_prefix_prefill_then_decode_torch_backend():
+    torch.manual_seed(0)
+    sequences, layer = Sequences(3), _layer()
+    sequences.step(layer, [5, 1, 9], is_prefill=True)
+    sequences.step(layer, [3, 7, 2], is_prefill=True)  # chunked prefill / prefix-cache hit: queries after a prefix
+    for _ in range(6):
+        sequences.step(layer, [1, 1, 1], is_prefill=False)
+
+
+def test_cached_keys_land_in_their_slots():
+    torch.manual_seed(1)
+    sequences, layer = Sequences(2), _layer()
+    sequences.step(layer, [6, 3], is_prefill=True)
+    for seq, keys in enumerate(sequences.keys):
+        for position in range(len(keys)):
+            page = sequences.pages[seq][position // BLOCK_SIZE]
+            torch.testing.assert_close(sequences.k_cache[page, position % BLOCK_SIZE], keys[position].float())
+
+
+def test_prefill_without_cache_attends_over_the_step_alone():
+    """A warm-up/profiling pass before the runner assigns caches: causal attention over the new tokens only."""
+    torch.manual_seed(2)
+    sequences, layer = Sequences(2), _layer()
+    sequences.step(layer, [7, 4], is_prefill=True, store=False)
+    assert layer.k_cache.numel() == 0
+
+
+def test_decode_without_cache_is_a_clear_error():
+    layer = _layer()
+    set_attention_metadata(AttentionMetadata(is_prefill=False, slot_mapping=torch.zeros(1, dtype=torch.int64),
+                                             block_tables=torch.zeros(1, 1, dtype=torch.int32),
+                                             context_lens=torch.ones(1, dtype=torch.int32)))
+    try:
+        with pytest.raises(RuntimeError, match="KV cache"):
+            layer(torch.randn(1, NUM_HEADS * HEAD_DIM), *torch.randn(2, 1, NUM_KV_HEADS * HEAD_DIM))
+    finally:
+        set_attention_metadata(None)
+
+
+def test_triton_backend_under_interpreter(kernels):  # noqa: F811
+    """The layer's Triton path (store, prefix prefill, split decode, and the no-cache prefill) on CPU tensors."""
+    if CUDA:
+        pytest.skip("covered by test_gpu_layer_backends_match_torch")
+    torch.manual_seed(3)
+    sequences, layer = Sequences(2), _layer("triton")
+    sequences.step(layer, [5, 9], is_prefill=True)
+    sequences.step(layer, [3, 2], is_prefill=True)
+    sequences.step(layer, [1, 1], is_prefill=False)
+    Sequences(2).step(layer, [6, 3], is_prefill=True, store=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_gpu_layer_backends_match_naive(backend):
+    try:
+        select_attention_backend(backend, "cuda", block_size=BLOCK_SIZE, dtype=torch.bfloat16)
+    except ValueError as error:
+        pytest.skip(str(error))
+    torch.manual_seed(4)
+    sequences, layer = Sequences(3, dtype=torch.bfloat16, device="cuda"), _layer(backend)
+    sequences.step(layer, [50, 1, 90], is_prefill=True)
+    sequences.step(layer, [30, 7, 2], is_prefill=True)
+    for _ in range(3):
+        sequences.step(layer, [1, 1, 1], is_prefill=False)
+    Sequences(2, dtype=torch.bfloat16, device="cuda").step(layer, [60, 30], is_prefill=True, store=False)
+
+
+# ---------------------------------------------------------------- backend selection
+
+
+def test_auto_is_torch_on_cpu():
+    assert select_attention_backend("auto", "cpu") == "torch"
+    assert select_attention_backend("torch", "cpu") == "torch"
+
+
+@pytest.mark.parametrize("name", ["triton", "flash_attn"])
+def test_gpu_backends_on_cpu_are_a_clear_error(name):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        select_attention_backend(name, torch.device("cpu"))
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        select_attention_backend("xformers", "cpu")
+
+
+def test_flash_attn_selection_follows_what_imports(monkeypatch):
+    monkeypatch.setattr(attention_module, "_flash_attn", lambda: None)
+    assert select_attention_backend("auto", "cuda") == "triton"
+    with pytest.raises(ValueError, match="does not import"):
+        select_attention_backend("flash_attn", "cuda")
+
+    monkeypatch.setattr(attention_module, "_flash_attn", lambda: SimpleNamespace(version=4))
+    assert select_attention_backend("auto", "cuda", block_size=16, dtype=torch.bfloat16) == "flash_attn"
+    assert select_attention_backend("auto", "cuda", dtype=torch.float32) == "triton"
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        select_attention_backend("flash_attn", "cuda", dtype=torch.float32)
+
+    monkeypatch.setattr(attention_module, "_flash_attn", lambda: SimpleNamespace(version=2))
+    assert select_attention_backend("auto", "cuda", block_size=16) == "triton"
+    assert select_attention_backend("auto", "cuda", block_size=256) == "flash_attn"
+    with pytest.raises(ValueError, match="multiple of 256"):
+        select_attention_backend("flash_attn", "cuda", block_size=16)
+
+
+def test_layer_defaults():
+    layer = Attention(8, 2, 64, 0.125)
+    assert layer.backend == "torch" and layer.k_cache.numel() == 0 and layer.v_cache.numel() == 0
+    with pytest.raises(ValueError, match="multiple"):
+        Attention(6, 4, 64, 0.125)

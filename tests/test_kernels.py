@@ -1,0 +1,414 @@
+"""Each Triton kernel against its torch reference, and the references against naive float64 attention.
+
+Without a GPU the kernels run under Triton's interpreter (tiny shapes, fp32/fp16: bf16 is unreliable there).
+``triton.jit`` and triton's own library functions pick interpreter or compiler when they are imported, so
+``TRITON_INTERPRET=1`` must be set before triton's first import. This module sets it when it is imported first;
+when something else imported triton earlier in the same pytest process (transformers' model modules do), the
+interpreter tests skip here and ``test_interpreter_tests_in_a_fresh_process`` reruns them in a subprocess.
+GPU-marked tests sweep realistic shapes in bf16/fp16.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = "cuda" if CUDA else "cpu"
+KERNEL_MODULES = ("kv_cache", "prefill_attention", "decode_attention", "rms_norm", "activation")
+# Out-of-range page ids in the unused tail of every block table: a kernel that reads them fails or goes wrong.
+PADDING_PAGE = 1 << 30
+
+
+def _triton_interpreted() -> bool:
+    """Whether triton (already imported or imported now) runs kernels under its interpreter in this process."""
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+
+    return isinstance(tl.standard.sum, InterpretedFunction)
+
+
+KERNELS_RUN_HERE = CUDA or _triton_interpreted()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel modules, compiled on a GPU or interpreted on CPU."""
+    if not KERNELS_RUN_HERE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
+                    "test_interpreter_tests_in_a_fresh_process runs these")
+    return SimpleNamespace(**{name: importlib.import_module(f"hf_minivllm.kernels.{name}") for name in KERNEL_MODULES})
+
+
+def test_interpreter_tests_in_a_fresh_process():
+    """Runs this file and the layer tests under the interpreter when this process cannot (see the module doc)."""
+    if KERNELS_RUN_HERE:
+        pytest.skip("the kernels run in this process")
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_kernels.py"),
+         str(tests / "test_attention_layer.py")],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
+            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
+
+
+class PagedContexts:
+    """Random per-sequence K/V scattered into shuffled pages of a cache, with the dense copies kept for checks."""
+
+    def __init__(self, context_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str = DEVICE, seed: int = 0, spare_blocks: int = 3):
+        generator = torch.Generator().manual_seed(seed)
+        pages_per_seq = [math.ceil(length / block_size) for length in context_lens]
+        num_blocks = sum(pages_per_seq) + spare_blocks
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
+        self.v_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
+        order = torch.randperm(num_blocks, generator=generator).tolist()
+        width = max(pages_per_seq, default=0) + 1
+        self.block_tables = torch.full((len(context_lens), width), PADDING_PAGE, dtype=torch.int32)
+        self.keys, self.values = [], []
+        for seq, (length, pages) in enumerate(zip(context_lens, pages_per_seq)):
+            self.block_tables[seq, :pages] = torch.tensor(order[:pages], dtype=torch.int32)
+            order = order[pages:]
+            positions = torch.arange(length)
+            slots = self.block_tables[seq, positions // block_size].to(torch.int64) * block_size + positions % block_size
+            slots = slots.to(device)
+            flat_k = self.k_cache.view(-1, num_kv_heads, head_dim)
+            flat_v = self.v_cache.view(-1, num_kv_heads, head_dim)
+            self.keys.append(flat_k[slots].double().cpu())
+            self.values.append(flat_v[slots].double().cpu())
+        self.block_tables = self.block_tables.to(device)
+        self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+
+
+def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Dense float64 attention of ``q [L, heads, d]`` at ``positions`` over ``keys [C, kv_heads, d]``."""
+    group = q.shape[1] // keys.shape[1]
+    keys = keys.double().repeat_interleave(group, dim=1)
+    values = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), keys) * scale
+    visible = torch.arange(keys.shape[0])[None, :] <= positions[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+def _prefill_case(query_lens: list[int], prefix_lens: list[int], block_size: int, num_heads: int, num_kv_heads: int,
+                  head_dim: int, dtype: torch.dtype, seed: int = 0, device: str = DEVICE):
+    context_lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    paged = PagedContexts(context_lens, block_size, num_kv_heads, head_dim, dtype, device=device, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(dtype).to(device)
+    cu_q = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, *torch.tensor(context_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    args = (q, paged.k_cache, paged.v_cache, cu_q, cu_k, max(query_lens), max(context_lens), paged.block_tables,
+            head_dim ** -0.5)
+    return paged, args
+
+
+def _decode_case(context_lens: list[int], block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, seed: int = 0, device: str = DEVICE):
+    paged = PagedContexts(context_lens, block_size, num_kv_heads, head_dim, dtype, device=device, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=generator).to(dtype).to(device)
+    return paged, (q, paged.k_cache, paged.v_cache, paged.context_lens, paged.block_tables, head_dim ** -0.5)
+
+
+def _upcast(args: tuple) -> tuple:
+    """The same inputs in fp32, so a reference computed from them isolates the kernel's own rounding."""
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+# ---------------------------------------------------------------- KV cache store
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_store_kvcache_matches_torch(kernels, dtype, block_size):
+    num_kv_heads, head_dim, tokens = 2, 16, 9
+    fused = torch.randn(tokens, (4 + 2 * num_kv_heads) * head_dim).to(dtype).to(DEVICE)
+    # Strided views, as the model slices them out of a fused qkv projection.
+    key = fused[:, 4 * head_dim:(4 + num_kv_heads) * head_dim].view(tokens, num_kv_heads, head_dim)
+    value = fused[:, (4 + num_kv_heads) * head_dim:].view(tokens, num_kv_heads, head_dim)
+    slots = torch.tensor([5, -1, 0, 17, 3, -1, 22, 8, 31], dtype=torch.int64, device=DEVICE)
+    caches = [torch.randn(8, block_size, num_kv_heads, head_dim).to(dtype).to(DEVICE) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    kernels.kv_cache.store_kvcache(key, value, *caches, slots)
+    kernels.kv_cache.store_kvcache_torch(key, value, *expected, slots)
+    torch.testing.assert_close(caches[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(caches[1], expected[1], atol=0, rtol=0)
+    flat = expected[0].view(-1, num_kv_heads, head_dim)
+    torch.testing.assert_close(flat[slots[slots >= 0]], key[slots >= 0])
+
+
+# ---------------------------------------------------------------- decode attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [4, 8, 16])
+def test_decode_matches_torch(kernels, block_size, group, dtype):
+    num_kv_heads = 2
+    paged, args = _decode_case([1, 9, 37, 70], block_size, num_kv_heads * group, num_kv_heads, 16, dtype,
+                               seed=block_size + group)
+    expected = kernels.decode_attention.paged_decode_attention_torch(*_upcast(args))
+    for num_splits in (1, 3):
+        out = kernels.decode_attention.paged_decode_attention(*args, num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+def test_decode_head_dim_32_default_splits_and_empty_row(kernels):
+    """The static split heuristic path, and a padding row (context 0) that must come out finite."""
+    paged, args = _decode_case([0, 5, 64, 130], 8, 8, 2, 32, torch.float32, seed=7)
+    out = kernels.decode_attention.paged_decode_attention(*args)
+    expected = kernels.decode_attention.paged_decode_attention_torch(*args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1:], expected[1:], **_tolerance(torch.float32))
+
+
+def test_choose_num_splits_depends_on_static_shapes_only(kernels):
+    choose = kernels.decode_attention.choose_num_splits
+    assert choose(batch=256, num_kv_heads=8, max_context=4096, block_n=64, num_sms=132) == 1
+    assert choose(batch=1, num_kv_heads=8, max_context=16384, block_n=64, num_sms=132) == 33
+    assert choose(batch=1, num_kv_heads=8, max_context=64, block_n=64, num_sms=132) == 1
+    assert choose(batch=1, num_kv_heads=1, max_context=1 << 20, block_n=64, num_sms=132) == 64
+
+
+# ---------------------------------------------------------------- prefill attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_prefix", [False, True])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [4, 8, 16])
+def test_prefill_matches_torch(kernels, block_size, group, with_prefix, dtype):
+    num_kv_heads = 2
+    prefix_lens = [0, 8, 13] if with_prefix else [0, 0, 0]
+    paged, args = _prefill_case([5, 1, 40], prefix_lens, block_size, num_kv_heads * group, num_kv_heads, 16, dtype,
+                                seed=block_size * group)
+    out = kernels.prefill_attention.paged_prefill_attention(*args)
+    expected = kernels.prefill_attention.paged_prefill_attention_torch(*_upcast(args))
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+def test_prefill_head_dim_32_long_prefix(kernels):
+    """Several unmasked tiles before the causal diagonal (prefix longer than a key tile)."""
+    paged, args = _prefill_case([3, 20], [70, 45], 16, 4, 2, 32, torch.float32, seed=3)
+    out = kernels.prefill_attention.paged_prefill_attention(*args)
+    expected = kernels.prefill_attention.paged_prefill_attention_torch(*args)
+    torch.testing.assert_close(out, expected, **_tolerance(torch.float32))
+
+
+# ---------------------------------------------------------------- torch references vs naive float64 attention
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_torch_references_match_naive_attention(kernels, block_size, group):
+    query_lens, prefix_lens = [4, 1, 23], [0, 6, 17]
+    paged, args = _prefill_case(query_lens, prefix_lens, block_size, 2 * group, 2, 16, torch.float32, device="cpu")
+    out = kernels.prefill_attention.paged_prefill_attention_torch(*args)
+    q, scale, start = args[0], args[-1], 0
+    for seq, (query_len, prefix_len) in enumerate(zip(query_lens, prefix_lens)):
+        positions = torch.arange(prefix_len, prefix_len + query_len)
+        expected = naive_attention(q[start:start + query_len], paged.keys[seq], paged.values[seq], positions, scale)
+        torch.testing.assert_close(out[start:start + query_len].double(), expected, atol=1e-5, rtol=1e-5)
+        start += query_len
+
+    context_lens = [1, 16, 33]
+    paged, args = _decode_case(context_lens, block_size, 2 * group, 2, 16, torch.float32, device="cpu")
+    out = kernels.decode_attention.paged_decode_attention_torch(*args)
+    for seq, length in enumerate(context_lens):
+        expected = naive_attention(args[0][seq:seq + 1], paged.keys[seq], paged.values[seq],
+                                   torch.tensor([length - 1]), args[-1])
+        torch.testing.assert_close(out[seq:seq + 1].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_prefill_matches_hf_eager_attention(kernels):
+    """fp32: the CPU path gives HF's own attention to rounding (prefill without a prefix, GQA 2)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    query_len, num_heads, num_kv_heads, head_dim = 11, 4, 2, 16
+    paged, args = _prefill_case([query_len], [0], 4, num_heads, num_kv_heads, head_dim, torch.float32, device="cpu")
+    out = kernels.prefill_attention.paged_prefill_attention_torch(*args)
+    module = SimpleNamespace(num_key_value_groups=num_heads // num_kv_heads, training=False)
+    causal = torch.full((query_len, query_len), float("-inf")).triu(1)[None, None]
+    hf_out, _ = eager_attention_forward(
+        module, args[0].transpose(0, 1)[None], paged.keys[0].float().transpose(0, 1)[None],
+        paged.values[0].float().transpose(0, 1)[None], causal, scaling=args[-1])
+    torch.testing.assert_close(out, hf_out[0], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- RMSNorm and SiLU-and-mul
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [48, 100])
+def test_rms_norm_matches_torch(kernels, dtype, hidden):
+    x = torch.randn(6, hidden).to(dtype).to(DEVICE)
+    weight = (1 + 0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)
+    out = kernels.rms_norm.rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(out, kernels.rms_norm.rms_norm_torch(x, weight, 1e-6), **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_add_rms_norm_matches_torch(kernels, dtype):
+    x, residual = (torch.randn(5, 64).to(dtype).to(DEVICE) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(64)).to(dtype).to(DEVICE)
+    normed, residual_out = kernels.rms_norm.fused_add_rms_norm(x, residual, weight, 1e-5)
+    expected_normed, expected_residual = kernels.rms_norm.fused_add_rms_norm_torch(x, residual, weight, 1e-5)
+    torch.testing.assert_close(residual_out, expected_residual, atol=0, rtol=0)
+    torch.testing.assert_close(normed, expected_normed, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("intermediate", [40, 1500])
+def test_silu_and_mul_matches_torch(kernels, dtype, intermediate):
+    x = torch.randn(3, 2 * intermediate).to(dtype).to(DEVICE)
+    out = kernels.activation.silu_and_mul(x)
+    torch.testing.assert_close(out, kernels.activation.silu_and_mul_torch(x), **_tolerance(dtype))
+
+
+# ---------------------------------------------------------------- GPU sweeps (bf16/fp16, realistic shapes)
+
+
+def _assert_close_to_fp32_reference(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """bf16/fp16 kernels vs an fp32 reference on the same rounded inputs: relative Frobenius error."""
+    error = (out.float() - expected).norm() / expected.norm()
+    assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3), f"relative error {error:.2e}"
+    assert torch.isfinite(out).all()
+
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+def test_gpu_decode_sweep(kernels, block_size, group, head_dim, dtype):
+    generator = torch.Generator().manual_seed(block_size + group)
+    context_lens = [1, 17, 4096, *torch.randint(1, 4097, (13,), generator=generator).tolist()]
+    num_kv_heads = 2
+    paged, args = _decode_case(context_lens, block_size, num_kv_heads * group, num_kv_heads, head_dim, dtype,
+                               seed=block_size * group)
+    expected = kernels.decode_attention.paged_decode_attention_torch(*_upcast(args))
+    for num_splits in (None, 1, 7):
+        out = kernels.decode_attention.paged_decode_attention(*args, num_splits=num_splits)
+        _assert_close_to_fp32_reference(out, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("with_prefix", [False, True])
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+def test_gpu_prefill_sweep(kernels, block_size, group, with_prefix, head_dim, dtype):
+    query_lens = [1, 127, 1000, 2048]
+    prefix_lens = [4095, 1, 2000, 2048] if with_prefix else [0, 0, 0, 0]
+    num_kv_heads = 2
+    paged, args = _prefill_case(query_lens, prefix_lens, block_size, num_kv_heads * group, num_kv_heads, head_dim,
+                                dtype, seed=block_size + group)
+    out = kernels.prefill_attention.paged_prefill_attention(*args)
+    expected = kernels.prefill_attention.paged_prefill_attention_torch(*_upcast(args))
+    _assert_close_to_fp32_reference(out, expected, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_kernels_match_torch(kernels):
+    """fp32 models on CUDA: full-precision dots (no tf32)."""
+    paged, args = _decode_case([3, 300, 1000], 16, 8, 2, 128, torch.float32)
+    torch.testing.assert_close(kernels.decode_attention.paged_decode_attention(*args),
+                               kernels.decode_attention.paged_decode_attention_torch(*args), atol=1e-4, rtol=1e-4)
+    paged, args = _prefill_case([100, 257], [0, 300], 16, 8, 2, 128, torch.float32)
+    torch.testing.assert_close(kernels.prefill_attention.paged_prefill_attention(*args),
+                               kernels.prefill_attention.paged_prefill_attention_torch(*args), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_and_store_capture_in_cuda_graph(kernels):
+    """Graph-captured store + decode replays correctly after the metadata tensors change in place."""
+    num_heads, num_kv_heads, head_dim, block_size = 16, 8, 128, 16
+    paged, args = _decode_case([100, 500, 2000, 7], block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    q, k_cache, v_cache, context_lens, block_tables, scale = args
+    new_k = torch.randn(4, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    new_v = torch.randn_like(new_k)
+    slots = torch.full((4,), -1, dtype=torch.int64, device="cuda")
+
+    def step() -> torch.Tensor:
+        kernels.kv_cache.store_kvcache(new_k, new_v, k_cache, v_cache, slots)
+        return kernels.decode_attention.paged_decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = step()
+    context_lens.copy_(torch.tensor([101, 480, 1999, 8], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = kernels.decode_attention.paged_decode_attention_torch(*_upcast(args))
+    _assert_close_to_fp32_reference(graph_out, expected, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_address_caches_beyond_2_to_the_31_elements(kernels):
+    """Pages past element 2**31 (a >4 GB bf16 cache): offsets must be computed in int64."""
+    num_kv_heads, head_dim, block_size = 8, 128, 16
+    per_block = block_size * num_kv_heads * head_dim
+    num_blocks = (1 << 31) // per_block + 8
+    k_cache = torch.empty(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    last_pages = torch.arange(num_blocks - 4, num_blocks, dtype=torch.int32, device="cuda")
+    tokens = 4 * block_size
+    key, value = (torch.randn(tokens, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    slots = (last_pages.to(torch.int64)[:, None] * block_size + torch.arange(block_size, device="cuda")).flatten()
+    kernels.kv_cache.store_kvcache(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache[-4:].flatten(0, 1), key)
+    q = torch.randn(1, 16, head_dim, dtype=torch.bfloat16, device="cuda")
+    context_lens = torch.tensor([tokens], dtype=torch.int32, device="cuda")
+    out = kernels.decode_attention.paged_decode_attention(q, k_cache, v_cache, context_lens, last_pages[None], 0.1)
+    expected = naive_attention(q[0:1].cpu(), key.cpu(), value.cpu(), torch.tensor([tokens - 1]), 0.1)
+    _assert_close_to_fp32_reference(out.cpu(), expected.float(), torch.bfloat16)
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
+    q_prefill = torch.randn(tokens, 16, head_dim, dtype=torch.bfloat16, device="cuda")
+    out = kernels.prefill_attention.paged_prefill_attention(q_prefill, k_cache, v_cache, cu, cu, tokens, tokens,
+                                                            last_pages[None], 0.1)
+    expected = naive_attention(q_prefill.cpu(), key.cpu(), value.cpu(), torch.arange(tokens), 0.1)
+    _assert_close_to_fp32_reference(out.cpu(), expected.float(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_norm_and_activation_match_torch(kernels, dtype):
+    x, residual = (torch.randn(257, 4096, dtype=dtype, device="cuda") for _ in range(2))
+    weight = 1 + 0.1 * torch.randn(4096, dtype=dtype, device="cuda")
+    torch.testing.assert_close(kernels.rms_norm.rms_norm(x, weight, 1e-6),
+                               kernels.rms_norm.rms_norm_torch(x, weight, 1e-6), **_tolerance(dtype))
+    normed, residual_out = kernels.rms_norm.fused_add_rms_norm(x, residual, weight, 1e-6)
+    expected_normed, expected_residual = kernels.rms_norm.fused_add_rms_norm_torch(x, residual, weight, 1e-6)
+    assert torch.equal(residual_out, expected_residual)
+    torch.testing.assert_close(normed, expected_normed, **_tolerance(dtype))
+    gate_up = torch.randn(257, 2 * 3072, dtype=dtype, device="cuda")
+    torch.testing.assert_close(kernels.activation.silu_and_mul(gate_up),
+                               kernels.activation.silu_and_mul_torch(gate_up), **_tolerance(dtype))
