@@ -1,65 +1,27 @@
 """The compact decoder against HF: packed prefill, chunked prefill over a cached prefix, decode, weight sharing."""
 from __future__ import annotations
 
-import sys
-import types
+import functools
+import socket
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import FAMILIES, tiny_model
-from hf_minivllm.layers.context import AttentionMetadata, get_attention_metadata, set_attention_metadata
-
-try:
-    import hf_minivllm.layers.attention  # noqa: F401
-except ImportError:  # stand-in until the real attention layer lands
-    class _Attention(torch.nn.Module):
-        def __init__(self, num_heads, num_kv_heads, head_dim, scale):
-            super().__init__()
-            self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-
-        def forward(self, q, k, v):
-            md = get_attention_metadata()
-            T, Hk, D = q.shape[0], self.num_kv_heads, self.head_dim
-            keep = md.slot_mapping >= 0
-            self.k_cache.view(-1, Hk, D)[md.slot_mapping[keep]] = k.reshape(T, Hk, D)[keep]
-            self.v_cache.view(-1, Hk, D)[md.slot_mapping[keep]] = v.reshape(T, Hk, D)[keep]
-            bs = self.k_cache.shape[1]
-            n = md.block_tables.shape[0]
-            if md.is_prefill:
-                qs = md.cu_seqlens_q.tolist()
-                ctx = (md.cu_seqlens_k[1:] - md.cu_seqlens_k[:-1]).tolist()
-            else:
-                qs = list(range(n + 1))
-                ctx = md.context_lens.tolist()
-            out = []
-            for i in range(n):
-                slots = torch.arange(ctx[i])
-                slots = md.block_tables[i, slots // bs].long() * bs + slots % bs
-                kk = self.k_cache.view(-1, Hk, D)[slots].transpose(0, 1)
-                vv = self.v_cache.view(-1, Hk, D)[slots].transpose(0, 1)
-                qq = q[qs[i] : qs[i + 1]].view(-1, self.num_heads, D).transpose(0, 1)
-                nq = qq.shape[1]
-                mask = torch.ones(nq, ctx[i], dtype=torch.bool).tril(ctx[i] - nq)
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=True)
-                out.append(o.transpose(0, 1).reshape(nq, -1))
-            return torch.cat(out)
-
-    sys.modules["hf_minivllm.layers.attention"] = types.SimpleNamespace(Attention=_Attention)
-
-from hf_minivllm.models.adapter import build_decoder  # noqa: E402
+from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
+from hf_minivllm.models.adapter import build_decoder
 
 
 class PagedRunner:
     """A minimal model runner: a KV cache with shuffled blocks, per-sequence block tables, metadata per step."""
 
-    def __init__(self, decoder, num_blocks: int = 96, block_size: int = 4, seed: int = 0):
-        self.decoder, self.block_size = decoder, block_size
+    def __init__(self, decoder, num_blocks: int = 96, block_size: int = 4, seed: int = 0, backend: str = "torch"):
+        self.decoder, self.block_size, self.device = decoder, block_size, decoder.device
         shape = (num_blocks, block_size, decoder.num_kv_heads, decoder.head_dim)
         for attn in decoder.attention_layers:
-            attn.k_cache = torch.zeros(shape, dtype=decoder.dtype)
-            attn.v_cache = torch.zeros(shape, dtype=decoder.dtype)
+            attn.k_cache = torch.zeros(shape, dtype=decoder.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=decoder.dtype, device=self.device)
+            attn.backend = backend
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables: list[list[int]] = []
         self.cached: list[int] = []
@@ -89,19 +51,20 @@ class PagedRunner:
             self.cached[seq] = end
         seqs = list(chunks)
         width = max(len(self.tables[s]) for s in seqs)
-        tables = torch.tensor([self.tables[s] + [0] * (width - len(self.tables[s])) for s in seqs], dtype=torch.int32)
+        rows = [self.tables[s] + [0] * (width - len(self.tables[s])) for s in seqs]
         lens = [self.cached[s] for s in seqs]
+        tensor = functools.partial(torch.tensor, device=self.device)
         md = AttentionMetadata(
-            is_prefill=prefill, slot_mapping=torch.tensor(slots), block_tables=tables,
-            context_lens=None if prefill else torch.tensor(lens, dtype=torch.int32),
-            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32) if prefill else None,
-            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32) if prefill else None,
+            is_prefill=prefill, slot_mapping=tensor(slots), block_tables=tensor(rows, dtype=torch.int32),
+            context_lens=None if prefill else tensor(lens, dtype=torch.int32),
+            cu_seqlens_q=tensor(cu_q, dtype=torch.int32) if prefill else None,
+            cu_seqlens_k=tensor(cu_k, dtype=torch.int32) if prefill else None,
             max_seqlen_q=max(len(t) for t in chunks.values()), max_seqlen_k=max(lens),
         )
         set_attention_metadata(md)
         try:
             with torch.inference_mode():
-                hidden = self.decoder(torch.tensor(ids), torch.tensor(positions))
+                hidden = self.decoder(tensor(ids), tensor(positions))
                 return self.decoder.compute_logits(hidden)
         finally:
             set_attention_metadata(None)
@@ -109,10 +72,11 @@ class PagedRunner:
 
 def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return hf_model(torch.tensor([tokens])).logits[0]
+        return hf_model(torch.tensor([tokens], device=hf_model.device)).logits[0]
 
 
-def check_against_hf(hf_model, lengths: list[int], new_tokens: int, seed: int = 0, tol: float = 1e-5):
+def check_against_hf(hf_model, lengths: list[int], new_tokens: int, seed: int = 0, tol: float = 1e-5,
+                     backend: str = "torch", tp_rank: int = 0, tp_size: int = 1):
     """Packed prefill of sequences of the given lengths (one split in two chunks), then teacher-forced decode.
 
     Returns the decoder it built.
@@ -121,8 +85,8 @@ def check_against_hf(hf_model, lengths: list[int], new_tokens: int, seed: int = 
     gen = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(3, vocab, (n + new_tokens,), generator=gen).tolist() for n in lengths]
     want = [hf_logits(hf_model, s) for s in seqs]
-    decoder = build_decoder(hf_model)
-    runner = PagedRunner(decoder)
+    decoder = build_decoder(hf_model, tp_rank=tp_rank, tp_size=tp_size)
+    runner = PagedRunner(decoder, backend=backend)
     ids = [runner.add() for _ in seqs]
 
     # The first sequence's prompt arrives in two chunks: the second attends to the cached first part.
@@ -147,6 +111,22 @@ def check_against_hf(hf_model, lengths: list[int], new_tokens: int, seed: int = 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_family_matches_hf(family):
     check_against_hf(tiny_model(family), lengths=[7, 1, 13, 4], new_tokens=5)
+
+
+def test_bf16_matches_hf():
+    # bf16 rounding of attention's different reduction order shows up at the 1e-2 level.
+    check_against_hf(tiny_model("qwen3", dtype=torch.bfloat16), lengths=[7, 1, 13, 4], new_tokens=3, tol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_matches_hf(family, dtype, backend):
+    # On CUDA, RMSNorm and SiluAndMul run as Triton kernels; Triton's fp32 dots may use TF32.
+    tol = 3e-2 if dtype == torch.bfloat16 or backend == "triton" else 1e-4
+    check_against_hf(tiny_model(family, dtype=dtype).cuda(), lengths=[7, 1, 13, 4], new_tokens=5, tol=tol,
+                     backend=backend)
 
 
 def test_llama_with_biases_and_llama3_rope_matches_hf():
@@ -176,6 +156,29 @@ def test_smollm2_matches_hf_and_greedy_is_token_exact(smollm2):
         ours.append(int(logits[-1].argmax()))
         logits = runner.step({seq: [ours[-1]]}, prefill=False)
     assert ours == hf_out
+
+
+def _tensor_parallel_worker(rank: int, world_size: int, port: int, models: list) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        for model in models:
+            decoder = check_against_hf(model, lengths=[7, 1, 5], new_tokens=2, tp_rank=rank, tp_size=world_size)
+            assert (decoder.num_kv_heads, decoder.layers[0].self_attn.num_heads) == (1, 2)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_shards_match_hf():
+    """TP=2 over gloo on CPU: head-split qkv/o_proj, split MLP, vocab-split embedding and LM head."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    models = [tiny_model("qwen3"), tiny_model("qwen2"), tiny_model("llama", attention_bias=True, mlp_bias=True)]
+    # fork: the children inherit the models and imported modules, which a spawn would rebuild for seconds.
+    torch.multiprocessing.start_processes(_tensor_parallel_worker, args=(2, port, models), nprocs=2,
+                                          start_method="fork")
 
 
 def _param_bytes(model) -> int:
