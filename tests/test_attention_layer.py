@@ -149,7 +149,7 @@ def test_gpu_layer_backends_match_naive(backend):
     except ValueError as error:
         pytest.skip(str(error))
     torch.manual_seed(4)
-    sequences, layer = Sequences(3, dtype=torch.bfloat16, device="cuda"), _layer(backend)
+    sequences, layer = Sequences(3, num_blocks=256, dtype=torch.bfloat16, device="cuda"), _layer(backend)
     sequences.step(layer, [50, 1, 90], is_prefill=True)
     sequences.step(layer, [30, 7, 2], is_prefill=True)
     for _ in range(3):

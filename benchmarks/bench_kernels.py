@@ -1,0 +1,245 @@
+"""Kernel benchmarks on one GPU: our Triton kernels vs flash-attn 4 (when it imports) and torch.
+
+Shapes (DESIGN.md section 3): decode at batch 256, contexts uniform in 200..2000 (seed 0), 16 query / 8 KV heads,
+head dim 128, bf16, block sizes 16 and 64, plus batch-1 decode at 4k and 16k; causal varlen prefill 16 x 1024;
+RMSNorm (plain and fused with the residual add) and SiLU-and-mul against torch eager.
+
+    python benchmarks/bench_kernels.py --out bench_kernels.json [--site-dir DIR ...] [--tune]
+
+``--site-dir`` adds a ``pip --target`` folder through ``site.addsitedir`` (flash-attn 4's CUTLASS DSL registers
+itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the attention kernels' tile configs.
+Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays, except the torch attention references
+(plain calls: they sync with the host).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import site
+import sys
+from typing import Callable
+
+import torch
+import triton
+
+from hf_minivllm.kernels import activation, decode_attention, prefill_attention, rms_norm
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
+FA4_DECODE_TBPS, FA4_PREFILL_TFLOPS = 2.8, 340.0  # DESIGN.md yardsticks, measured on the H100
+
+
+def bench(fn: Callable[[], object], graph: bool = True) -> float:
+    """Median milliseconds of ``fn``; with ``graph``, of its CUDA-graph replay, as the engine runs decode steps,
+    so that Python launch overhead does not hide GPU time at small sizes."""
+    if not graph:
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()  # compile / JIT outside the capture
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        fn()
+    return triton.testing.do_bench(cuda_graph.replay, warmup=25, rep=200, return_mode="median")
+
+
+def bench_fa4(fn: Callable[[], object]) -> float:
+    """FA4 in a CUDA graph like ours, or plain calls where this FA4 build cannot be captured."""
+    try:
+        return bench(fn)
+    except RuntimeError as error:
+        print(f"flash-attn 4 not graph-capturable here, timing plain calls: {error}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return bench(fn, graph=False)
+
+
+def load_flash_attn4() -> Callable | None:
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception as error:  # noqa: BLE001 - report why and carry on without it
+        print(f"flash-attn 4 unavailable: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+    return flash_attn_varlen_func
+
+
+def first(result: object) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+class PagedCache:
+    """A bf16 KV cache holding the given contexts in shuffled pages, and each sequence's block table."""
+
+    def __init__(self, context_lens: list[int], block_size: int, seed: int = 0):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        pages = [triton.cdiv(length, block_size) for length in context_lens]
+        num_blocks = sum(pages)
+        shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+        self.k_cache = torch.randn(shape, generator=generator, device="cuda", dtype=DTYPE)
+        self.v_cache = torch.randn(shape, generator=generator, device="cuda", dtype=DTYPE)
+        order = torch.randperm(num_blocks, generator=generator, device="cuda").to(torch.int32)
+        self.block_tables = torch.zeros(len(context_lens), max(pages), dtype=torch.int32, device="cuda")
+        start = 0
+        for seq, count in enumerate(pages):
+            self.block_tables[seq, :count] = order[start:start + count]
+            start += count
+        self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device="cuda")
+        self.block_size = block_size
+
+
+def decode_rows(name: str, context_lens: list[int], block_size: int, fa4: Callable | None,
+                with_torch: bool, check: bool = True) -> list[dict]:
+    cache = PagedCache(context_lens, block_size)
+    q = torch.randn(len(context_lens), NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    scale = HEAD_DIM ** -0.5
+    args = (q, cache.k_cache, cache.v_cache, cache.context_lens, cache.block_tables, scale)
+    kv_bytes = sum(context_lens) * 2 * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    row = {"kernel": name, "metric": "TB/s"}
+    if check:
+        reference = decode_attention.paged_decode_attention_torch(*args).float()
+        row["max_abs_error"] = (decode_attention.paged_decode_attention(*args).float() - reference).abs().max().item()
+    row["ms"] = bench(lambda: decode_attention.paged_decode_attention(*args))
+    row["value"] = kv_bytes / row["ms"] / 1e9
+    if fa4 is not None:
+        def call_fa4() -> torch.Tensor:
+            return first(fa4(q.unsqueeze(1), cache.k_cache, cache.v_cache, seqused_k=cache.context_lens,
+                             page_table=cache.block_tables, softmax_scale=scale, causal=True))
+        if check:
+            row["fa4_max_abs_error"] = (call_fa4().squeeze(1).float() - reference).abs().max().item()
+        row["fa4_ms"] = bench_fa4(call_fa4)
+    if with_torch:
+        row["torch_ms"] = bench(lambda: decode_attention.paged_decode_attention_torch(*args), graph=False)
+    row["yardstick"] = FA4_DECODE_TBPS
+    return [row]
+
+
+def prefill_rows(name: str, query_lens: list[int], block_size: int, fa4: Callable | None,
+                 with_torch: bool, check: bool = True) -> list[dict]:
+    cache = PagedCache(query_lens, block_size)
+    q = torch.randn(sum(query_lens), NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    cu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device="cuda")
+    scale = HEAD_DIM ** -0.5
+    args = (q, cache.k_cache, cache.v_cache, cu, cu, max(query_lens), max(query_lens), cache.block_tables, scale)
+    flops = 4 * sum(length * length / 2 for length in query_lens) * NUM_HEADS * HEAD_DIM
+    row = {"kernel": name, "metric": "TFLOP/s"}
+    if check:
+        reference = prefill_attention.paged_prefill_attention_torch(*args).float()
+        row["max_abs_error"] = (prefill_attention.paged_prefill_attention(*args).float() - reference).abs().max().item()
+    row["ms"] = bench(lambda: prefill_attention.paged_prefill_attention(*args))
+    row["value"] = flops / row["ms"] / 1e9
+    if fa4 is not None:
+        def call_fa4() -> torch.Tensor:
+            return first(fa4(q, cache.k_cache, cache.v_cache, cu_seqlens_q=cu, max_seqlen_q=max(query_lens),
+                             max_seqlen_k=max(query_lens), seqused_k=cache.context_lens,
+                             page_table=cache.block_tables, softmax_scale=scale, causal=True))
+        if check:
+            row["fa4_max_abs_error"] = (call_fa4().float() - reference).abs().max().item()
+        row["fa4_ms"] = bench_fa4(call_fa4)
+    if with_torch:
+        row["torch_ms"] = bench(lambda: prefill_attention.paged_prefill_attention_torch(*args), graph=False)
+    row["yardstick"] = FA4_PREFILL_TFLOPS
+    return [row]
+
+
+def elementwise_rows() -> list[dict]:
+    rows = []
+    for tokens, hidden in ((256, 1024), (4096, 1024), (256, 4096), (4096, 4096)):
+        x, residual = (torch.randn(tokens, hidden, device="cuda", dtype=DTYPE) for _ in range(2))
+        weight = torch.randn(hidden, device="cuda", dtype=DTYPE)
+        io_bytes = x.numel() * DTYPE.itemsize
+        for name, ours, eager, passes in (
+            ("rms_norm", lambda: rms_norm.rms_norm(x, weight, 1e-6),
+             lambda: rms_norm.rms_norm_torch(x, weight, 1e-6), 2),
+            ("fused_add_rms_norm", lambda: rms_norm.fused_add_rms_norm(x, residual, weight, 1e-6),
+             lambda: rms_norm.fused_add_rms_norm_torch(x, residual, weight, 1e-6), 4),
+        ):
+            ms = bench(ours)
+            rows.append({"kernel": f"{name} {tokens}x{hidden}", "metric": "TB/s", "ms": ms,
+                         "value": passes * io_bytes / ms / 1e9, "torch_ms": bench(eager)})
+    for tokens, intermediate in ((256, 3072), (4096, 3072), (256, 12288), (4096, 12288)):
+        gate_up = torch.randn(tokens, 2 * intermediate, device="cuda", dtype=DTYPE)
+        ms = bench(lambda: activation.silu_and_mul(gate_up))
+        rows.append({"kernel": f"silu_and_mul {tokens}x{intermediate}", "metric": "TB/s", "ms": ms,
+                     "value": 1.5 * gate_up.numel() * DTYPE.itemsize / ms / 1e9,
+                     "torch_ms": bench(lambda: activation.silu_and_mul_torch(gate_up))})
+    return rows
+
+
+def tune_rows(decode_contexts: list[int]) -> list[dict]:
+    """Sweep tile configs (replacing the config table's entry) on the decode and prefill shapes."""
+    rows = []
+    original_decode, original_prefill = decode_attention._decode_config, prefill_attention._prefill_config
+    try:
+        for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+            config = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            decode_attention._decode_config = lambda *_, config=config: dict(config)
+            for block_size in (16, 64):
+                for name, contexts in (("b256", decode_contexts), ("b1-16k", [16384])):
+                    try:
+                        row = decode_rows(f"tune decode {name} bs{block_size} {config}", contexts, block_size,
+                                          None, False, check=False)[0]
+                    except Exception as error:  # noqa: BLE001 - some configs do not fit
+                        row = {"kernel": f"tune decode {name} bs{block_size} {config}", "error": str(error)[:200]}
+                    rows.append(row)
+        for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+            config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            prefill_attention._prefill_config = lambda *_, config=config: dict(config)
+            try:
+                row = prefill_rows(f"tune prefill {config}", [1024] * 16, 16, None, False, check=False)[0]
+            except Exception as error:  # noqa: BLE001
+                row = {"kernel": f"tune prefill {config}", "error": str(error)[:200]}
+            rows.append(row)
+    finally:
+        decode_attention._decode_config, prefill_attention._prefill_config = original_decode, original_prefill
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'kernel':<58} {'ms':>9} {'value':>9} {'metric':<8} {'vs yardstick':>12} {'FA4 ms':>9} {'ours/FA4':>8} {'torch ms':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if "error" in row:
+            print(f"{row['kernel']:<58} error: {row['error']}")
+            continue
+        yardstick = f"{row['value'] / row['yardstick']:.0%}" if "yardstick" in row else ""
+        fa4_ms = f"{row['fa4_ms']:.4f}" if "fa4_ms" in row else ""
+        ratio = f"{row['fa4_ms'] / row['ms']:.2f}" if "fa4_ms" in row else ""
+        torch_ms = f"{row['torch_ms']:.4f}" if "torch_ms" in row else ""
+        print(f"{row['kernel']:<58} {row['ms']:>9.4f} {row['value']:>9.2f} {row['metric']:<8} {yardstick:>12} "
+              f"{fa4_ms:>9} {ratio:>8} {torch_ms:>9}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_kernels.json", help="where to write the JSON results")
+    parser.add_argument("--site-dir", action="append", default=[], help="a pip --target folder to add (repeatable)")
+    parser.add_argument("--tune", action="store_true", help="also sweep the attention kernels' tile configs")
+    parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference timings")
+    args = parser.parse_args()
+    for directory in args.site_dir:
+        site.addsitedir(directory)
+    fa4 = load_flash_attn4()
+    with_torch = not args.no_torch
+
+    rng = random.Random(0)
+    decode_contexts = [rng.randint(200, 2000) for _ in range(256)]
+    rows = []
+    for block_size in (16, 64):
+        rows += decode_rows(f"decode b256 ctx200-2000 bs{block_size}", decode_contexts, block_size, fa4, with_torch)
+    for context in (4096, 16384):
+        rows += decode_rows(f"decode b1 ctx{context} bs16", [context], 16, fa4, with_torch)
+    for block_size in (16, 64):
+        rows += prefill_rows(f"prefill 16x1024 causal bs{block_size}", [1024] * 16, block_size, fa4, with_torch)
+    rows += elementwise_rows()
+    if args.tune:
+        rows += tune_rows(decode_contexts)
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"flash-attn 4: {'yes' if fa4 else 'no'}")
+    print_table(rows)
+    with open(args.out, "w") as file:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "flash_attn4": fa4 is not None, "rows": rows}, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
