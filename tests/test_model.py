@@ -9,7 +9,7 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
-from hf_minivllm.models.adapter import build_decoder
+from hf_minivllm.models.adapter import build_decoder, load_hf_model
 
 
 class PagedRunner:
@@ -221,6 +221,13 @@ def test_decoder_attributes():
     assert (decoder.num_layers, decoder.num_kv_heads, decoder.head_dim, decoder.vocab_size) == (2, 2, 16, 320)
     assert len(decoder.attention_layers) == 2 and decoder.attention_layers[0] is decoder.layers[0].self_attn.attn
     assert decoder.dtype == torch.float32 and decoder.device == torch.device("cpu")
+
+
+def test_load_hf_model_from_local_folder(tmp_path):
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    model = load_hf_model(str(tmp_path), torch.bfloat16, device="cpu")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.dtype == torch.bfloat16 and not model.training
+    assert build_decoder(model).dtype == torch.bfloat16
 
 
 def test_unsupported_architecture_raises():

@@ -17,11 +17,16 @@ from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-def load_hf_model(path: str, dtype: torch.dtype | str = "auto") -> nn.Module:
-    """Load a causal LM from a local folder (no network), in eval mode."""
+def load_hf_model(path: str, dtype: torch.dtype | str = "auto", device: torch.device | str | None = None) -> nn.Module:
+    """Load a causal LM from a local folder (no network), in eval mode, on ``device`` (default: CUDA if present).
+
+    Place the model before ``build_decoder``: moving the decoder afterwards would leave the HF modules' fused views
+    behind on the old device.
+    """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), local_files_only=True).eval()
 
 
 def _check_supported(hf_model: nn.Module) -> None:
