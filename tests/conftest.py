@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+
+# The benchmark workloads (benchmarks/workloads.py) double as the GPU tests' model builders.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def pytest_collection_modifyitems(config, items):

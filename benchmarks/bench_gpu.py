@@ -1,0 +1,196 @@
+"""GPU benchmarks W1, W2, the drop-in path and W5 (DESIGN.md section 3), each beside its HF peer in the same run.
+
+Prints one table (tokens/s or ms/token, ratio to each peer, ratio to the physical floor, device, commit) and
+writes every figure to --out as JSON. HF peers: continuous batching (`generate_batch` machinery with CUDA graphs
+and async batching, its best measured setting) for W1 on a prefix of the requests; `generate` with the static
+cache for W2; plain padded `generate` for the drop-in batch, on a subset. Subsets are labelled as such.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import time
+
+import torch
+
+import hf_minivllm
+from hf_minivllm import LLM, SamplingParams
+from hf_minivllm.patches.state import state_of
+from workloads import commit, random_model, w1_requests
+
+W1_FLOOR_TOK_S = 25_000  # DESIGN.md 3: KV reads + weights per step at ~3 TB/s on an H100
+W2_FLOOR_MS = 0.4  # weights alone (1.2 GB) per step
+
+
+def now() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def hf_continuous_batching(model, prompts, params) -> tuple[int, float]:
+    """HF's continuous batching on the given requests (per-request max_new_tokens, eos never stops them)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=0.6, top_k=None, top_p=None, max_new_tokens=1024,
+                              eos_token_id=-1, pad_token_id=0)
+    cb_config = ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True)
+    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb_config,
+                                                   block=True, timeout=30) as manager:
+        start = now()
+        ids = [manager.add_request(p, max_new_tokens=sp.max_tokens, eos_token_id=-1) for p, sp in zip(prompts, params)]
+        tokens, done = 0, set()
+        while len(done) < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished() and result.request_id not in done:
+                done.add(result.request_id)
+                tokens += len(result.generated_tokens)
+        seconds = now() - start
+    return tokens, seconds
+
+
+def w1(results: dict, size: str, hf_requests: int) -> None:
+    prompts, params = w1_requests()
+    model = random_model(size)
+    llm = LLM(model, max_model_len=4096)
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    start = now()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = now() - start
+    tokens = sum(len(o["token_ids"]) for o in outputs)
+    ours = tokens / seconds
+    row = {"tokens": tokens, "seconds": seconds, "tok_s": ours, "floor_tok_s": W1_FLOOR_TOK_S,
+           "stats": hf_minivllm.stats(llm)}
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    if hf_requests:
+        hf_tokens, hf_seconds = hf_continuous_batching(model, prompts[:hf_requests], params[:hf_requests])
+        row.update(hf_cb_requests=hf_requests, hf_cb_tokens=hf_tokens, hf_cb_seconds=hf_seconds,
+                   hf_cb_tok_s=hf_tokens / hf_seconds)
+    results[f"W1_{size}"] = row
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def w2_and_drop_in(results: dict, hf_subset: int) -> None:
+    model = random_model("0.6b")
+    oracle = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 10000, (1, 128), generator=generator).cuda()
+    settings = dict(max_new_tokens=256, min_new_tokens=256, do_sample=False)
+
+    oracle.generate(prompt, **settings, cache_implementation="static")  # compiles
+    start = now()
+    oracle.generate(prompt, **settings, cache_implementation="static")
+    hf_ms = (now() - start) * 1000 / 256
+
+    hf_minivllm.accelerate(model, max_model_len=4096)
+    model.generate(prompt, **settings)
+    start = now()
+    model.generate(prompt, **settings)
+    ours_ms = (now() - start) * 1000 / 256
+    results["W2"] = {"ms_per_token": ours_ms, "hf_static_ms_per_token": hf_ms, "floor_ms": W2_FLOOR_MS,
+                     "fallbacks": hf_minivllm.stats(model)["fallbacks"]}
+
+    prompts, _ = w1_requests()
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    drop_in = dict(max_new_tokens=512, min_new_tokens=512, do_sample=True, temperature=0.6, top_k=0)
+    start = now()
+    out = model.generate(input_ids=ids, attention_mask=mask, **drop_in)
+    drop_seconds = now() - start
+    drop_tokens = (out.shape[1] - width) * len(prompts)
+    llm = state_of(model).llm
+    params = SamplingParams(temperature=0.6, max_tokens=512, ignore_eos=True)
+    start = now()
+    llm.generate(prompts, params, use_tqdm=False)
+    llm_seconds = now() - start
+    row = {"tokens": drop_tokens, "drop_in_tok_s": drop_tokens / drop_seconds,
+           "llm_tok_s": len(prompts) * 512 / llm_seconds, "fallbacks": hf_minivllm.stats(model)["fallbacks"]}
+    if hf_subset:
+        sub_ids, sub_mask = ids[:hf_subset], mask[:hf_subset]
+        keep = int(sub_mask.sum(0).nonzero()[0])
+        sub_ids, sub_mask = sub_ids[:, keep:], sub_mask[:, keep:]
+        hf_new = 128
+        start = now()
+        oracle.generate(input_ids=sub_ids, attention_mask=sub_mask, max_new_tokens=hf_new, min_new_tokens=hf_new,
+                        do_sample=True, temperature=0.6, top_k=0)
+        hf_seconds = now() - start
+        row.update(hf_generate_subset=f"{hf_subset} prompts x {hf_new} new tokens",
+                   hf_generate_tok_s=hf_subset * hf_new / hf_seconds)
+    results["drop_in_W1_batch"] = row
+    del model, oracle, llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def w5_batch1(results: dict) -> None:
+    model = random_model("8b")
+    prompt = torch.randint(0, 10000, (1, 128)).cuda()
+    settings = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False)
+    hf_minivllm.accelerate(model, max_model_len=4096)
+    model.generate(prompt, **settings)
+    start = now()
+    model.generate(prompt, **settings)
+    results["W5_8b_batch1"] = {"ms_per_token": (now() - start) * 1000 / 128}
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def print_table(results: dict) -> None:
+    device = torch.cuda.get_device_name()
+    print(f"\n{device}, torch {torch.__version__}, commit {commit()}")
+    for name, row in results.items():
+        print(f"== {name}")
+        for key, value in row.items():
+            print(f"   {key:22s} {value:.2f}" if isinstance(value, float) else f"   {key:22s} {value}")
+    if "W1_0.6b" in results and "hf_cb_tok_s" in results["W1_0.6b"]:
+        row = results["W1_0.6b"]
+        print(f"W1: {row['tok_s']:.0f} tok/s = {row['tok_s'] / row['hf_cb_tok_s']:.1f}x HF CB "
+              f"({row['hf_cb_requests']} requests), {row['tok_s'] / W1_FLOOR_TOK_S:.2f} of floor")
+    if "W2" in results:
+        row = results["W2"]
+        print(f"W2: {row['ms_per_token']:.2f} ms/token vs HF static {row['hf_static_ms_per_token']:.2f} "
+              f"({row['hf_static_ms_per_token'] / row['ms_per_token']:.1f}x)")
+    if "drop_in_W1_batch" in results:
+        row = results["drop_in_W1_batch"]
+        print(f"drop-in: {row['drop_in_tok_s']:.0f} tok/s = {row['drop_in_tok_s'] / row['llm_tok_s']:.2f}x LLM.generate")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w5")
+    parser.add_argument("--hf-cb-requests", type=int, default=64, help="W1 requests given to HF CB (0 = skip)")
+    parser.add_argument("--hf-subset", type=int, default=32, help="drop-in batch rows given to HF generate")
+    parser.add_argument("--w5-hf-requests", type=int, default=16)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results: dict = {"device": torch.cuda.get_device_name(), "commit": commit()}
+    table: dict = {}
+    try:
+        if "w1" in args.only:
+            w1(table, "0.6b", args.hf_cb_requests)
+        if "w2" in args.only:
+            w2_and_drop_in(table, args.hf_subset)
+        if "w5" in args.only:
+            w1(table, "8b", args.w5_hf_requests)
+            w5_batch1(table)
+    finally:
+        results.update(table)
+        print_table(table)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The benchmark workloads of DESIGN.md section 3, built the same way in every script so results compare."""
+from __future__ import annotations
+
+import random
+import subprocess
+
+import torch
+
+from hf_minivllm import SamplingParams
+
+
+def w1_requests(num_seqs: int = 256, max_input_len: int = 1024, max_output_len: int = 1024):
+    """nano-vllm's benchmark exactly: prompts first, then sampling params, from random.seed(0)."""
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input_len))] for _ in range(num_seqs)]
+    params = [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, max_output_len))
+        for _ in range(num_seqs)
+    ]
+    return prompts, params
+
+
+def qwen3_config(size: str = "0.6b"):
+    """Qwen3-0.6B or Qwen3-8B architecture (random init is enough for speed)."""
+    from transformers import Qwen3Config
+
+    common = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                  head_dim=128, num_key_value_heads=8, bos_token_id=151643, eos_token_id=151645)
+    if size == "0.6b":
+        return Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                           tie_word_embeddings=True, **common)
+    if size == "8b":
+        return Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                           tie_word_embeddings=False, **common)
+    raise ValueError(f"size must be '0.6b' or '8b', got {size!r}")
+
+
+def random_model(size: str = "0.6b", dtype=torch.bfloat16, device: str = "cuda", seed: int = 0):
+    """A random-init Qwen3 of the given size, built directly on the device."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(qwen3_config(size), dtype=dtype)
+    return model.eval()
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
