@@ -3,6 +3,7 @@ selection."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -15,45 +16,59 @@ from hf_minivllm.layers import attention as attention_module  # noqa: I001
 from hf_minivllm.layers.attention import Attention, select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4, 2, 16, 4
 CUDA = torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+
+
+TINY = Shape(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)  # the tiny test models' attention
+QWEN3 = Shape(num_heads=16, num_kv_heads=8, head_dim=128, block_size=16)  # Qwen3-0.6B's, the engine's default pages
 
 
 class Sequences:
     """Several sequences growing step by step in one paged cache, with their dense K/V history for checking."""
 
-    def __init__(self, num_seqs: int, num_blocks: int = 64, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-        self.k_cache = torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+    def __init__(self, num_seqs: int, shape: Shape = TINY, num_blocks: int = 64, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
+        self.shape = shape
+        self.k_cache = torch.zeros(num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim, dtype=dtype,
+                                   device=device)
         self.v_cache = torch.zeros_like(self.k_cache)
         free = torch.randperm(num_blocks).tolist()
         self.pages = [free[i::num_seqs] for i in range(num_seqs)]
-        self.keys = [torch.empty(0, NUM_KV_HEADS, HEAD_DIM) for _ in range(num_seqs)]
-        self.values = [torch.empty(0, NUM_KV_HEADS, HEAD_DIM) for _ in range(num_seqs)]
+        self.keys = [torch.empty(0, shape.num_kv_heads, shape.head_dim) for _ in range(num_seqs)]
+        self.values = [torch.empty(0, shape.num_kv_heads, shape.head_dim) for _ in range(num_seqs)]
         self.dtype, self.device = dtype, device
 
     def block_tables(self) -> torch.Tensor:
-        width = max(math.ceil(len(k) / BLOCK_SIZE) for k in self.keys) + 1
+        width = max(math.ceil(len(k) / self.shape.block_size) for k in self.keys) + 1
         table = torch.full((len(self.keys), width), 1 << 30, dtype=torch.int32)
         for seq, keys in enumerate(self.keys):
-            used = math.ceil(len(keys) / BLOCK_SIZE)
+            used = math.ceil(len(keys) / self.shape.block_size)
             table[seq, :used] = torch.tensor(self.pages[seq][:used], dtype=torch.int32)
         return table.to(self.device)
 
     def step(self, layer: Attention, new_tokens: list[int], is_prefill: bool, store: bool = True) -> None:
         """Run the layer on ``new_tokens[s]`` new tokens per sequence and check it against naive attention."""
         # Inputs rounded to the layer's dtype up front, so that the check measures the attention's own error.
-        q, k, v = (torch.randn(sum(new_tokens), heads * HEAD_DIM).to(self.dtype).float()
-                   for heads in (NUM_HEADS, NUM_KV_HEADS, NUM_KV_HEADS))
+        q, k, v = (torch.randn(sum(new_tokens), heads * self.shape.head_dim).to(self.dtype).float()
+                   for heads in (self.shape.num_heads, self.shape.num_kv_heads, self.shape.num_kv_heads))
         prefix_lens = [len(keys) for keys in self.keys]
         start = 0
         for seq, count in enumerate(new_tokens):
-            self.keys[seq] = torch.cat([self.keys[seq], k[start:start + count].view(-1, NUM_KV_HEADS, HEAD_DIM)])
-            self.values[seq] = torch.cat([self.values[seq], v[start:start + count].view(-1, NUM_KV_HEADS, HEAD_DIM)])
+            self.keys[seq] = torch.cat([self.keys[seq], k[start:start + count].view(-1, self.shape.num_kv_heads, self.shape.head_dim)])
+            self.values[seq] = torch.cat([self.values[seq], v[start:start + count].view(-1, self.shape.num_kv_heads, self.shape.head_dim)])
             start += count
         slots = []
         for seq, (prefix_len, count) in enumerate(zip(prefix_lens, new_tokens)):
             for position in range(prefix_len, prefix_len + count):
-                slots.append(self.pages[seq][position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE)
+                slots.append(self.pages[seq][position // self.shape.block_size] * self.shape.block_size + position % self.shape.block_size)
         context_lens = [len(keys) for keys in self.keys]
         to_device = dict(device=self.device)
         metadata = AttentionMetadata(
@@ -73,19 +88,19 @@ class Sequences:
             out = layer(*(t.to(self.dtype).to(self.device) for t in (q, k, v)))
         finally:
             set_attention_metadata(None)
-        out = out.float().cpu().view(-1, NUM_HEADS, HEAD_DIM)
+        out = out.float().cpu().view(-1, self.shape.num_heads, self.shape.head_dim)
         start = 0
         for seq, (prefix_len, count) in enumerate(zip(prefix_lens, new_tokens)):
             positions = torch.arange(prefix_len, prefix_len + count)
-            expected = naive_attention(q[start:start + count].view(-1, NUM_HEADS, HEAD_DIM), self.keys[seq],
+            expected = naive_attention(q[start:start + count].view(-1, self.shape.num_heads, self.shape.head_dim), self.keys[seq],
                                        self.values[seq], positions, layer.scale)
             tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
             torch.testing.assert_close(out[start:start + count].double(), expected, atol=tolerance, rtol=tolerance)
             start += count
 
 
-def _layer(backend: str = "torch") -> Attention:
-    layer = Attention(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM ** -0.5)
+def _layer(backend: str = "torch", shape: Shape = TINY) -> Attention:
+    layer = Attention(shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.head_dim ** -0.5)
     layer.backend = backend
     return layer
 
@@ -105,8 +120,8 @@ def test_cached_keys_land_in_their_slots():
     sequences.step(layer, [6, 3], is_prefill=True)
     for seq, keys in enumerate(sequences.keys):
         for position in range(len(keys)):
-            page = sequences.pages[seq][position // BLOCK_SIZE]
-            torch.testing.assert_close(sequences.k_cache[page, position % BLOCK_SIZE], keys[position].float())
+            page = sequences.pages[seq][position // TINY.block_size]
+            torch.testing.assert_close(sequences.k_cache[page, position % TINY.block_size], keys[position].float())
 
 
 def test_prefill_without_cache_attends_over_the_step_alone():
@@ -124,7 +139,7 @@ def test_decode_without_cache_is_a_clear_error():
                                              context_lens=torch.ones(1, dtype=torch.int32)))
     try:
         with pytest.raises(RuntimeError, match="KV cache"):
-            layer(torch.randn(1, NUM_HEADS * HEAD_DIM), *torch.randn(2, 1, NUM_KV_HEADS * HEAD_DIM))
+            layer(torch.randn(1, TINY.num_heads * TINY.head_dim), *torch.randn(2, 1, TINY.num_kv_heads * TINY.head_dim))
     finally:
         set_attention_metadata(None)
 
@@ -138,23 +153,24 @@ def test_triton_backend_under_interpreter(kernels):  # noqa: F811
     sequences.step(layer, [5, 9], is_prefill=True)
     sequences.step(layer, [3, 2], is_prefill=True)
     sequences.step(layer, [1, 1], is_prefill=False)
-    Sequences(2).step(layer, [6, 3], is_prefill=True, store=False)
+    Sequences(2).step(_layer("triton"), [6, 3], is_prefill=True, store=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "flash_attn"])
 def test_gpu_layer_backends_match_naive(backend):
     try:
-        select_attention_backend(backend, "cuda", block_size=BLOCK_SIZE, dtype=torch.bfloat16)
+        select_attention_backend(backend, "cuda", block_size=QWEN3.block_size, dtype=torch.bfloat16)
     except ValueError as error:
         pytest.skip(str(error))
     torch.manual_seed(4)
-    sequences, layer = Sequences(3, num_blocks=256, dtype=torch.bfloat16, device="cuda"), _layer(backend)
+    gpu = dict(shape=QWEN3, dtype=torch.bfloat16, device="cuda")
+    sequences, layer = Sequences(3, num_blocks=64, **gpu), _layer(backend, QWEN3)
     sequences.step(layer, [50, 1, 90], is_prefill=True)
     sequences.step(layer, [30, 7, 2], is_prefill=True)
     for _ in range(3):
         sequences.step(layer, [1, 1, 1], is_prefill=False)
-    Sequences(2, dtype=torch.bfloat16, device="cuda").step(layer, [60, 30], is_prefill=True, store=False)
+    Sequences(2, **gpu).step(_layer(backend, QWEN3), [60, 30], is_prefill=True, store=False)
 
 
 # ---------------------------------------------------------------- backend selection
