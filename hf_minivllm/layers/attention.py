@@ -107,8 +107,9 @@ def _flash_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                            max_seqlen_k=max_seqlen_k, seqused_k=context_lens, page_table=block_tables,
                            softmax_scale=softmax_scale, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    return flash.varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        softmax_scale=softmax_scale, causal=True, block_table=block_tables)
+    return flash.varlen(q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=True,
+                        block_table=block_tables)
 
 
 def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
@@ -190,8 +191,9 @@ class Attention(nn.Module):
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:
         """Causal varlen attention over this step's packed K/V (no cache yet, hence no prefix)."""
         if self.backend == "flash_attn":
-            out = _flash_attn().varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       softmax_scale=self.scale, causal=True)
+            out = _flash_attn().varlen(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=self.scale,
+                                       causal=True)
             return out[0] if isinstance(out, tuple) else out
         k_pages, v_pages, block_tables = _contiguous_as_cache(k, v, cu_seqlens_k, max_seqlen_k)
         return _PREFILL[self.backend](q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
