@@ -4,9 +4,11 @@ Backends (all read the same cache layout, ``[num_blocks, block_size, num_kv_head
 
 - ``torch``: gathers pages and calls SDPA; the CPU path and the reference.
 - ``triton``: our paged kernels (``hf_minivllm.kernels``); any power-of-two block size; the default on CUDA.
-- ``flash_attn``: flash-attn 4 (``flash_attn.cute``, paged through ``page_table`` + ``seqused_k``; its Hopper
-  kernels take any page size, TMA-fast when the page equals its 128-token tile) when it imports, else
-  flash-attn 2 (``block_table``, whose paged path needs a block size that is a multiple of 256). fp16/bf16 only.
+- ``flash_attn``: flash-attn 4 (``flash_attn.cute``) when it imports, else flash-attn 2. fp16/bf16 only.
+  FA4 addresses pages through ``page_table`` + ``seqused_k`` (it rejects ``cu_seqlens_k`` with a page table) and
+  takes any page size on Hopper (4.0.0b36 on the H100: same decode bandwidth for pages of 16 to 256; it has no
+  split-KV there, so batch-1 decode is several times slower than our Triton kernel). FA2 takes ``block_table``,
+  whose paged path needs a block size that is a multiple of 256.
 """
 from __future__ import annotations
 
