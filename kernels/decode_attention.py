@@ -68,14 +68,17 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     pages_needed = (context_lens.to(torch.int64) + block_size - 1) // block_size
     page_valid = torch.arange(width, device=q.device)[None, :] < pages_needed[:, None]
     pages = torch.where(page_valid, block_tables[:, :width].to(torch.int64), 0)
-    keys = k_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim)
-    values = v_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim)
-    group = num_heads // num_kv_heads
-    keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)
-    values = values.transpose(1, 2).repeat_interleave(group, dim=1)
     positions = torch.arange(width * block_size, device=q.device)
     # An empty (padding) row still sees position 0, so that it yields finite values rather than NaN.
     visible = positions[None, :] < context_lens.clamp(min=1).to(torch.int64)[:, None]
+    # Slots past a context hold whatever the cache memory held (possibly NaN): zero them, since a masked-out
+    # NaN value still poisons the weighted sum (0 * NaN).
+    hidden = ~visible[:, :, None, None]
+    keys = k_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill(hidden, 0)
+    values = v_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill(hidden, 0)
+    group = num_heads // num_kv_heads
+    keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)
+    values = values.transpose(1, 2).repeat_interleave(group, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :], scale=softmax_scale)
     return out.squeeze(2)

@@ -216,3 +216,18 @@ def test_layer_defaults():
     assert layer.backend == "torch" and layer.k_cache.numel() == 0 and layer.v_cache.numel() == 0
     with pytest.raises(ValueError, match="multiple"):
         Attention(6, 4, 64, 0.125)
+
+
+def test_torch_decode_ignores_nan_garbage_past_the_context():
+    """Cache memory is never cleared: slots past a sequence's context may hold NaN and must not leak in."""
+    from hf_minivllm.kernels.decode_attention import paged_decode_attention_torch
+
+    generator = torch.Generator().manual_seed(0)
+    k_cache = torch.full((4, 4, 2, 16), float("nan"))
+    v_cache = torch.full((4, 4, 2, 16), float("nan"))
+    k_cache[1, :3] = torch.randn(3, 2, 16, generator=generator)
+    v_cache[1, :3] = torch.randn(3, 2, 16, generator=generator)
+    q = torch.randn(1, 4, 16, generator=generator)
+    out = paged_decode_attention_torch(q, k_cache, v_cache, torch.tensor([3], dtype=torch.int32),
+                                       torch.tensor([[1, 2]], dtype=torch.int32), 0.25)
+    assert torch.isfinite(out).all()
