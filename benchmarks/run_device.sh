@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: GPU tests, then the end-to-end benchmarks, logs and JSON under $OUT.
+# Usage: bash benchmarks/run_device.sh [tests] [bench ARGS...]
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+if [ "${1:-}" = "tests" ]; then
+  shift
+  python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ "${1:-}" = "bench" ]; then
+  shift
+  python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" "$@" 2>&1 | grep -v "it/s\]" | tee "$OUT/bench_gpu.log" | tail -60
+fi
