@@ -1,11 +1,8 @@
-# Source this on a GPU machine with torch/transformers/triton already installed but no network (our H100 runs):
-# it lays the package out under /tmp/hf_minivllm_pkg exactly as pyproject's package-dir mapping installs it
-# (kernels/ -> hf_minivllm.kernels, patches/ -> hf_minivllm.patches) and puts it on PYTHONPATH.
+# Source this on a GPU machine that already has torch, transformers and triton but no network (our H100 runs):
+# an editable install without build isolation (pyproject's package-dir mapping puts kernels/ and patches/ at
+# hf_minivllm.kernels / hf_minivllm.patches), and the benchmarks folder on PYTHONPATH for its workloads module.
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-pkg=/tmp/hf_minivllm_pkg
-rm -rf "$pkg" && mkdir -p "$pkg"
-cp -r "$repo_root/hf_minivllm" "$pkg/hf_minivllm"
-cp -r "$repo_root/kernels" "$pkg/hf_minivllm/kernels"
-cp -r "$repo_root/patches" "$pkg/hf_minivllm/patches"
-export PYTHONPATH="$pkg:$repo_root/tests:$repo_root/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e "$repo_root" >/dev/null 2>&1 \
+  || echo "device_env.sh: editable install failed" >&2
+export PYTHONPATH="$repo_root/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1

@@ -6,6 +6,7 @@ attend to one token of block 0, so they stay finite and never touch a live seque
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,6 +15,18 @@ from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 
 if TYPE_CHECKING:
     from hf_minivllm.engine.model_runner import ModelRunner
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step's inputs in (pinned) host memory.
+
+    ``rows`` [3, n] int64: input ids, positions, KV slots; ``context_lens`` [n] int32; ``block_tables`` [n, w] int32.
+    """
+
+    rows: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -66,17 +79,18 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.buckets[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        n = input_ids.shape[0]
+    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+        """Copy the host inputs straight into the static buffers (no intermediate device tensors), then replay."""
+        n = inputs.rows.shape[1]
         bucket = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:n] = metadata.slot_mapping
+        self.input_ids[:n].copy_(inputs.rows[0], non_blocking=True)
+        self.positions[:n].copy_(inputs.rows[1], non_blocking=True)
+        self.slot_mapping[:n].copy_(inputs.rows[2], non_blocking=True)
         self.slot_mapping[n:bucket] = -1
-        self.context_lens[:n] = metadata.context_lens
+        self.context_lens[:n].copy_(inputs.context_lens, non_blocking=True)
         self.context_lens[n:bucket] = 1
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:n, :width] = metadata.block_tables
+        width = inputs.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(inputs.block_tables, non_blocking=True)
         self.block_tables[n:bucket] = 0
         self.graphs[bucket].replay()
         return self.logits[:n]

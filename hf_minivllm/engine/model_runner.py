@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
 from hf_minivllm.config import Config
-from hf_minivllm.engine.cuda_graphs import DecodeGraphs
+from hf_minivllm.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from hf_minivllm.engine.scheduler import ScheduledBatch
 from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.layers.attention import select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
-from hf_minivllm.layers.sampler import SamplingTensors, sample
+from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
 from hf_minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -114,10 +115,18 @@ class ModelRunner:
         tensor = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
         return tensor.to(self.device, non_blocking=True)
 
+    def _pinned(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
+    def _block_table_array(self, seqs: list[Sequence]) -> np.ndarray:
+        table = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int32)
+        for row, seq in enumerate(seqs):
+            table[row, : len(seq.block_table)] = seq.block_table
+        return table
+
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(seq.block_table) for seq in seqs)
-        rows = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        return self._to_device(rows, torch.int32)
+        return self._pinned(self._block_table_array(seqs)).to(self.device, non_blocking=True)
 
     def _prepare_prefill(self, batch: ScheduledBatch):
         input_ids, positions, slots = [], [], []
@@ -146,20 +155,20 @@ class ModelRunner:
         )
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), metadata, logits_rows
 
-    def _prepare_decode(self, batch: ScheduledBatch):
+    def _prepare_decode(self, batch: ScheduledBatch) -> DecodeInputs:
+        """Decode inputs in pinned host memory: one copy each to the device (or into the graph's buffers)."""
         block_size = self.block_size
-        input_ids = [seq.last_token for seq in batch.seqs]
-        positions = [len(seq) - 1 for seq in batch.seqs]
-        slots = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(batch.seqs, positions)]
-        metadata = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._block_tables(batch.seqs),
-            context_lens=self._to_device([p + 1 for p in positions], torch.int32),
-        )
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), metadata
+        seqs = batch.seqs
+        rows = np.empty((3, len(seqs)), dtype=np.int64)
+        rows[0] = [seq.last_token for seq in seqs]
+        rows[1] = [len(seq) - 1 for seq in seqs]
+        rows[2] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, rows[1].tolist())]
+        context_lens = (rows[1] + 1).astype(np.int32)
+        return DecodeInputs(self._pinned(rows), self._pinned(context_lens), self._pinned(self._block_table_array(seqs)))
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        if all(seq.sampling_params.temperature == 0 for seq in seqs):
+            return GREEDY
         vocab = self.model.vocab_size
         temperatures, top_ks, top_ps, min_ps = [], [], [], []
         generators = {}
@@ -220,14 +229,20 @@ class ModelRunner:
                 return [None] * len(batch.seqs)
             logits = self.model.compute_logits(hidden[self._to_device(logits_rows, torch.int64)])
         else:
-            input_ids, positions, metadata = self._prepare_decode(batch)
+            inputs = self._prepare_decode(batch)
             sampled_seqs = batch.seqs
             if self.graphs is not None and self.graphs.can_run(len(sampled_seqs)):
-                logits = self.graphs.run(input_ids, positions, metadata)
+                logits = self.graphs.run(inputs)
             else:
-                set_attention_metadata(metadata)
+                rows = inputs.rows.to(self.device, non_blocking=True)
+                set_attention_metadata(AttentionMetadata(
+                    is_prefill=False,
+                    slot_mapping=rows[2],
+                    block_tables=inputs.block_tables.to(self.device, non_blocking=True),
+                    context_lens=inputs.context_lens.to(self.device, non_blocking=True),
+                ))
                 try:
-                    logits = self.model.compute_logits(self.model(input_ids, positions))
+                    logits = self.model.compute_logits(self.model(rows[0], rows[1]))
                 finally:
                     set_attention_metadata(None)
         logits = logits.float()

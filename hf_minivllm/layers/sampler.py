@@ -15,16 +15,22 @@ import torch
 class SamplingTensors:
     """Per-row settings of one step, already on the logits' device."""
 
-    temperatures: torch.Tensor  # [n] float32, 0 = greedy
-    top_ks: torch.Tensor  # [n] int64, vocab size where disabled
-    top_ps: torch.Tensor  # [n] float32, 1 where disabled
-    min_ps: torch.Tensor  # [n] float32, 0 where disabled
+    temperatures: torch.Tensor | None  # [n] float32, 0 = greedy (None when all rows are greedy)
+    top_ks: torch.Tensor | None  # [n] int64, vocab size where disabled
+    top_ps: torch.Tensor | None  # [n] float32, 1 where disabled
+    min_ps: torch.Tensor | None  # [n] float32, 0 where disabled
     all_greedy: bool
     any_greedy: bool
     use_top_k: bool
     use_top_p: bool
     use_min_p: bool
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator of a seeded request
+
+
+GREEDY = SamplingTensors(
+    temperatures=None, top_ks=None, top_ps=None, min_ps=None, all_greedy=True, any_greedy=True,
+    use_top_k=False, use_top_p=False, use_min_p=False,
+)  # an all-greedy step needs no per-row tensors
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
