@@ -8,7 +8,6 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import time
 
 import torch
@@ -16,6 +15,7 @@ import torch
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.models.loading import load_embedded_model
+from workloads import commit
 
 TOPICS = [
     "the moon", "volcanoes", "honey bees", "the Roman empire", "photosynthesis", "jazz music", "chess openings",
@@ -25,13 +25,6 @@ TOPICS = [
     "lighthouses", "compost", "hot air balloons",
 ]
 MAX_NEW_TOKENS = 64
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def timed(fn):

@@ -1,6 +1,7 @@
 """The benchmark workloads of DESIGN.md section 3, built the same way in every script so results compare."""
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 
@@ -46,6 +47,9 @@ def random_model(size: str = "0.6b", dtype=torch.bfloat16, device: str = "cuda",
 
 
 def commit() -> str:
+    """The commit measured: $HF_MINIVLLM_COMMIT when set (machines that get the tree without .git), else git's."""
+    if os.environ.get("HF_MINIVLLM_COMMIT"):
+        return os.environ["HF_MINIVLLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         return out.stdout.strip() or "unknown"
