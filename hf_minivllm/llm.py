@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence as SequenceOf
+from collections.abc import Iterator, Sequence as SequenceOf
+from contextlib import closing
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -15,6 +17,60 @@ from hf_minivllm.models.loading import eos_token_ids_of, load_tokenizer
 from hf_minivllm.sampling_params import SamplingParams
 
 Prompt = str | SequenceOf[int]
+
+
+@dataclass
+class StreamOutput:
+    """One event of ``LLM.stream``: the text and tokens request ``index`` gained this step.
+
+    ``finish_reason`` ("stop" or "length") is set on a request's last event. The ``text`` of a request's events
+    concatenates to the ``"text"`` that ``LLM.generate`` returns for it.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas whose concatenation is ``decode(all ids)``.
+
+    Each step decodes only a short window: the tokens after ``prefix_offset``, compared with the same window without
+    the tokens after ``read_offset`` (the approach of vLLM and TGI), so the context that decides spacing is kept and
+    the cost per token stays constant. A delta ending in an incomplete UTF-8 character is held back until it completes.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, token_ids: SequenceOf[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _pending(self, token_ids: SequenceOf[int]) -> str:
+        prefix_text = self._decode(token_ids[self.prefix_offset : self.read_offset])
+        return self._decode(token_ids[self.prefix_offset :])[len(prefix_text) :]
+
+    def step(self, token_ids: SequenceOf[int]) -> str:
+        """The new text of ``token_ids`` (all tokens so far) since the last call; may be empty."""
+        if self.tokenizer is None:
+            return ""
+        delta = self._pending(token_ids)
+        if not delta or delta.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        return delta
+
+    def flush(self, token_ids: SequenceOf[int]) -> str:
+        """Everything not yet returned, incomplete characters included (call once, after the last token)."""
+        if self.tokenizer is None:
+            return ""
+        delta = self._pending(token_ids)
+        self.prefix_offset = self.read_offset = len(token_ids)
+        return delta
 
 
 class LLM:
@@ -59,18 +115,15 @@ class LLM:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def generate(
+    def _requests(
         self,
         prompts: Prompt | SequenceOf[Prompt],
-        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
-        use_tqdm: bool = True,
-    ) -> list[dict]:
-        """Generate for every prompt; returns ``{"text", "token_ids"}`` (completion only) per prompt, in order."""
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None,
+    ) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Prompts as token id lists and one SamplingParams per prompt (a single prompt may be given bare)."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        if not prompts:
-            return []
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -78,9 +131,49 @@ class LLM:
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
-        token_ids = [self._encode(prompt, index) for index, prompt in enumerate(prompts)]
+        return [self._encode(prompt, index) for index, prompt in enumerate(prompts)], sampling_params
+
+    def generate(
+        self,
+        prompts: Prompt | SequenceOf[Prompt],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[dict]:
+        """Generate for every prompt; returns ``{"text", "token_ids"}`` (completion only) per prompt, in order."""
+        token_ids, sampling_params = self._requests(prompts, sampling_params)
+        if not token_ids:
+            return []
         seqs = self.generate_sequences(token_ids, sampling_params, use_tqdm)
         return [{"text": self._decode(seq.completion_token_ids), "token_ids": seq.completion_token_ids} for seq in seqs]
+
+    def stream(
+        self,
+        prompts: Prompt | SequenceOf[Prompt],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+    ) -> Iterator[StreamOutput]:
+        """Generate like ``generate``, yielding a ``StreamOutput`` per request each time it gets a token.
+
+        All prompts run as one continuous batch; events come in step order, and within a step in batch order. A
+        request's last event carries its ``finish_reason``. Leaving the loop early drops the unfinished requests.
+        """
+        token_ids, sampling_params = self._requests(prompts, sampling_params)
+        seqs = self.engine.add_requests(token_ids, sampling_params)
+        index_of = {seq.seq_id: index for index, seq in enumerate(seqs)}
+        detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in seqs]
+        emitted = [0] * len(seqs)
+        with closing(self.engine.steps()) as results:
+            for result in results:
+                for seq in result.updated:
+                    index = index_of.get(seq.seq_id)
+                    if index is None:
+                        continue
+                    completion = seq.completion_token_ids
+                    text = detokenizers[index].step(completion)
+                    finish_reason = seq.finish_reason.value if seq.is_finished else None
+                    if finish_reason is not None:
+                        text += detokenizers[index].flush(completion)
+                    yield StreamOutput(index, text, completion[emitted[index] :], finish_reason)
+                    emitted[index] = len(completion)
 
     def generate_sequences(
         self, token_ids: list[list[int]], sampling_params: list[SamplingParams], use_tqdm: bool = False

@@ -2,6 +2,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from hf_minivllm.engine.sequence import Sequence
+
+
+@runtime_checkable
+class StepHook(Protocol):
+    """Per-step code a request can carry (``SamplingParams.step_hook``), e.g. HF logits processors and stopping
+    criteria. Requests that share one hook object are handed to it together, once per step.
+    """
+
+    def process_logits(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Return the scores to sample from for ``seqs`` (float32 ``[len(seqs), vocab]``, on the engine's device).
+
+        Each sequence's ``token_ids`` end just before the token being sampled. Called before the engine's own
+        ``min_tokens`` suppression and sampling filters.
+        """
+        ...
+
+    def should_stop(self, seqs: list[Sequence]) -> list[bool]:
+        """Called after each of ``seqs`` got a new token (its last ``token_ids`` entry); True finishes that request."""
+        ...
 
 
 @dataclass
@@ -11,7 +36,8 @@ class SamplingParams:
     ``temperature=0`` means greedy. ``top_k <= 0`` (or -1) disables top-k; ``top_p=1`` and ``min_p=0`` disable
     those filters. ``seed`` makes this request's sampling independent of every other request and of the global RNG.
     ``stop_token_ids`` end the request like the model's eos does (the stop token is kept in ``token_ids``);
-    ``min_tokens`` suppresses eos and stop tokens until that many tokens were generated.
+    ``min_tokens`` suppresses eos and stop tokens until that many tokens were generated. ``step_hook`` (a
+    ``StepHook``) runs on this request's logits every step and may end it; the common path pays nothing for it.
     """
 
     temperature: float = 1.0
@@ -23,6 +49,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     min_tokens: int = 0
+    step_hook: StepHook | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,6 +80,11 @@ class SamplingParams:
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             raise ValueError(
                 f"SamplingParams.stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+            )
+        if self.step_hook is not None and not isinstance(self.step_hook, StepHook):
+            raise ValueError(
+                "SamplingParams.step_hook must have process_logits(seqs, logits) and should_stop(seqs) methods, "
+                f"got {type(self.step_hook).__name__}"
             )
 
     @property

@@ -15,14 +15,13 @@ class AcceleratedState:
         self.llm = llm
         self.warned: set[str] = set()
 
-    def fall_back(self, reason: str, inputs, generation_config, arguments: dict, kwargs: dict):
+    def fall_back(self, reason: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Record and warn (once per reason), then run HF's original generate on the same arguments."""
         self.llm.stats.record_fallback(reason)
         if reason not in self.warned:
             self.warned.add(reason)
             warnings.warn(f"hf-minivllm: handing this generate call to transformers ({reason})", UserWarning, stacklevel=4)
-        extra = {name: value for name, value in arguments.items() if name not in ("inputs", "generation_config")}
-        return type(self.model).generate(self.model, inputs, generation_config, **extra, **kwargs)
+        return type(self.model).generate(self.model, *args, **kwargs)
 
 
 def is_accelerated(model: Any) -> bool:

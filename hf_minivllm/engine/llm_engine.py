@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence as SequenceOf
+from collections.abc import Callable, Iterator, Sequence as SequenceOf
+from contextlib import closing
 from dataclasses import dataclass
 
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from hf_minivllm.config import Config
 from hf_minivllm.engine.model_runner import ModelRunner
 from hf_minivllm.engine.scheduler import Scheduler
-from hf_minivllm.engine.sequence import Sequence
+from hf_minivllm.engine.sequence import FinishReason, Sequence
 from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.sampling_params import SamplingParams
 
@@ -37,6 +38,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, config, self.eos_token_ids)
         self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids)
         self.stats = EngineStats()
+        self.num_hooked_requests = 0  # unfinished requests with a SamplingParams.step_hook
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -71,6 +73,8 @@ class LLMEngine:
         self.validate_request(prompt_token_ids, params)
         seq = Sequence(list(prompt_token_ids), params, self.config.kvcache_block_size)
         self.scheduler.add(seq)
+        if params.step_hook is not None:
+            self.num_hooked_requests += 1
         self.stats.requests += 1
         self.stats.prompt_tokens += len(seq)
         return seq
@@ -78,8 +82,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def add_requests(self, prompts: SequenceOf[SequenceOf[int]], params: SequenceOf[SamplingParams]) -> list[Sequence]:
+        """Queue requests in order; every one is validated before the first is queued, so a bad one changes nothing."""
+        if len(prompts) != len(params):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        for index, (prompt, sp) in enumerate(zip(prompts, params)):
+            self.validate_request(prompt, sp, index)
+        return [self.add_request(prompt, sp) for prompt, sp in zip(prompts, params)]
+
     def step(self) -> StepResult:
         batch = self.scheduler.schedule()
+        batch.has_step_hooks = self.num_hooked_requests > 0
         if batch.is_prefill:
             self.stats.prefix_cache_hit_tokens += sum(
                 seq.num_cached_tokens for seq in batch.seqs if seq.num_computed_tokens == seq.num_cached_tokens
@@ -87,10 +100,45 @@ class LLMEngine:
         token_ids = self.runner.execute(batch)
         finished = self.scheduler.postprocess(batch, token_ids)
         updated = [seq for seq, token in zip(batch.seqs, token_ids) if token is not None]
+        if batch.has_step_hooks:
+            finished += self._run_stop_hooks(updated)
+            self.num_hooked_requests -= sum(1 for seq in finished if seq.sampling_params.step_hook is not None)
         self.stats.steps += 1
         self.stats.generated_tokens += len(updated)
         self.stats.preemptions = self.scheduler.num_preemptions
         return StepResult(updated, finished, batch.is_prefill, sum(batch.num_new_tokens))
+
+    def _run_stop_hooks(self, updated: list[Sequence]) -> list[Sequence]:
+        """Ask each step hook whether its requests that just got a token (and did not finish) must stop now."""
+        groups: dict[int, list[Sequence]] = {}
+        for seq in updated:
+            if seq.sampling_params.step_hook is not None and not seq.is_finished:
+                groups.setdefault(id(seq.sampling_params.step_hook), []).append(seq)
+        stopped = []
+        for seqs in groups.values():
+            for seq, stop in zip(seqs, seqs[0].sampling_params.step_hook.should_stop(seqs)):
+                if stop:
+                    self.scheduler.finish(seq, FinishReason.STOP)
+                    stopped.append(seq)
+        return stopped
+
+    def abort_all(self) -> None:
+        """Drop every unfinished request and free its blocks (after a failed step or an abandoned stream)."""
+        self.scheduler.abort_all()
+        self.num_hooked_requests = 0
+
+    def steps(self) -> Iterator[StepResult]:
+        """Step until every queued request finished, yielding each step's result.
+
+        If a step raises, or the caller stops iterating and closes the iterator, the unfinished requests are
+        dropped and their blocks freed, so the engine stays usable.
+        """
+        try:
+            while self.has_unfinished():
+                yield self.step()
+        except BaseException:
+            self.abort_all()
+            raise
 
     def generate(
         self,
@@ -98,22 +146,10 @@ class LLMEngine:
         params: SequenceOf[SamplingParams],
         on_step: Callable[[StepResult], None] | None = None,
     ) -> list[Sequence]:
-        """Run ``prompts`` to completion; returns their sequences in input order.
-
-        Every request is validated before the first is queued, so a bad one leaves the engine untouched. If a
-        step raises, the unfinished requests are dropped and their blocks freed, and the engine stays usable.
-        """
-        if len(prompts) != len(params):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        for index, (prompt, sp) in enumerate(zip(prompts, params)):
-            self.validate_request(prompt, sp, index)
-        seqs = [self.add_request(prompt, sp) for prompt, sp in zip(prompts, params)]
-        try:
-            while self.has_unfinished():
-                result = self.step()
+        """Run ``prompts`` to completion; returns their sequences in input order (see ``add_requests``, ``steps``)."""
+        seqs = self.add_requests(prompts, params)
+        with closing(self.steps()) as results:
+            for result in results:
                 if on_step is not None:
                     on_step(result)
-        except BaseException:
-            self.scheduler.abort_all()
-            raise
         return seqs

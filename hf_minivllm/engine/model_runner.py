@@ -14,6 +14,7 @@ from hf_minivllm.config import Config
 from hf_minivllm.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from hf_minivllm.engine.scheduler import ScheduledBatch
 from hf_minivllm.engine.sequence import Sequence
+from hf_minivllm.engine.step_hooks import apply_step_hooks
 from hf_minivllm.layers.attention import select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
@@ -246,6 +247,8 @@ class ModelRunner:
                 finally:
                     set_attention_metadata(None)
         logits = logits.float()
+        if batch.has_step_hooks:
+            logits = apply_step_hooks(logits, sampled_seqs)
         self._suppress_stop_tokens(logits, sampled_seqs)
         tokens = iter(sample(logits, self._sampling_tensors(sampled_seqs)).tolist())
         return [next(tokens) if sampled else None for sampled in batch.sample]

@@ -19,12 +19,15 @@ from hf_minivllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     """The sequences of one step; ``num_new_tokens[i]`` tokens of ``seqs[i]`` are computed from its
-    ``num_computed_tokens`` on. ``sample[i]`` says whether that sequence gets a new token from this step."""
+    ``num_computed_tokens`` on. ``sample[i]`` says whether that sequence gets a new token from this step.
+    ``has_step_hooks`` is set by the engine while any request carries a ``SamplingParams.step_hook``, so the runner
+    looks for hooks only then."""
 
     seqs: list[Sequence]
     is_prefill: bool
     num_new_tokens: list[int]
     sample: list[bool]
+    has_step_hooks: bool = False
 
 
 class Scheduler:
@@ -120,12 +123,16 @@ class Scheduler:
             seq.append_token(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = reason
-                self.block_manager.deallocate(seq)
-                self.running.remove(seq)
+                self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a running sequence now (its last token was sampled) and free its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.deallocate(seq)
+        self.running.remove(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.sampling_params
