@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the end-to-end benchmarks, logs and JSON under $OUT.
-# Usage: bash benchmarks/run_device.sh [tests] [bench ARGS...]
+# Usage: bash benchmarks/run_device.sh [tests] [profile] [bench ARGS...]
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-/tmp/out}
@@ -8,7 +8,11 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 if [ "${1:-}" = "tests" ]; then
   shift
-  python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ "${1:-}" = "profile" ]; then
+  shift
+  python3 benchmarks/profile_decode.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | tail -50
 fi
 if [ "${1:-}" = "bench" ]; then
   shift
