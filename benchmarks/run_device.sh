@@ -8,7 +8,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 if [ "${1:-}" = "tests" ]; then
   shift
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  # Kernel and layer tests in parallel (pytest-xdist); engine tests alone, since they size KV caches from free memory.
+  { python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/ --ignore=tests/test_gpu_engine.py
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py; } 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "${1:-}" = "profile" ]; then
   shift
