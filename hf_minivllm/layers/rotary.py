@@ -3,11 +3,18 @@
 Taking ``inv_freq`` and ``attention_scaling`` from the loaded HF rotary module makes every static rope_scaling
 kind (default, linear, llama3, yarn, ...) exact without re-deriving it; kinds whose frequencies change with the
 sequence length are rejected by the adapter.
+
+On CUDA (head_dim a power of two >= 16) one Triton launch rotates q and k in place, after Qwen3's per-head q/k
+RMSNorm when given, instead of a dozen small torch kernels per layer (``hf_minivllm.kernels.rotary``, bit-identical
+rotation); elsewhere the torch path below runs.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from hf_minivllm.kernels.rotary import apply_rotary_inplace, qk_norm_rotary_inplace
+from hf_minivllm.layers.layernorm import RMSNorm
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -28,15 +35,33 @@ class RotaryEmbedding(nn.Module):
         if inv_freq.numel() * 2 != head_dim:
             raise ValueError(f"rotary inv_freq has {inv_freq.numel()} entries, expected head_dim/2 = {head_dim // 2}")
         self.head_dim = head_dim
+        self.kernel_fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0
         # Same fp32 arithmetic as HF's rotary forward, then the same cast to the model dtype.
         positions = torch.arange(max_positions, device=inv_freq.device, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq.float()[None, :]
         cache = torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1)
         self.cos_sin_cache = nn.Buffer(cache.to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` ``[T, Hq*D]`` and ``k`` ``[T, Hk*D]`` (or already ``[T, H, D]``); shapes are preserved."""
+    def uses_kernel(self, q: torch.Tensor) -> bool:
+        """Whether ``forward`` runs the Triton kernel: on CUDA, for a power-of-two head_dim >= 16."""
+        return q.is_cuda and self.kernel_fits
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
+                k_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` ``[T, Hq*D]`` and ``k`` ``[T, Hk*D]`` (or already ``[T, H, D]``); shapes are preserved.
+
+        ``q_norm``/``k_norm`` (Qwen3; one shared eps) normalise each head first. On the CUDA kernel path ``q`` and
+        ``k`` themselves are overwritten and returned; the torch path returns new tensors.
+        """
+        if self.uses_kernel(q):
+            if q_norm is None:
+                apply_rotary_inplace(q, k, positions, self.cos_sin_cache)
+            else:
+                qk_norm_rotary_inplace(q, k, q_norm.weight, k_norm.weight, q_norm.eps, positions, self.cos_sin_cache)
+            return q, k
+        q_heads = q.view(q.shape[0], -1, self.head_dim)
+        k_heads = k.view(k.shape[0], -1, self.head_dim)
+        if q_norm is not None:
+            q_heads, k_heads = q_norm(q_heads), k_norm(k_heads)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        q_rot = apply_rotary(q.view(q.shape[0], -1, self.head_dim), cos, sin)
-        k_rot = apply_rotary(k.view(k.shape[0], -1, self.head_dim), cos, sin)
-        return q_rot.view(q.shape), k_rot.view(k.shape)
+        return apply_rotary(q_heads, cos, sin).view(q.shape), apply_rotary(k_heads, cos, sin).view(k.shape)
