@@ -204,3 +204,19 @@ def test_string_prompts_and_text_output(smollm2):
     outputs = llm.generate(["The capital of France is", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=True)
     assert set(outputs[0]) == {"text", "token_ids"} and len(outputs) == 2
     assert outputs[0]["text"] == tokenizer.decode(outputs[0]["token_ids"], skip_special_tokens=True)
+
+
+def test_chunked_prefill_after_a_cached_prefix_matches():
+    """Chunks of a prompt whose head is in the prefix cache start after the cached part (positions and slots)."""
+    model = tiny_model("llama")
+    reference = LLM(copy.deepcopy(model), num_kvcache_blocks=256, kvcache_block_size=4, enable_prefix_caching=False)
+    chunked = LLM(model, num_kvcache_blocks=256, kvcache_block_size=4)
+    generator = torch.Generator().manual_seed(11)
+    prefix = torch.randint(3, 320, (16,), generator=generator).tolist()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    chunked.generate([prefix + [5]], params, use_tqdm=False)  # puts the prefix in the cache
+    chunked.engine.scheduler.max_num_batched_tokens = 3
+    prompts = [prefix + torch.randint(3, 320, (n,), generator=generator).tolist() for n in (9, 2)]
+    expected = reference.generate(prompts, params, use_tqdm=False)
+    assert chunked.generate(prompts, params, use_tqdm=False) == expected
+    assert hf_minivllm.stats(chunked)["prefix_cache_hit_tokens"] >= 2 * 16
