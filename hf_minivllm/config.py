@@ -43,6 +43,11 @@ class Config:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {value!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"Config.tensor_parallel_size={self.tensor_parallel_size}: only 1 is supported so far (the layers are "
+                "shard-aware, the multi-GPU worker processes are not built yet)"
+            )
         size = self.kvcache_block_size
         if not _is_int(size) or size <= 0 or size & (size - 1):
             raise ValueError(f"Config.kvcache_block_size must be a power of two, got {size!r}")
