@@ -41,14 +41,14 @@ class IncrementalDetokenizer:
     the cost per token stays constant. A delta ending in an incomplete UTF-8 character is held back until it completes.
     """
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Any, **decode_kwargs: Any):
         self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
+        self.decode_kwargs = decode_kwargs
         self.prefix_offset = 0
         self.read_offset = 0
 
     def _decode(self, token_ids: SequenceOf[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(token_ids, **self.decode_kwargs)
 
     def _pending(self, token_ids: SequenceOf[int]) -> str:
         prefix_text = self._decode(token_ids[self.prefix_offset : self.read_offset])
@@ -159,7 +159,7 @@ class LLM:
         token_ids, sampling_params = self._requests(prompts, sampling_params)
         seqs = self.engine.add_requests(token_ids, sampling_params)
         index_of = {seq.seq_id: index for index, seq in enumerate(seqs)}
-        detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in seqs]
+        detokenizers = [IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True) for _ in seqs]
         emitted = [0] * len(seqs)
         with closing(self.engine.steps()) as results:
             for result in results:

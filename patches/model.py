@@ -1,9 +1,10 @@
-"""Installing and removing the engine on a loaded HF model: the only place that rebinds its methods."""
+"""Installing and removing the engine on a loaded HF model (and, at the first install, the pipeline hook)."""
 from __future__ import annotations
 
 import types
 from typing import Any
 
+from hf_minivllm.patches import pipeline
 from hf_minivllm.patches.generate import generate as engine_generate
 from hf_minivllm.patches.state import STATE_ATTRIBUTE, AcceleratedState, is_accelerated, state_of
 
@@ -13,6 +14,7 @@ __all__ = ["install", "uninstall", "is_accelerated", "state_of"]
 def install(model: Any, llm: Any) -> None:
     object.__setattr__(model, STATE_ATTRIBUTE, AcceleratedState(model, llm))
     object.__setattr__(model, "generate", types.MethodType(engine_generate, model))
+    pipeline.install()
 
 
 def uninstall(model: Any) -> None:
