@@ -19,6 +19,16 @@ SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)
 MAX_NEW = 12
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many small ops per step: one thread is as fast, and immune to the spin-wait stalls two OpenMP threads suffer
+    on a CPU shared with other processes (see test_model.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -34,7 +44,6 @@ class Pair:
     """An accelerated tiny model, its unpatched oracle, a left-padded batch and the oracle's free greedy run."""
 
     def __init__(self, family):
-        torch.set_num_threads(1)
         self.model = tiny_model(family)
         self.oracle = copy.deepcopy(self.model)
         hf_minivllm.accelerate(self.model, **SMALL_ENGINE)
