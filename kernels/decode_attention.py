@@ -71,17 +71,17 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     positions = torch.arange(width * block_size, device=q.device)
     # An empty (padding) row still sees position 0, so that it yields finite values rather than NaN.
     visible = positions[None, :] < context_lens.clamp(min=1).to(torch.int64)[:, None]
-    # Slots past a context hold whatever the cache memory held (possibly NaN): zero them, since a masked-out
-    # NaN value still poisons the weighted sum (0 * NaN).
+    # Slots past a context hold whatever the cache memory held, possibly NaN, which would survive the mask
+    # (NaN scores, 0 * NaN values): zero them.
     hidden = ~visible[:, :, None, None]
-    keys = k_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill(hidden, 0)
-    values = v_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill(hidden, 0)
-    group = num_heads // num_kv_heads
-    keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)
-    values = values.transpose(1, 2).repeat_interleave(group, dim=1)
+    keys = k_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill_(hidden, 0)
+    values = v_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill_(hidden, 0)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    # GQA without copying K/V per query head: each KV head's query heads form its rows of queries.
+    grouped_q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :], scale=softmax_scale)
-    return out.squeeze(2)
+        grouped_q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :], scale=softmax_scale)
+    return out.reshape(batch, num_heads, head_dim)
 
 
 @triton.jit
