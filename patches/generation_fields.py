@@ -84,7 +84,10 @@ FIELD_POLICIES: dict[str, FieldPolicy] = {
     "compile_config": ignored("HF torch.compile settings"),
     "disable_compile": ignored("HF torch.compile settings"),
     "continuous_batching_config": ignored("HF continuous batching settings"),
-    "prefill_chunk_size": ignored("HF prefill chunking; the engine chunks by max_num_batched_tokens"),
+    "prefill_chunk_size": ignored(
+        "HF prefill chunking; the engine chunks by max_num_batched_tokens (transformers 4.57's chunked prefill "
+        "mishandles left padding and changes its own tokens; the engine's are the unchunked ones)"
+    ),
     "low_memory": ignored("beam search only"),
     # logits manipulation
     "temperature": engine("sampling temperature"),

@@ -60,14 +60,18 @@ class Pair:
 
         engine.add_requests = spy
 
-    def both(self, **settings):
-        """(accelerated output, oracle output) on the batch; the accelerated call must not fall back or warn."""
+    def both(self, oracle_settings=None, **settings):
+        """(accelerated output, oracle output) on the batch; the accelerated call must not fall back or warn.
+
+        The oracle gets ``oracle_settings`` when given (e.g. the settings without a field that should not matter).
+        """
         fallbacks = hf_minivllm.stats(self.model)["fallbacks"]
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             got = self.model.generate(input_ids=self.ids, attention_mask=self.mask, **settings)
         assert hf_minivllm.stats(self.model)["fallbacks"] == fallbacks, "the engine should have served this call"
-        expected = self.oracle.generate(input_ids=self.ids, attention_mask=self.mask, **settings)
+        oracle_settings = settings if oracle_settings is None else oracle_settings
+        expected = self.oracle.generate(input_ids=self.ids, attention_mask=self.mask, **oracle_settings)
         return got, expected
 
     def used_step_hook(self) -> bool:

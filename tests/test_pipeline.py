@@ -7,20 +7,11 @@ from transformers import pipeline
 
 import hf_minivllm
 from hf_minivllm.patches.model import state_of
+from test_conformance import _one_thread  # noqa: F401 (autouse fixture)
 
 STRINGS = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
 CHATS = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in ("the moon", "honey bees", "tea")]
 GREEDY = dict(max_new_tokens=12, do_sample=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops per step: one thread is as fast, and immune to the spin-wait stalls two OpenMP threads suffer
-    on a CPU shared with other processes (see test_model.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

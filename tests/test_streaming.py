@@ -11,17 +11,7 @@ import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.patches.streaming import BatchTextIteratorStreamer
 from conftest import tiny_model
-from test_conformance import SMALL_ENGINE, left_padded_batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops per step: one thread is as fast, and immune to the spin-wait stalls two OpenMP threads suffer
-    on a CPU shared with other processes (see test_model.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_conformance import SMALL_ENGINE, _one_thread, left_padded_batch  # noqa: F401 (autouse fixture)
 
 
 class RecordingStreamer(BaseStreamer):
