@@ -74,8 +74,11 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     # Slots past a context hold whatever the cache memory held, possibly NaN, which would survive the mask
     # (NaN scores, 0 * NaN values): zero them.
     hidden = ~visible[:, :, None, None]
-    keys = k_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill_(hidden, 0)
-    values = v_cache[pages].reshape(batch, width * block_size, num_kv_heads, head_dim).masked_fill_(hidden, 0)
+    # index_select over whole pages is a row copy; advanced indexing (cache[pages]) was ~10x slower on CPU.
+    pages = pages.reshape(-1)
+    keys = k_cache.index_select(0, pages).view(batch, width * block_size, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, pages).view(batch, width * block_size, num_kv_heads, head_dim)
+    keys, values = keys.masked_fill_(hidden, 0), values.masked_fill_(hidden, 0)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     # GQA without copying K/V per query head: each KV head's query heads form its rows of queries.
     grouped_q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)

@@ -18,7 +18,7 @@ def _gather_context(cache: torch.Tensor, block_table_row: torch.Tensor, context_
     """One sequence's ``[context_len, kv_heads, head_dim]`` keys (or values), read page by page."""
     block_size = cache.shape[1]
     pages = block_table_row[: triton.cdiv(context_len, block_size)].to(torch.int64)
-    return cache[pages].flatten(0, 1)[:context_len]
+    return cache.index_select(0, pages).flatten(0, 1)[:context_len]
 
 
 def paged_prefill_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
