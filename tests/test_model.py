@@ -259,5 +259,5 @@ def test_active_sliding_window_raises_and_inactive_is_accepted():
 
 def test_dynamic_rope_raises():
     rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
-    with pytest.raises(ValueError, match="dynamic"):
-        build_decoder(tiny_model("llama", rope_parameters=rope))
+    with pytest.raises(ValueError, match="dynamic"):  # rope_scaling: the name transformers 4.x and 5.x both accept
+        build_decoder(tiny_model("llama", rope_scaling=rope))

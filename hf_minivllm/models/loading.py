@@ -52,7 +52,9 @@ def load_embedded_model(dtype: Any = None, device: Any = None) -> tuple[Any, Any
 
     path = embedded_gguf_path()
     folder, name = os.path.dirname(path), os.path.basename(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, padding_side="left")
+    # SmolLM2's own tokenizer adds no BOS; transformers 4.x builds a LlamaTokenizerFast from the GGUF that would
+    # (doubling the chat template's <|im_start|>), so say it explicitly.
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, padding_side="left", add_bos_token=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
