@@ -7,10 +7,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # The transformers release the suite is pinned to (the GPU machine runs the same one).
 TRANSFORMERS_SPEC ?= transformers==5.17.0
+# `make test-hf4` runs the same suite against a transformers 4.x release, in a virtual environment of its own.
+HF4_VENV ?= .venv-hf4
+HF4_TRANSFORMERS_SPEC ?= transformers==4.57.6
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,,$(subst <,,$(TORCH_SPEC)-$(TRANSFORMERS_SPEC))))
 
-.PHONY: install test demo bench-cpu clean
+.PHONY: install test test-hf4 demo bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +28,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-hf4:
+	$(MAKE) test VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC)
+
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
@@ -32,4 +38,4 @@ bench-cpu: $(STAMP)
 	$(PY) benchmarks/w4_cpu.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(HF4_VENV) build *.egg-info
