@@ -11,6 +11,7 @@ finished early padded with ``pad_token_id``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ def _as_id_list(tensor: torch.Tensor | None) -> list[int]:
     return [int(t) for t in tensor.reshape(-1).tolist()]
 
 
+@functools.cache
 def _engine_served_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """HF processors and criteria whose effect the engine reproduces itself (sampler filters, min/max length, eos)."""
     from transformers.generation import (
