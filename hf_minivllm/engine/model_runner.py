@@ -4,6 +4,7 @@ Owns the paged KV cache (one tensor, a view of it per attention layer) and, on C
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -69,6 +70,7 @@ class ModelRunner:
 
     def _profile_available_gpu_memory(self) -> int:
         """Bytes left for the KV cache after a warm-up step at the largest batch measures peak activations."""
+        gc.collect()  # engines dropped by the caller (model <-> engine reference cycles) give their memory back first
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
