@@ -278,3 +278,30 @@ def test_stop_strings_are_token_exact_on_smollm2(smollm2):
     assert hf_minivllm.stats(model)["fallbacks"] == 0
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(**batch, max_new_tokens=4, stop_strings=["x"])
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [dict(num_kvcache_blocks=14, kvcache_block_size=4), dict(num_kvcache_blocks=256, kvcache_block_size=4, max_num_batched_tokens=10)],
+    ids=["preempted-rows", "chunked-prefill"],
+)
+def test_processors_and_scores_exact_when_rows_fall_out_of_step(engine):
+    """Preemption and chunked prefill advance rows of one call in different steps; HF's view must not change."""
+    model = tiny_model("qwen3")
+    oracle = copy.deepcopy(model)
+    hf_minivllm.accelerate(model, **engine)
+    if "max_num_batched_tokens" in engine:  # fit_to_model raises the budget to max_model_len; force small chunks
+        state_of(model).llm.engine.scheduler.max_num_batched_tokens = engine["max_num_batched_tokens"]
+    ids, mask = left_padded_batch(seed=12)
+    settings = dict(
+        max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2,
+        return_dict_in_generate=True, output_scores=True,
+    )
+    got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    expected = oracle.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got.scores, expected.scores))
+    stats = hf_minivllm.stats(model)
+    assert stats["fallbacks"] == 0
+    if "max_num_batched_tokens" not in engine:
+        assert stats["preemptions"] > 0
