@@ -37,7 +37,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip the slow unpatched pipeline run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 on a shared machine, where OpenMP threads stall on busy neighbours)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import pipeline
 
