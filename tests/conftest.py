@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The tests run many small ops: one thread is as fast, and immune to the OpenMP spin-wait stalls (up to 20x) that
+# two threads suffer on a CPU shared with other jobs.
+torch.set_num_threads(1)
+
 if not torch.cuda.is_available():
     # Triton picks interpreter or compiler at its first import (transformers imports it early): without a GPU,
     # choose the interpreter before anything does, so the kernel tests run in this process.
