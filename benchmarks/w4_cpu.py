@@ -8,14 +8,13 @@ import argparse
 import copy
 import json
 import platform
-import time
 
 import torch
 
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.models.loading import load_embedded_model
-from workloads import commit
+from workloads import commit, timed
 
 TOPICS = [
     "the moon", "volcanoes", "honey bees", "the Roman empire", "photosynthesis", "jazz music", "chess openings",
@@ -25,12 +24,6 @@ TOPICS = [
     "lighthouses", "compost", "hot air balloons",
 ]
 MAX_NEW_TOKENS = 64
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ import argparse
 import copy
 import json
 import platform
-import time
 
 import torch
 from transformers import pipeline
@@ -18,13 +17,7 @@ import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.models.loading import load_embedded_model
 from w4_cpu import MAX_NEW_TOKENS, TOPICS
-from workloads import commit
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+from workloads import commit, timed
 
 
 def main() -> None:

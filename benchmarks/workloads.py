@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 
 import torch
 
@@ -44,6 +45,13 @@ def random_model(size: str = "0.6b", dtype=torch.bfloat16, device: str = "cuda",
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(qwen3_config(size), dtype=dtype)
     return model.eval()
+
+
+def timed(fn):
+    """(fn(), wall seconds it took)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
 
 
 def commit() -> str:

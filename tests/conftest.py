@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+# A KV cache small enough that tests exercise many blocks (and preemption when asked for).
+SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)
 
 # The benchmark workloads (benchmarks/workloads.py) double as the GPU tests' model builders.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -74,9 +76,16 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     return model.eval()
 
 
-def pair(model):
-    """(model to accelerate, unpatched oracle copy with the same weights)."""
-    return model, copy.deepcopy(model)
+def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
+    """Random token rows of the given lengths, left-padded with ``pad``, and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=generator)
+        mask[row, width - n :] = 1
+    return ids, mask
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,31 +13,9 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 import hf_minivllm
 from hf_minivllm.patches.model import state_of
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, SMALL_ENGINE, left_padded_batch, tiny_model
 
-SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)
 MAX_NEW = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops per step: one thread is as fast, and immune to the spin-wait stalls two OpenMP threads suffer
-    on a CPU shared with other processes (see test_model.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=generator)
-        mask[row, width - n :] = 1
-    return ids, mask
 
 
 class Pair:

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from hf_minivllm import LLM, SamplingParams
-from conftest import tiny_model
-from test_conformance import SMALL_ENGINE, _one_thread  # noqa: F401 (autouse fixture)
+from conftest import SMALL_ENGINE, tiny_model
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
 

@@ -10,7 +10,7 @@ from transformers import GenerationConfig, GenerationMixin
 import hf_minivllm
 from hf_minivllm.patches import generation_fields
 from hf_minivllm.patches.generation_fields import ARGUMENT_POLICIES, FIELD_POLICIES, fallback_reason, render_markdown
-from test_conformance import MAX_NEW, Pair, _one_thread  # noqa: F401 (autouse fixture)
+from test_conformance import MAX_NEW, Pair
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "generation_config.md"
 INSTALLED_FIELDS = sorted(GenerationConfig().to_dict())

@@ -7,8 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, pipeline
 
 import hf_minivllm
-from conftest import tiny_model
-from test_conformance import SMALL_ENGINE, _one_thread, left_padded_batch  # noqa: F401 (autouse fixture)
+from conftest import SMALL_ENGINE, left_padded_batch, tiny_model
 
 DTYPE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 

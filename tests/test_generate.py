@@ -7,20 +7,8 @@ import torch
 
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, SMALL_ENGINE, left_padded_batch, tiny_model
 
-SMALL_ENGINE = dict(num_kvcache_blocks=128, kvcache_block_size=4)
-
-
-def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=generator)
-        mask[row, width - n :] = 1
-    return ids, mask
 
 
 def accelerated_and_oracle(family, **engine):

@@ -12,16 +12,6 @@ from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 from hf_minivllm.models.adapter import build_decoder, load_hf_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These steps are many small ops: one thread is as fast, and immune to the spin-wait stalls that two OpenMP
-    threads suffer (up to 20x here) on a CPU shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PagedRunner:
     """A minimal model runner: a KV cache with shuffled blocks, per-sequence block tables, metadata per step."""
 

@@ -7,7 +7,6 @@ from transformers import pipeline
 
 import hf_minivllm
 from hf_minivllm.patches.model import state_of
-from test_conformance import _one_thread  # noqa: F401 (autouse fixture)
 
 STRINGS = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
 CHATS = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in ("the moon", "honey bees", "tea")]

@@ -10,8 +10,7 @@ from transformers.generation.streamers import BaseStreamer
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.patches.streaming import BatchTextIteratorStreamer
-from conftest import tiny_model
-from test_conformance import SMALL_ENGINE, _one_thread, left_padded_batch  # noqa: F401 (autouse fixture)
+from conftest import SMALL_ENGINE, left_padded_batch, tiny_model
 
 
 class RecordingStreamer(BaseStreamer):
