@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
+
 _LOG2_E = 1.4426950408889634
 _MAX_SPLITS = 64
 # Aim for about this many programs per SM, so that the grid covers the chip evenly.
@@ -181,10 +183,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"the Triton decode kernel needs a power-of-two head_dim >= 16, got {head_dim}")
-    if q.stride(2) != 1 or block_tables.stride(1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("q must be contiguous along head_dim, block_tables along its rows, the caches entirely")
+    check_paged_attention_inputs("decode", q, k_cache, v_cache, block_tables)
     out = torch.empty_like(q)
     if batch == 0:
         return out

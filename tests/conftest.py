@@ -19,6 +19,18 @@ if not torch.cuda.is_available():
     # choose the interpreter before anything does, so the kernel tests run in this process.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _triton_interpreted() -> bool:
+    """Whether triton (already imported or imported now) runs kernels under its interpreter in this process."""
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+
+    return isinstance(tl.standard.sum, InterpretedFunction)
+
+
+# Whether Triton kernels can run in this process: compiled on a GPU, or interpreted on the CPU.
+KERNELS_RUN_HERE = torch.cuda.is_available() or _triton_interpreted()
+
 FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
 # A KV cache small enough that tests exercise many blocks (and preemption when asked for).
 SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)

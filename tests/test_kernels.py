@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run under Triton's interpreter (tiny shapes, fp32/fp16: bf16 is unreliable there).
 ``triton.jit`` and triton's own library functions pick interpreter or compiler when they are imported, so
-``TRITON_INTERPRET=1`` must be set before triton's first import. This module sets it when it is imported first;
+``TRITON_INTERPRET=1`` must be set before triton's first import; conftest sets it when there is no GPU;
 when something else imported triton earlier in the same pytest process (transformers' model modules do), the
 interpreter tests skip here and ``test_interpreter_tests_in_a_fresh_process`` reruns them in a subprocess.
 GPU-marked tests sweep realistic shapes in bf16/fp16.
@@ -20,25 +20,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import KERNELS_RUN_HERE
+
 CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICE = "cuda" if CUDA else "cpu"
 KERNEL_MODULES = ("kv_cache", "prefill_attention", "decode_attention", "rms_norm", "activation")
 # Out-of-range page ids in the unused tail of every block table: a kernel that reads them fails or goes wrong.
 PADDING_PAGE = 1 << 30
-
-
-def _triton_interpreted() -> bool:
-    """Whether triton (already imported or imported now) runs kernels under its interpreter in this process."""
-    from triton.runtime.interpreter import InterpretedFunction
-    import triton.language as tl
-
-    return isinstance(tl.standard.sum, InterpretedFunction)
-
-
-KERNELS_RUN_HERE = CUDA or _triton_interpreted()
 
 
 @pytest.fixture(scope="module")

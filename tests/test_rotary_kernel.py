@@ -17,23 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import KERNELS_RUN_HERE
+
 CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICE = "cuda" if CUDA else "cpu"
 MAX_POSITIONS = 512
-
-
-def _triton_interpreted() -> bool:
-    """Whether triton (already imported or imported now) runs kernels under its interpreter in this process."""
-    from triton.runtime.interpreter import InterpretedFunction
-    import triton.language as tl
-
-    return isinstance(tl.standard.sum, InterpretedFunction)
-
-
-KERNELS_RUN_HERE = CUDA or _triton_interpreted()
 
 
 @pytest.fixture(scope="module")
