@@ -52,7 +52,7 @@ def test_same_new_prefix_admitted_in_one_step_shares_blocks():
     assert manager.num_free_blocks == 16 - 3
 
 
-def test_freed_block_keeps_its_cache_until_reused_then_drops_the_hash():
+def test_freed_blocks_are_revived_until_overwritten():
     manager = BlockManager(3, BS)
     a = admit(manager, seq(range(8)))
     manager.deallocate(a)
@@ -64,7 +64,7 @@ def test_freed_block_keeps_its_cache_until_reused_then_drops_the_hash():
     manager.deallocate(c)
     d = seq(range(8))
     manager.allocate(d)
-    assert d.num_cached_tokens == 0, "a reused block must not answer for its old hash"
+    assert d.num_cached_tokens == 0, "overwritten blocks no longer hold the old prefix"
 
 
 def test_hash_collision_is_caught_by_comparing_token_ids(monkeypatch):
@@ -111,3 +111,17 @@ def test_decode_appends_a_block_at_the_boundary_and_publishes_full_blocks():
 def test_zero_blocks_is_an_error():
     with pytest.raises(ValueError, match="at least one block"):
         BlockManager(0, BS)
+
+
+def test_reused_block_with_equal_tokens_after_another_prefix_is_not_a_hit():
+    """Token comparison alone cannot catch this: the reused block holds the same tokens, but after another prefix
+    (so different KV); only dropping its old hash on reuse keeps the old chain from finding it."""
+    manager = BlockManager(3, BS)
+    first_prefix, other_prefix, tail = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+    a = admit(manager, seq(first_prefix + tail))
+    manager.deallocate(a)  # frees the tail block first, then the prefix block: the never-used block is first in line
+    c = admit(manager, seq(other_prefix + tail))  # takes the fresh block and a's tail block
+    manager.deallocate(c)
+    d = seq(first_prefix + tail + [13])
+    manager.allocate(d)
+    assert d.num_cached_tokens == 4, "only the first prefix block is still cached"
