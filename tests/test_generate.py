@@ -208,3 +208,14 @@ def test_chunked_prefill_after_a_cached_prefix_matches():
     expected = reference.generate(prompts, params, use_tqdm=False)
     assert chunked.generate(prompts, params, use_tqdm=False) == expected
     assert hf_minivllm.stats(chunked)["prefix_cache_hit_tokens"] >= 2 * 16
+
+
+def test_min_tokens_applies_per_request_in_a_mixed_batch():
+    llm = LLM(tiny_model("qwen2"), **SMALL_ENGINE)
+    prompt = [17, 45, 99, 3, 250]
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]["token_ids"][0]
+    held = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first], min_tokens=3)
+    free = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first])
+    outputs = llm.generate([prompt, prompt, [5, 6]], [held, free, free], use_tqdm=False)
+    assert outputs[1]["token_ids"] == [first], "without min_tokens the stop token ends the request at once"
+    assert len(outputs[0]["token_ids"]) >= 3 and first not in outputs[0]["token_ids"][:3]

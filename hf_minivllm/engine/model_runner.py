@@ -30,6 +30,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, config: Config, eos_token_ids: list[int]):
         self.model = model
         self.eos_token_ids = list(eos_token_ids)
+        self._banned_columns: dict[tuple[int, ...], torch.Tensor] = {}  # min_tokens: banned ids on the device
         self.config = config
         self.device = model.device
         self.dtype = model.dtype
@@ -204,18 +205,28 @@ class ModelRunner:
         return seq.generator
 
     def _suppress_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """min_tokens: eos and stop tokens get -inf until a request has generated that many tokens."""
-        rows, cols = [], []
+        """min_tokens: eos and stop tokens get -inf until a request has generated that many tokens.
+
+        Rows are grouped by their banned ids (usually one group: one generate call's requests share their settings);
+        a group's ids live on the device once, and a group covering the whole batch needs no row index at all.
+        """
+        groups: dict[tuple[int, ...], list[int]] = {}
         for row, seq in enumerate(seqs):
             params = seq.sampling_params
             if seq.num_completion_tokens < params.min_tokens:
-                banned = set(params.stop_token_ids)
-                if not params.ignore_eos:
-                    banned.update(self.eos_token_ids)
-                rows.extend([row] * len(banned))
-                cols.extend(banned)
-        if rows:
-            logits[self._to_device(rows, torch.int64), self._to_device(cols, torch.int64)] = float("-inf")
+                eos = () if params.ignore_eos else self.eos_token_ids
+                banned = tuple(sorted({*params.stop_token_ids, *eos}))
+                groups.setdefault(banned, []).append(row)
+        for banned, rows in groups.items():
+            if not banned:
+                continue
+            columns = self._banned_columns.get(banned)
+            if columns is None:
+                columns = self._banned_columns[banned] = torch.tensor(banned, dtype=torch.int64, device=self.device)
+            if len(rows) == len(seqs):
+                logits[:, columns] = float("-inf")
+            else:
+                logits[self._to_device(rows, torch.int64)[:, None], columns[None, :]] = float("-inf")
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
