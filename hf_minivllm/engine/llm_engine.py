@@ -1,7 +1,6 @@
 """The step loop: requests in, scheduler decides, runner computes, finished sequences out."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence as SequenceOf
 from contextlib import closing
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from hf_minivllm.engine.sequence import FinishReason, Sequence
 from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

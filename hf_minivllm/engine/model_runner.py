@@ -5,7 +5,6 @@ Owns the paged KV cache (one tensor, a view of it per attention layer) and, on C
 from __future__ import annotations
 
 import gc
-import logging
 
 import numpy as np
 import torch
@@ -21,7 +20,6 @@ from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
 from hf_minivllm.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 
