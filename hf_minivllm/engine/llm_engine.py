@@ -15,7 +15,6 @@ from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.sampling_params import SamplingParams
 
 
-
 @dataclass
 class StepResult:
     """What one step did: sequences that got a token (``updated``), those that finished, and token counts."""
