@@ -22,7 +22,9 @@ class Config:
 
     ``model`` is a local model folder or an already loaded ``transformers`` model. ``max_model_len`` is capped by
     the model's ``max_position_embeddings``. ``num_kvcache_blocks=-1`` sizes the KV cache from
-    ``gpu_memory_utilization`` on CUDA (on CPU from ``cpu_kvcache_space_gib``).
+    ``gpu_memory_utilization`` on CUDA (on CPU from ``cpu_kvcache_space_gib``). ``async_scheduling`` schedules and
+    prepares the next decode step while the current one runs on the device (the host never waits for a step before
+    queueing the next); steps with HF logits processors or stopping criteria always run one at a time.
     """
 
     model: Any = None
@@ -37,6 +39,7 @@ class Config:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     cpu_kvcache_space_gib: float = 4.0
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
@@ -59,8 +62,9 @@ class Config:
             raise ValueError(f"Config.cpu_kvcache_space_gib must be > 0, got {self.cpu_kvcache_space_gib!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"Config.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        if not isinstance(self.enforce_eager, bool) or not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError("Config.enforce_eager and Config.enable_prefix_caching must be booleans")
+        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Config.{name} must be a boolean, got {getattr(self, name)!r}")
 
     def fit_to_model(self, max_position_embeddings: int | None) -> None:
         """Cap max_model_len by the model's context window and keep one full prompt schedulable per step."""

@@ -156,9 +156,9 @@ class BlockManager:
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the next decode step of ``seq`` (one new token) has room, allocating at most one block."""
-        return len(seq) <= len(seq.block_table) * self.block_size or self.num_free_blocks >= 1
+        return seq.num_tokens <= len(seq.block_table) * self.block_size or self.num_free_blocks >= 1
 
     def append_slot(self, seq: Sequence) -> None:
-        """Make room for the token at position ``len(seq) - 1`` before a decode step."""
-        if len(seq) > len(seq.block_table) * self.block_size:
+        """Make room for the token at position ``seq.num_tokens - 1`` before a decode step."""
+        if seq.num_tokens > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_free_block().block_id)

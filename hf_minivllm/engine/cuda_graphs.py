@@ -22,11 +22,23 @@ class DecodeInputs:
     """One decode step's inputs in (pinned) host memory.
 
     ``rows`` [3, n] int64: input ids, positions, KV slots; ``context_lens`` [n] int32; ``block_tables`` [n, w] int32.
+    With async scheduling some input ids are still on the device: ``previous_rows`` [n] int64 gives each row's index
+    into ``previous_tokens`` (the step in flight's sampled tokens, on the device), -1 where ``rows[0]`` holds it.
     """
 
     rows: torch.Tensor
     context_lens: torch.Tensor
     block_tables: torch.Tensor
+    previous_rows: torch.Tensor | None = None
+    previous_tokens: torch.Tensor | None = None
+
+    def fill_pending_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Overwrite the device ``input_ids`` of rows whose token the previous step sampled (no host sync)."""
+        if self.previous_rows is None:
+            return
+        rows = self.previous_rows.to(input_ids.device, non_blocking=True)
+        from_previous = self.previous_tokens[rows.clamp(min=0)]
+        input_ids.copy_(torch.where(rows >= 0, from_previous, input_ids))
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -84,6 +96,7 @@ class DecodeGraphs:
         n = inputs.rows.shape[1]
         bucket = next(b for b in self.buckets if b >= n)
         self.input_ids[:n].copy_(inputs.rows[0], non_blocking=True)
+        inputs.fill_pending_input_ids(self.input_ids[:n])
         self.positions[:n].copy_(inputs.rows[1], non_blocking=True)
         self.slot_mapping[:n].copy_(inputs.rows[2], non_blocking=True)
         self.slot_mapping[n:bucket] = -1

@@ -1,4 +1,9 @@
-"""The step loop: requests in, scheduler decides, runner computes, finished sequences out."""
+"""The step loop: requests in, scheduler decides, runner computes, finished sequences out.
+
+With ``Config.async_scheduling`` a decode step is scheduled and queued on the device before the previous step's
+tokens are read back, so the host's per-step work overlaps the device's. The loop falls back to one step at a time
+while requests wait for admission (a prefill step needs every token known) or a request carries a step hook.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence as SequenceOf
@@ -8,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from hf_minivllm.config import Config
-from hf_minivllm.engine.model_runner import ModelRunner
+from hf_minivllm.engine.model_runner import LaunchedStep, ModelRunner
 from hf_minivllm.engine.scheduler import Scheduler
 from hf_minivllm.engine.sequence import FinishReason, Sequence
 from hf_minivllm.engine.stats import EngineStats
@@ -36,6 +41,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids)
         self.stats = EngineStats()
         self.num_hooked_requests = 0  # unfinished requests with a SamplingParams.step_hook
+        self.in_flight: LaunchedStep | None = None  # a decode step queued ahead, its tokens not read back yet
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -77,7 +83,7 @@ class LLMEngine:
         return seq
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def add_requests(self, prompts: SequenceOf[SequenceOf[int]], params: SequenceOf[SamplingParams]) -> list[Sequence]:
         """Queue requests in order; every one is validated before the first is queued, so a bad one changes nothing."""
@@ -88,15 +94,39 @@ class LLMEngine:
         return [self.add_request(prompt, sp) for prompt, sp in zip(prompts, params)]
 
     def step(self) -> StepResult:
-        batch = self.scheduler.schedule()
+        """Launch the next step and return the result of the one before it (async scheduling), or run one step.
+
+        The first decode step queued ahead returns an empty result; its tokens come with the next call.
+        """
+        previous, self.in_flight = self.in_flight, None
+        ahead = self._may_schedule_ahead()
+        batch = self.scheduler.schedule() if previous is None or ahead else None
+        if batch is None:
+            return self._complete(previous)
         batch.has_step_hooks = self.num_hooked_requests > 0
         if batch.is_prefill:
             self.stats.prefix_cache_hit_tokens += sum(
                 seq.num_cached_tokens for seq in batch.seqs if seq.num_computed_tokens == seq.num_cached_tokens
             )
-        token_ids = self.runner.execute(batch)
-        finished = self.scheduler.postprocess(batch, token_ids)
-        updated = [seq for seq, token in zip(batch.seqs, token_ids) if token is not None]
+        launched = self.runner.launch(batch, previous)
+        keep_in_flight = ahead and not batch.is_prefill
+        self.scheduler.mark_launched(batch, tokens_pending=keep_in_flight)
+        if not keep_in_flight:
+            return self._complete(launched)
+        self.in_flight = launched
+        if previous is None:
+            return StepResult([], [], False, 0)
+        return self._complete(previous)
+
+    def _may_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the last one's tokens are known."""
+        return self.config.async_scheduling and not self.scheduler.waiting and self.num_hooked_requests == 0
+
+    def _complete(self, launched: LaunchedStep) -> StepResult:
+        """Read back a launched step's tokens and apply them: append, finish, step hooks' stop decisions."""
+        batch = launched.batch
+        token_ids = launched.token_ids()
+        updated, finished = self.scheduler.postprocess(batch, token_ids)
         if batch.has_step_hooks:
             finished += self._run_stop_hooks(updated)
             self.num_hooked_requests -= sum(1 for seq in finished if seq.sampling_params.step_hook is not None)
@@ -121,6 +151,7 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every unfinished request and free its blocks (after a failed step or an abandoned stream)."""
+        self.in_flight = None
         self.scheduler.abort_all()
         self.num_hooked_requests = 0
 

@@ -157,16 +157,26 @@ class ModelRunner:
         )
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), metadata, logits_rows
 
-    def _prepare_decode(self, batch: ScheduledBatch) -> DecodeInputs:
-        """Decode inputs in pinned host memory: one copy each to the device (or into the graph's buffers)."""
+    def _prepare_decode(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> DecodeInputs:
+        """Decode inputs in pinned host memory: one copy each to the device (or into the graph's buffers).
+
+        A sequence with a pending token (sampled by ``previous``, still on the device) computes at position
+        ``num_tokens - 1`` all the same; its input id is taken from ``previous``'s tokens on the device.
+        """
         block_size = self.block_size
         seqs = batch.seqs
         rows = np.empty((3, len(seqs)), dtype=np.int64)
         rows[0] = [seq.last_token for seq in seqs]
-        rows[1] = [len(seq) - 1 for seq in seqs]
+        rows[1] = [seq.num_tokens - 1 for seq in seqs]
         rows[2] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, rows[1].tolist())]
         context_lens = (rows[1] + 1).astype(np.int32)
-        return DecodeInputs(self._pinned(rows), self._pinned(context_lens), self._pinned(self._block_table_array(seqs)))
+        inputs = DecodeInputs(self._pinned(rows), self._pinned(context_lens), self._pinned(self._block_table_array(seqs)))
+        if any(seq.num_pending_tokens for seq in seqs):
+            row_of = previous.row_of_sequence()
+            previous_rows = [row_of[seq.seq_id] if seq.num_pending_tokens else -1 for seq in seqs]
+            inputs.previous_rows = self._pinned(np.asarray(previous_rows, dtype=np.int64))
+            inputs.previous_tokens = previous.tokens
+        return inputs
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         if all(seq.sampling_params.temperature == 0 for seq in seqs):
@@ -211,7 +221,7 @@ class ModelRunner:
         groups: dict[tuple[int, ...], list[int]] = {}
         for row, seq in enumerate(seqs):
             params = seq.sampling_params
-            if seq.num_completion_tokens < params.min_tokens:
+            if seq.num_completion_tokens + seq.num_pending_tokens < params.min_tokens:
                 eos = () if params.ignore_eos else self.eos_token_ids
                 banned = tuple(sorted({*params.stop_token_ids, *eos}))
                 groups.setdefault(banned, []).append(row)
@@ -226,9 +236,16 @@ class ModelRunner:
             else:
                 logits[self._to_device(rows, torch.int64)[:, None], columns[None, :]] = float("-inf")
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; returns the new token of each sampled sequence and None for prefill chunks."""
+        """Run one step and wait for it; returns the new token of each sampled sequence and None for prefill chunks."""
+        return self.launch(batch).token_ids()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step on the device and return without waiting for it (sampling included).
+
+        ``previous`` is the step still in flight whose sampled tokens are the pending inputs of this decode step.
+        """
         if batch.is_prefill:
             input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch)
             set_attention_metadata(metadata)
@@ -238,15 +255,16 @@ class ModelRunner:
                 set_attention_metadata(None)
             sampled_seqs = [seq for seq, sampled in zip(batch.seqs, batch.sample) if sampled]
             if not sampled_seqs:
-                return [None] * len(batch.seqs)
+                return LaunchedStep(batch, None)
             logits = self.model.compute_logits(hidden[self._to_device(logits_rows, torch.int64)])
         else:
-            inputs = self._prepare_decode(batch)
+            inputs = self._prepare_decode(batch, previous)
             sampled_seqs = batch.seqs
             if self.graphs is not None and self.graphs.can_run(len(sampled_seqs)):
                 logits = self.graphs.run(inputs)
             else:
                 rows = inputs.rows.to(self.device, non_blocking=True)
+                inputs.fill_pending_input_ids(rows[0])
                 set_attention_metadata(AttentionMetadata(
                     is_prefill=False,
                     slot_mapping=rows[2],
@@ -261,8 +279,35 @@ class ModelRunner:
         if batch.has_step_hooks:
             logits = apply_step_hooks(logits, sampled_seqs)
         self._suppress_stop_tokens(logits, sampled_seqs)
-        tokens = iter(sample(logits, self._sampling_tensors(sampled_seqs)).tolist())
-        return [next(tokens) if sampled else None for sampled in batch.sample]
+        return LaunchedStep(batch, sample(logits, self._sampling_tensors(sampled_seqs)))
+
+
+class LaunchedStep:
+    """A step queued on the device; its sampled tokens are copied to pinned host memory behind it."""
+
+    def __init__(self, batch: ScheduledBatch, tokens: torch.Tensor | None):
+        self.batch = batch
+        self.tokens = tokens  # [number of sampled sequences] int64, on the device
+        self._host_tokens = tokens
+        self._copied: torch.cuda.Event | None = None
+        if tokens is not None and tokens.is_cuda:
+            self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host_tokens.copy_(tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def row_of_sequence(self) -> dict[int, int]:
+        """seq_id -> row in ``tokens`` (a decode step samples every sequence, in batch order)."""
+        return {seq.seq_id: row for row, seq in enumerate(self.batch.seqs)}
+
+    def token_ids(self) -> list[int | None]:
+        """Wait for the step; the new token of each sampled sequence, None for prefill chunks."""
+        if self.tokens is None:
+            return [None] * len(self.batch.seqs)
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens = iter(self._host_tokens.tolist())
+        return [next(tokens) if sampled else None for sampled in self.batch.sample]
 
 
 # Warm-up rows use every sampling filter, so the sampler's peak memory is part of the measurement.

@@ -5,6 +5,10 @@ tokens; the last one admitted may get only a chunk when the token budget runs ou
 sequence computes one token). Prefill goes first whenever something waits and fits. When a decode step finds no
 free block for a sequence, the newest running sequence is preempted: its blocks are freed and it goes back to the
 head of the queue to be recomputed later, so the oldest requests always make progress.
+
+With async scheduling a decode step is scheduled while the previous one still runs: a sequence's token from that
+step is pending (``Sequence.num_pending_tokens``), its position and KV slot are known all the same, and only a
+sequence that that token is sure to finish (its length limits) sits the step out.
 """
 from __future__ import annotations
 
@@ -53,7 +57,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step; None when nothing is left to schedule before the step in flight is read back."""
         batch = self._schedule_prefill()
         if batch is None:
             batch = self._schedule_decode()
@@ -88,11 +93,17 @@ class Scheduler:
             return None
         return ScheduledBatch(seqs, True, num_new_tokens, sample)
 
-    def _schedule_decode(self) -> ScheduledBatch:
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        if not self.running:
+            return None  # every sequence finished while the step in flight ran
         manager = self.block_manager
         scheduled: list[Sequence] = []
+        kept: list[Sequence] = []  # running sequences in their order: scheduled ones and those sitting out
         while self.running:
             seq = self.running.popleft()
+            if self._finishes_when_pending_arrive(seq):
+                kept.append(seq)
+                continue
             while not manager.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())
@@ -103,9 +114,19 @@ class Scheduler:
                 manager.append_slot(seq)
                 manager.publish(seq, len(seq))
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
-        assert scheduled, "a single sequence must always fit: requests are checked against the KV cache size"
+                kept.append(seq)
+        self.running.extendleft(reversed(kept))
+        if not scheduled:
+            assert kept, "a single sequence must always fit: requests are checked against the KV cache size"
+            return None
         return ScheduledBatch(scheduled, False, [1] * len(scheduled), [True] * len(scheduled))
+
+    def _finishes_when_pending_arrive(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s pending tokens bring it to max_tokens or max_model_len (so no step may follow)."""
+        if not seq.num_pending_tokens:
+            return False
+        completion = seq.num_completion_tokens + seq.num_pending_tokens
+        return completion >= seq.sampling_params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
@@ -113,26 +134,46 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
-        """Advance the scheduled sequences by this step's results; returns those that finished."""
-        finished = []
-        for seq, count, token_id in zip(batch.seqs, batch.num_new_tokens, token_ids):
+    def mark_launched(self, batch: ScheduledBatch, tokens_pending: bool) -> None:
+        """The step's tokens are computed (their K/V written) by the time any later step runs; with
+        ``tokens_pending`` its sampled tokens stay on the device until ``postprocess``."""
+        for seq, count, sampled in zip(batch.seqs, batch.num_new_tokens, batch.sample):
             seq.num_computed_tokens += count
-            if token_id is None:
+            if sampled and tokens_pending:
+                seq.num_pending_tokens += 1
+
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> tuple[list[Sequence], list[Sequence]]:
+        """Append this step's sampled tokens; returns the sequences that got one and those that finished.
+
+        A sequence that finished while the step ran (its previous token was eos) drops the token: the step computed
+        it only because it was scheduled before that was known.
+        """
+        updated, finished = [], []
+        for seq, token_id in zip(batch.seqs, token_ids):
+            if token_id is None or seq.is_finished:
                 continue
+            if seq.num_pending_tokens:
+                seq.num_pending_tokens -= 1
             seq.append_token(token_id)
+            updated.append(seq)
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
-        return finished
+        return updated, finished
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a running sequence now (its last token was sampled) and free its blocks."""
+        """End a sequence now (its last token was sampled) and free its blocks.
+
+        The sequence may be waiting: preempted while its last token was pending.
+        """
+        queue = self.running if seq.status == SequenceStatus.RUNNING else self.waiting
+        queue.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.block_manager.deallocate(seq)
-        self.running.remove(seq)
+        seq.num_pending_tokens = 0
+        if seq.block_table:
+            self.block_manager.deallocate(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.sampling_params
@@ -150,6 +191,7 @@ class Scheduler:
             if seq.block_table:
                 self.block_manager.deallocate(seq)
             seq.status = SequenceStatus.FINISHED
+            seq.num_pending_tokens = 0
         self.running.clear()
         self.waiting.clear()
         return dropped

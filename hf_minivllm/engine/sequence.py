@@ -23,7 +23,9 @@ class Sequence:
 
     ``num_computed_tokens`` counts tokens whose K/V are in the cache (prefix-cache hits included);
     ``num_cached_tokens`` counts those that came from the prefix cache on the last admission;
-    ``num_hashed_blocks`` counts leading blocks whose hashes are published to the prefix cache.
+    ``num_hashed_blocks`` counts leading blocks whose hashes are published to the prefix cache;
+    ``num_pending_tokens`` counts tokens sampled by a step still running on the device (async scheduling): they
+    are not in ``token_ids`` yet, but the KV cache already makes room for them (``num_tokens``).
     """
 
     _ids = count()
@@ -40,11 +42,17 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_hashed_blocks = 0
+        self.num_pending_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.generator = None  # torch.Generator of a seeded request, made on first use by the runner
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known plus pending tokens: what the KV cache holds once the steps in flight are done."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -64,7 +72,7 @@ class Sequence:
 
     @property
     def num_blocks(self) -> int:
-        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+        return (self.num_tokens + self.block_size - 1) // self.block_size
 
     def block_tokens(self, index: int) -> list[int]:
         return self.token_ids[index * self.block_size : (index + 1) * self.block_size]
