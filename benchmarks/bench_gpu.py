@@ -2,8 +2,9 @@
 
 Prints one table (tokens/s or ms/token, ratio to each peer, ratio to the physical floor, device, commit) and
 writes every figure to --out as JSON. HF peers: continuous batching (`generate_batch` machinery with CUDA graphs
-and async batching, its best measured setting) for W1 on a prefix of the requests; `generate` with the static
-cache for W2; plain padded `generate` for the drop-in batch, on a subset. Subsets are labelled as such.
+and async batching, its best measured setting) for W1 on a prefix of the requests or on all of them over a time
+window; `generate` with the static cache for W2; plain padded `generate` for the drop-in batch, on a subset.
+Subsets and windows are labelled as such.
 """
 from __future__ import annotations
 
@@ -30,8 +31,13 @@ def now() -> float:
     return time.perf_counter()
 
 
-def hf_continuous_batching(model, prompts, params) -> tuple[int, float]:
-    """HF's continuous batching on the given requests (per-request max_new_tokens, eos never stops them)."""
+def hf_continuous_batching(model, prompts, params, window_s: float | None = None) -> tuple[int, float]:
+    """HF's continuous batching on the given requests (per-request max_new_tokens, eos never stops them).
+
+    With ``window_s`` it runs only that long and counts the tokens generated so far (finished requests plus the
+    running ones' progress, read from its scheduler once at the end): all requests are in flight during the first
+    part of the run, HF's most favourable phase, so the rate is an upper bound on its whole-run rate.
+    """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     config = GenerationConfig(do_sample=True, temperature=0.6, top_k=None, top_p=None, max_new_tokens=1024,
@@ -42,31 +48,48 @@ def hf_continuous_batching(model, prompts, params) -> tuple[int, float]:
         start = now()
         ids = [manager.add_request(p, max_new_tokens=sp.max_tokens, eos_token_id=-1) for p, sp in zip(prompts, params)]
         tokens, done = 0, set()
-        while len(done) < len(ids):
+        while len(done) < len(ids) and (window_s is None or time.perf_counter() - start < window_s):
             result = manager.get_result(timeout=1)
             if result is not None and result.is_finished() and result.request_id not in done:
                 done.add(result.request_id)
                 tokens += len(result.generated_tokens)
+        if len(done) < len(ids):
+            running = list(manager.batch_processor.scheduler.active_requests.values())
+            tokens += sum(len(state.generated_tokens) for state in running if state.request_id not in done)
         seconds = now() - start
+        if len(done) < len(ids):
+            manager.stop(block=True, timeout=30, hard_stop=True)
     return tokens, seconds
 
 
-def w1(results: dict, size: str, hf_requests: int) -> None:
-    prompts, params = w1_requests()
-    model = random_model(size)
-    llm = LLM(model, max_model_len=4096)
+def run_llm(model, prompts, params, **engine) -> tuple[int, float, dict]:
+    llm = LLM(model, max_model_len=4096, **engine)
     llm.generate([[1, 2, 3]], SamplingParams(), use_tqdm=False)  # warm-up
     start = now()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = now() - start
-    tokens = sum(len(o["token_ids"]) for o in outputs)
-    ours = tokens / seconds
-    row = {"tokens": tokens, "seconds": seconds, "tok_s": ours, "floor_tok_s": W1_FLOOR_TOK_S,
-           "stats": hf_minivllm.stats(llm)}
+    stats = hf_minivllm.stats(llm)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    if hf_requests:
+    return sum(len(o["token_ids"]) for o in outputs), seconds, stats
+
+
+def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compare_sync: bool = False) -> None:
+    """W1 through LLM.generate; HF CB on a prefix of ``hf_requests`` requests or on all of them for ``hf_window_s``."""
+    prompts, params = w1_requests()
+    model = random_model(size)
+    tokens, seconds, stats = run_llm(model, prompts, params)
+    row = {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "floor_tok_s": W1_FLOOR_TOK_S,
+           "stats": stats}
+    if compare_sync:
+        sync_tokens, sync_seconds, _ = run_llm(model, prompts, params, async_scheduling=False)
+        row.update(one_step_at_a_time_tok_s=sync_tokens / sync_seconds)
+    if hf_window_s:
+        hf_tokens, hf_seconds = hf_continuous_batching(model, prompts, params, window_s=hf_window_s)
+        row.update(hf_cb_requests=f"all {len(prompts)}, first {hf_window_s:.0f} s", hf_cb_tokens=hf_tokens,
+                   hf_cb_seconds=hf_seconds, hf_cb_tok_s=hf_tokens / hf_seconds)
+    elif hf_requests:
         hf_tokens, hf_seconds = hf_continuous_batching(model, prompts[:hf_requests], params[:hf_requests])
         row.update(hf_cb_requests=hf_requests, hf_cb_tokens=hf_tokens, hf_cb_seconds=hf_seconds,
                    hf_cb_tok_s=hf_tokens / hf_seconds)
@@ -172,6 +195,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w5")
     parser.add_argument("--hf-cb-requests", type=int, default=64, help="W1 requests given to HF CB (0 = skip)")
+    parser.add_argument("--hf-cb-window", type=float, default=0,
+                        help="give HF CB all W1 requests and count its tokens over this many seconds (overrides "
+                        "--hf-cb-requests for W1)")
+    parser.add_argument("--compare-sync", action="store_true", help="also run W1 with async_scheduling=False")
     parser.add_argument("--hf-subset", type=int, default=32, help="drop-in batch rows given to HF generate")
     parser.add_argument("--w5-hf-requests", type=int, default=16)
     parser.add_argument("--out", default=None)
@@ -179,7 +206,7 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "commit": commit()}
     table: dict = {}
     jobs = {
-        "w1": lambda: w1(table, "0.6b", args.hf_cb_requests),
+        "w1": lambda: w1(table, "0.6b", args.hf_cb_requests, args.hf_cb_window, args.compare_sync),
         "w2": lambda: w2_and_drop_in(table, args.hf_subset),
         "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table)),
     }

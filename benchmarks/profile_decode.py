@@ -1,8 +1,9 @@
 """Where a decode step's time goes on the GPU: graph replay alone vs the whole engine step, and the kernels.
 
 Qwen3-0.6B architecture (random bf16). For batch sizes 1 and 256 it times (a) replaying the captured decode graph
-alone and (b) full engine steps (host preparation, replay, sampling, scheduling), then lists the heaviest CUDA
-kernels of a few profiled batch-1 steps. Writes the table to --out as JSON as well.
+alone and (b) full engine steps (host preparation, replay, sampling, scheduling), with async scheduling and one
+step at a time, greedy and (batch 256) sampled at W1's temperature, then lists the heaviest CUDA kernels of a few
+profiled steps at batch 1 (greedy) and 256 (sampled). Writes the tables to --out as JSON as well.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def replay_ms(llm: LLM, batch: int, repeats: int = 50) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def step_ms(llm: LLM, batch: int, context: int, new_tokens: int = 64) -> float:
+def step_ms(llm: LLM, batch: int, context: int, temperature: float, new_tokens: int = 64) -> float:
     prompts = [[(7 * i + j) % 10000 for j in range(context)] for i in range(batch)]
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -44,7 +45,16 @@ def step_ms(llm: LLM, batch: int, context: int, new_tokens: int = 64) -> float:
         steps += 1
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    return start.elapsed_time(end) / (new_tokens - 1)
+
+
+def kernel_table(llm: LLM, batch: int, temperature: float) -> str:
+    prompts = [[(3 * i + j) % 10000 for j in range(128)] for i in range(batch)]
+    params = SamplingParams(temperature=temperature, max_tokens=16, ignore_eos=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        llm.generate(prompts, params, use_tqdm=False)
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
 def main() -> None:
@@ -53,23 +63,24 @@ def main() -> None:
     args = parser.parse_args()
     llm = LLM(random_model("0.6b"), max_model_len=4096, max_num_seqs=256)
     rows = {}
-    for batch, context in ((1, 128), (256, 1024)):
-        rows[f"batch {batch}, context {context}"] = {
-            "graph_replay_ms": replay_ms(llm, batch),
-            "engine_step_ms": step_ms(llm, batch, context),
-        }
+    for batch, context, temperature in ((1, 128, 0.0), (256, 1024, 0.0), (256, 1024, 0.6)):
+        row = {"graph_replay_ms": replay_ms(llm, batch)}
+        for async_scheduling in (True, False):
+            llm.engine.config.async_scheduling = async_scheduling
+            key = "engine_step_ms" if async_scheduling else "engine_step_one_at_a_time_ms"
+            row[key] = step_ms(llm, batch, context, temperature)
+        llm.engine.config.async_scheduling = True
+        rows[f"batch {batch}, context {context}, temperature {temperature}"] = row
     print(f"{torch.cuda.get_device_name()}, commit {commit()}")
     for name, row in rows.items():
-        print(f"{name:26s} graph replay {row['graph_replay_ms']:.3f} ms   engine step {row['engine_step_ms']:.3f} ms")
-    prompts = [[(3 * j) % 10000 for j in range(128)]]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    print(table)
+        print(f"{name:42s} graph replay {row['graph_replay_ms']:.3f} ms   engine step {row['engine_step_ms']:.3f} ms"
+              f"   one step at a time {row['engine_step_one_at_a_time_ms']:.3f} ms")
+    tables = {"batch 1 greedy": kernel_table(llm, 1, 0.0), "batch 256 temperature 0.6": kernel_table(llm, 256, 0.6)}
+    for name, table in tables.items():
+        print(f"== {name}\n{table}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "rows": rows, "profile": table}, f, indent=2)
+            json.dump({"commit": commit(), "rows": rows, "profiles": tables}, f, indent=2)
 
 
 if __name__ == "__main__":
