@@ -50,7 +50,9 @@ def breakdown(llm: LLM, batch: int, params: SamplingParams, context: int = 1024 
     prompts = [[(7 * i + j) % 10000 for j in range(context if batch > 1 else 128)] for i in range(batch)]
     for prompt in prompts:
         engine.add_request(prompt, params)
-    engine.step()  # prefill
+    while engine.step().is_prefill or engine.scheduler.waiting:
+        pass  # prefill steps stay out of the measurement
+    tokens = params.max_tokens - 1 - max(seq.num_completion_tokens for seq in engine.scheduler.running)
     timer = PartTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(runner, "_prepare_decode", "prepare_decode")
@@ -72,11 +74,26 @@ def breakdown(llm: LLM, batch: int, params: SamplingParams, context: int = 1024 
     finally:
         timer.restore()
     total = time.perf_counter() - start
-    tokens = params.max_tokens - 1
     row = {name: seconds * 1e6 / tokens for name, seconds in timer.totals.items()}
     row["step_total"] = total * 1e6 / tokens
     row["steps"] = steps
     return row
+
+
+def runtime_calls(llm: LLM, batch: int, params: SamplingParams, context: int = 1024 - 64) -> str:
+    """CUDA runtime calls made by the host during decode steps (a synchronising call shows up here)."""
+    engine = llm.engine
+    for i in range(batch):
+        engine.add_request([(5 * i + j) % 10000 for j in range(context if batch > 1 else 128)], params)
+    while engine.step().is_prefill or engine.scheduler.waiting:
+        pass
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        while engine.has_unfinished():
+            engine.step()
+    events = [e for e in profiler.key_averages() if e.key.startswith("cuda") or "Synchronize" in e.key]
+    events.sort(key=lambda e: -e.cpu_time_total)
+    return "\n".join(f"   {e.key:40s} calls {e.count:6d}  host ms {e.cpu_time_total / 1e3:9.2f}" for e in events)
 
 
 def main() -> None:
@@ -95,14 +112,17 @@ def main() -> None:
             llm.engine.config.async_scheduling = async_scheduling
             rows[f"{name}, async {async_scheduling}"] = breakdown(llm, batch, params)
         llm.engine.config.async_scheduling = True
+    calls = {name: runtime_calls(llm, batch, params) for name, (batch, params) in cases.items()}
     print(f"{torch.cuda.get_device_name()}, commit {commit()}  (microseconds per generated token)")
     for name, row in rows.items():
         print(f"== {name}")
         for part, value in row.items():
             print(f"   {part:26s} {value:10.1f}")
+    for name, text in calls.items():
+        print(f"== CUDA runtime calls, {name}, async scheduling\n{text}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+            json.dump({"commit": commit(), "device": torch.cuda.get_device_name(), "rows": rows, "runtime_calls": calls}, f, indent=2)
 
 
 if __name__ == "__main__":

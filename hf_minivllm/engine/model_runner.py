@@ -231,10 +231,12 @@ class ModelRunner:
             columns = self._banned_columns.get(banned)
             if columns is None:
                 columns = self._banned_columns[banned] = torch.tensor(banned, dtype=torch.int64, device=self.device)
+            # index_fill_/index_copy_, not advanced-index assignment: index_put_ syncs with the device.
             if len(rows) == len(seqs):
-                logits[:, columns] = float("-inf")
+                logits.index_fill_(1, columns, float("-inf"))
             else:
-                logits[self._to_device(rows, torch.int64)[:, None], columns[None, :]] = float("-inf")
+                row_index = self._to_device(rows, torch.int64)
+                logits.index_copy_(0, row_index, logits.index_select(0, row_index).index_fill_(1, columns, float("-inf")))
 
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
         """Run one step and wait for it; returns the new token of each sampled sequence and None for prefill chunks."""
