@@ -6,7 +6,6 @@ import torch
 
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
-from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 from conftest import FAMILIES, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -76,37 +75,35 @@ def test_sampling_with_seeds_is_reproducible_on_cuda():
     assert first[0] != first[1]
 
 
-def test_bf16_qwen3_teacher_forced_top1_agreement():
-    from workloads import random_model  # benchmarks/workloads.py
+def test_bf16_qwen3_teacher_forced_top1_agreement_at_hf_noise_floor():
+    """Teacher-forced top-1 over 2,000 positions, bf16 Qwen3-0.6B architecture (random init).
+
+    A random model's logits are nearly flat, so bf16 rounding alone flips some top-1s: HF's own eager and sdpa
+    attention agree on about 96% of positions, and HF bf16 agrees with HF fp32 on about as many. Our engine must sit
+    at that noise floor: as close to HF bf16, and to the fp32 reference, as HF's other bf16 path is.
+    """
+    from bf16_agreement import engine_logits  # benchmarks/bf16_agreement.py
+    from workloads import random_model
 
     model = random_model("0.6b")
-    oracle = copy.deepcopy(model)
-    llm = LLM(model, max_model_len=1024, enforce_eager=True, num_kvcache_blocks=1024 // 16)
-    runner = llm.engine.runner
+    hf_eager = copy.deepcopy(model)
+    hf_eager.set_attn_implementation("eager")
+    hf_fp32 = copy.deepcopy(model).float()
+    llm = LLM(copy.deepcopy(model), max_model_len=1024, enforce_eager=True, num_kvcache_blocks=1024 // 16)
     generator = torch.Generator().manual_seed(3)
-    total = agree = 0
-    for length in (500, 500, 500, 500):
-        tokens = torch.randint(0, 10000, (length,), generator=generator)
+    top1 = {"hf": [], "hf_eager": [], "hf_fp32": [], "ours": []}
+    for _ in range(4):
+        tokens = torch.randint(0, 10000, (500,), generator=generator)
         with torch.no_grad():
-            hf_top1 = oracle(tokens[None].cuda()).logits[0].argmax(-1)
-        block = runner.block_size
-        table = list(range((length + block - 1) // block))
-        metadata = AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=torch.arange(length, device="cuda"),
-            block_tables=torch.tensor([table], dtype=torch.int32, device="cuda"),
-            cu_seqlens_q=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
-            cu_seqlens_k=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
-            max_seqlen_q=length,
-            max_seqlen_k=length,
-        )
-        set_attention_metadata(metadata)
-        try:
-            with torch.inference_mode():
-                hidden = llm.model(tokens.cuda(), torch.arange(length, device="cuda"))
-                ours_top1 = llm.model.compute_logits(hidden).argmax(-1)
-        finally:
-            set_attention_metadata(None)
-        agree += int((ours_top1 == hf_top1).sum())
-        total += length
-    assert total == 2000 and agree / total >= 0.99, agree / total
+            top1["hf"].append(model(tokens[None].cuda()).logits[0].argmax(-1))
+            top1["hf_eager"].append(hf_eager(tokens[None].cuda()).logits[0].argmax(-1))
+            top1["hf_fp32"].append(hf_fp32(tokens[None].cuda()).logits[0].argmax(-1))
+        top1["ours"].append(engine_logits(llm, tokens).argmax(-1))
+    top1 = {name: torch.cat(values) for name, values in top1.items()}
+    assert len(top1["ours"]) == 2000
+
+    def agreement(a, b):
+        return float((top1[a] == top1[b]).float().mean())
+
+    assert agreement("ours", "hf") >= agreement("hf_eager", "hf") - 0.01, (agreement("ours", "hf"), agreement("hf_eager", "hf"))
+    assert agreement("ours", "hf_fp32") >= agreement("hf", "hf_fp32") - 0.01
