@@ -3,12 +3,16 @@
 Everything is tensor work on the whole batch; only the host-side flags (is any row using top-k? ...) branch, so no
 device-to-host sync happens per request. Sampling uses the exponential-race form of the Gumbel-max trick:
 ``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p``; a seeded request draws its ``E`` from its own generator.
+On CUDA a batch with temperatures only (no top-k/top-p/min-p, no seeded request: W1's case) samples in one Triton
+pass over the logits (``hf_minivllm.kernels.sampling``) instead of the ten or so passes of the torch form.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from hf_minivllm.kernels.sampling import gumbel_max_sample
 
 
 @dataclass
@@ -54,9 +58,12 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, params: SamplingTensors) -> to
 
 def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Next token id per row of ``logits`` [n, vocab] (float32)."""
-    greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
     if params.all_greedy:
-        return greedy_tokens
+        return logits.argmax(dim=-1)
+    if logits.is_cuda and not (params.use_top_k or params.use_top_p or params.use_min_p or params.generators):
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=logits.device)
+        return gumbel_max_sample(logits, params.temperatures, seed)
+    greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
     temperatures = params.temperatures.clamp_min(1e-6) if params.any_greedy else params.temperatures
     scaled = apply_top_k_top_p_min_p(logits / temperatures[:, None], params)
     probs = scaled.softmax(dim=-1)

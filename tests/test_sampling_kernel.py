@@ -1,0 +1,135 @@
+"""The one-pass Gumbel-max sampling kernel (``hf_minivllm.kernels.sampling``): a sampler of softmax(logits / T),
+argmax at T = 0, never a masked token, repeatable from its seed; its torch reference against the exact softmax.
+
+Without a GPU the kernel runs under Triton's interpreter, switched on before triton's first import (see
+``tests/test_kernels.py``); otherwise ``test_interpreter_tests_in_a_fresh_process`` reruns this file in a
+subprocess. The GPU test samples at W1's shape (256 rows of Qwen3's 151,936-token vocabulary).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import KERNELS_RUN_HERE
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def sampling():
+    if not KERNELS_RUN_HERE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
+                    "test_interpreter_tests_in_a_fresh_process runs these")
+    return importlib.import_module("hf_minivllm.kernels.sampling")
+
+
+def test_interpreter_tests_in_a_fresh_process():
+    if KERNELS_RUN_HERE:
+        pytest.skip("the kernels run in this process")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def seed(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def empirical(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.bincount(tokens.cpu(), minlength=vocab).float() / len(tokens)
+
+
+def test_draws_follow_softmax_over_temperature(sampling):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, float("-inf"), 0.2], device=DEVICE)
+    rows = 1500
+    temperature = 0.8
+    tokens = sampling.gumbel_max_sample(logits.expand(rows, -1).contiguous(),
+                                        torch.full((rows,), temperature, device=DEVICE), seed(7))
+    expected = torch.softmax(logits.cpu() / temperature, dim=-1)
+    assert (empirical(tokens, 8) - expected).abs().max() < 0.05
+    assert not (tokens == 6).any(), "a -inf logit is never sampled"
+
+
+def test_zero_temperature_rows_take_the_argmax_across_blocks(sampling):
+    generator = torch.Generator().manual_seed(0)
+    vocab = 5000  # more than one 4096-wide block per row
+    logits = torch.randn(6, vocab, generator=generator).to(DEVICE)
+    logits[1, 4500] = 50.0
+    logits[4, 3] = 50.0
+    temperatures = torch.tensor([0.0, 0.0, 1.0, 0.5, 0.0, 0.0], device=DEVICE)
+    tokens = sampling.gumbel_max_sample(logits, temperatures, seed(3))
+    greedy = temperatures == 0
+    assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy])
+    assert tokens[1] == 4500 and tokens[4] == 3
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+
+
+def test_repeatable_from_the_seed(sampling):
+    logits = torch.zeros(64, 16, device=DEVICE)
+    temperatures = torch.ones(64, device=DEVICE)
+    first = sampling.gumbel_max_sample(logits, temperatures, seed(11))
+    assert torch.equal(first, sampling.gumbel_max_sample(logits, temperatures, seed(11)))
+    assert not torch.equal(first, sampling.gumbel_max_sample(logits, temperatures, seed(12)))
+    assert len(set(first.tolist())) > 4, "uniform logits spread over the vocabulary"
+
+
+def test_bad_arguments_are_rejected(sampling):
+    with pytest.raises(ValueError, match="temperatures"):
+        sampling.gumbel_max_sample(torch.zeros(2, 4, device=DEVICE), torch.ones(3, device=DEVICE), seed(0))
+    with pytest.raises(ValueError, match="logits"):
+        sampling.gumbel_max_sample(torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE), seed(0))
+
+
+def test_torch_reference_follows_softmax():
+    from hf_minivllm.kernels.sampling import gumbel_max_sample_torch
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.tensor([1.0, 0.0, -0.5, 2.0])
+    rows = 4000
+    uniforms = torch.rand(rows, 4, generator=generator).clamp_min(1e-12)
+    temperatures = torch.full((rows,), 1.3)
+    temperatures[:10] = 0
+    tokens = gumbel_max_sample_torch(logits.expand(rows, -1), temperatures, uniforms)
+    assert (tokens[:10] == 3).all()
+    assert (empirical(tokens[10:], 4) - torch.softmax(logits / 1.3, -1)).abs().max() < 0.03
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_w1_shape_on_cuda(sampling):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(256, 151936, device="cuda", generator=generator).bfloat16().float()
+    temperatures = torch.full((256,), 0.6, device="cuda")
+    temperatures[::7] = 0
+    logits[5, 151935] = 100.0
+    tokens = sampling.gumbel_max_sample(logits, temperatures, seed(5))
+    greedy = temperatures == 0
+    assert torch.equal(tokens[greedy], logits.argmax(-1)[greedy])
+    assert tokens[5] == 151935
+    small = torch.tensor([0.5, 1.5, -0.3, 0.9], device="cuda")
+    draws = sampling.gumbel_max_sample(small.expand(200_000, -1).contiguous(), torch.full((200_000,), 0.6, device="cuda"),
+                                       seed(9))
+    assert (empirical(draws, 4) - torch.softmax(small.cpu() / 0.6, -1)).abs().max() < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_engine_sampler_uses_the_kernel_and_keeps_suppressed_tokens_out():
+    from hf_minivllm.layers.sampler import SamplingTensors, sample
+
+    logits = torch.zeros(512, 1000, device="cuda")
+    logits[:, :10] = float("-inf")  # what min_tokens suppression leaves behind
+    temperatures = torch.full((512,), 0.7, device="cuda")
+    temperatures[0] = 0
+    params = SamplingTensors(temperatures=temperatures, top_ks=None, top_ps=None, min_ps=None, all_greedy=False,
+                             any_greedy=True, use_top_k=False, use_top_p=False, use_min_p=False)
+    tokens = sample(logits, params)
+    assert (tokens >= 10).all() and tokens[0] == 10 and len(set(tokens.tolist())) > 100
