@@ -17,7 +17,7 @@ from workloads import commit, random_model
 
 
 def replay_ms(llm: LLM, batch: int, repeats: int = 50) -> float:
-    graph = llm.engine.runner.graphs.graphs[batch][0]
+    graph = llm.engine.runner.graphs.graphs[batch]
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -3,10 +3,6 @@
 Each bucket's graph runs the whole decode forward and the LM head for up to ``bucket`` sequences. The block-table
 buffer is as wide as ``max_model_len`` needs, so any admitted sequence fits. Padding rows write no KV (slot -1) and
 attend to one token of block 0, so they stay finite and never touch a live sequence's cache.
-
-With async scheduling each bucket is captured twice and consecutive steps alternate between the two: launching a
-graph while its previous launch still runs blocks the host until that one is done, which would undo the overlap.
-The two copies share one memory pool (they never run at the same time: both go to the same stream).
 """
 from __future__ import annotations
 
@@ -53,7 +49,7 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: "ModelRunner", max_num_seqs: int, copies: int = 1):
+    def __init__(self, runner: "ModelRunner", max_num_seqs: int):
         model, device = runner.model, runner.device
         self.buckets = batch_buckets(max_num_seqs)
         largest = self.buckets[-1]
@@ -63,8 +59,7 @@ class DecodeGraphs:
         self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
         self.logits = torch.empty(largest, model.vocab_size, dtype=runner.dtype, device=device)
-        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self._launches = 0
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
         with torch.inference_mode():
             for bucket in reversed(self.buckets):
@@ -72,15 +67,13 @@ class DecodeGraphs:
                 set_attention_metadata(metadata)
                 try:
                     self._forward(model, bucket)  # warm-up: Triton compiles and autotuning stay out of the graph
-                    self.graphs[bucket] = []
-                    for _ in range(copies):
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool):
-                            self._forward(model, bucket)
-                        pool = graph.pool()
-                        self.graphs[bucket].append(graph)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        self._forward(model, bucket)
                 finally:
                     set_attention_metadata(None)
+                pool = graph.pool()
+                self.graphs[bucket] = graph
         torch.cuda.synchronize(device)
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
@@ -112,7 +105,5 @@ class DecodeGraphs:
         width = inputs.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(inputs.block_tables, non_blocking=True)
         self.block_tables[n:bucket] = 0
-        copies = self.graphs[bucket]
-        copies[self._launches % len(copies)].replay()
-        self._launches += 1
+        self.graphs[bucket].replay()
         return self.logits[:n]

@@ -42,7 +42,7 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self, config.max_num_seqs, copies=2 if config.async_scheduling else 1)
+            self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     @property
     def kv_bytes_per_block(self) -> int:
