@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +32,26 @@ def _triton_interpreted() -> bool:
 
 # Whether Triton kernels can run in this process: compiled on a GPU, or interpreted on the CPU.
 KERNELS_RUN_HERE = torch.cuda.is_available() or _triton_interpreted()
+
+
+
+def import_kernel_module(name: str):
+    """``hf_minivllm.kernels.<name>``, compiled on a GPU or interpreted on CPU; skips when neither can run here."""
+    if not KERNELS_RUN_HERE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
+                    "test_interpreter_tests_in_a_fresh_process runs these")
+    return importlib.import_module(f"hf_minivllm.kernels.{name}")
+
+
+def run_under_interpreter(*test_files: Path) -> None:
+    """Run kernel test files in a fresh pytest process with TRITON_INTERPRET=1 (skipped when this one can)."""
+    if KERNELS_RUN_HERE:
+        pytest.skip("the kernels run in this process")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, test_files)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
 
 FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
 # A KV cache small enough that tests exercise many blocks (and preemption when asked for).

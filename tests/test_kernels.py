@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import KERNELS_RUN_HERE
+from conftest import KERNELS_RUN_HERE, run_under_interpreter
 
 CUDA = torch.cuda.is_available()
 
@@ -41,14 +38,8 @@ def kernels():
 
 def test_interpreter_tests_in_a_fresh_process():
     """Runs this file and the layer tests under the interpreter when this process cannot (see the module doc)."""
-    if KERNELS_RUN_HERE:
-        pytest.skip("the kernels run in this process")
     tests = Path(__file__).parent
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_kernels.py"),
-         str(tests / "test_attention_layer.py")],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_under_interpreter(tests / "test_kernels.py", tests / "test_attention_layer.py")
 
 
 def _tolerance(dtype: torch.dtype) -> dict[str, float]:

@@ -7,17 +7,13 @@ first, and otherwise ``test_interpreter_tests_in_a_fresh_process`` reruns it in 
 """
 from __future__ import annotations
 
-import importlib
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import KERNELS_RUN_HERE
+from conftest import import_kernel_module, run_under_interpreter
 
 CUDA = torch.cuda.is_available()
 
@@ -28,20 +24,12 @@ MAX_POSITIONS = 512
 @pytest.fixture(scope="module")
 def rotary():
     """The kernel module, compiled on a GPU or interpreted on CPU."""
-    if not KERNELS_RUN_HERE:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
-                    "test_interpreter_tests_in_a_fresh_process runs these")
-    return importlib.import_module("hf_minivllm.kernels.rotary")
+    return import_kernel_module("rotary")
 
 
 def test_interpreter_tests_in_a_fresh_process():
     """Runs this file under the interpreter when this process cannot (see the module doc)."""
-    if KERNELS_RUN_HERE:
-        pytest.skip("the kernels run in this process")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_under_interpreter(Path(__file__))
 
 
 def _tolerance(dtype: torch.dtype) -> dict[str, float]:

@@ -7,16 +7,12 @@ subprocess. The GPU test samples at W1's shape (256 rows of Qwen3's 151,936-toke
 """
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import KERNELS_RUN_HERE
+from conftest import import_kernel_module, run_under_interpreter
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -24,19 +20,11 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 @pytest.fixture(scope="module")
 def sampling():
-    if not KERNELS_RUN_HERE:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
-                    "test_interpreter_tests_in_a_fresh_process runs these")
-    return importlib.import_module("hf_minivllm.kernels.sampling")
+    return import_kernel_module("sampling")
 
 
 def test_interpreter_tests_in_a_fresh_process():
-    if KERNELS_RUN_HERE:
-        pytest.skip("the kernels run in this process")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_under_interpreter(Path(__file__))
 
 
 def seed(value: int) -> torch.Tensor:
