@@ -1,0 +1,83 @@
+"""Where W1's wall time goes, step by step: prefill vs decode, and by decode batch size, how much of each step the
+host spent waiting for the device (device-bound) and how much working (host-bound where the wait is near zero).
+
+Runs W1 once through ``LLM.generate`` after a warm-up, with each engine step, each wait for a step's tokens and each
+decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+from hf_minivllm import LLM, SamplingParams
+from hf_minivllm.engine import model_runner
+from host_overhead import PartTimer
+from workloads import commit, random_model, w1_requests
+
+BUCKETS = ((1, 15), (16, 63), (64, 127), (128, 191), (192, 256))
+
+
+def bucket_of(result_batch: int, is_prefill: bool) -> str:
+    if is_prefill:
+        return "prefill"
+    for low, high in BUCKETS:
+        if low <= result_batch <= high:
+            return f"decode batch {low}-{high}"
+    return "decode, nothing completed"
+
+
+def timeline(llm: LLM, prompts, params) -> tuple[dict[str, dict[str, float]], float, int]:
+    """(per-phase sums, wall seconds, tokens generated) of one run of the requests, step by step."""
+    engine, runner = llm.engine, llm.engine.runner
+    timer = PartTimer()
+    timer.wrap(model_runner.LaunchedStep, "token_ids", "wait")
+    if runner.graphs is not None:
+        timer.wrap(runner.graphs, "run", "graph_launch")
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    tokens_before = engine.stats.generated_tokens
+    engine.add_requests(prompts, params)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        while engine.has_unfinished():
+            before = dict(timer.totals)
+            step_start = time.perf_counter()
+            result = engine.step()
+            row = rows[bucket_of(len(result.updated), result.is_prefill)]
+            row["steps"] += 1
+            row["wall_s"] += time.perf_counter() - step_start
+            for part in ("wait", "graph_launch"):
+                row[f"{part}_s"] += timer.totals.get(part, 0.0) - before.get(part, 0.0)
+    finally:
+        timer.restore()
+    return rows, time.perf_counter() - start, engine.stats.generated_tokens - tokens_before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    prompts, params = w1_requests()
+    llm = LLM(random_model("0.6b"), max_model_len=4096)
+    llm.generate([[1, 2, 3]], SamplingParams(), use_tqdm=False)  # warm-up
+    rows, seconds, tokens = timeline(llm, prompts, params)
+    print(f"{torch.cuda.get_device_name()}, commit {commit()}: W1 {seconds:.2f} s, {tokens} tokens, "
+          f"{tokens / seconds:.0f} tok/s")
+    print(f"{'phase':28s} {'steps':>6s} {'wall s':>8s} {'wait s':>8s} {'host s':>8s} {'graph launch s':>15s}")
+    for name in sorted(rows, key=lambda key: (key != "prefill", key)):
+        row = rows[name]
+        print(f"{name:28s} {row['steps']:6.0f} {row['wall_s']:8.3f} {row['wait_s']:8.3f} "
+              f"{row['wall_s'] - row['wait_s']:8.3f} {row['graph_launch_s']:15.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"commit": commit(), "device": torch.cuda.get_device_name(), "seconds": seconds,
+                       "tokens": tokens, "phases": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
