@@ -277,9 +277,8 @@ class ModelRunner:
                     logits = self.model.compute_logits(self.model(rows[0], rows[1]))
                 finally:
                     set_attention_metadata(None)
-        logits = logits.float()
         if batch.has_step_hooks:
-            logits = apply_step_hooks(logits, sampled_seqs)
+            logits = apply_step_hooks(logits.float(), sampled_seqs)  # HF processors score in float32
         self._suppress_stop_tokens(logits, sampled_seqs)
         return LaunchedStep(batch, sample(logits, self._sampling_tensors(sampled_seqs)))
 

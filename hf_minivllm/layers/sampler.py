@@ -57,12 +57,17 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, params: SamplingTensors) -> to
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Next token id per row of ``logits`` [n, vocab] (float32)."""
+    """Next token id per row of ``logits`` [n, vocab], in the model's dtype or float32.
+
+    Greedy rows and the one-pass kernel read the logits as they are (an argmax is the same in either dtype); the
+    torch form works on a float32 copy.
+    """
     if params.all_greedy:
         return logits.argmax(dim=-1)
     if logits.is_cuda and not (params.use_top_k or params.use_top_p or params.use_min_p or params.generators):
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=logits.device)
         return gumbel_max_sample(logits, params.temperatures, seed)
+    logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
     temperatures = params.temperatures.clamp_min(1e-6) if params.any_greedy else params.temperatures
     scaled = apply_top_k_top_p_min_p(logits / temperatures[:, None], params)
