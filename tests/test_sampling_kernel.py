@@ -46,10 +46,11 @@ def test_draws_follow_softmax_over_temperature(sampling):
     assert not (tokens == 6).any(), "a -inf logit is never sampled"
 
 
-def test_zero_temperature_rows_take_the_argmax_across_blocks(sampling):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_zero_temperature_rows_take_the_argmax_across_blocks(sampling, dtype):
     generator = torch.Generator().manual_seed(0)
     vocab = 5000  # more than one 4096-wide block per row
-    logits = torch.randn(6, vocab, generator=generator).to(DEVICE)
+    logits = torch.randn(6, vocab, generator=generator).to(DEVICE, dtype)
     logits[1, 4500] = 50.0
     logits[4, 3] = 50.0
     temperatures = torch.tensor([0.0, 0.0, 1.0, 0.5, 0.0, 0.0], device=DEVICE)
@@ -94,7 +95,7 @@ def test_torch_reference_follows_softmax():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_w1_shape_on_cuda(sampling):
     generator = torch.Generator(device="cuda").manual_seed(0)
-    logits = torch.randn(256, 151936, device="cuda", generator=generator).bfloat16().float()
+    logits = torch.randn(256, 151936, device="cuda", generator=generator).bfloat16()  # read as the model wrote it
     temperatures = torch.full((256,), 0.6, device="cuda")
     temperatures[::7] = 0
     logits[5, 151935] = 100.0
