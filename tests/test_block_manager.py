@@ -125,3 +125,32 @@ def test_reused_block_with_equal_tokens_after_another_prefix_is_not_a_hit():
     d = seq(first_prefix + tail + [13])
     manager.allocate(d)
     assert d.num_cached_tokens == 4, "only the first prefix block is still cached"
+
+
+def test_decode_block_tables_follow_appends_departures_and_clear():
+    from hf_minivllm.engine.decode_tables import DecodeBlockTables
+
+    tables = DecodeBlockTables(max_num_seqs=3, max_blocks_per_seq=8)
+    params = SamplingParams(max_tokens=4)
+    seqs = [Sequence([1] * 5, params, 4) for _ in range(3)]
+    for index, seq in enumerate(seqs):
+        seq.block_table = [10 * index, 10 * index + 1]
+
+    def expected(batch):
+        width = max(len(seq.block_table) for seq in batch)
+        return [seq.block_table + [None] * (width - len(seq.block_table)) for seq in batch]
+
+    def check(batch):
+        table = tables.gather(batch)
+        for row, want in zip(table.tolist(), expected(batch)):
+            assert [got for got, w in zip(row, want) if w is not None] == [w for w in want if w is not None]
+
+    check(seqs)
+    seqs[1].block_table.append(12)  # a decode step filled a block
+    check(seqs[::-1])
+    newcomer = Sequence([2] * 3, params, 4)
+    newcomer.block_table = [7]
+    check([seqs[0], newcomer, seqs[2]])  # seqs[1] left: its row is reused
+    tables.clear()  # a prefill step: tables may have been rebuilt
+    seqs[0].block_table[:] = [30, 31, 32]
+    check([seqs[0], newcomer])

@@ -12,6 +12,7 @@ from torch import nn
 
 from hf_minivllm.config import Config
 from hf_minivllm.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from hf_minivllm.engine.decode_tables import DecodeBlockTables
 from hf_minivllm.engine.scheduler import ScheduledBatch
 from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.engine.step_hooks import apply_step_hooks
@@ -38,6 +39,7 @@ class ModelRunner:
         for layer in model.attention_layers:
             layer.backend = backend
         self.attention_backend = backend
+        self._decode_tables = DecodeBlockTables(config.max_num_seqs, self.max_blocks_per_seq)
         self.num_blocks = self._num_kvcache_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: DecodeGraphs | None = None
@@ -165,12 +167,14 @@ class ModelRunner:
         """
         block_size = self.block_size
         seqs = batch.seqs
+        tables = self._decode_tables.gather(seqs)
         rows = np.empty((3, len(seqs)), dtype=np.int64)
         rows[0] = [seq.last_token for seq in seqs]
-        rows[1] = [seq.num_tokens - 1 for seq in seqs]
-        rows[2] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, rows[1].tolist())]
-        context_lens = (rows[1] + 1).astype(np.int32)
-        inputs = DecodeInputs(self._pinned(rows), self._pinned(context_lens), self._pinned(self._block_table_array(seqs)))
+        positions = rows[1]
+        positions[:] = [seq.num_tokens - 1 for seq in seqs]
+        rows[2] = tables[np.arange(len(seqs)), positions // block_size] * block_size + positions % block_size
+        context_lens = (positions + 1).astype(np.int32)
+        inputs = DecodeInputs(self._pinned(rows), self._pinned(context_lens), self._pinned(tables))
         if any(seq.num_pending_tokens for seq in seqs):
             row_of = previous.row_of_sequence()
             previous_rows = [row_of[seq.seq_id] if seq.num_pending_tokens else -1 for seq in seqs]
@@ -249,6 +253,7 @@ class ModelRunner:
         ``previous`` is the step still in flight whose sampled tokens are the pending inputs of this decode step.
         """
         if batch.is_prefill:
+            self._decode_tables.clear()  # admitted or recomputed sequences may hold new block tables
             input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch)
             set_attention_metadata(metadata)
             try:
