@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the end-to-end benchmarks, logs and JSON under $OUT.
-# Usage: bash benchmarks/run_device.sh [tests] [profile] [bench ARGS...]
+# Usage: bash benchmarks/run_device.sh [tests] [profile] [host] [timeline] [bench ARGS...]
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-/tmp/out}
@@ -15,6 +15,14 @@ fi
 if [ "${1:-}" = "profile" ]; then
   shift
   python3 benchmarks/profile_decode.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | tail -50
+fi
+if [ "${1:-}" = "host" ]; then
+  shift
+  python3 benchmarks/host_overhead.py --out "$OUT/host_overhead.json" 2>&1 | tee "$OUT/host_overhead.log" | tail -70
+fi
+if [ "${1:-}" = "timeline" ]; then
+  shift
+  python3 benchmarks/w1_timeline.py --out "$OUT/w1_timeline.json" 2>&1 | tee "$OUT/w1_timeline.log" | tail -12
 fi
 if [ "${1:-}" = "bench" ]; then
   shift
