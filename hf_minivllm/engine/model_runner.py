@@ -129,35 +129,37 @@ class ModelRunner:
             table[row, : len(seq.block_table)] = seq.block_table
         return table
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        return self._pinned(self._block_table_array(seqs)).to(self.device, non_blocking=True)
+    def _array_to_device(self, array: np.ndarray) -> torch.Tensor:
+        return self._pinned(array).to(self.device, non_blocking=True)
 
     def _prepare_prefill(self, batch: ScheduledBatch):
-        input_ids, positions, slots = [], [], []
-        cu_q, cu_k = [0], [0]
-        logits_rows = []
+        """Prefill inputs, built per token with numpy (a chunk is up to max_num_batched_tokens tokens)."""
+        seqs = batch.seqs
         block_size = self.block_size
-        for seq, count, sampled in zip(batch.seqs, batch.num_new_tokens, batch.sample):
-            start = seq.num_computed_tokens
-            end = start + count
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            cu_q.append(cu_q[-1] + count)
-            cu_k.append(cu_k[-1] + end)
-            if sampled:
-                logits_rows.append(cu_q[-1] - 1)
+        counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
+        starts = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int64, count=len(seqs))
+        cu_q = np.zeros(len(seqs) + 1, dtype=np.int32)
+        cu_k = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(counts, out=cu_q[1:])
+        np.cumsum(starts + counts, out=cu_k[1:])
+        token_rows = np.repeat(np.arange(len(seqs)), counts)
+        positions = np.arange(cu_q[-1], dtype=np.int64) - cu_q[:-1][token_rows] + starts[token_rows]
+        tables = self._block_table_array(seqs)
+        slots = tables[token_rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        input_ids = np.empty(len(positions), dtype=np.int64)
+        for seq, start, count, offset in zip(seqs, starts.tolist(), counts.tolist(), cu_q.tolist()):
+            input_ids[offset : offset + count] = seq.token_ids[start : start + count]
         metadata = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._block_tables(batch.seqs),
-            cu_seqlens_q=self._to_device(cu_q, torch.int32),
-            cu_seqlens_k=self._to_device(cu_k, torch.int32),
-            max_seqlen_q=max(batch.num_new_tokens),
-            max_seqlen_k=max(seq.num_computed_tokens + n for seq, n in zip(batch.seqs, batch.num_new_tokens)),
+            slot_mapping=self._array_to_device(slots),
+            block_tables=self._array_to_device(tables),
+            cu_seqlens_q=self._array_to_device(cu_q),
+            cu_seqlens_k=self._array_to_device(cu_k),
+            max_seqlen_q=int(counts.max()),
+            max_seqlen_k=int((starts + counts).max()),
         )
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), metadata, logits_rows
+        logits_rows = (cu_q[1:] - 1)[np.asarray(batch.sample, dtype=bool)].tolist()
+        return self._array_to_device(input_ids), self._array_to_device(positions), metadata, logits_rows
 
     def _prepare_decode(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> DecodeInputs:
         """Decode inputs in pinned host memory: one copy each to the device (or into the graph's buffers).
