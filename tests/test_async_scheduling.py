@@ -141,3 +141,27 @@ def test_stream_sees_only_known_tokens():
 def test_async_scheduling_must_be_a_boolean():
     with pytest.raises(ValueError, match="async_scheduling"):
         Config(async_scheduling="yes")
+
+
+def test_a_sequence_preempted_while_its_token_is_pending_can_finish_from_the_queue():
+    from hf_minivllm.engine.scheduler import Scheduler
+    from hf_minivllm.engine.sequence import FinishReason, Sequence
+
+    scheduler = Scheduler(Config(max_model_len=64, kvcache_block_size=4), num_blocks=4, eos_token_ids=[0])
+    first = Sequence([3] * 7, SamplingParams(max_tokens=10, ignore_eos=True), 4)  # 2 blocks
+    second = Sequence([4] * 4, SamplingParams(max_tokens=10, stop_token_ids=[7]), 4)  # 1 block
+    scheduler.add(first)
+    scheduler.add(second)
+    prefill = scheduler.schedule()
+    scheduler.mark_launched(prefill, tokens_pending=False)
+    scheduler.postprocess(prefill, [5, 6])
+    decode = scheduler.schedule()  # both grow into a new block: the cache is full
+    scheduler.mark_launched(decode, tokens_pending=True)
+    ahead = scheduler.schedule()  # the next step, before decode's tokens are known: `second` is preempted
+    assert ahead.seqs == [first] and second in scheduler.waiting and second.num_pending_tokens == 1
+    scheduler.mark_launched(ahead, tokens_pending=True)
+    updated, finished = scheduler.postprocess(decode, [5, 7])  # decode's token for `second` is its stop token
+    assert finished == [second] and second.finish_reason == FinishReason.STOP
+    assert not scheduler.waiting and list(scheduler.running) == [first]
+    assert second.num_pending_tokens == 0 and second.completion_token_ids == [6, 7]
+    assert scheduler.block_manager.num_free_blocks == 4 - len(first.block_table)
