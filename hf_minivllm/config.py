@@ -23,7 +23,7 @@ class Config:
     ``model`` is a local model folder or an already loaded ``transformers`` model. ``max_model_len`` is capped by
     the model's ``max_position_embeddings``. ``num_kvcache_blocks=-1`` sizes the KV cache from
     ``gpu_memory_utilization`` on CUDA (on CPU from ``cpu_kvcache_space_gib``). ``async_scheduling`` schedules and
-    prepares the next decode step while the current one runs on the device (the host never waits for a step before
+    prepares the next step while the current one runs on the device (the host never waits for a step before
     queueing the next); steps with HF logits processors or stopping criteria always run one at a time.
     """
 

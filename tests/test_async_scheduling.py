@@ -165,3 +165,25 @@ def test_a_sequence_preempted_while_its_token_is_pending_can_finish_from_the_que
     assert not scheduler.waiting and list(scheduler.running) == [first]
     assert second.num_pending_tokens == 0 and second.completion_token_ids == [6, 7]
     assert scheduler.block_manager.num_free_blocks == 4 - len(first.block_table)
+
+
+def test_more_requests_than_sequences_admitted_stay_async_and_match():
+    ahead, one_by_one = engine_pair("llama", max_num_seqs=3, max_num_batched_tokens=24)
+    prompts = random_prompts((9, 14, 6, 11, 8, 12, 5, 16))
+    free_run = one_by_one.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[out["token_ids"][2 + row % 5]])
+              for row, out in enumerate(free_run)]
+    launches = count_launches(ahead)
+    prefills_ahead = [0]
+    launch = ahead.engine.runner.launch
+
+    def note_prefills(batch, previous=None):
+        prefills_ahead[0] += batch.is_prefill and previous is not None
+        return launch(batch, previous)
+
+    ahead.engine.runner.launch = note_prefills
+    expected = finished_sequences(one_by_one, prompts, params)
+    assert finished_sequences(ahead, prompts, params) == expected
+    assert prefills_ahead[0] > 0, "requests admitted later are prefilled while a decode step is in flight"
+    assert launches["ahead"] > 0
+    assert_engine_drained(ahead)

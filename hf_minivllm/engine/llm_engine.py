@@ -1,8 +1,8 @@
 """The step loop: requests in, scheduler decides, runner computes, finished sequences out.
 
-With ``Config.async_scheduling`` a decode step is scheduled and queued on the device before the previous step's
-tokens are read back, so the host's per-step work overlaps the device's. The loop falls back to one step at a time
-while requests wait for admission (a prefill step needs every token known) or a request carries a step hook.
+With ``Config.async_scheduling`` each step is scheduled and queued on the device before the previous step's tokens
+are read back, so the host's per-step work overlaps the device's. The loop falls back to one step at a time while a
+request carries a step hook (HF processors and stopping criteria need every token on the host).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class LLMEngine:
     def step(self) -> StepResult:
         """Launch the next step and return the result of the one before it (async scheduling), or run one step.
 
-        The first decode step queued ahead returns an empty result; its tokens come with the next call.
+        The first step queued ahead returns an empty result; its tokens come with the next call.
         """
         previous, self.in_flight = self.in_flight, None
         ahead = self._may_schedule_ahead()
@@ -109,9 +109,8 @@ class LLMEngine:
                 seq.num_cached_tokens for seq in batch.seqs if seq.num_computed_tokens == seq.num_cached_tokens
             )
         launched = self.runner.launch(batch, previous)
-        keep_in_flight = ahead and not batch.is_prefill
-        self.scheduler.mark_launched(batch, tokens_pending=keep_in_flight)
-        if not keep_in_flight:
+        self.scheduler.mark_launched(batch, tokens_pending=ahead)
+        if not ahead:
             return self._complete(launched)
         self.in_flight = launched
         if previous is None:
@@ -120,7 +119,7 @@ class LLMEngine:
 
     def _may_schedule_ahead(self) -> bool:
         """Whether the next step may be scheduled before the last one's tokens are known."""
-        return self.config.async_scheduling and not self.scheduler.waiting and self.num_hooked_requests == 0
+        return self.config.async_scheduling and self.num_hooked_requests == 0
 
     def _complete(self, launched: LaunchedStep) -> StepResult:
         """Read back a launched step's tokens and apply them: append, finish, step hooks' stop decisions."""

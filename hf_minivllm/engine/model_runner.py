@@ -305,8 +305,9 @@ class LaunchedStep:
             self._copied.record()
 
     def row_of_sequence(self) -> dict[int, int]:
-        """seq_id -> row in ``tokens`` (a decode step samples every sequence, in batch order)."""
-        return {seq.seq_id: row for row, seq in enumerate(self.batch.seqs)}
+        """seq_id -> row in ``tokens`` of each sampled sequence (a prefill chunk that ends mid-prompt samples none)."""
+        sampled = (seq for seq, sample in zip(self.batch.seqs, self.batch.sample) if sample)
+        return {seq.seq_id: row for row, seq in enumerate(sampled)}
 
     def token_ids(self) -> list[int | None]:
         """Wait for the step; the new token of each sampled sequence, None for prefill chunks."""

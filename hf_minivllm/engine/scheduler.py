@@ -6,9 +6,11 @@ sequence computes one token). Prefill goes first whenever something waits and fi
 free block for a sequence, the newest running sequence is preempted: its blocks are freed and it goes back to the
 head of the queue to be recomputed later, so the oldest requests always make progress.
 
-With async scheduling a decode step is scheduled while the previous one still runs: a sequence's token from that
-step is pending (``Sequence.num_pending_tokens``), its position and KV slot are known all the same, and only a
-sequence that that token is sure to finish (its length limits) sits the step out.
+With async scheduling a step is scheduled while the previous one still runs: a sequence's token from that step is
+pending (``Sequence.num_pending_tokens``), its position and KV slot are known all the same, and only a sequence that
+that token is sure to finish (its length limits) sits a decode step out. The engine reads back the step in flight
+right after queueing the next one, so a sequence preempted while its token was pending knows that token before any
+later step can recompute it.
 """
 from __future__ import annotations
 
