@@ -35,6 +35,17 @@ def test_fp32_greedy_token_exact_on_cuda(family, enforce_eager):
     assert hf_minivllm.stats(model)["fallbacks"] == 0
 
 
+def test_fp32_greedy_token_exact_on_cuda_with_requests_queued_behind_a_small_batch():
+    """More rows than max_num_seqs: later rows are prefilled while decode steps are in flight (async scheduling)."""
+    model = tiny_model("qwen3").cuda()
+    oracle = copy.deepcopy(model)
+    hf_minivllm.accelerate(model, max_num_seqs=2, max_model_len=256)
+    ids, mask = left_padded((30, 11, 22, 5, 17))
+    expected = oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    assert torch.equal(got, expected)
+
+
 def test_backends_and_graphs_agree_in_bf16():
     model = tiny_model("qwen3", dtype=torch.bfloat16).cuda()
     generator = torch.Generator().manual_seed(1)
