@@ -86,7 +86,7 @@ class PagedCache:
 
 
 def decode_rows(name: str, context_lens: list[int], block_size: int, fa4: Callable | None,
-                with_torch: bool, check: bool = True) -> list[dict]:
+                with_torch: bool, check: bool = True, num_splits: int | None = None) -> list[dict]:
     cache = PagedCache(context_lens, block_size)
     q = torch.randn(len(context_lens), NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     scale = HEAD_DIM ** -0.5
@@ -96,7 +96,7 @@ def decode_rows(name: str, context_lens: list[int], block_size: int, fa4: Callab
     if check:
         reference = decode_attention.paged_decode_attention_torch(*args).float()
         row["max_abs_error"] = (decode_attention.paged_decode_attention(*args).float() - reference).abs().max().item()
-    row["ms"] = bench(lambda: decode_attention.paged_decode_attention(*args))
+    row["ms"] = bench(lambda: decode_attention.paged_decode_attention(*args, num_splits=num_splits))
     row["value"] = kv_bytes / row["ms"] / 1e9
     if fa4 is not None:
         def call_fa4() -> torch.Tensor:
@@ -192,6 +192,18 @@ def tune_rows(decode_contexts: list[int]) -> list[dict]:
     return rows
 
 
+def split_rows(rng: random.Random) -> list[dict]:
+    """Decode at W1's mid-run batch sizes (contexts 200-2000): the static split heuristic against fixed splits."""
+    rows = []
+    for batch in (16, 32, 64, 128):
+        contexts = [rng.randint(200, 2000) for _ in range(batch)]
+        for num_splits in (None, 1, 2, 4, 8):
+            label = "heuristic" if num_splits is None else str(num_splits)
+            rows += decode_rows(f"decode b{batch} ctx200-2000 bs16 splits={label}", contexts, 16, None, False,
+                                check=False, num_splits=num_splits)
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'kernel':<58} {'ms':>9} {'value':>9} {'metric':<8} {'vs yardstick':>12} {'FA4 ms':>9} {'ours/FA4':>8} {'torch ms':>9}"
     print(header)
@@ -214,6 +226,7 @@ def main() -> None:
     parser.add_argument("--site-dir", action="append", default=[], help="a pip --target folder to add (repeatable)")
     parser.add_argument("--tune", action="store_true", help="also sweep the attention kernels' tile configs")
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference timings")
+    parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
     args = parser.parse_args()
     for directory in args.site_dir:
         site.addsitedir(directory)
@@ -232,6 +245,8 @@ def main() -> None:
     rows += elementwise_rows()
     if args.tune:
         rows += tune_rows(decode_contexts)
+    if args.splits:
+        rows += split_rows(rng)
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"flash-attn 4: {'yes' if fa4 else 'no'}")
