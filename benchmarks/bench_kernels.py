@@ -4,10 +4,11 @@ Shapes (DESIGN.md section 3): decode at batch 256, contexts uniform in 200..2000
 head dim 128, bf16, block sizes 16 and 64, plus batch-1 decode at 4k and 16k; causal varlen prefill 16 x 1024;
 RMSNorm (plain and fused with the residual add) and SiLU-and-mul against torch eager.
 
-    python benchmarks/bench_kernels.py --out bench_kernels.json [--site-dir DIR ...] [--tune]
+    python benchmarks/bench_kernels.py --out bench_kernels.json [--site-dir DIR ...] [--tune] [--splits] [--gemv]
 
 ``--site-dir`` adds a ``pip --target`` folder through ``site.addsitedir`` (flash-attn 4's CUTLASS DSL registers
-itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the attention kernels' tile configs.
+itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the attention kernels' tile configs,
+``--splits`` the decode split count at W1's mid-run batch sizes, ``--gemv`` times batch-1 projections.
 Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays, except the torch attention references
 (plain calls: they sync with the host).
 """
@@ -204,6 +205,23 @@ def split_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
+def gemv_rows() -> list[dict]:
+    """Batch-1 decode projections of Qwen3-0.6B (most of a batch-1 step): cuBLAS through ``F.linear`` and through
+    ``torch.mv``, to size what a dedicated small-batch GEMV path could gain."""
+    rows = []
+    shapes = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
+              "lm_head": (151936, 1024)}
+    for name, (out_features, in_features) in shapes.items():
+        weight = torch.randn(out_features, in_features, device="cuda", dtype=DTYPE)
+        x = torch.randn(1, in_features, device="cuda", dtype=DTYPE)
+        for label, fn in (("F.linear", lambda: torch.nn.functional.linear(x, weight)),
+                          ("torch.mv", lambda: torch.mv(weight, x[0]))):
+            ms = bench(fn)
+            rows.append({"kernel": f"gemv b1 {name} {out_features}x{in_features} {label}", "metric": "TB/s",
+                         "ms": ms, "value": weight.numel() * weight.element_size() / ms / 1e9})
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'kernel':<58} {'ms':>9} {'value':>9} {'metric':<8} {'vs yardstick':>12} {'FA4 ms':>9} {'ours/FA4':>8} {'torch ms':>9}"
     print(header)
@@ -227,6 +245,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="also sweep the attention kernels' tile configs")
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference timings")
     parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
+    parser.add_argument("--gemv", action="store_true", help="also time batch-1 projections (cuBLAS paths)")
     args = parser.parse_args()
     for directory in args.site_dir:
         site.addsitedir(directory)
@@ -247,6 +266,8 @@ def main() -> None:
         rows += tune_rows(decode_contexts)
     if args.splits:
         rows += split_rows(rng)
+    if args.gemv:
+        rows += gemv_rows()
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"flash-attn 4: {'yes' if fa4 else 'no'}")
