@@ -41,7 +41,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids)
         self.stats = EngineStats()
         self.num_hooked_requests = 0  # unfinished requests with a SamplingParams.step_hook
-        self.in_flight: LaunchedStep | None = None  # a decode step queued ahead, its tokens not read back yet
+        self.in_flight: LaunchedStep | None = None  # a step queued ahead, its tokens not read back yet
 
     @property
     def max_sequence_tokens(self) -> int:
