@@ -2,7 +2,9 @@
 host spent waiting for the device (device-bound) and how much working (host-bound where the wait is near zero).
 
 Runs W1 once through ``LLM.generate`` after a warm-up, with each engine step, each wait for a step's tokens and each
-decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well.
+decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well. Every Triton kernel
+specialisation first needed during the run (a compile, or a load from Triton's disk cache) is listed with its step:
+after the engine's warm-up there should be none.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from collections import defaultdict
 
 import torch
+from triton import knobs
 
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.engine import model_runner
@@ -38,6 +41,13 @@ def timeline(llm: LLM, prompts, params) -> tuple[dict[str, dict[str, float]], fl
     if runner.graphs is not None:
         timer.wrap(runner.graphs, "run", "graph_launch")
     rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    step_index = 0
+
+    def record_specialisation(**details) -> None:
+        rows["triton specialisations"]["steps"] += 1
+        print(f"step {step_index}: Triton specialisation {details.get('repr', '?')[:200]}")
+
+    knobs.runtime.jit_cache_hook = record_specialisation
     tokens_before = engine.stats.generated_tokens
     engine.add_requests(prompts, params)
     if torch.cuda.is_available():
@@ -53,8 +63,10 @@ def timeline(llm: LLM, prompts, params) -> tuple[dict[str, dict[str, float]], fl
             row["wall_s"] += time.perf_counter() - step_start
             for part in ("wait", "graph_launch"):
                 row[f"{part}_s"] += timer.totals.get(part, 0.0) - before.get(part, 0.0)
+            step_index += 1
     finally:
         timer.restore()
+        knobs.runtime.jit_cache_hook = None
     return rows, time.perf_counter() - start, engine.stats.generated_tokens - tokens_before
 
 
