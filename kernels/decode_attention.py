@@ -89,7 +89,9 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     return out.reshape(batch, num_heads, head_dim)
 
 
-@triton.jit
+# The block table's row stride is its width, which follows the batch's longest sequence: specialising on it
+# (divisible by 16 or not) would compile the kernel again mid-run.
+@triton.jit(do_not_specialize=["block_table_stride"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,

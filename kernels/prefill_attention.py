@@ -102,7 +102,9 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_t
     return m_new, l_i, acc
 
 
-@triton.jit
+# The block table's row stride is its width, which follows the batch's longest sequence: specialising on it
+# (divisible by 16 or not) would compile the kernel again mid-run.
+@triton.jit(do_not_specialize=["block_table_stride"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_tables_ptr,
     scale_log2,

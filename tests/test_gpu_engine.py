@@ -46,6 +46,29 @@ def test_fp32_greedy_token_exact_on_cuda_with_requests_queued_behind_a_small_bat
     assert torch.equal(got, expected)
 
 
+def test_no_triton_kernel_compiles_after_start_up():
+    """The engine's warm-up and graph capture compile every kernel a run needs: a compile on a request's first step
+    would stall it for seconds. Prompt lengths that change the prefill's block-table width, a prefix-cache hit, and
+    greedy, temperature-only and top-k rows must all run on what start-up compiled."""
+    from triton import knobs
+
+    model = tiny_model("qwen3", dtype=torch.bfloat16).cuda()
+    llm = LLM(model, max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (37, 3, 260, 17, 130)]
+    params = [SamplingParams(temperature=t, top_k=k, max_tokens=20, ignore_eos=True)
+              for t, k in ((0.6, -1), (0, -1), (0.6, -1), (1.0, 5), (0, -1))]
+    compiled = []
+    knobs.runtime.jit_cache_hook = lambda **details: compiled.append(details.get("repr", "?").split("(")[0])
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+        llm.generate([prompts[2] + [5, 6, 7]], params[:1], use_tqdm=False)  # a cached prefix
+    finally:
+        knobs.runtime.jit_cache_hook = None
+    assert hf_minivllm.stats(llm)["prefix_cache_hit_tokens"] > 0
+    assert compiled == []
+
+
 def test_backends_and_graphs_agree_in_bf16():
     model = tiny_model("qwen3", dtype=torch.bfloat16).cuda()
     generator = torch.Generator().manual_seed(1)

@@ -83,7 +83,10 @@ class ModelRunner:
         return int(total * self.config.gpu_memory_utilization - used_now - activation_peak)
 
     def _warm_up(self) -> None:
-        """A prefill of max_num_batched_tokens tokens and the sampler over max_num_seqs rows, on a scratch cache."""
+        """A prefill of max_num_batched_tokens tokens and both samplers over max_num_seqs rows, on a scratch cache.
+
+        Besides measuring peak activations, this compiles the Triton kernels a prefill and sampling need.
+        """
         config = self.config
         seq_len = config.max_model_len
         num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
@@ -99,6 +102,9 @@ class ModelRunner:
         logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device)
         rows = [Sequence([0], _WARMUP_PARAMS, self.block_size) for _ in range(config.max_num_seqs)]
         sample(logits, self._sampling_tensors(rows))
+        # The one-pass sampling kernel reads logits in the model's dtype; compiling it here keeps it off the first step.
+        rows = [Sequence([0], _WARMUP_TEMPERATURE_ONLY, self.block_size) for _ in range(config.max_num_seqs)]
+        sample(logits.to(self.dtype), self._sampling_tensors(rows))
         self._allocate_kv_cache(0)
         torch.cuda.synchronize(self.device)
 
@@ -321,3 +327,4 @@ class LaunchedStep:
 
 # Warm-up rows use every sampling filter, so the sampler's peak memory is part of the measurement.
 _WARMUP_PARAMS = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)
+_WARMUP_TEMPERATURE_ONLY = SamplingParams(temperature=1.0)
