@@ -30,21 +30,21 @@ from workloads import commit, random_model
 
 def engine_logits(llm: LLM, tokens: torch.Tensor) -> torch.Tensor:
     """Our decoder's logits for every position of one prompt (a single prefill over a fresh cache)."""
-    length = len(tokens)
+    length, device = len(tokens), llm.engine.runner.device
     table = list(range((length + llm.engine.runner.block_size - 1) // llm.engine.runner.block_size))
     metadata = AttentionMetadata(
         is_prefill=True,
-        slot_mapping=torch.arange(length, device="cuda"),
-        block_tables=torch.tensor([table], dtype=torch.int32, device="cuda"),
-        cu_seqlens_q=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
-        cu_seqlens_k=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
+        slot_mapping=torch.arange(length, device=device),
+        block_tables=torch.tensor([table], dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor([0, length], dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.tensor([0, length], dtype=torch.int32, device=device),
         max_seqlen_q=length,
         max_seqlen_k=length,
     )
     set_attention_metadata(metadata)
     try:
         with torch.inference_mode():
-            hidden = llm.model(tokens.cuda(), torch.arange(length, device="cuda"))
+            hidden = llm.model(tokens.to(device), torch.arange(length, device=device))
             return llm.model.compute_logits(hidden).float()
     finally:
         set_attention_metadata(None)
@@ -84,6 +84,45 @@ def train_byte_lm(model, steps: int, batch: int = 16, length: int = 512, lr: flo
     return model.to(torch.bfloat16).eval()
 
 
+def sample_texts(held_out: torch.Tensor | None, count: int = 4, length: int = 500) -> list[torch.Tensor]:
+    """``count`` token sequences: random ids (for a random-init model) or stretches of ``held_out`` text."""
+    generator = torch.Generator().manual_seed(3)
+    if held_out is None:
+        return [torch.randint(0, 10000, (length,), generator=generator) for _ in range(count)]
+    offsets = [int(torch.randint(0, len(held_out) - length, (1,), generator=generator)) for _ in range(count)]
+    return [held_out[offset:offset + length] for offset in offsets]
+
+
+def teacher_forced_top1(model, texts: list[torch.Tensor],
+                        backends: tuple[str, ...] = ("triton", "torch")) -> tuple[dict[str, float], list[float]]:
+    """Top-1 agreement (texts up to 1,024 tokens) of every pair among HF bf16 (sdpa), HF bf16 eager, HF fp32 and ours per attention backend,
+    over all positions of ``texts``; and, where ours (first backend) and HF bf16 disagree, HF's logit gap between the
+    two tokens in units of its logits' std."""
+    device = next(model.parameters()).device
+    hf_eager = copy.deepcopy(model)
+    hf_eager.set_attn_implementation("eager")
+    hf_models = {"hf_bf16": model, "hf_bf16_eager": hf_eager, "hf_fp32": copy.deepcopy(model).float()}
+    ours = {f"ours_{backend}": LLM(copy.deepcopy(model), max_model_len=1024, enforce_eager=True, num_kvcache_blocks=64,
+                                   attention_backend=backend) for backend in backends}
+    first_ours = f"ours_{backends[0]}"
+    top1: dict[str, list[torch.Tensor]] = {}
+    gaps: list[float] = []
+    for tokens in texts:
+        with torch.no_grad():
+            rows = {name: hf(tokens[None].to(device)).logits[0].float() for name, hf in hf_models.items()}
+        rows.update({name: engine_logits(llm, tokens) for name, llm in ours.items()})
+        for name, logits in rows.items():
+            top1.setdefault(name, []).append(logits.argmax(-1))
+        hf_logits, ours_top1 = rows["hf_bf16"], rows[first_ours].argmax(-1, keepdim=True)
+        differ = ours_top1[:, 0] != hf_logits.argmax(-1)
+        gap = hf_logits.max(-1).values - hf_logits.gather(-1, ours_top1)[:, 0]
+        gaps += (gap[differ] / hf_logits.std(-1)[differ]).tolist()
+    top1 = {name: torch.cat(values) for name, values in top1.items()}
+    names = list(top1)
+    table = {f"{a} vs {b}": float((top1[a] == top1[b]).float().mean()) for i, a in enumerate(names) for b in names[i + 1:]}
+    return table, gaps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out")
@@ -95,36 +134,10 @@ def main() -> None:
     if args.train_steps:
         model = train_byte_lm(model, args.train_steps)
         held_out = stdlib_bytes(held_out=True)
-    hf_eager = copy.deepcopy(model)
-    hf_eager.set_attn_implementation("eager")
-    hf_fp32 = copy.deepcopy(model).float()
-    ours = {backend: LLM(copy.deepcopy(model), max_model_len=1024, enforce_eager=True, num_kvcache_blocks=64,
-                         attention_backend=backend) for backend in ("triton", "torch")}
-    generator = torch.Generator().manual_seed(3)
-    top1: dict[str, list[torch.Tensor]] = {}
-    gaps = []
-    for _ in range(4):
-        if held_out is None:
-            tokens = torch.randint(0, 10000, (500,), generator=generator)
-        else:
-            offset = int(torch.randint(0, len(held_out) - 500, (1,), generator=generator))
-            tokens = held_out[offset:offset + 500]
-        with torch.no_grad():
-            hf_logits = model(tokens[None].cuda()).logits[0].float()
-            rows = {"hf_bf16": hf_logits, "hf_bf16_eager": hf_eager(tokens[None].cuda()).logits[0].float(),
-                    "hf_fp32": hf_fp32(tokens[None].cuda()).logits[0].float()}
-        rows.update({f"ours_{backend}": engine_logits(llm, tokens) for backend, llm in ours.items()})
-        for name, logits in rows.items():
-            top1.setdefault(name, []).append(logits.argmax(-1))
-        differ = rows["ours_triton"].argmax(-1) != hf_logits.argmax(-1)
-        hf_top = hf_logits.max(-1).values
-        hf_of_ours = hf_logits.gather(-1, rows["ours_triton"].argmax(-1, keepdim=True))[:, 0]
-        gaps += ((hf_top - hf_of_ours)[differ] / hf_logits.std(-1)[differ]).tolist()
-    top1 = {name: torch.cat(values) for name, values in top1.items()}
-    names = list(top1)
-    table = {f"{a} vs {b}": float((top1[a] == top1[b]).float().mean()) for i, a in enumerate(names) for b in names[i + 1:]}
+    texts = sample_texts(held_out)
+    table, gaps = teacher_forced_top1(model, texts)
     weights = f"trained {args.train_steps} steps (byte LM), held-out text" if args.train_steps else "random init"
-    print(f"{torch.cuda.get_device_name()}, commit {commit()}, {weights}, 2000 positions")
+    print(f"{torch.cuda.get_device_name()}, commit {commit()}, {weights}, {sum(map(len, texts))} positions")
     for pair, value in table.items():
         print(f"   {pair:34s} {value:.4f}")
     print(f"ours_triton vs hf_bf16 disagreements: {len(gaps)}; HF's logit gap between the two tokens, in units of "
