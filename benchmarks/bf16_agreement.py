@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sysconfig
 import time
@@ -25,7 +24,7 @@ import torch
 
 from hf_minivllm import LLM
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
-from workloads import commit, random_model
+from workloads import commit, random_model, write_results
 
 
 def engine_logits(llm: LLM, tokens: torch.Tensor) -> torch.Tensor:
@@ -142,9 +141,7 @@ def main() -> None:
         print(f"   {pair:34s} {value:.4f}")
     print(f"ours_triton vs hf_bf16 disagreements: {len(gaps)}; HF's logit gap between the two tokens, in units of "
           f"its logits' std: max {max(gaps, default=0):.4f}, median {sorted(gaps)[len(gaps) // 2] if gaps else 0:.4f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "weights": weights, "agreement": table, "gaps_in_std": gaps}, f, indent=2)
+    write_results(args.out, weights=weights, agreement=table, gaps_in_std=gaps)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ table to --out as JSON as well.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
@@ -16,7 +15,7 @@ import torch
 
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.engine import model_runner
-from workloads import commit, random_model
+from workloads import commit, random_model, write_results
 
 
 class PartTimer:
@@ -120,9 +119,7 @@ def main() -> None:
             print(f"   {part:26s} {value:10.1f}")
     for name, text in calls.items():
         print(f"== CUDA runtime calls, {name}, async scheduling\n{text}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "device": torch.cuda.get_device_name(), "rows": rows, "runtime_calls": calls}, f, indent=2)
+    write_results(args.out, device=torch.cuda.get_device_name(), rows=rows, runtime_calls=calls)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ profiled steps at batch 1 (greedy) and 256 (sampled). Writes the tables to --out
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from hf_minivllm import LLM, SamplingParams
-from workloads import commit, random_model
+from workloads import commit, random_model, write_results
 
 
 def replay_ms(llm: LLM, batch: int, repeats: int = 50) -> float:
@@ -78,9 +77,7 @@ def main() -> None:
     tables = {"batch 1 greedy": kernel_table(llm, 1, 0.0), "batch 256 temperature 0.6": kernel_table(llm, 256, 0.6)}
     for name, table in tables.items():
         print(f"== {name}\n{table}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "rows": rows, "profiles": tables}, f, indent=2)
+    write_results(args.out, rows=rows, profiles=tables)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ after the engine's warm-up there should be none.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
@@ -19,7 +18,7 @@ from triton import knobs
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.engine import model_runner
 from host_overhead import PartTimer
-from workloads import commit, random_model, w1_requests
+from workloads import commit, random_model, w1_requests, write_results
 
 BUCKETS = ((1, 15), (16, 63), (64, 127), (128, 191), (192, 256))
 
@@ -85,10 +84,7 @@ def main() -> None:
         row = rows[name]
         print(f"{name:28s} {row['steps']:6.0f} {row['wall_s']:8.3f} {row['wait_s']:8.3f} "
               f"{row['wall_s'] - row['wait_s']:8.3f} {row['graph_launch_s']:15.3f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "device": torch.cuda.get_device_name(), "seconds": seconds,
-                       "tokens": tokens, "phases": rows}, f, indent=2)
+    write_results(args.out, device=torch.cuda.get_device_name(), seconds=seconds, tokens=tokens, phases=rows)
 
 
 if __name__ == "__main__":

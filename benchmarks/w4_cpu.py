@@ -6,7 +6,6 @@ Each engine path gets one warm-up call first. Prints a table and, with --out, wr
 """
 import argparse
 import copy
-import json
 import platform
 
 import torch
@@ -14,7 +13,7 @@ import torch
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.models.loading import load_embedded_model
-from workloads import commit, timed
+from workloads import commit, timed, write_results
 
 TOPICS = [
     "the moon", "volcanoes", "honey bees", "the Roman empire", "photosynthesis", "jazz music", "chess openings",
@@ -87,9 +86,7 @@ def main() -> None:
         print(f"{row['path']:42s} {row['seconds']:8.2f} {row['tokens']:7d} {row['tokens_per_s']:8.1f} "
               f"{row['tokens_per_s'] / hf_rate:8.2f}x {vs_pipe}")
     print(f"accelerated output identical to HF generate: {identical}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "rows": rows, "identical_to_hf": identical}, f, indent=2)
+    write_results(args.out, rows=rows, identical_to_hf=identical)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Both engine paths get one warm-up call first; the unpatched pipeline runs once (
 """
 import argparse
 import copy
-import json
 import platform
 
 import torch
@@ -17,7 +16,7 @@ import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.models.loading import load_embedded_model
 from w4_cpu import MAX_NEW_TOKENS, TOPICS
-from workloads import commit, timed
+from workloads import commit, timed, write_results
 
 
 def main() -> None:
@@ -70,9 +69,7 @@ def main() -> None:
     if identical is not None:
         speedup = rates["accelerated pipeline (list of 32)"] / rates["unpatched pipeline (default batch_size)"]
         print(f"accelerated pipeline vs unpatched: {speedup:.2f}x; same texts: {identical}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"commit": commit(), "threads": torch.get_num_threads(), "rows": rows, "identical_texts": identical}, f, indent=2)
+    write_results(args.out, threads=torch.get_num_threads(), rows=rows, identical_texts=identical)
 
 
 if __name__ == "__main__":

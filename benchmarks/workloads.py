@@ -1,6 +1,7 @@
 """The benchmark workloads of DESIGN.md section 3, built the same way in every script so results compare."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -63,3 +64,10 @@ def commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def write_results(path: str | None, **fields) -> None:
+    """Write ``fields`` with the commit measured to ``path`` as JSON; nothing when no path (--out) was given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"commit": commit(), **fields}, f, indent=2)
