@@ -14,6 +14,10 @@ def accelerate(model: Any, **config: Any) -> Any:
 
     ``model.generate`` then runs through the engine; ``model(...)``, ``save_pretrained`` and the rest are HF's.
     ``config`` takes the engine's settings (see ``hf_minivllm.Config``). A second call returns the model as is.
+
+    Unlike ``LLM``, the KV cache is on demand by default (``kv_cache_resident=False``): it takes what the requests
+    in hand need and gives it back when generation is idle, so training steps and other models share the GPU as
+    they would without ``accelerate``. The model may keep training: every ``generate`` sees its current weights.
     """
     from hf_minivllm.patches.model import install, is_accelerated
 
@@ -21,21 +25,37 @@ def accelerate(model: Any, **config: Any) -> Any:
         if config:
             logger.warning("model is already accelerated; ignoring %s (call hf_minivllm.restore first)", sorted(config))
         return model
+    if config.get("kv_cache_resident") is None:
+        config["kv_cache_resident"] = False
     install(model, LLM(model, **config))
     return model
 
 
 def restore(model: Any) -> Any:
     """Undo ``accelerate``: ``model.generate`` is HF's again and the engine (and its KV cache) is released."""
-    from hf_minivllm.patches.model import uninstall
+    from hf_minivllm.patches.model import is_accelerated, state_of, uninstall
 
+    if is_accelerated(model):
+        state_of(model).llm.close()
     uninstall(model)
     return model
 
 
-def stats(model_or_llm: Any) -> dict:
-    """The engine's counters for an accelerated model or an ``LLM``: requests, tokens, cache hits, fallbacks."""
+def _llm_of(model_or_llm: Any) -> LLM:
     from hf_minivllm.patches.model import state_of
 
-    llm = model_or_llm if isinstance(model_or_llm, LLM) else state_of(model_or_llm).llm
-    return llm.stats.as_dict()
+    return model_or_llm if isinstance(model_or_llm, LLM) else state_of(model_or_llm).llm
+
+
+def stats(model_or_llm: Any) -> dict:
+    """The engine's counters for an accelerated model or an ``LLM``: requests, tokens, cache hits, fallbacks."""
+    return _llm_of(model_or_llm).stats.as_dict()
+
+
+def reset_prefix_cache(model_or_llm: Any) -> None:
+    """Stop the engine of an accelerated model or an ``LLM`` from reusing any KV computed so far.
+
+    Weight changes are noticed by themselves at the next call (version counters, data pointers); this is for
+    changes no counter sees, such as ``param.data.add_(...)``, or to start measurements from a cold cache.
+    """
+    _llm_of(model_or_llm).reset_prefix_cache()

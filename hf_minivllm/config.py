@@ -22,7 +22,10 @@ class Config:
 
     ``model`` is a local model folder or an already loaded ``transformers`` model. ``max_model_len`` is capped by
     the model's ``max_position_embeddings``. ``num_kvcache_blocks=-1`` sizes the KV cache from
-    ``gpu_memory_utilization`` on CUDA (on CPU from ``cpu_kvcache_space_gib``). ``async_scheduling`` schedules and
+    ``gpu_memory_utilization`` on CUDA (on CPU from ``cpu_kvcache_space_gib``), or from ``kv_cache_memory_gib``
+    when given. ``kv_cache_resident``: True allocates the whole KV cache up front and keeps it (``LLM``'s default);
+    False starts with room for one ``max_model_len`` sequence, grows with the requests in hand up to that size, and
+    hands the memory back whenever the engine is idle (``accelerate``'s default). ``async_scheduling`` schedules and
     prepares the next step while the current one runs on the device (the host never waits for a step before
     queueing the next); steps with HF logits processors or stopping criteria always run one at a time.
     """
@@ -40,6 +43,8 @@ class Config:
     attention_backend: str = "auto"
     cpu_kvcache_space_gib: float = 4.0
     async_scheduling: bool = True
+    kv_cache_resident: bool | None = None
+    kv_cache_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
@@ -65,6 +70,11 @@ class Config:
         for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Config.{name} must be a boolean, got {getattr(self, name)!r}")
+        if self.kv_cache_resident is not None and not isinstance(self.kv_cache_resident, bool):
+            raise ValueError(f"Config.kv_cache_resident must be True, False or None, got {self.kv_cache_resident!r}")
+        gib = self.kv_cache_memory_gib
+        if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0):
+            raise ValueError(f"Config.kv_cache_memory_gib must be a number of GiB > 0 or None, got {gib!r}")
 
     def fit_to_model(self, max_position_embeddings: int | None) -> None:
         """Cap max_model_len by the model's context window and keep one full prompt schedulable per step."""

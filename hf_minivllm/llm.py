@@ -1,19 +1,21 @@
 """LLM: the offline API (nano-vllm / vLLM style). Prompts in, ``{"text", "token_ids"}`` dicts out, in order."""
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence as SequenceOf
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from hf_minivllm.config import Config
-from hf_minivllm.engine.llm_engine import LLMEngine, StepResult
-from hf_minivllm.engine.sequence import Sequence
+from hf_minivllm.engine.llm_engine import LLMEngine
+from hf_minivllm.engine.loop import EngineLoop, RequestGroup
+from hf_minivllm.engine.sequence import FinishReason, Sequence
 from hf_minivllm.models.adapter import build_decoder, load_hf_model
 from hf_minivllm.models.loading import eos_token_ids_of, load_tokenizer
+from hf_minivllm.models.weight_sync import WeightChange, WeightWatcher
 from hf_minivllm.sampling_params import SamplingParams
 
 Prompt = str | SequenceOf[int]
@@ -79,12 +81,19 @@ class LLM:
     A path is loaded with ``transformers`` (local files only) onto the GPU when there is one; a loaded HF model is
     used where it is, sharing its weights. ``tokenizer=`` is needed for string prompts and ``"text"`` outputs
     unless it can be loaded from the path.
+
+    Any number of threads may call ``generate`` and ``stream`` at once: their requests join one continuous batch
+    (one engine loop), and each call gets its own results. Every call first checks, cheaply, whether the model's
+    weights changed since the last one (see ``hf_minivllm.models.weight_sync``): new values reset the prefix cache,
+    new tensors (dtype, device, replaced parameters) rebuild the decoder.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, **config: Any):
         unknown = set(config) - set(Config.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown LLM config argument(s) {sorted(unknown)}; valid: {sorted(Config.__dataclass_fields__)}")
+        if config.get("kv_cache_resident") is None:
+            config["kv_cache_resident"] = True  # the offline API pre-allocates, as vLLM does
         self.config = Config(model=model, **config)
         if isinstance(model, str):
             hf_model = load_hf_model(model)
@@ -95,7 +104,10 @@ class LLM:
         self.tokenizer = tokenizer
         self.config.fit_to_model(getattr(hf_model.config, "max_position_embeddings", None))
         self.model = build_decoder(hf_model)
+        self._weights = WeightWatcher(self.model.weight_sources)
+        self._weights_lock = threading.Lock()
         self.engine = LLMEngine(self.model, self.config, eos_token_ids_of(hf_model, tokenizer))
+        self.loop = EngineLoop(self.engine)
 
     @property
     def stats(self):
@@ -151,61 +163,103 @@ class LLM:
         prompts: Prompt | SequenceOf[Prompt],
         sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
     ) -> Iterator[StreamOutput]:
-        """Generate like ``generate``, yielding a ``StreamOutput`` per request each time it gets a token.
+        """Generate like ``generate``, yielding a ``StreamOutput`` per request each time it gets tokens.
 
-        All prompts run as one continuous batch; events come in step order, and within a step in batch order. A
-        request's last event carries its ``finish_reason``. Leaving the loop early drops the unfinished requests.
+        All prompts run as one continuous batch (with whatever other calls run meanwhile); events come in step
+        order, and within a step in batch order. A consumer slower than the engine gets the tokens of several steps
+        in one event. A request's last event carries its ``finish_reason``. Leaving the loop early aborts the
+        unfinished requests.
         """
         token_ids, sampling_params = self._requests(prompts, sampling_params)
-        seqs = self.engine.add_requests(token_ids, sampling_params)
+        seqs = self.sequences(token_ids, sampling_params)
         index_of = {seq.seq_id: index for index, seq in enumerate(seqs)}
         detokenizers = [IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True) for _ in seqs]
-        emitted = [0] * len(seqs)
-        with closing(self.engine.steps()) as results:
-            for result in results:
-                for seq in result.updated:
-                    index = index_of.get(seq.seq_id)
-                    if index is None:
-                        continue
-                    completion = seq.completion_token_ids
-                    text = detokenizers[index].step(completion)
-                    finish_reason = seq.finish_reason.value if seq.is_finished else None
-                    if finish_reason is not None:
-                        text += detokenizers[index].flush(completion)
-                    yield StreamOutput(index, text, completion[emitted[index] :], finish_reason)
-                    emitted[index] = len(completion)
+        emitted, finished = [0] * len(seqs), [False] * len(seqs)
+        group = self.loop.submit(seqs, watch_steps=True)
+        for update in self.loop.updates(group):
+            with self.loop.state_lock:  # the loop may be appending to these sequences right now
+                news = [(index_of[seq.seq_id], list(seq.completion_token_ids), seq.finish_reason) for seq in update]
+            for index, completion, finish_reason in news:
+                if finished[index] or (len(completion) == emitted[index] and finish_reason is None):
+                    continue
+                finished[index] = finish_reason is not None
+                text = detokenizers[index].step(completion)
+                if finish_reason is not None:
+                    text += detokenizers[index].flush(completion)
+                yield StreamOutput(index, text, completion[emitted[index] :], _reason(finish_reason))
+                emitted[index] = len(completion)
+
+    def sequences(self, token_ids: list[list[int]], sampling_params: list[SamplingParams]) -> list[Sequence]:
+        """Validated, not yet queued engine sequences for tokenized prompts, after syncing with the model's weights."""
+        self.sync_weights()
+        return self.engine.new_sequences(token_ids, sampling_params)
 
     def generate_sequences(
         self, token_ids: list[list[int]], sampling_params: list[SamplingParams], use_tqdm: bool = False
     ) -> list[Sequence]:
-        """The engine's finished sequences for already-tokenized prompts (used by the HF ``generate`` patch too)."""
-        progress = _Progress(len(token_ids)) if use_tqdm else None
+        """The engine's finished sequences for already-tokenized prompts, in order."""
+        seqs = self.sequences(token_ids, sampling_params)
+        progress = _Progress(len(seqs), self.engine.stats) if use_tqdm else None
         try:
-            return self.engine.generate(token_ids, sampling_params, on_step=progress.update if progress else None)
+            return self.loop.wait(self.loop.submit(seqs), poll=progress.update if progress else None,
+                                  **({"poll_interval_s": 0.1} if progress else {}))
         finally:
             if progress is not None:
                 progress.close()
 
+    def sync_weights(self) -> None:
+        """Bring the engine in line with the model's weights: called by every generate/stream call."""
+        with self._weights_lock:
+            change = self._weights.check()
+            if change is WeightChange.VALUES:
+                self.loop.post(LLMEngine.reset_prefix_cache)
+                self.engine.stats.weight_updates += 1
+            elif change is WeightChange.TENSORS:
+                self.loop.call(self._rebuild)
+                self.engine.stats.weight_updates += 1
+
+    def _rebuild(self, engine: LLMEngine) -> None:
+        """Runs on the engine loop: a new decoder from the model as it is now, served by a new runner."""
+        self.model = build_decoder(self.hf_model)
+        engine.reload_model(self.model)
+        self._weights = WeightWatcher(self.model.weight_sources)
+        engine.stats.rebuilds += 1
+
+    def reset_prefix_cache(self) -> None:
+        """Make sure no KV computed so far is reused (weights changed in a way the engine cannot see, such as
+        ``param.data.add_(...)``). Requests queued after this call are served without reusing earlier KV."""
+        self.loop.post(LLMEngine.reset_prefix_cache)
+
+    def close(self) -> None:
+        """Abort running requests and release the KV cache and CUDA graphs; later calls raise ``EngineClosed``."""
+        self.loop.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _reason(finish_reason: FinishReason | None) -> str | None:
+    return finish_reason.value if finish_reason is not None else None
+
 
 class _Progress:
-    """tqdm bar over finished requests, with live prefill and decode tokens per second."""
+    """tqdm bar over finished requests, with the engine's prompt and generated tokens per second."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, stats: Any):
         self.bar = tqdm(total=total, desc="Generating", dynamic_ncols=True)
-        self.last = time.perf_counter()
-        self.prefill_rate = 0.0
-        self.decode_rate = 0.0
+        self.stats = stats
+        self.last = (time.perf_counter(), stats.prompt_tokens, stats.generated_tokens)
 
-    def update(self, result: StepResult) -> None:
-        now = time.perf_counter()
-        rate = result.num_tokens / max(now - self.last, 1e-9)
+    def update(self, group: RequestGroup) -> None:
+        now = (time.perf_counter(), self.stats.prompt_tokens, self.stats.generated_tokens)
+        elapsed = max(now[0] - self.last[0], 1e-9)
+        self.bar.set_postfix(prompt=f"{(now[1] - self.last[1]) / elapsed:.0f} tok/s",
+                             generated=f"{(now[2] - self.last[2]) / elapsed:.0f} tok/s", refresh=False)
         self.last = now
-        if result.is_prefill:
-            self.prefill_rate = rate
-        else:
-            self.decode_rate = rate
-        self.bar.set_postfix(prefill=f"{self.prefill_rate:.0f} tok/s", decode=f"{self.decode_rate:.0f} tok/s", refresh=False)
-        self.bar.update(len(result.finished))
+        self.bar.update(group.num_finished - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()

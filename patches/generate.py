@@ -22,7 +22,7 @@ import torch
 from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.patches.generation_fields import FALLBACK_ARGUMENTS, FALLBACK_MODEL_KWARGS, fallback_reason
 from hf_minivllm.patches.hf_compat import prepare_special_tokens, resolve_generation_config
-from hf_minivllm.patches.state import state_of
+from hf_minivllm.patches.state import redirect_of, state_of
 from hf_minivllm.patches.step_hook import HFStepHook
 from hf_minivllm.sampling_params import SamplingParams
 
@@ -79,14 +79,21 @@ class EngineCall:
             return None
         return max(self._length(row, seq) for row, seq in enumerate(self.seqs))
 
-    def stream(self) -> None:
-        """Hand the streamer every step whose token is known for every row (HF puts one ``[batch]`` tensor a step)."""
-        limit = self.num_steps()
-        while limit is None or self.streamed_steps < limit:
-            step = self.streamed_steps
-            if not all(seq.num_completion_tokens > step or seq.is_finished for seq in self.seqs):
-                return
-            tokens = [self._token(seq, step) for seq in self.seqs]
+    def stream(self, state_lock: Any) -> None:
+        """Hand the streamer every step whose token is known for every row (HF puts one ``[batch]`` tensor a step).
+
+        The rows are read under ``state_lock`` (the engine loop may be stepping them); the streamer, user code, is
+        called outside it, so a slow streamer holds up this call only.
+        """
+        steps = []
+        with state_lock:
+            limit = self.num_steps()
+            while limit is None or self.streamed_steps + len(steps) < limit:
+                step = self.streamed_steps + len(steps)
+                if not all(seq.num_completion_tokens > step or seq.is_finished for seq in self.seqs):
+                    break
+                steps.append([self._token(seq, step) for seq in self.seqs])
+        for tokens in steps:
             self.streamer.put(torch.tensor(tokens, dtype=self.input_ids.dtype))
             self.streamed_steps += 1
 
@@ -321,31 +328,38 @@ def _engine_sampling_params(generation_config: Any, width: int, max_new: int, eo
 
 
 def _run(llm: Any, calls: list[EngineCall]) -> list[Any]:
-    """Run every call's rows as one engine batch; returns each call's HF result, in order."""
-    for call in calls:
-        if call.streamer is not None:
-            call.streamer.put(call.input_ids.cpu())
+    """Run every call's rows as one engine request group (joining whatever else the engine runs); returns each
+    call's HF result, in order. Streamers are fed from this thread, as HF's own loop would feed them."""
     prompts = [prompt for call in calls for prompt in call.prompts]
     params = [call.params for call in calls for _ in call.prompts]
-    seqs = llm.engine.add_requests(prompts, params)
+    seqs = llm.sequences(prompts, params)
     start = 0
     for call in calls:
         call.attach(seqs[start : start + len(call.prompts)])
         start += len(call.prompts)
     streaming = [call for call in calls if call.streamer is not None]
-    with closing(llm.engine.steps()) as results:
-        for _ in results:
-            for call in streaming:
-                call.stream()
     for call in streaming:
-        call.stream()
-        call.streamer.end()
+        call.streamer.put(call.input_ids.cpu())
+    group = llm.loop.submit(seqs, watch_steps=bool(streaming))
+    if streaming:
+        with closing(llm.loop.updates(group)) as updates:
+            for _ in updates:
+                for call in streaming:
+                    call.stream(llm.loop.state_lock)
+        for call in streaming:
+            call.stream(llm.loop.state_lock)
+            call.streamer.end()
+    else:
+        llm.loop.wait(group)
     return [call.output() for call in calls]
 
 
 @torch.no_grad()
 def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
     """Drop-in for ``GenerationMixin.generate`` on an accelerated model."""
+    redirect = redirect_of(model)
+    if redirect is not None:
+        return redirect(*args, **kwargs)
     state = state_of(model)
     call = GenerateCall.bind(model, args, kwargs)
     try:

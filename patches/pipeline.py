@@ -14,28 +14,16 @@ method is replaced once, at the first ``accelerate``; for models that are not ac
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from hf_minivllm.patches.generate import generate_many
-from hf_minivllm.patches.state import is_accelerated
+from hf_minivllm.patches.state import generate_redirected, is_accelerated
 
 _ORIGINAL = "_hf_minivllm_original"
 
 
 class _GenerateCaptured(Exception):
     """Stops the first pass at ``model.generate``, once its arguments are recorded."""
-
-
-@contextmanager
-def _generate_replaced(model: Any, function: Callable[..., Any]) -> Iterator[None]:
-    engine_generate = model.__dict__["generate"]
-    object.__setattr__(model, "generate", function)
-    try:
-        yield
-    finally:
-        object.__setattr__(model, "generate", engine_generate)
 
 
 def run_as_one_batch(
@@ -49,7 +37,7 @@ def run_as_one_batch(
         calls.append((args, kwargs))
         raise _GenerateCaptured
 
-    with _generate_replaced(pipe.model, capture):
+    with generate_redirected(pipe.model, capture):
         for item in model_inputs:
             try:
                 pipe.forward(copy.copy(item), **forward_params)
@@ -57,7 +45,7 @@ def run_as_one_batch(
                 continue
             raise RuntimeError("TextGenerationPipeline.forward returned without calling model.generate")
     results = iter(generate_many(pipe.model, calls))
-    with _generate_replaced(pipe.model, lambda *args, **kwargs: next(results)):
+    with generate_redirected(pipe.model, lambda *args, **kwargs: next(results)):
         model_outputs = [pipe.forward(item, **forward_params) for item in model_inputs]
     return [pipe.postprocess(output, **postprocess_params) for output in model_outputs]
 

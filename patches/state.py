@@ -1,7 +1,10 @@
 """The engine state that ``accelerate`` attaches to a model, and the fallback to HF's own ``generate``."""
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 STATE_ATTRIBUTE = "_hf_minivllm"
@@ -32,3 +35,27 @@ def state_of(model: Any) -> AcceleratedState:
     if not is_accelerated(model):
         raise ValueError("this model is not accelerated: call hf_minivllm.accelerate(model) first")
     return model.__dict__[STATE_ATTRIBUTE]
+
+
+_redirects = threading.local()  # per thread: id(model) -> the function its generate calls go to
+
+
+@contextmanager
+def generate_redirected(model: Any, function: Callable[..., Any]) -> Iterator[None]:
+    """In this thread only, send ``model.generate`` calls to ``function`` (other threads keep the engine)."""
+    table = _redirects.__dict__.setdefault("table", {})
+    previous = table.get(id(model))
+    table[id(model)] = function
+    try:
+        yield
+    finally:
+        if previous is None:
+            del table[id(model)]
+        else:
+            table[id(model)] = previous
+
+
+def redirect_of(model: Any) -> Callable[..., Any] | None:
+    """The function this thread's ``model.generate`` calls go to, if ``generate_redirected`` is active."""
+    table = getattr(_redirects, "table", None)
+    return table.get(id(model)) if table else None

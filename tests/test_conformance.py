@@ -30,13 +30,13 @@ class Pair:
         self.free = free[:, self.ids.shape[1] :]
         self.requests = []
         engine = state_of(self.model).llm.engine
-        add_requests = engine.add_requests
+        new_sequences = engine.new_sequences
 
         def spy(prompts, params):
             self.requests.append(params)
-            return add_requests(prompts, params)
+            return new_sequences(prompts, params)
 
-        engine.add_requests = spy
+        engine.new_sequences = spy
 
     def both(self, oracle_settings=None, **settings):
         """(accelerated output, oracle output) on the batch; the accelerated call must not fall back or warn.

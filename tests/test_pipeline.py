@@ -22,13 +22,13 @@ def pipes(smollm2):
     hf_minivllm.accelerate(model)
     engine = state_of(model).llm.engine
     batches = []
-    add_requests = engine.add_requests
+    new_sequences = engine.new_sequences
 
     def spy(prompts, params):
         batches.append(len(prompts))
-        return add_requests(prompts, params)
+        return new_sequences(prompts, params)
 
-    engine.add_requests = spy
+    engine.new_sequences = spy
     return accelerated, pipeline("text-generation", model=oracle, tokenizer=tokenizer), batches
 
 

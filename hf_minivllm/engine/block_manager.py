@@ -4,6 +4,10 @@ A full block is identified by a chain hash: xxh64 over the previous block's hash
 equal hashes mean equal prefixes up to that block. A hit is confirmed by comparing token ids (hash collisions).
 Freed blocks keep their content and hash and sit in an LRU free list, so a later request with the same prefix can
 revive them; a block taken from the free list for new content first drops its old hash from the map.
+
+The pool can grow (the KV cache was given more memory) and shrink while idle. ``reset_prefix_cache`` starts a new
+cache epoch: nothing computed before it is matched again, and sequences admitted before it never publish their
+blocks (their KV was computed, at least in part, with the old weights).
 """
 from __future__ import annotations
 
@@ -47,6 +51,34 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.epoch = 0
+
+    def grow(self, num_blocks: int) -> None:
+        """Add blocks up to ``num_blocks`` in all; new blocks are handed out before free blocks holding cached KV."""
+        old = len(self.blocks)
+        self.blocks.extend(Block(i) for i in range(old, num_blocks))
+        for block_id in range(num_blocks - 1, old - 1, -1):
+            self.free_blocks[block_id] = None
+            self.free_blocks.move_to_end(block_id, last=False)
+
+    def shrink(self, num_blocks: int) -> None:
+        """Drop the blocks from ``num_blocks`` on; every one of them must be free. Their cached prefixes are lost."""
+        dropped = self.blocks[num_blocks:]
+        if any(block.ref_count for block in dropped):
+            raise RuntimeError("cannot shrink the KV cache below blocks that sequences still hold")
+        for block in dropped:
+            del self.free_blocks[block.block_id]
+            if block.hash != NO_HASH and self.hash_to_block.get(block.hash) == block.block_id:
+                del self.hash_to_block[block.hash]
+        del self.blocks[num_blocks:]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: no block computed so far is matched again (e.g. after the weights changed)."""
+        self.epoch += 1
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash = NO_HASH
+            block.token_ids = []
 
     @property
     def num_blocks(self) -> int:
@@ -99,11 +131,18 @@ class BlockManager:
             found.append(block)
         return found
 
-    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        """Whether ``seq``'s blocks fit while leaving ``reserve`` blocks free (cache hits on free blocks count)."""
+    def blocks_short(self, seq: Sequence, reserve: int = 0) -> int:
+        """How many more free blocks admitting ``seq`` needs while leaving ``reserve`` free (<= 0: it fits now).
+
+        Cache hits on free blocks take those blocks out of the free list, so they count as used.
+        """
         cached = self._cached_prefix(seq)
         revived = sum(1 for block in cached if block.ref_count == 0)
-        return self.num_free_blocks - revived - (seq.num_blocks - len(cached)) >= reserve
+        return reserve + revived + (seq.num_blocks - len(cached)) - self.num_free_blocks
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Whether ``seq``'s blocks fit while leaving ``reserve`` blocks free (cache hits on free blocks count)."""
+        return self.blocks_short(seq, reserve) <= 0
 
     def allocate(self, seq: Sequence) -> None:
         """Give ``seq`` blocks for all its tokens, reusing cached full blocks of its prefix.
@@ -120,6 +159,7 @@ class BlockManager:
         for _ in range(seq.num_blocks - len(cached)):
             seq.block_table.append(self._take_free_block().block_id)
         seq.num_hashed_blocks = len(cached)
+        seq.cache_epoch = self.epoch
         seq.num_cached_tokens = min(len(cached) * self.block_size, len(seq) - 1)
         seq.num_computed_tokens = seq.num_cached_tokens
 
@@ -129,7 +169,7 @@ class BlockManager:
         Called when a step that computes those tokens is scheduled: a sequence admitted later in the same step may
         then share the blocks (the forward writes every new token's K/V before any attention reads the cache).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.cache_epoch != self.epoch:
             return
         full = num_tokens // self.block_size
         index = seq.num_hashed_blocks

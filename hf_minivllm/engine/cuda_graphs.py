@@ -68,7 +68,8 @@ class DecodeGraphs:
                 try:
                     self._forward(model, bucket)  # warm-up: Triton compiles and autotuning stay out of the graph
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool):
+                    # thread_local: another engine's loop thread may be running CUDA work meanwhile.
+                    with torch.cuda.graph(graph, pool, capture_error_mode="thread_local"):
                         self._forward(model, bucket)
                 finally:
                     set_attention_metadata(None)

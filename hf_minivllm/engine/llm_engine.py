@@ -31,17 +31,24 @@ class StepResult:
 
 
 class LLMEngine:
-    """Continuous-batching engine over a compact decoder (see ``hf_minivllm.models``)."""
+    """Continuous-batching engine over a compact decoder (see ``hf_minivllm.models``).
+
+    Not thread-safe by itself: one thread steps it (``hf_minivllm.engine.loop.EngineLoop`` for many callers).
+    """
 
     def __init__(self, model: nn.Module, config: Config, eos_token_ids: SequenceOf[int]):
         self.config = config
-        self.model = model
         self.eos_token_ids = list(eos_token_ids)
-        self.runner = ModelRunner(model, config, self.eos_token_ids)
-        self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids)
         self.stats = EngineStats()
         self.num_hooked_requests = 0  # unfinished requests with a SamplingParams.step_hook
         self.in_flight: LaunchedStep | None = None  # a step queued ahead, its tokens not read back yet
+        self._start(model)
+
+    def _start(self, model: nn.Module) -> None:
+        self.model = model
+        self.runner = ModelRunner(model, self.config, self.eos_token_ids)
+        self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.eos_token_ids,
+                                   capacity_blocks=self.runner.capacity_blocks, grow=self.runner.grow_kv_cache)
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -72,26 +79,34 @@ class LLMEngine:
                 "lower max_tokens or give the cache more blocks"
             )
 
+    def new_sequences(self, prompts: SequenceOf[SequenceOf[int]], params: SequenceOf[SamplingParams]) -> list[Sequence]:
+        """Validate every request, then make its sequence (not queued yet); safe from any thread."""
+        if len(prompts) != len(params):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        for index, (prompt, sp) in enumerate(zip(prompts, params)):
+            self.validate_request(prompt, sp, index)
+        return [Sequence(list(prompt), sp, self.config.kvcache_block_size) for prompt, sp in zip(prompts, params)]
+
+    def add_sequences(self, seqs: SequenceOf[Sequence]) -> None:
+        """Queue sequences made by ``new_sequences``, in order."""
+        for seq in seqs:
+            self.scheduler.add(seq)
+            if seq.sampling_params.step_hook is not None:
+                self.num_hooked_requests += 1
+            self.stats.requests += 1
+            self.stats.prompt_tokens += len(seq)
+
     def add_request(self, prompt_token_ids: SequenceOf[int], params: SamplingParams) -> Sequence:
-        self.validate_request(prompt_token_ids, params)
-        seq = Sequence(list(prompt_token_ids), params, self.config.kvcache_block_size)
-        self.scheduler.add(seq)
-        if params.step_hook is not None:
-            self.num_hooked_requests += 1
-        self.stats.requests += 1
-        self.stats.prompt_tokens += len(seq)
-        return seq
+        return self.add_requests([prompt_token_ids], [params])[0]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def add_requests(self, prompts: SequenceOf[SequenceOf[int]], params: SequenceOf[SamplingParams]) -> list[Sequence]:
         """Queue requests in order; every one is validated before the first is queued, so a bad one changes nothing."""
-        if len(prompts) != len(params):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        for index, (prompt, sp) in enumerate(zip(prompts, params)):
-            self.validate_request(prompt, sp, index)
-        return [self.add_request(prompt, sp) for prompt, sp in zip(prompts, params)]
+        seqs = self.new_sequences(prompts, params)
+        self.add_sequences(seqs)
+        return seqs
 
     def step(self) -> StepResult:
         """Launch the next step and return the result of the one before it (async scheduling), or run one step.
@@ -102,6 +117,8 @@ class LLMEngine:
         ahead = self._may_schedule_ahead()
         batch = self.scheduler.schedule() if previous is None or ahead else None
         if batch is None:
+            if previous is None:
+                raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
             return self._complete(previous)
         batch.has_step_hooks = self.num_hooked_requests > 0
         if batch.is_prefill:
@@ -122,10 +139,16 @@ class LLMEngine:
         return self.config.async_scheduling and self.num_hooked_requests == 0
 
     def _complete(self, launched: LaunchedStep) -> StepResult:
-        """Read back a launched step's tokens and apply them: append, finish, step hooks' stop decisions."""
+        """Read back a launched step's tokens and apply them: append, finish, step hooks' stop decisions.
+
+        A request whose step hook raised ends here (``FinishReason.ABORT``, the exception in ``Sequence.error``);
+        the other requests of the step go on.
+        """
         batch = launched.batch
         token_ids = launched.token_ids()
+        failed = self._abort_failed(launched.hook_failures)
         updated, finished = self.scheduler.postprocess(batch, token_ids)
+        finished += failed
         if batch.has_step_hooks:
             finished += self._run_stop_hooks(updated)
             self.num_hooked_requests -= sum(1 for seq in finished if seq.sampling_params.step_hook is not None)
@@ -134,25 +157,88 @@ class LLMEngine:
         self.stats.preemptions = self.scheduler.num_preemptions
         return StepResult(updated, finished, batch.is_prefill, sum(batch.num_new_tokens))
 
+    def _abort_failed(self, failures: list[tuple[list[Sequence], BaseException]]) -> list[Sequence]:
+        aborted = []
+        for seqs, error in failures:
+            for seq in seqs:
+                if not seq.is_finished:
+                    self.scheduler.abort(seq, error)
+                    aborted.append(seq)
+        return aborted
+
     def _run_stop_hooks(self, updated: list[Sequence]) -> list[Sequence]:
-        """Ask each step hook whether its requests that just got a token (and did not finish) must stop now."""
+        """Ask each step hook whether its requests that just got a token (and did not finish) must stop now.
+
+        A hook that raises aborts its own requests with that exception.
+        """
         groups: dict[int, list[Sequence]] = {}
         for seq in updated:
             if seq.sampling_params.step_hook is not None and not seq.is_finished:
                 groups.setdefault(id(seq.sampling_params.step_hook), []).append(seq)
         stopped = []
         for seqs in groups.values():
-            for seq, stop in zip(seqs, seqs[0].sampling_params.step_hook.should_stop(seqs)):
+            try:
+                decisions = list(seqs[0].sampling_params.step_hook.should_stop(seqs))
+            except Exception as error:  # noqa: BLE001 - the hook's own failure, handed to its caller
+                stopped += self._abort_failed([(seqs, error)])
+                continue
+            for seq, stop in zip(seqs, decisions):
                 if stop:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     stopped.append(seq)
         return stopped
 
-    def abort_all(self) -> None:
-        """Drop every unfinished request and free its blocks (after a failed step or an abandoned stream)."""
+    def abort(self, seqs: SequenceOf[Sequence], error: BaseException | None = None) -> None:
+        """End these requests now (their caller left); their blocks go back to the pool."""
+        for seq in seqs:
+            if not seq.is_finished:
+                if seq.sampling_params.step_hook is not None:
+                    self.num_hooked_requests -= 1
+                self.scheduler.abort(seq, error)
+
+    def abort_all(self, error: BaseException | None = None) -> list[Sequence]:
+        """End every unfinished request with ``error`` (after a failed step). Blocks whose KV the failed step may
+        have left unwritten could be published already, so the prefix cache is reset as well."""
         self.in_flight = None
-        self.scheduler.abort_all()
+        aborted = self.scheduler.abort_all(error)
         self.num_hooked_requests = 0
+        self.scheduler.block_manager.reset_prefix_cache()
+        return aborted
+
+    def reset_prefix_cache(self) -> None:
+        """No KV computed so far is reused by later requests (call after changing the weights)."""
+        self.scheduler.block_manager.reset_prefix_cache()
+
+    def reload_model(self, model: nn.Module) -> None:
+        """Serve a rebuilt decoder (new weight tensors, dtype or device): running requests are recomputed.
+
+        The step in flight is read back first; then every running request goes back to the queue, the old KV cache
+        and CUDA graphs are released, and a new runner (KV cache, graphs) is built for ``model``.
+        """
+        if self.in_flight is not None:
+            self._complete(self.in_flight)
+            self.in_flight = None
+        self.scheduler.preempt_all()
+        waiting, num_preemptions = list(self.scheduler.waiting), self.scheduler.num_preemptions
+        self.runner.close()
+        self.runner = self.scheduler = None
+        self._start(model)
+        self.scheduler.num_preemptions = num_preemptions
+        for seq in waiting:
+            self.scheduler.add(seq)
+
+    def release_idle_memory(self) -> None:
+        """With nothing to run, hand the KV cache's memory above its floor back (on-demand caches only)."""
+        if self.has_unfinished():
+            return
+        floor = self.runner.shrink_kv_cache()
+        if floor < self.scheduler.block_manager.num_blocks:
+            self.scheduler.block_manager.shrink(floor)
+
+    def close(self) -> None:
+        """Drop every request and release the KV cache and CUDA graphs; the engine cannot be used afterwards."""
+        self.abort_all()
+        self.runner.close()
 
     def steps(self) -> Iterator[StepResult]:
         """Step until every queued request finished, yielding each step's result.
@@ -163,8 +249,8 @@ class LLMEngine:
         try:
             while self.has_unfinished():
                 yield self.step()
-        except BaseException:
-            self.abort_all()
+        except BaseException as error:
+            self.abort_all(error)
             raise
 
     def generate(

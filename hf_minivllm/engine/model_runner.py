@@ -5,6 +5,8 @@ Owns the paged KV cache (one tensor, a view of it per attention layer) and, on C
 from __future__ import annotations
 
 import gc
+import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,7 +14,16 @@ from torch import nn
 
 from hf_minivllm.config import Config
 from hf_minivllm.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from hf_minivllm.engine.cuda_vmm import virtual_memory_available
 from hf_minivllm.engine.decode_tables import DecodeBlockTables
+from hf_minivllm.engine.kv_storage import (
+    FixedKVStorage,
+    KVCacheStorage,
+    KVLayout,
+    ReallocKVStorage,
+    VirtualKVStorage,
+    growth_budget,
+)
 from hf_minivllm.engine.scheduler import ScheduledBatch
 from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.engine.step_hooks import apply_step_hooks
@@ -21,11 +32,14 @@ from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
 from hf_minivllm.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 
 
 class ModelRunner:
+    """One model on one device: its KV cache storage, decode graphs, input preparation and sampling."""
+
     def __init__(self, model: nn.Module, config: Config, eos_token_ids: list[int]):
         self.model = model
         self.eos_token_ids = list(eos_token_ids)
@@ -40,37 +54,78 @@ class ModelRunner:
             layer.backend = backend
         self.attention_backend = backend
         self._decode_tables = DecodeBlockTables(config.max_num_seqs, self.max_blocks_per_seq)
-        self.num_blocks = self._num_kvcache_blocks()
-        self._allocate_kv_cache(self.num_blocks)
+        self.layout = KVLayout(model.num_layers, self.block_size, model.num_kv_heads, model.head_dim, self.dtype)
+        self._growth_budget: Callable[[], int] | None = None
+        self.storage = self._make_storage()
+        self._bind_kv_cache(self.storage.tensor)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     @property
     def kv_bytes_per_block(self) -> int:
-        model = self.model
-        per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * self.dtype.itemsize
-        return per_token * self.block_size
+        return self.layout.bytes_per_block
 
-    def _num_kvcache_blocks(self) -> int:
-        config = self.config
+    @property
+    def num_blocks(self) -> int:
+        """KV blocks the cache holds now."""
+        return self.storage.num_blocks
+
+    @property
+    def capacity_blocks(self) -> int:
+        """KV blocks the cache may grow to."""
+        return self.storage.capacity_blocks
+
+    def _blocks_in(self, num_bytes: float) -> int:
+        return int(max(num_bytes, 0)) // self.kv_bytes_per_block
+
+    def _make_storage(self) -> KVCacheStorage:
+        """Resident: every block allocated now (vLLM's way). On demand: the floor (one max_model_len sequence) now,
+        more while requests need it, given back when idle, up to the cap."""
+        config, layout, device = self.config, self.layout, self.device
+        resident = config.kv_cache_resident is not False
         if config.num_kvcache_blocks > 0:
-            return config.num_kvcache_blocks
-        if self.device.type != "cuda":
-            return max(1, int(config.cpu_kvcache_space_gib * GIB) // self.kv_bytes_per_block)
-        available = self._profile_available_gpu_memory()
-        num_blocks = available // self.kv_bytes_per_block
+            return FixedKVStorage(layout, config.num_kvcache_blocks, device)
+        if config.kv_cache_memory_gib is not None:
+            cap = self._blocks_in(config.kv_cache_memory_gib * GIB)
+        elif device.type != "cuda":
+            cap = self._blocks_in(config.cpu_kvcache_space_gib * GIB)
+        else:
+            cap = None
+        if device.type != "cuda":
+            cap = max(cap, 1)
+            if resident:
+                return FixedKVStorage(layout, cap, device)
+            return ReallocKVStorage(layout, self.max_blocks_per_seq, cap, device)
+        activation_peak, used_now, total = self._profile_gpu_memory()
+        if resident or not (config.enforce_eager or virtual_memory_available(device)):
+            if not resident:
+                logger.warning("CUDA virtual memory management is unavailable: the KV cache is allocated up front")
+            num_blocks = self._blocks_in(total * config.gpu_memory_utilization - used_now - activation_peak)
+            num_blocks = min(num_blocks, cap) if cap is not None else num_blocks
+            self._check_fits(num_blocks, num_blocks * self.kv_bytes_per_block)
+            return FixedKVStorage(layout, num_blocks, device)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if cap is None:
+            cap = self._blocks_in(total * config.gpu_memory_utilization - weights - activation_peak)
+        self._check_fits(cap, cap * self.kv_bytes_per_block)
+        self._growth_budget = growth_budget(device, config.gpu_memory_utilization, activation_peak)
+        torch.cuda.empty_cache()  # the warm-up's activations go back to the driver too
+        storage_type = ReallocKVStorage if config.enforce_eager and not virtual_memory_available(device) else VirtualKVStorage
+        return storage_type(layout, self.max_blocks_per_seq, cap, device)
+
+    def _check_fits(self, num_blocks: int, num_bytes: int) -> None:
         if num_blocks < self.max_blocks_per_seq:
+            config = self.config
             raise ValueError(
                 f"not enough GPU memory for the KV cache of one max_model_len={config.max_model_len} sequence: "
-                f"{max(available, 0) / GIB:.2f} GiB available at gpu_memory_utilization={config.gpu_memory_utilization} "
+                f"{max(num_bytes, 0) / GIB:.2f} GiB available at gpu_memory_utilization={config.gpu_memory_utilization} "
                 f"holds {max(num_blocks, 0)} blocks, {self.max_blocks_per_seq} are needed; raise "
-                "gpu_memory_utilization or lower max_model_len"
+                "gpu_memory_utilization or kv_cache_memory_gib, or lower max_model_len"
             )
-        return int(num_blocks)
 
-    def _profile_available_gpu_memory(self) -> int:
-        """Bytes left for the KV cache after a warm-up step at the largest batch measures peak activations."""
+    def _profile_gpu_memory(self) -> tuple[int, int, int]:
+        """(peak activation bytes of a warm-up step at the largest batch, bytes in use now, device bytes)."""
         gc.collect()  # engines dropped by the caller (model <-> engine reference cycles) give their memory back first
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -79,8 +134,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         stats = torch.cuda.memory_stats(self.device)
         activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
-        used_now = total - free
-        return int(total * self.config.gpu_memory_utilization - used_now - activation_peak)
+        return activation_peak, total - free, total
 
     def _warm_up(self) -> None:
         """A prefill of max_num_batched_tokens tokens and both samplers over max_num_seqs rows, on a scratch cache.
@@ -90,7 +144,7 @@ class ModelRunner:
         config = self.config
         seq_len = config.max_model_len
         num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
-        self._allocate_kv_cache(self.max_blocks_per_seq)
+        self._bind_kv_cache(torch.empty(self.layout.shape(self.max_blocks_per_seq), device=self.device, dtype=self.dtype))
         table = list(range(self.max_blocks_per_seq))
         seqs = []
         for _ in range(num_seqs):
@@ -105,21 +159,49 @@ class ModelRunner:
         # The one-pass sampling kernel reads logits in the model's dtype; compiling it here keeps it off the first step.
         rows = [Sequence([0], _WARMUP_TEMPERATURE_ONLY, self.block_size) for _ in range(config.max_num_seqs)]
         sample(logits.to(self.dtype), self._sampling_tensors(rows))
-        self._allocate_kv_cache(0)
+        self._bind_kv_cache(None)
         torch.cuda.synchronize(self.device)
 
-    def _allocate_kv_cache(self, num_blocks: int) -> None:
-        model = self.model
-        self.kv_cache = None
-        for layer in model.attention_layers:
-            layer.k_cache = layer.v_cache = torch.empty(0, device=self.device, dtype=self.dtype)
-        if num_blocks == 0:
-            return
-        shape = (2, model.num_layers, num_blocks, self.block_size, model.num_kv_heads, model.head_dim)
-        self.kv_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
-        for index, layer in enumerate(model.attention_layers):
-            layer.k_cache = self.kv_cache[0, index]
-            layer.v_cache = self.kv_cache[1, index]
+    def _bind_kv_cache(self, cache: torch.Tensor | None) -> None:
+        """Point every attention layer at its key and value slabs of ``cache`` (None: no cache)."""
+        self.kv_cache = cache
+        for index, layer in enumerate(self.model.attention_layers):
+            if cache is None:
+                layer.k_cache = layer.v_cache = torch.empty(0, device=self.device, dtype=self.dtype)
+            else:
+                layer.k_cache, layer.v_cache = cache[0, index], cache[1, index]
+
+    def grow_kv_cache(self, min_blocks: int, wanted_blocks: int) -> int:
+        """Give the cache at least ``min_blocks`` blocks (``wanted_blocks`` if memory allows); returns its size now."""
+        storage = self.storage
+        if storage.capacity_blocks <= storage.num_blocks:
+            return storage.num_blocks
+        if self._growth_budget is None:
+            budget = (storage.capacity_blocks - storage.num_blocks) * self.kv_bytes_per_block
+        else:
+            needed = (min_blocks - storage.num_blocks) * self.kv_bytes_per_block
+            if needed > torch.cuda.mem_get_info(self.device)[0]:
+                torch.cuda.empty_cache()  # blocks PyTorch caches unused (e.g. a training step's) go to the driver
+            budget = self._growth_budget()
+        tensor = storage.tensor
+        num_blocks = storage.grow(min_blocks, wanted_blocks, budget)
+        if storage.tensor is not tensor:
+            self._bind_kv_cache(storage.tensor)
+        return num_blocks
+
+    def shrink_kv_cache(self) -> int:
+        """Hand the cache's memory above its floor back (nothing may be running); returns its size now."""
+        tensor = self.storage.tensor
+        num_blocks = self.storage.shrink()
+        if self.storage.tensor is not tensor:
+            self._bind_kv_cache(self.storage.tensor)
+        return num_blocks
+
+    def close(self) -> None:
+        """Release the CUDA graphs and the KV cache."""
+        self.graphs = None
+        self._bind_kv_cache(None)
+        self.storage.close()
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
@@ -290,18 +372,22 @@ class ModelRunner:
                     logits = self.model.compute_logits(self.model(rows[0], rows[1]))
                 finally:
                     set_attention_metadata(None)
+        failures = []
         if batch.has_step_hooks:
-            logits = apply_step_hooks(logits.float(), sampled_seqs)  # HF processors score in float32
+            logits = logits.float()  # HF processors score in float32
+            failures = apply_step_hooks(logits, sampled_seqs)
         self._suppress_stop_tokens(logits, sampled_seqs)
-        return LaunchedStep(batch, sample(logits, self._sampling_tensors(sampled_seqs)))
+        return LaunchedStep(batch, sample(logits, self._sampling_tensors(sampled_seqs)), failures)
 
 
 class LaunchedStep:
     """A step queued on the device; its sampled tokens are copied to pinned host memory behind it."""
 
-    def __init__(self, batch: ScheduledBatch, tokens: torch.Tensor | None):
+    def __init__(self, batch: ScheduledBatch, tokens: torch.Tensor | None,
+                 hook_failures: list[tuple[list[Sequence], BaseException]] | None = None):
         self.batch = batch
         self.tokens = tokens  # [number of sampled sequences] int64, on the device
+        self.hook_failures = hook_failures or []  # (requests, exception) of step hooks that raised
         self._host_tokens = tokens
         self._copied: torch.cuda.Event | None = None
         if tokens is not None and tokens.is_cuda:

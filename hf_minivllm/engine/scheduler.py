@@ -11,10 +11,15 @@ pending (``Sequence.num_pending_tokens``), its position and KV slot are known al
 that token is sure to finish (its length limits) sits a decode step out. The engine reads back the step in flight
 right after queueing the next one, so a sequence preempted while its token was pending knows that token before any
 later step can recompute it.
+
+The KV cache may hold fewer blocks than it could (sized to the work in hand): when a sequence does not fit, the
+scheduler first asks ``grow`` for more blocks, enough for every unfinished request's longest possible length, and
+only waits or preempts when the cache cannot grow (its cap, or no free device memory).
 """
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hf_minivllm.config import Config
@@ -36,22 +41,53 @@ class ScheduledBatch:
     has_step_hooks: bool = False
 
 
+# Grows the KV cache to at least the first number of blocks (aiming at the second); returns the blocks it now has.
+GrowKVCache = Callable[[int, int], int]
+
+
 class Scheduler:
-    def __init__(self, config: Config, num_blocks: int, eos_token_ids: list[int]):
+    def __init__(self, config: Config, num_blocks: int, eos_token_ids: list[int], capacity_blocks: int | None = None,
+                 grow: GrowKVCache | None = None):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
-        # Keep ~1% of blocks free when admitting, so freshly admitted sequences are not preempted at once.
-        self.watermark_blocks = num_blocks // 100
+        self.capacity_blocks = max(capacity_blocks or num_blocks, num_blocks)
+        self._grow = grow
+        self._growth_blocked = False  # the last growth fell short; retried once a request finishes
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
 
+    @property
+    def watermark_blocks(self) -> int:
+        """~1% of blocks kept free when admitting, so freshly admitted sequences are not preempted at once."""
+        return self.block_manager.num_blocks // 100
+
     def max_tokens_that_fit(self) -> int:
-        """The longest sequence (prompt + generated) that the whole KV cache can hold."""
-        return self.block_manager.num_blocks * self.block_manager.block_size
+        """The longest sequence (prompt + generated) that the whole KV cache can hold once grown to its cap."""
+        return self.capacity_blocks * self.block_manager.block_size
+
+    def _demand_blocks(self) -> int:
+        """Blocks every unfinished request would hold at its longest (prompt + max_tokens, within max_model_len)."""
+        manager = self.block_manager
+        return sum(
+            manager.blocks_needed(min(seq.num_prompt_tokens + seq.sampling_params.max_tokens, self.max_model_len))
+            for queue in (self.running, self.waiting) for seq in queue
+        )
+
+    def _try_grow(self, short: int) -> bool:
+        """Ask for ``short`` more free blocks (sized for the whole demand); whether they are there now."""
+        manager = self.block_manager
+        if self._grow is None or self._growth_blocked or manager.num_blocks >= self.capacity_blocks:
+            return False
+        needed = manager.num_blocks + short
+        total = self._grow(needed, max(needed, self._demand_blocks()))
+        if total > manager.num_blocks:
+            manager.grow(total)
+        self._growth_blocked = total < needed
+        return not self._growth_blocked
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -76,7 +112,8 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.block_table:
                 reserve = self.watermark_blocks if self.running or seqs else 0
-                if not manager.can_allocate(seq, reserve):
+                short = manager.blocks_short(seq, reserve)
+                if short > 0 and not self._try_grow(short):
                     break
                 manager.allocate(seq)
             remaining = len(seq) - seq.num_computed_tokens
@@ -106,7 +143,7 @@ class Scheduler:
             if self._finishes_when_pending_arrive(seq):
                 kept.append(seq)
                 continue
-            while not manager.can_append(seq):
+            while not manager.can_append(seq) and not self._try_grow(1):
                 if self.running:
                     self._preempt(self.running.pop())
                 else:
@@ -164,6 +201,11 @@ class Scheduler:
                 finished.append(seq)
         return updated, finished
 
+    def abort(self, seq: Sequence, error: BaseException | None = None) -> None:
+        """End an unfinished sequence now, without a new token (its caller left, or its step hook raised)."""
+        seq.error = error
+        self.finish(seq, FinishReason.ABORT)
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence now (its last token was sampled) and free its blocks.
 
@@ -176,6 +218,7 @@ class Scheduler:
         seq.num_pending_tokens = 0
         if seq.block_table:
             self.block_manager.deallocate(seq)
+        self._growth_blocked = False
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.sampling_params
@@ -186,14 +229,14 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def abort_all(self) -> list[Sequence]:
-        """Drop every unfinished sequence and free its blocks (used when a step raised)."""
+    def abort_all(self, error: BaseException | None = None) -> list[Sequence]:
+        """End every unfinished sequence with ``error`` and free its blocks (used when a step raised)."""
         dropped = list(self.running) + list(self.waiting)
         for seq in dropped:
-            if seq.block_table:
-                self.block_manager.deallocate(seq)
-            seq.status = SequenceStatus.FINISHED
-            seq.num_pending_tokens = 0
-        self.running.clear()
-        self.waiting.clear()
+            self.abort(seq, error)
         return dropped
+
+    def preempt_all(self) -> None:
+        """Send every running sequence back to the queue to be recomputed (its tokens so far are kept)."""
+        while self.running:
+            self._preempt(self.running.pop())

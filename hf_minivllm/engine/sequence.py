@@ -16,6 +16,7 @@ class SequenceStatus(enum.Enum):
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos or a stop token
     LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"  # the caller left, or something failed (``Sequence.error`` says what)
 
 
 class Sequence:
@@ -44,6 +45,8 @@ class Sequence:
         self.num_hashed_blocks = 0
         self.num_pending_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.error: BaseException | None = None  # why an aborted request failed, raised to its caller
+        self.cache_epoch = 0  # the block manager's prefix-cache epoch when the blocks were allocated
         self.generator = None  # torch.Generator of a seeded request, made on first use by the runner
 
     def __len__(self) -> int:

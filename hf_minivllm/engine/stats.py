@@ -1,6 +1,7 @@
 """Counters that show what the engine did: users and tests read them through ``hf_minivllm.stats``."""
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -15,10 +16,16 @@ class EngineStats:
     steps: int = 0
     fallbacks: int = 0
     fallback_reasons: Counter = field(default_factory=Counter)
+    weight_updates: int = 0  # calls that found the model's weights changed
+    rebuilds: int = 0  # of those, changes that needed a new decoder (new tensors, dtype or device)
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record_fallback(self, reason: str) -> None:
-        self.fallbacks += 1
-        self.fallback_reasons[reason] += 1
+        """Called from the calling threads (the engine loop writes the other counters)."""
+        with self._lock:
+            self.fallbacks += 1
+            self.fallback_reasons[reason] += 1
 
     def as_dict(self) -> dict:
         return {
@@ -30,4 +37,6 @@ class EngineStats:
             "steps": self.steps,
             "fallbacks": self.fallbacks,
             "fallback_reasons": dict(self.fallback_reasons),
+            "weight_updates": self.weight_updates,
+            "rebuilds": self.rebuilds,
         }

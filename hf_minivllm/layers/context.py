@@ -1,10 +1,13 @@
 """The per-forward attention metadata, set by the model runner and read by every attention layer.
 
-A module-level slot (as nano-vllm does) keeps the model's forward signature plain (``input_ids, positions``) so
-CUDA graphs can capture it; the runner sets the metadata before each forward and resets it after.
+A slot outside the model (as nano-vllm does) keeps the model's forward signature plain (``input_ids, positions``)
+so CUDA graphs can capture it; the runner sets the metadata before each forward and resets it after. The slot is
+per thread: each engine runs its steps on its own loop thread, so two engines in one process never see each
+other's metadata.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +42,15 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
 
 
-_current: AttentionMetadata | None = None
+_local = threading.local()
 
 
 def set_attention_metadata(metadata: AttentionMetadata | None) -> None:
-    global _current
-    _current = metadata
+    _local.metadata = metadata
 
 
 def get_attention_metadata() -> AttentionMetadata:
-    if _current is None:
+    metadata = getattr(_local, "metadata", None)
+    if metadata is None:
         raise RuntimeError("attention layers were called outside a model-runner step (no AttentionMetadata set)")
-    return _current
+    return metadata

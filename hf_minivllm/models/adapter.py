@@ -1,9 +1,14 @@
 """Builds the compact decoder from a loaded HF ``*ForCausalLM``, sharing its weights instead of copying them.
 
 At TP=1 the decoder uses the HF parameters themselves (embedding, norms, o_proj, down_proj, lm_head); the fused
-qkv and gate_up tensors are new storage and the HF q/k/v and gate/up parameters are re-pointed to views into them,
-so the old separate tensors are freed and ``hf_model.forward`` keeps working on the same numbers. At TP>1 each
+qkv and gate_up tensors are new storage and the data of the HF q/k/v and gate/up parameters is re-pointed to views
+into them, so the old separate tensors are freed and ``hf_model.forward`` keeps working on the same numbers. The HF
+parameter objects themselves stay (same identity, same ``requires_grad``), so an optimizer built before or after
+``accelerate`` trains them, and its in-place updates land in the fused storage the engine reads. At TP>1 each
 rank takes its own copy of its shard, so the full HF weights can be dropped afterwards.
+
+``build_decoder`` records every HF tensor it read (``DecoderForCausalLM.weight_sources``), which
+``hf_minivllm.models.weight_sync`` watches for changes.
 
 This is the only module of the engine core that imports ``transformers``.
 """
@@ -80,15 +85,36 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
     )
 
 
+def _consecutive_views(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor spanning ``parts`` when they already lie one after another in one storage (a previous fuse), so a
+    rebuild re-uses that storage instead of copying; None otherwise."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        if not part.is_contiguous() or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        if part.storage_offset() != offset or part.shape[1:] != first.shape[1:]:
+            return None
+        offset += part.numel()
+    rows = sum(part.shape[0] for part in parts)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+
+
 class _Binder:
-    """Assigns HF tensors to decoder parameters: the HF parameter itself at TP=1, an owned shard copy at TP>1."""
+    """Assigns HF tensors to decoder parameters: the HF parameter itself at TP=1, an owned shard copy at TP>1.
+
+    ``sources`` lists ``(module, attribute)`` of every HF tensor read, for change detection.
+    """
 
     def __init__(self, tp_size: int):
         self.tp_size = tp_size
+        self.sources: list[tuple[nn.Module, str]] = []
 
-    def share(self, module: nn.Module, name: str, hf_param: nn.Parameter | None, shard=None) -> None:
+    def share(self, module: nn.Module, name: str, hf_module: nn.Module, hf_name: str, shard=None) -> None:
+        hf_param = getattr(hf_module, hf_name)
         if hf_param is None:
             return
+        self.sources.append((hf_module, hf_name))
         if self.tp_size == 1:
             setattr(module, name, hf_param)
         else:
@@ -96,16 +122,20 @@ class _Binder:
             setattr(module, name, nn.Parameter(tensor.clone(), requires_grad=False))
 
     def fuse(self, fused_layer: nn.Module, hf_linears: list[nn.Linear]) -> None:
-        """New storage for the fused weight (and bias); at TP=1 the HF linears become views into it."""
+        """New storage for the fused weight (and bias); at TP=1 the HF linears' parameters become views into it."""
         for name in ("weight", "bias"):
             parts = [getattr(linear, name) for linear in hf_linears]
             if parts[0] is None:
                 continue
-            fused = fused_layer.fuse([part.detach() for part in parts])
+            self.sources += [(linear, name) for linear in hf_linears]
+            detached = [part.detach() for part in parts]
+            fused = _consecutive_views(detached) if self.tp_size == 1 else None
+            if fused is None:
+                fused = fused_layer.fuse(detached)
             setattr(fused_layer, name, nn.Parameter(fused, requires_grad=False))
             if self.tp_size == 1:
-                for linear, rows in zip(hf_linears, fused_layer.part_slices()):
-                    setattr(linear, name, nn.Parameter(fused[rows], requires_grad=False))
+                for part, rows in zip(parts, fused_layer.part_slices()):
+                    part.data = fused[rows]
 
 
 @torch.no_grad()
@@ -119,26 +149,28 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
         decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size))
     bind = _Binder(tp_size)
     inner = hf_model.model
-    bind.share(decoder.embed_tokens, "weight", inner.embed_tokens.weight, decoder.embed_tokens.shard)
-    bind.share(decoder.norm, "weight", inner.norm.weight)
+    bind.sources.append((inner.rotary_emb, "inv_freq"))  # read by _decoder_config
+    bind.share(decoder.embed_tokens, "weight", inner.embed_tokens, "weight", decoder.embed_tokens.shard)
+    bind.share(decoder.norm, "weight", inner.norm, "weight")
     if hf_model.lm_head.weight is inner.embed_tokens.weight:
         decoder.lm_head.weight = decoder.embed_tokens.weight
     else:
-        bind.share(decoder.lm_head, "weight", hf_model.lm_head.weight, decoder.lm_head.shard)
+        bind.share(decoder.lm_head, "weight", hf_model.lm_head, "weight", decoder.lm_head.shard)
     for layer, hf_layer in zip(decoder.layers, inner.layers):
         attn, hf_attn, mlp, hf_mlp = layer.self_attn, hf_layer.self_attn, layer.mlp, hf_layer.mlp
-        bind.share(layer.input_layernorm, "weight", hf_layer.input_layernorm.weight)
-        bind.share(layer.post_attention_layernorm, "weight", hf_layer.post_attention_layernorm.weight)
+        bind.share(layer.input_layernorm, "weight", hf_layer.input_layernorm, "weight")
+        bind.share(layer.post_attention_layernorm, "weight", hf_layer.post_attention_layernorm, "weight")
         bind.fuse(attn.qkv_proj, [hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj])
-        bind.share(attn.o_proj, "weight", hf_attn.o_proj.weight, attn.o_proj.shard)
-        bind.share(attn.o_proj, "bias", hf_attn.o_proj.bias)
+        bind.share(attn.o_proj, "weight", hf_attn.o_proj, "weight", attn.o_proj.shard)
+        bind.share(attn.o_proj, "bias", hf_attn.o_proj, "bias")
         if attn.q_norm is not None:
-            bind.share(attn.q_norm, "weight", hf_attn.q_norm.weight)
-            bind.share(attn.k_norm, "weight", hf_attn.k_norm.weight)
+            bind.share(attn.q_norm, "weight", hf_attn.q_norm, "weight")
+            bind.share(attn.k_norm, "weight", hf_attn.k_norm, "weight")
         bind.fuse(mlp.gate_up_proj, [hf_mlp.gate_proj, hf_mlp.up_proj])
-        bind.share(mlp.down_proj, "weight", hf_mlp.down_proj.weight, mlp.down_proj.shard)
-        bind.share(mlp.down_proj, "bias", hf_mlp.down_proj.bias)
+        bind.share(mlp.down_proj, "weight", hf_mlp.down_proj, "weight", mlp.down_proj.shard)
+        bind.share(mlp.down_proj, "bias", hf_mlp.down_proj, "bias")
     left = [name for name, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"build_decoder left parameters unassigned: {left[:5]}")
+    decoder.weight_sources = bind.sources
     return decoder.eval()

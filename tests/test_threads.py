@@ -1,0 +1,180 @@
+"""Many threads, one engine: each call joins the running batch and gets exactly its own answer."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+import hf_minivllm
+from hf_minivllm import LLM, SamplingParams
+from conftest import left_padded_batch, tiny_model
+
+QUESTIONS = [
+    "What is the capital of France?", "Name a color.", "Count from one to five.", "Say hello in Spanish.",
+    "What is 3 + 4?", "Write a haiku about rain.", "Who wrote Hamlet?", "Give me a fruit.",
+    "What is the largest ocean?", "Spell the word cat.", "Name a planet.", "What day comes after Monday?",
+    "Translate 'thank you' to French.", "What is water made of?", "Name a musical instrument.", "Say goodbye.",
+]
+
+
+def chat(tokenizer, question):
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode(tokenizer, questions):
+    return tokenizer([chat(tokenizer, q) for q in questions], return_tensors="pt", padding=True)
+
+
+def run_in_threads(function, count):
+    """function(i) for i in range(count), each in its own thread, all released at once; results in order."""
+    barrier = threading.Barrier(count)
+
+    def start(index):
+        barrier.wait()
+        return function(index)
+
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(start, index) for index in range(count)]
+        return [future.result() for future in futures]
+
+
+def batches(count, seed=0):
+    """``count`` left-padded batches of one to three random prompts (input_ids, attention_mask)."""
+    return [left_padded_batch(seed=seed + i, lengths=(5 + 3 * i, 9, 30)[: 1 + i % 3]) for i in range(count)]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_threads_calling_generate_get_their_solo_answers_in_one_batch(family):
+    model = hf_minivllm.accelerate(tiny_model(family))
+    calls = batches(16)
+    kwargs = dict(max_new_tokens=24, do_sample=False)
+    solo = [model.generate(input_ids=ids, attention_mask=mask, **kwargs) for ids, mask in calls]
+    steps_alone = hf_minivllm.stats(model)["steps"]
+    together = run_in_threads(
+        lambda i: model.generate(input_ids=calls[i][0], attention_mask=calls[i][1], **kwargs), len(calls))
+    for expected, got in zip(solo, together):
+        assert torch.equal(got, expected)
+    stats = hf_minivllm.stats(model)
+    assert stats["fallbacks"] == 0
+    assert stats["steps"] - steps_alone < steps_alone / 3, "concurrent calls must share engine steps"
+
+
+def test_threads_calling_llm_generate_and_stream_get_their_solo_answers(smollm2):
+    model, tokenizer = smollm2
+    llm = LLM(model, tokenizer=tokenizer, num_kvcache_blocks=512)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    prompts = [chat(tokenizer, q) for q in QUESTIONS[:8]]
+    solo = [llm.generate([prompt], params, use_tqdm=False)[0] for prompt in prompts]
+
+    def call(index):
+        if index % 2:
+            return llm.generate([prompts[index]], params, use_tqdm=False)[0]
+        text, tokens = "", []
+        for event in llm.stream([prompts[index]], params):
+            text += event.text
+            tokens += event.token_ids
+        return {"text": text, "token_ids": tokens}
+
+    assert run_in_threads(call, len(prompts)) == solo
+
+
+class _RaisingCriterion(StoppingCriteria):
+    def __init__(self, after: int):
+        self.after = after
+        self.calls = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("criterion failed on purpose")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _RaisingProcessor(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        raise ValueError("processor failed on purpose")
+
+
+def test_a_raising_call_fails_alone_and_the_engine_keeps_serving():
+    model = hf_minivllm.accelerate(tiny_model("qwen3"))
+    kwargs = dict(max_new_tokens=24, do_sample=False)
+    calls = batches(6, seed=5)
+    solo = [model.generate(input_ids=ids, attention_mask=mask, **kwargs) for ids, mask in calls]
+
+    def call(index):
+        inputs = dict(input_ids=calls[index][0], attention_mask=calls[index][1])
+        if index == 1:
+            return model.generate(**inputs, stopping_criteria=StoppingCriteriaList([_RaisingCriterion(3)]), **kwargs)
+        if index == 4:
+            return model.generate(**inputs, logits_processor=LogitsProcessorList([_RaisingProcessor()]), **kwargs)
+        return model.generate(**inputs, **kwargs)
+
+    def guarded(index):
+        try:
+            return call(index)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            return error
+
+    results = run_in_threads(guarded, 6)
+    assert isinstance(results[1], RuntimeError) and "criterion failed on purpose" in str(results[1])
+    assert isinstance(results[4], ValueError) and "processor failed on purpose" in str(results[4])
+    for index in (0, 2, 3, 5):
+        assert torch.equal(results[index], solo[index])
+    assert torch.equal(model.generate(input_ids=calls[0][0], attention_mask=calls[0][1], **kwargs), solo[0])
+    engine = model._hf_minivllm.llm.engine
+    assert not engine.has_unfinished() and engine.num_hooked_requests == 0
+
+
+class _RecordingStreamer:
+    def __init__(self):
+        self.puts = []
+        self.ended = False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamers_of_concurrent_calls_stay_apart():
+    model = hf_minivllm.accelerate(tiny_model("llama"))
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    prompts = [left_padded_batch(seed=i, lengths=(4 + i,))[0] for i in range(6)]
+    streamers = [_RecordingStreamer() for _ in prompts]
+    outputs = run_in_threads(lambda i: model.generate(prompts[i], streamer=streamers[i], **kwargs), len(prompts))
+    for streamer, output in zip(streamers, outputs):
+        assert streamer.ended
+        assert streamer.puts[0] == output[:, : output.shape[1] - len(streamer.puts) + 1].tolist()
+        assert [put[0] for put in streamer.puts[1:]] == output[0, output.shape[1] - len(streamer.puts) + 1 :].tolist()
+
+
+def test_sixteen_threads_finish_at_least_three_times_faster_than_one_after_another(smollm2):
+    model, tokenizer = smollm2
+    hf_minivllm.accelerate(model)
+    inputs = [encode(tokenizer, [q]) for q in QUESTIONS]
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    model.generate(**inputs[0], **kwargs)  # warm-up
+    start = time.perf_counter()
+    alone = [model.generate(**enc, **kwargs) for enc in inputs]
+    one_after_another = time.perf_counter() - start
+    start = time.perf_counter()
+    together = run_in_threads(lambda i: model.generate(**inputs[i], **kwargs), len(inputs))
+    concurrent = time.perf_counter() - start
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert one_after_another / concurrent >= 3, f"{one_after_another:.2f} s one after another, {concurrent:.2f} s together"
+
+
+@pytest.mark.parametrize("threads", [8])
+def test_pipeline_from_threads(smollm2, threads):
+    from transformers import pipeline
+
+    model, tokenizer = smollm2
+    hf_minivllm.accelerate(model)
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    chats = [[[{"role": "user", "content": q}] for q in QUESTIONS[i : i + 2]] for i in range(threads)]
+    solo = [pipe(chat, max_new_tokens=6, do_sample=False) for chat in chats]
+    assert run_in_threads(lambda i: pipe(chats[i], max_new_tokens=6, do_sample=False), threads) == solo

@@ -1,0 +1,137 @@
+"""Weights that change between generate calls: the engine must compute with the model as it is at each call and
+never reuse KV computed with older weights (prefix-cache hits on prompts seen before the change)."""
+import copy
+
+import pytest
+import torch
+
+import hf_minivllm
+from hf_minivllm import LLM, SamplingParams
+from conftest import left_padded_batch, tiny_model
+
+MAX_NEW = 12
+
+
+def greedy(model, ids, mask):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+
+
+def train_step(model, ids, mask, lr=0.5):
+    """One SGD step on the batch (a plain HF training step, on the model's own parameters)."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    labels = ids.masked_fill(mask == 0, -100)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model.eval()
+
+
+def scale_in_place(model):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(1.7)
+            layer.self_attn.q_proj.weight.mul_(-1.0)
+
+
+def load_other_weights(model):
+    model.load_state_dict(tiny_model(type(model).__name__.replace("ForCausalLM", "").lower(), seed=7).state_dict())
+
+
+def replace_parameters(model):
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight = torch.nn.Parameter(layer.self_attn.o_proj.weight.detach() * 1.5)
+        layer.mlp.gate_proj.weight = torch.nn.Parameter(layer.mlp.gate_proj.weight.detach().flip(0).clone())
+
+
+CHANGES = {
+    "optimizer_step": lambda model, ids, mask: train_step(model, ids, mask),
+    "load_state_dict": lambda model, ids, mask: load_other_weights(model),
+    "in_place_edit": lambda model, ids, mask: scale_in_place(model),
+    "to_dtype": lambda model, ids, mask: model.to(torch.float64),
+    "replaced_parameters": lambda model, ids, mask: replace_parameters(model),
+}
+
+
+def unpatched_twin(model, family):
+    """A plain HF model holding exactly the accelerated model's current weights."""
+    twin = tiny_model(family).to(model.dtype)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_generate_after_a_weight_change_equals_an_unpatched_twin(family, change):
+    model = hf_minivllm.accelerate(tiny_model(family))
+    ids, mask = left_padded_batch(lengths=(40, 35, 21, 50))
+    first = greedy(model, ids, mask)
+    before = hf_minivllm.stats(model)["prefix_cache_hit_tokens"]
+    assert torch.equal(greedy(model, ids, mask), first)
+    assert hf_minivllm.stats(model)["prefix_cache_hit_tokens"] > before, "the prompts must be cached before the change"
+
+    CHANGES[change](model, ids, mask)
+    twin = unpatched_twin(model, family)
+    got = greedy(model, ids, mask)
+    assert torch.equal(got, greedy(twin, ids, mask))
+    if change == "to_dtype":
+        assert model._hf_minivllm.llm.model.dtype == torch.float64, "the engine computes in the new dtype"
+    else:
+        assert not torch.equal(got, first), "the change must matter, or the test proves nothing"
+    stats = hf_minivllm.stats(model)
+    assert stats["weight_updates"] == 1 and stats["fallbacks"] == 0
+    assert stats["rebuilds"] == (1 if change in ("to_dtype", "replaced_parameters") else 0)
+    assert torch.equal(greedy(model, ids, mask), got), "no further change: the cache may be used again"
+
+
+def test_training_keeps_every_parameter_trainable_and_shared():
+    """accelerate keeps HF's parameter objects (an optimizer made before it still trains them) and their storage is
+    the engine's: no weight is copied."""
+    model = tiny_model("qwen3")
+    before = {name: param for name, param in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    hf_minivllm.accelerate(model)
+    after = dict(model.named_parameters())
+    assert all(after[name] is param for name, param in before.items())
+    assert all(param.requires_grad for param in after.values())
+    ids, mask = left_padded_batch()
+    decoder = model._hf_minivllm.llm.model
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.untyped_storage().data_ptr() == decoder.layers[0].self_attn.qkv_proj.weight.untyped_storage().data_ptr()
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    optimizer.step()
+    fused = decoder.layers[0].self_attn.qkv_proj.weight
+    assert torch.equal(fused[: q_proj.shape[0]], q_proj.detach()), "optimizer updates land in the engine's storage"
+
+
+def test_data_edits_need_reset_prefix_cache():
+    """``param.data`` edits bypass version counters; reset_prefix_cache is the documented way to say so."""
+    model = hf_minivllm.accelerate(tiny_model("llama"))
+    twin = copy.deepcopy(tiny_model("llama"))
+    ids, mask = left_padded_batch(lengths=(40, 33))
+    greedy(model, ids, mask)
+    for target in (model, twin):
+        for layer in target.model.layers:
+            layer.mlp.down_proj.weight.data.mul_(-2.0)
+    hf_minivllm.reset_prefix_cache(model)
+    assert torch.equal(greedy(model, ids, mask), greedy(twin, ids, mask))
+
+
+def test_llm_sees_weight_changes_of_the_model_it_serves():
+    model = tiny_model("qwen3")
+    llm = LLM(model, num_kvcache_blocks=128, kvcache_block_size=4)
+    twin = copy.deepcopy(model)
+    prompts = [list(range(5, 45)), list(range(7, 30))]
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    llm.generate(prompts, params, use_tqdm=False)
+    hits = llm.stats.prefix_cache_hit_tokens
+    assert hits > 0
+    for target in (model, twin):
+        scale_in_place(target)
+    got = [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)]
+    for prompt, tokens in zip(prompts, got):
+        expected = twin.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)
+        assert tokens == expected[0, len(prompt):].tolist()
+    assert llm.stats.weight_updates == 1 and llm.stats.prefix_cache_hit_tokens == hits
