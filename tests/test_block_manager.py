@@ -154,3 +154,41 @@ def test_decode_block_tables_follow_appends_departures_and_clear():
     tables.clear()  # a prefill step: tables may have been rebuilt
     seqs[0].block_table[:] = [30, 31, 32]
     check([seqs[0], newcomer])
+
+
+def test_grown_blocks_are_handed_out_before_free_blocks_that_hold_cached_prefixes():
+    manager = BlockManager(4, BS)
+    a = admit(manager, seq(range(8)))
+    cached = list(a.block_table)
+    manager.deallocate(a)
+    manager.grow(8)
+    assert manager.num_blocks == 8 and manager.num_free_blocks == 8
+    b = admit(manager, seq(range(100, 116)))
+    assert not set(b.block_table) & set(cached), "new blocks first: the cached prefix survives"
+    assert admit(manager, seq(range(8))).num_cached_tokens == 7
+
+
+def test_shrink_drops_only_free_blocks_and_their_cached_prefixes():
+    manager = BlockManager(8, BS)
+    manager.grow(12)
+    a = admit(manager, seq(range(16)))  # takes the four grown blocks 8..11
+    with pytest.raises(RuntimeError, match="still hold"):
+        manager.shrink(8)
+    manager.deallocate(a)
+    manager.shrink(8)
+    assert manager.num_blocks == 8 and manager.num_free_blocks == 8
+    assert all(block_id < 8 for block_id in manager.hash_to_block.values())
+    assert admit(manager, seq(range(16))).num_cached_tokens == 0
+
+
+def test_reset_prefix_cache_forgets_hits_and_old_sequences_never_publish():
+    manager = BlockManager(16, BS)
+    old = admit(manager, seq(range(8)))
+    manager.reset_prefix_cache()
+    fresh = admit(manager, seq(range(8)))
+    assert fresh.num_cached_tokens == 0, "blocks computed before the reset are not matched"
+    old.token_ids += list(range(8, 12))
+    old.block_table.append(manager._take_free_block().block_id)
+    manager.publish(old, 12)  # the old sequence's new block: computed on top of stale KV
+    probe = seq(list(range(12)) + [99])
+    assert manager._cached_prefix(probe) == [manager.blocks[b] for b in fresh.block_table[:2]]

@@ -135,3 +135,20 @@ def test_llm_sees_weight_changes_of_the_model_it_serves():
         expected = twin.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)
         assert tokens == expected[0, len(prompt):].tolist()
     assert llm.stats.weight_updates == 1 and llm.stats.prefix_cache_hit_tokens == hits
+
+
+def test_a_fused_optimizer_step_is_seen_although_it_bumps_no_version_counter():
+    """``AdamW(fused=True)`` (HF Trainer's default optimizer) updates parameters without version counters."""
+    model = hf_minivllm.accelerate(tiny_model("qwen3"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    ids, mask = left_padded_batch(lengths=(40, 35))
+    first = greedy(model, ids, mask)
+    versions = [param._version for param in model.parameters()]
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    optimizer.step()
+    model.eval()
+    assert [param._version for param in model.parameters()] == versions
+    got = greedy(model, ids, mask)
+    assert torch.equal(got, greedy(unpatched_twin(model, "qwen3"), ids, mask)) and not torch.equal(got, first)
+    assert hf_minivllm.stats(model)["weight_updates"] == 1

@@ -1,0 +1,91 @@
+"""The KV cache sized to the work in hand (accelerate's default) or resident (LLM's default), on the CPU path.
+
+The CUDA path (virtual memory, graphs that survive growth) is covered by the GPU tests in test_gpu_engine.py.
+"""
+import copy
+
+import pytest
+import torch
+
+import hf_minivllm
+from hf_minivllm import LLM, Config, SamplingParams
+from hf_minivllm.engine.kv_storage import FixedKVStorage, ReallocKVStorage
+from conftest import left_padded_batch, tiny_model
+
+SMALL_CONTEXT = dict(max_model_len=64, kvcache_block_size=4)  # floor: 16 blocks
+
+
+def engine_of(model):
+    return model._hf_minivllm.llm.engine
+
+
+def recorded_sizes(engine):
+    """Every size the KV storage is asked to grow to, as it happens."""
+    sizes, grow = [], engine.runner.storage.grow
+
+    def spy(*args):
+        sizes.append(grow(*args))
+        return sizes[-1]
+
+    engine.runner.storage.grow = spy
+    return sizes
+
+
+def test_accelerate_grows_the_cache_for_the_work_and_gives_it_back_when_idle():
+    model = tiny_model("llama")
+    oracle = copy.deepcopy(model)
+    hf_minivllm.accelerate(model, **SMALL_CONTEXT)
+    engine = engine_of(model)
+    storage = engine.runner.storage
+    assert isinstance(storage, ReallocKVStorage) and storage.num_blocks == storage.floor_blocks == 16
+    sizes = recorded_sizes(engine)
+    lengths = (30, 25, 31, 12, 28, 30, 20, 29)
+    ids, mask = left_padded_batch(lengths=lengths)
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(got, oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False))
+    longest = sum(-(-(n + 20) // 4) for n in lengths)  # blocks of every request at its longest
+    assert sizes == [longest], "grown once, for every request at its longest"
+    assert hf_minivllm.stats(model)["preemptions"] == 0
+    assert storage.num_blocks == 16 and storage.tensor.shape[2] == 16, "memory above the floor handed back"
+    assert engine.scheduler.block_manager.num_blocks == 16
+
+
+def test_a_cap_bounds_the_growth_and_preemption_keeps_results_exact():
+    model = tiny_model("qwen3")
+    oracle = copy.deepcopy(model)
+    bytes_per_block = 2 * 2 * 2 * 4 * 16 * 4  # K and V, 2 layers, block of 4 tokens, 2 heads of 16, fp32
+    hf_minivllm.accelerate(model, kv_cache_memory_gib=40 * bytes_per_block / 2**30, **SMALL_CONTEXT)
+    engine = engine_of(model)
+    assert engine.runner.capacity_blocks == 40
+    sizes = recorded_sizes(engine)
+    ids, mask = left_padded_batch(lengths=(30, 25, 31, 12, 28, 30, 20, 29))
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(got, oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False))
+    assert max(sizes) == 40 and hf_minivllm.stats(model)["preemptions"] > 0
+
+
+def test_cached_prefixes_within_the_floor_survive_idle():
+    model = hf_minivllm.accelerate(tiny_model("qwen3"), **SMALL_CONTEXT)
+    ids, mask = left_padded_batch(lengths=(30,))
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    hits = hf_minivllm.stats(model)["prefix_cache_hit_tokens"]
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert hf_minivllm.stats(model)["prefix_cache_hit_tokens"] >= hits + 28
+
+
+def test_resident_cache_is_allocated_once_and_kept():
+    llm = LLM(tiny_model("llama"), cpu_kvcache_space_gib=0.001, **SMALL_CONTEXT)
+    storage = llm.engine.runner.storage
+    assert isinstance(storage, FixedKVStorage) and storage.num_blocks == storage.capacity_blocks
+    tensor = storage.tensor
+    llm.generate([list(range(3, 40))], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    assert storage.tensor is tensor
+    model = hf_minivllm.accelerate(tiny_model("llama"), kv_cache_resident=True, **SMALL_CONTEXT)
+    assert isinstance(engine_of(model).runner.storage, FixedKVStorage)
+
+
+@pytest.mark.parametrize("field, value", [("kv_cache_resident", "yes"), ("kv_cache_memory_gib", 0),
+                                          ("kv_cache_memory_gib", -1.0), ("kv_cache_memory_gib", True)])
+def test_bad_memory_settings_name_the_argument(field, value):
+    with pytest.raises(ValueError, match=field):
+        Config(**{field: value})
