@@ -138,3 +138,103 @@ def test_bf16_qwen3_teacher_forced_top1_agreement_on_trained_weights():
     assert sum(map(len, texts)) == 2000
     table, _ = teacher_forced_top1(model, texts, backends=("triton",))
     assert table["hf_bf16 vs ours_triton"] >= 0.99, table
+
+
+GIB = 1 << 30
+
+
+def _device_free() -> int:
+    torch.cuda.synchronize()
+    return torch.cuda.mem_get_info()[0]
+
+
+def _record_growth(runner):
+    """The number of KV blocks after each growth of ``runner``'s storage."""
+    sizes, grow = [], runner.storage.grow
+
+    def spy(*args):
+        sizes.append(grow(*args))
+        return sizes[-1]
+
+    runner.storage.grow = spy
+    return sizes
+
+
+def test_on_demand_kv_cache_grows_gives_memory_back_and_keeps_its_graphs():
+    """accelerate's cache: a small floor after start-up, grown for a large batch (the virtual address never moves,
+    so the decode graphs captured at start-up stay valid), given back to the device when the call returns."""
+    from hf_minivllm.engine.kv_storage import VirtualKVStorage
+    from workloads import random_model
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = random_model("0.6b")
+    before = _device_free()
+    hf_minivllm.accelerate(model, max_model_len=1024)
+    runner = model._hf_minivllm.llm.engine.runner
+    assert isinstance(runner.storage, VirtualKVStorage) and runner.graphs is not None
+    idle = _device_free()
+    assert before - idle < 1.5 * GIB, f"accelerate took {(before - idle) / GIB:.2f} GiB before any call"
+    sizes = _record_growth(runner)
+    ids, mask = left_padded([200 + 7 * i for i in range(96)], vocab=150000, seed=3)
+    kwargs = dict(max_new_tokens=300, min_new_tokens=300, do_sample=False)
+    first = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert max(sizes) * runner.kv_bytes_per_block > 4 * GIB, "grown for the whole batch"
+    assert abs(_device_free() - idle) < 0.1 * GIB, "memory above the floor handed back when the call returned"
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kwargs), first)
+    resident = LLM(model, kv_cache_resident=True, gpu_memory_utilization=0.5, max_model_len=1024)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+    outputs = resident.generate(prompts, SamplingParams(temperature=0, max_tokens=300, ignore_eos=True), use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == first[:, ids.shape[1]:].tolist()
+    resident.close()
+
+
+class _StopAfter:
+    """A stopping criterion ending every row after ``steps`` tokens (the engine sized its cache for max_new_tokens)."""
+
+    def __init__(self, steps):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.full((input_ids.shape[0],), self.calls >= self.steps, dtype=torch.bool, device=input_ids.device)
+
+
+def test_two_accelerated_models_take_turns_with_most_of_the_gpu_and_training_fits_afterwards():
+    from transformers import StoppingCriteriaList
+    from workloads import random_model
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    models = [hf_minivllm.accelerate(random_model("0.6b", seed=seed), max_model_len=4096) for seed in (0, 1)]
+    ids, mask = left_padded([500] * 256, vocab=150000, seed=4)
+    for model in models + models:
+        sizes = _record_growth(model._hf_minivllm.llm.engine.runner)
+        criteria = StoppingCriteriaList([_StopAfter(3)])
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3500, do_sample=False,
+                       stopping_criteria=criteria)
+        runner = model._hf_minivllm.llm.engine.runner
+        assert max(sizes) * runner.kv_bytes_per_block > 0.5 * total, "each model may use most of the GPU in turn"
+    trained = models[0]
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
+    trained.train()
+    batch = torch.randint(0, 150000, (16, 1024), device="cuda")
+    trained(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    trained.eval()
+    out = trained.generate(input_ids=ids[:4], attention_mask=mask[:4], max_new_tokens=8, do_sample=False)
+    assert hf_minivllm.stats(trained)["weight_updates"] == 1 and out.shape[1] == ids.shape[1] + 8
+
+
+def test_threads_on_cuda_get_their_solo_answers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = hf_minivllm.accelerate(tiny_model("qwen3").cuda(), max_model_len=512)
+    calls = [left_padded([10 + i, 3 + 2 * i][: 1 + i % 2], seed=i) for i in range(16)]
+    kwargs = dict(max_new_tokens=40, do_sample=False)
+    solo = [model.generate(input_ids=ids, attention_mask=mask, **kwargs) for ids, mask in calls]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda c: model.generate(input_ids=c[0], attention_mask=c[1], **kwargs), calls))
+    assert all(torch.equal(a, b) for a, b in zip(solo, together))
+    assert torch.equal(model.generate(input_ids=calls[0][0], attention_mask=calls[0][1], **kwargs), solo[0])

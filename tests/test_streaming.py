@@ -137,10 +137,11 @@ def test_llm_stream_concatenates_to_generate_with_finish_reasons(smollm2):
 def test_abandoned_stream_frees_the_engine(smollm2):
     model, tokenizer = smollm2
     llm = LLM(model, tokenizer=tokenizer, num_kvcache_blocks=64)
-    stream = llm.stream(["Tell me a story.", "Count to ten."], SamplingParams(temperature=0, max_tokens=30))
-    for _ in range(5):
-        next(stream)
-    stream.close()
+    params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    stream = llm.stream(["Tell me a story.", "Count to ten."], params)
+    events = [next(stream), next(stream)]
+    stream.close()  # returns once the unfinished requests are aborted
     manager = llm.engine.scheduler.block_manager
     assert not llm.engine.has_unfinished() and manager.num_free_blocks == manager.num_blocks
+    assert llm.stats.generated_tokens < 2 * 300 and all(event.finish_reason is None for event in events)
     assert len(llm.generate(["Hi"], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]["token_ids"]) == 3
