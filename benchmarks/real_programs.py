@@ -151,7 +151,7 @@ def two_models_and_training(results: dict) -> None:
     torch.cuda.empty_cache()
 
 
-def short_calls(results: dict, calls: int = 200) -> None:
+def short_calls(results: dict, calls: int = 200, profile: bool = False) -> None:
     model = random_model("0.6b")
     hf_minivllm.accelerate(model, max_model_len=4096)
     runner = state_of(model).llm.engine.runner
@@ -162,8 +162,10 @@ def short_calls(results: dict, calls: int = 200) -> None:
     model.generate(prompt, **w2)
     w2_ms = (now() - begin) * 1000 / 256
     growths, graphs = [], runner.graphs
-    grow = runner.storage.grow
-    runner.storage.grow = lambda *args: growths.append(args) or grow(*args)
+    storage = getattr(runner, "storage", None)  # absent before the on-demand KV cache (baseline runs)
+    if storage is not None:
+        grow = storage.grow
+        storage.grow = lambda *args: growths.append(args) or grow(*args)
     short = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 10000, (1, 128), generator=generator).cuda() for _ in range(calls)]
@@ -172,10 +174,23 @@ def short_calls(results: dict, calls: int = 200) -> None:
     for p in prompts:
         model.generate(p, **short)
     seconds = now() - begin
+    if profile:
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for p in prompts[:50]:
+            model.generate(p, **short)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        print(text.getvalue(), flush=True)
     results["short_calls"] = {
         "calls": calls, "ms_per_token": seconds * 1000 / (calls * 32), "ms_per_call": seconds * 1000 / calls,
         "w2_ms_per_token": w2_ms, "kv_growths": len(growths), "graphs_recaptured": runner.graphs is not graphs,
-        "rebuilds": hf_minivllm.stats(model)["rebuilds"],
+        "rebuilds": hf_minivllm.stats(model).get("rebuilds"),
     }
     del model
     gc.collect()
@@ -273,12 +288,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=list(SECTIONS), help=" ".join(SECTIONS))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="cProfile 50 of the short calls (host time by function)")
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name()}
     for name in args.only:
         begin = time.perf_counter()
         try:
-            SECTIONS[name](results)
+            SECTIONS[name](results, **({"profile": True} if args.profile and name == "short_calls" else {}))
         except Exception as error:  # noqa: BLE001 - report and go on with the other sections
             import traceback
 

@@ -170,11 +170,11 @@ def test_on_demand_kv_cache_grows_gives_memory_back_and_keeps_its_graphs():
     torch.cuda.empty_cache()
     model = random_model("0.6b")
     before = _device_free()
-    hf_minivllm.accelerate(model, max_model_len=1024)
+    hf_minivllm.accelerate(model, max_model_len=2048)
     runner = model._hf_minivllm.llm.engine.runner
     assert isinstance(runner.storage, VirtualKVStorage) and runner.graphs is not None
     idle = _device_free()
-    assert before - idle < 1.5 * GIB, f"accelerate took {(before - idle) / GIB:.2f} GiB before any call"
+    assert before - idle < 2 * GIB, f"accelerate took {(before - idle) / GIB:.2f} GiB before any call"
     sizes = _record_growth(runner)
     ids, mask = left_padded([200 + 7 * i for i in range(96)], vocab=150000, seed=3)
     kwargs = dict(max_new_tokens=300, min_new_tokens=300, do_sample=False)
@@ -182,7 +182,8 @@ def test_on_demand_kv_cache_grows_gives_memory_back_and_keeps_its_graphs():
     assert max(sizes) * runner.kv_bytes_per_block > 4 * GIB, "grown for the whole batch"
     assert abs(_device_free() - idle) < 0.1 * GIB, "memory above the floor handed back when the call returned"
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kwargs), first)
-    resident = LLM(model, kv_cache_resident=True, gpu_memory_utilization=0.5, max_model_len=1024)
+    assert hf_minivllm.stats(model)["fallbacks"] == 0
+    resident = LLM(model, kv_cache_resident=True, gpu_memory_utilization=0.5, max_model_len=2048)
     prompts = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
     outputs = resident.generate(prompts, SamplingParams(temperature=0, max_tokens=300, ignore_eos=True), use_tqdm=False)
     assert [o["token_ids"] for o in outputs] == first[:, ids.shape[1]:].tolist()
