@@ -268,9 +268,20 @@ def w7_threads(results: dict, threads: int = 64, hf_window_s: float = 30.0) -> N
     for future in futures:
         future.result()
     pool.shutdown()
+    stats_after_threads = hf_minivllm.stats(model)
+
+    def llm_worker(thread):
+        return sum(len(llm.generate([prompts[i]], params[i], use_tqdm=False)[0]["token_ids"])
+                   for i in range(thread, len(prompts), threads))
+
+    begin = now()
+    with ThreadPoolExecutor(threads) as pool:
+        llm_thread_tokens = sum(pool.map(llm_worker, range(threads)))
+    llm_threaded = now() - begin
     results["W7_threads"] = {
         "threads": threads, "requests": len(prompts), "tokens": tokens, "seconds": threaded,
         "tok_s": tokens / threaded, "llm_batch_tok_s": batch_tokens / batch_seconds,
+        "llm_generate_threads_tok_s": llm_thread_tokens / llm_threaded, "stats_after_threads": stats_after_threads,
         "ratio_to_llm_batch": (tokens / threaded) / (batch_tokens / batch_seconds),
         "hf_threads_window_s": hf_seconds, "hf_threads_tokens": hf_tokens, "hf_threads_tok_s": hf_tokens / hf_seconds,
         "stats": hf_minivllm.stats(model),

@@ -6,6 +6,7 @@ request carries a step hook (HF processors and stopping criteria need every toke
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence as SequenceOf
 from contextlib import closing
 from dataclasses import dataclass
@@ -48,7 +49,18 @@ class LLMEngine:
         self.model = model
         self.runner = ModelRunner(model, self.config, self.eos_token_ids)
         self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.eos_token_ids,
-                                   capacity_blocks=self.runner.capacity_blocks, grow=self.runner.grow_kv_cache)
+                                   capacity_blocks=self.runner.capacity_blocks, grow=self._grow_kv_cache)
+        self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, self.runner.num_blocks)
+
+    def _grow_kv_cache(self, min_blocks: int, wanted_blocks: int) -> int:
+        start = time.perf_counter()
+        before = self.runner.num_blocks
+        num_blocks = self.runner.grow_kv_cache(min_blocks, wanted_blocks)
+        if num_blocks > before:
+            self.stats.kv_cache_growths += 1
+            self.stats.kv_cache_growth_seconds += time.perf_counter() - start
+            self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, num_blocks)
+        return num_blocks
 
     @property
     def max_sequence_tokens(self) -> int:

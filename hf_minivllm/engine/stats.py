@@ -18,6 +18,9 @@ class EngineStats:
     fallback_reasons: Counter = field(default_factory=Counter)
     weight_updates: int = 0  # calls that found the model's weights changed
     rebuilds: int = 0  # of those, changes that needed a new decoder (new tensors, dtype or device)
+    kv_cache_growths: int = 0  # times the on-demand KV cache took more memory
+    kv_cache_growth_seconds: float = 0.0  # time those growths took (mapping memory)
+    kv_cache_peak_blocks: int = 0  # the most KV blocks held at once
 
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -39,4 +42,7 @@ class EngineStats:
             "fallback_reasons": dict(self.fallback_reasons),
             "weight_updates": self.weight_updates,
             "rebuilds": self.rebuilds,
+            "kv_cache_growths": self.kv_cache_growths,
+            "kv_cache_growth_seconds": self.kv_cache_growth_seconds,
+            "kv_cache_peak_blocks": self.kv_cache_peak_blocks,
         }
