@@ -144,8 +144,9 @@ GIB = 1 << 30
 
 
 def _device_free() -> int:
+    """Bytes the rest of the program can have: free on the device plus what PyTorch's allocator caches unused."""
     torch.cuda.synchronize()
-    return torch.cuda.mem_get_info()[0]
+    return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
 
 def _record_growth(runner):

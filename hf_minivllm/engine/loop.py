@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # How often a waiting caller checks that the loop thread is still alive (seconds).
 _LIVENESS_INTERVAL_S = 1.0
+# How long an idle loop thread waits for more work before it ends: calls in a row reuse one thread.
+_IDLE_THREAD_S = 2.0
 
 
 # Loops still alive at interpreter exit are closed first, so no loop thread is inside a step during teardown.
@@ -90,6 +92,7 @@ class EngineLoop:
         self.name = name
         self.state_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _commands, _thread and _closed
+        self._work_arrived = threading.Condition(self._lock)
         self._commands: deque[tuple[str, Any]] = deque()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -200,6 +203,7 @@ class EngineLoop:
                     return
                 raise EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
             self._commands.append((kind, payload))
+            self._work_arrived.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
@@ -222,6 +226,8 @@ class EngineLoop:
                     continue
                 self._release_memory()
                 with self._lock:
+                    if not self._commands and not self._closed:
+                        self._work_arrived.wait(timeout=_IDLE_THREAD_S)
                     if not self._commands:
                         self._thread = None
                         return
