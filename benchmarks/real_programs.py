@@ -185,7 +185,7 @@ def short_calls(results: dict, calls: int = 200, profile: bool = False) -> None:
             model.generate(p, **short)
         profiler.disable()
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
         print(text.getvalue(), flush=True)
     results["short_calls"] = {
         "calls": calls, "ms_per_token": seconds * 1000 / (calls * 32), "ms_per_call": seconds * 1000 / calls,

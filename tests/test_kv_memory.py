@@ -89,3 +89,19 @@ def test_resident_cache_is_allocated_once_and_kept():
 def test_bad_memory_settings_name_the_argument(field, value):
     with pytest.raises(ValueError, match=field):
         Config(**{field: value})
+
+
+def test_a_dropped_llm_is_freed_although_its_loop_thread_waits_for_more_work():
+    import gc
+    import time
+    import weakref
+
+    llm = LLM(tiny_model("llama"), num_kvcache_blocks=64)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    storage = weakref.ref(llm.engine.runner.storage)
+    del llm
+    deadline = time.monotonic() + 1.0
+    while storage() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert storage() is None, "the idle loop thread must not keep the engine (and its KV cache) alive"

@@ -80,6 +80,36 @@ class _Call:
         self.error: BaseException | None = None
 
 
+class _Mailbox:
+    """What the loop thread shares with callers: the command queue, the thread itself, the closed flag (all
+    guarded by ``lock``). The thread keeps this strongly and the loop only weakly while idle, so an engine its
+    owner dropped is freed without waiting for the thread to end."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.work_arrived = threading.Condition(self.lock)
+        self.commands: deque[tuple[str, Any]] = deque()
+        self.thread: threading.Thread | None = None
+        self.closed = False
+
+
+def _thread_main(loop_ref: weakref.ref, mailbox: _Mailbox) -> None:
+    """The loop thread: works until the engine is idle, then waits a while for more, holding the loop weakly."""
+    while True:
+        loop = loop_ref()
+        if loop is None or not loop._work_until_idle():
+            with mailbox.lock:
+                mailbox.thread = None
+            return
+        del loop
+        with mailbox.lock:
+            if not mailbox.commands and not mailbox.closed:
+                mailbox.work_arrived.wait(timeout=_IDLE_THREAD_S)
+            if not mailbox.commands:
+                mailbox.thread = None
+                return
+
+
 class EngineLoop:
     """Drives one ``LLMEngine`` from a background thread on behalf of any number of calling threads.
 
@@ -91,11 +121,7 @@ class EngineLoop:
         self.engine = engine
         self.name = name
         self.state_lock = threading.Lock()
-        self._lock = threading.Lock()  # guards _commands, _thread and _closed
-        self._work_arrived = threading.Condition(self._lock)
-        self._commands: deque[tuple[str, Any]] = deque()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._mailbox = _Mailbox()
         self._group_of: dict[int, RequestGroup] = {}  # seq_id -> its group (loop thread only)
         self._num_watchers = 0  # groups with watch_steps among those running
         _live_loops.add(self)
@@ -151,7 +177,7 @@ class EngineLoop:
         finally:
             if not group.done.is_set():
                 self.abort(group)
-                while not group.done.wait(timeout=_LIVENESS_INTERVAL_S) and self._thread is not None:
+                while not group.done.wait(timeout=_LIVENESS_INTERVAL_S) and self._mailbox.thread is not None:
                     pass
         error = group.error()
         if error is not None:
@@ -171,7 +197,7 @@ class EngineLoop:
         call = _Call(function)
         self._post("call", call)
         while not call.done.wait(timeout=_LIVENESS_INTERVAL_S):
-            if self._thread is None and not call.done.is_set():
+            if self._mailbox.thread is None and not call.done.is_set():
                 raise RuntimeError(f"the engine loop {self.name} stopped before running {function!r}")
         if call.error is not None:
             raise call.error
@@ -179,44 +205,48 @@ class EngineLoop:
 
     def close(self) -> None:
         """Abort every request (their callers get ``EngineClosed``), release the engine's memory and refuse new work."""
-        with self._lock:
-            if self._closed:
+        mailbox = self._mailbox
+        with mailbox.lock:
+            if mailbox.closed:
                 return
         self._post("close", None)
-        with self._lock:
-            self._closed = True
-            thread = self._thread
+        with mailbox.lock:
+            mailbox.closed = True
+            thread = mailbox.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._mailbox.closed
 
     def _post(self, kind: str, payload: Any, allow_closed: bool = False) -> None:
-        if self._thread is threading.current_thread():
+        mailbox = self._mailbox
+        if mailbox.thread is threading.current_thread():
             raise RuntimeError("the engine was called from inside its own step (e.g. generate inside a logits "
                                "processor or stopping criterion); that would wait on itself forever")
-        with self._lock:
-            if self._closed:
+        with mailbox.lock:
+            if mailbox.closed:
                 if allow_closed:
                     return
                 raise EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
-            self._commands.append((kind, payload))
-            self._work_arrived.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+            mailbox.commands.append((kind, payload))
+            mailbox.work_arrived.notify()
+            if mailbox.thread is None:
+                mailbox.thread = threading.Thread(target=_thread_main, args=(weakref.ref(self), mailbox),
+                                                  name=self.name, daemon=True)
+                mailbox.thread.start()
 
     def _check_alive(self, group: RequestGroup) -> None:
-        with self._lock:
-            stopped = self._thread is None
+        with self._mailbox.lock:
+            stopped = self._mailbox.thread is None
         if stopped and not group.done.is_set():
             raise RuntimeError(f"the engine loop {self.name} stopped while this call's requests were unfinished")
 
     # ---- the loop thread ------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _work_until_idle(self) -> bool:
+        """Run commands and steps until nothing is left; False if the loop itself failed (callers were failed)."""
         try:
             self._set_device()
             while True:
@@ -225,29 +255,24 @@ class EngineLoop:
                     self._step()
                     continue
                 self._release_memory()
-                with self._lock:
-                    if not self._commands and not self._closed:
-                        self._work_arrived.wait(timeout=_IDLE_THREAD_S)
-                    if not self._commands:
-                        self._thread = None
-                        return
+                return True
         except BaseException as error:  # noqa: BLE001 - a bug in the loop itself: fail every caller, never hang
             logger.exception("the engine loop failed")
             self._fail_everything(error)
-            with self._lock:
-                self._thread = None
+            return False
 
     def _set_device(self) -> None:
         device = self.engine.runner.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
 
+    def _take_command(self) -> tuple[str, Any] | None:
+        with self._mailbox.lock:
+            return self._mailbox.commands.popleft() if self._mailbox.commands else None
+
     def _run_commands(self) -> None:
-        while True:
-            with self._lock:
-                if not self._commands:
-                    return
-                kind, payload = self._commands.popleft()
+        while (command := self._take_command()) is not None:
+            kind, payload = command
             if kind == "submit":
                 self._admit(payload)
             elif kind == "abort":
@@ -321,7 +346,7 @@ class EngineLoop:
                 done.append(group)
                 if group.updates is not None:
                     self._num_watchers -= 1
-        if done and not self.engine.has_unfinished() and not self._commands:
+        if done and not self.engine.has_unfinished() and not self._mailbox.commands:
             self._release_memory()
         for group in done:
             group.done.set()
@@ -341,11 +366,8 @@ class EngineLoop:
         """Wake every caller with ``error``: running groups, queued submissions and queued calls."""
         groups = {id(group): group for group in self._group_of.values()}
         self._group_of.clear()
-        while True:
-            with self._lock:
-                if not self._commands:
-                    break
-                kind, payload = self._commands.popleft()
+        while (command := self._take_command()) is not None:
+            kind, payload = command
             if kind == "submit":
                 groups[id(payload)] = payload
             elif kind == "call":
