@@ -83,7 +83,8 @@ class LLM:
     unless it can be loaded from the path.
 
     Any number of threads may call ``generate`` and ``stream`` at once: their requests join one continuous batch
-    (one engine loop), and each call gets its own results. Every call first checks, cheaply, whether the model's
+    (one engine, driven by whichever caller is waiting; see ``hf_minivllm.engine.loop``), and each call gets its
+    own results. Every call first checks, cheaply, whether the model's
     weights changed since the last one (see ``hf_minivllm.models.weight_sync``): new values reset the prefix cache,
     new tensors (dtype, device, replaced parameters) rebuild the decoder.
     """
@@ -166,8 +167,9 @@ class LLM:
         """Generate like ``generate``, yielding a ``StreamOutput`` per request each time it gets tokens.
 
         All prompts run as one continuous batch (with whatever other calls run meanwhile); events come in step
-        order, and within a step in batch order. A consumer slower than the engine gets the tokens of several steps
-        in one event. A request's last event carries its ``finish_reason``. Leaving the loop early aborts the
+        order, and within a step in batch order. The engine runs while the loop asks for the next event (or while
+        other callers wait on it); when other callers kept it running meanwhile, one event carries the tokens of
+        several steps. A request's last event carries its ``finish_reason``. Leaving the loop early aborts the
         unfinished requests.
         """
         token_ids, sampling_params = self._requests(prompts, sampling_params)

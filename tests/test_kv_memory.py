@@ -91,7 +91,7 @@ def test_bad_memory_settings_name_the_argument(field, value):
         Config(**{field: value})
 
 
-def test_a_dropped_llm_is_freed_although_its_loop_thread_waits_for_more_work():
+def test_a_dropped_llm_frees_its_kv_cache_at_once():
     import gc
     import time
     import weakref
@@ -104,4 +104,4 @@ def test_a_dropped_llm_is_freed_although_its_loop_thread_waits_for_more_work():
     while storage() is not None and time.monotonic() < deadline:
         gc.collect()
         time.sleep(0.01)
-    assert storage() is None, "the idle loop thread must not keep the engine (and its KV cache) alive"
+    assert storage() is None, "nothing of the engine's may keep it (and its KV cache) alive"

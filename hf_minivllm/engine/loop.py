@@ -1,11 +1,14 @@
-"""One engine loop, any number of callers: each call's requests join the running batch, each caller waits on its own.
+"""One engine, any number of callers: each call's requests join the running batch, each caller gets its own.
 
-The loop runs on a thread of its own, started when work arrives and ended when the engine is idle; it alone touches
-the engine. Callers hand it commands (new requests, aborts, functions to run between steps) through a queue and
-wait on a ``RequestGroup``: its ``done`` event, and for callers that stream, a queue of per-step updates. Whatever
-ends a request early (its caller left, its step hook raised, a step failed) reaches exactly the callers whose
-requests it ended, as their exception. An on-demand KV cache is shrunk before the callers of the last requests are
-woken, so a caller that goes on to train finds the memory free.
+Callers hand the engine commands (new requests, aborts, functions to run between steps) through one queue. Whoever
+is waiting for something drives the engine: the first waiting caller takes the driver's seat, runs commands and
+steps (everyone's requests, one continuous batch) until what it waits for is there, then hands the seat to another
+waiting caller if work remains. A single caller therefore runs every step on its own thread, exactly as a plain
+loop would; many callers share one batch with no thread of the engine's own. A background thread drives only when
+work is left that no caller waits for (an abort after a caller left). Whatever ends a request early (its caller
+left, its step hook raised, a step failed) reaches exactly the callers whose requests it ended, as their
+exception. An on-demand KV cache is shrunk before the callers of the last requests are woken, so a caller that
+goes on to train finds the memory free.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 from typing import Any
 
 import torch
@@ -25,13 +28,10 @@ from hf_minivllm.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
 
-# How often a waiting caller checks that the loop thread is still alive (seconds).
-_LIVENESS_INTERVAL_S = 1.0
-# How long an idle loop thread waits for more work before it ends: calls in a row reuse one thread.
-_IDLE_THREAD_S = 2.0
+# How long a waiting caller sleeps before it checks again whether it should drive (a lost hand-off costs no more).
+_RECHECK_S = 0.5
 
-
-# Loops still alive at interpreter exit are closed first, so no loop thread is inside a step during teardown.
+# Loops still alive at interpreter exit are closed first, so no thread is inside a step during teardown.
 _live_loops: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
 
 
@@ -55,6 +55,11 @@ class RequestGroup:
         self.num_unfinished = len(seqs)
         self.done = threading.Event()
         self.updates: SimpleQueue | None = SimpleQueue() if watch_steps else None
+        self.wake: threading.Event | None = None  # set with every piece of news, to wake the caller waiting on it
+
+    def notify(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
     @property
     def num_finished(self) -> int:
@@ -78,40 +83,34 @@ class _Call:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.wake: threading.Event | None = None
+
+    def notify(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
 
 class _Mailbox:
-    """What the loop thread shares with callers: the command queue, the thread itself, the closed flag (all
-    guarded by ``lock``). The thread keeps this strongly and the loop only weakly while idle, so an engine its
-    owner dropped is freed without waiting for the thread to end."""
+    """What callers share, guarded by ``lock``: the command queue, who drives now, the waiting callers' wake-up
+    events, and the closed flag."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.work_arrived = threading.Condition(self.lock)
         self.commands: deque[tuple[str, Any]] = deque()
-        self.thread: threading.Thread | None = None
+        self.driver: threading.Thread | None = None
+        self.waiters: dict[threading.Event, None] = {}  # insertion-ordered set
         self.closed = False
 
 
-def _thread_main(loop_ref: weakref.ref, mailbox: _Mailbox) -> None:
-    """The loop thread: works until the engine is idle, then waits a while for more, holding the loop weakly."""
-    while True:
-        loop = loop_ref()
-        if loop is None or not loop._work_until_idle():
-            with mailbox.lock:
-                mailbox.thread = None
-            return
-        del loop
-        with mailbox.lock:
-            if not mailbox.commands and not mailbox.closed:
-                mailbox.work_arrived.wait(timeout=_IDLE_THREAD_S)
-            if not mailbox.commands:
-                mailbox.thread = None
-                return
+def _drive_in_background(loop_ref: weakref.ref) -> None:
+    """A thread that drives until the engine is idle, for work no caller waits for; holds the loop only meanwhile."""
+    loop = loop_ref()
+    if loop is not None:
+        loop._try_drive(lambda: False)
 
 
 class EngineLoop:
-    """Drives one ``LLMEngine`` from a background thread on behalf of any number of calling threads.
+    """Steps one ``LLMEngine`` on behalf of any number of calling threads (see the module docstring).
 
     ``state_lock`` is held while a step changes request state; a caller reading its running requests' tokens
     (streaming) takes it for the read.
@@ -120,32 +119,32 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "hf-minivllm-engine"):
         self.engine = engine
         self.name = name
-        self.state_lock = threading.Lock()
+        self.state_lock = threading.RLock()
         self._mailbox = _Mailbox()
-        self._group_of: dict[int, RequestGroup] = {}  # seq_id -> its group (loop thread only)
+        self._group_of: dict[int, RequestGroup] = {}  # seq_id -> its group (driver only)
         self._num_watchers = 0  # groups with watch_steps among those running
         _live_loops.add(self)
 
-    # ---- callers' side -------------------------------------------------------------------------------------
+    # ---- what callers call ---------------------------------------------------------------------------------
 
     def submit(self, seqs: list[Sequence], watch_steps: bool = False) -> RequestGroup:
-        """Queue the sequences (made by ``LLMEngine.new_sequences``) as one group."""
+        """Queue the sequences (made by ``LLMEngine.new_sequences``) as one group; ``wait`` or ``updates`` run it."""
         group = RequestGroup(seqs, watch_steps)
         if not seqs:
             group.done.set()
+            if group.updates is not None:
+                group.updates.put(None)
             return group
         self._post("submit", group)
         return group
 
     def wait(self, group: RequestGroup, poll: Callable[[RequestGroup], None] | None = None,
-             poll_interval_s: float = _LIVENESS_INTERVAL_S) -> list[Sequence]:
-        """Block until the group finished; its sequences, or its error raised. Interrupted (KeyboardInterrupt or
-        any exception), the group's unfinished requests are aborted before the exception goes on."""
+             poll_interval_s: float = _RECHECK_S) -> list[Sequence]:
+        """Run the engine (or let whoever drives run it) until the group finished; its sequences, or its error
+        raised. Interrupted (KeyboardInterrupt or any exception), the group's unfinished requests are aborted before
+        the exception goes on."""
         try:
-            while not group.done.wait(timeout=poll_interval_s):
-                if poll is not None:
-                    poll(group)
-                self._check_alive(group)
+            self._wait_until(group.done.is_set, group, poll and (lambda: poll(group)), poll_interval_s)
         except BaseException:
             self.abort(group)
             raise
@@ -157,109 +156,147 @@ class EngineLoop:
         return group.seqs
 
     def updates(self, group: RequestGroup) -> Iterator[list[Sequence]]:
-        """The group's per-step updates as they come (sequences that got a token or finished), until it is done.
+        """The group's per-step updates (sequences that got a token or finished) as the engine makes them.
 
-        Leaving the iteration early (or an exception in the consumer) aborts the group's unfinished requests and
-        returns once they are gone (their blocks freed).
+        The engine runs while the consumer asks for the next update (or while other callers wait), not while the
+        consumer works. Leaving the iteration early (or an exception in the consumer) aborts the group's unfinished
+        requests and returns once they are gone (their blocks freed).
         """
         if group.updates is None:
             raise ValueError("this group was submitted without watch_steps")
+        queue = group.updates
         try:
             while True:
-                try:
-                    update = group.updates.get(timeout=_LIVENESS_INTERVAL_S)
-                except Empty:
-                    self._check_alive(group)
-                    continue
+                self._wait_until(lambda: not queue.empty(), group)
+                update = queue.get_nowait()
                 if update is None:
                     break
                 yield update
         finally:
             if not group.done.is_set():
                 self.abort(group)
-                while not group.done.wait(timeout=_LIVENESS_INTERVAL_S) and self._mailbox.thread is not None:
-                    pass
+                self._wait_until(group.done.is_set, group)
         error = group.error()
         if error is not None:
             raise error
 
     def abort(self, group: RequestGroup) -> None:
-        """End the group's unfinished requests (its caller left); returns at once."""
+        """End the group's unfinished requests (its caller left); returns at once, the abort is done in the
+        background if no caller drives."""
         if not group.done.is_set():
             self._post("abort", group, allow_closed=True)
+            self._hand_off(start_background=True)
 
     def post(self, function: Callable[[LLMEngine], Any]) -> None:
-        """Run ``function(engine)`` on the loop before any request queued after this call; do not wait for it."""
+        """Run ``function(engine)`` before any request queued after this call (by the next driver); no waiting."""
         self._post("call", _Call(function))
 
     def call(self, function: Callable[[LLMEngine], Any]) -> Any:
-        """Run ``function(engine)`` on the loop between steps and return its result (or raise its exception)."""
+        """Run ``function(engine)`` between steps and return its result (or raise its exception)."""
         call = _Call(function)
         self._post("call", call)
-        while not call.done.wait(timeout=_LIVENESS_INTERVAL_S):
-            if self._mailbox.thread is None and not call.done.is_set():
-                raise RuntimeError(f"the engine loop {self.name} stopped before running {function!r}")
+        self._wait_until(call.done.is_set, call)
         if call.error is not None:
             raise call.error
         return call.result
 
     def close(self) -> None:
         """Abort every request (their callers get ``EngineClosed``), release the engine's memory and refuse new work."""
-        mailbox = self._mailbox
-        with mailbox.lock:
-            if mailbox.closed:
+        with self._mailbox.lock:
+            if self._mailbox.closed:
                 return
-        self._post("close", None)
-        with mailbox.lock:
-            mailbox.closed = True
-            thread = mailbox.thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        call = _Call(lambda engine: self._close())
+        self._post("call", call)
+        with self._mailbox.lock:
+            self._mailbox.closed = True
+        self._wait_until(call.done.is_set, call)
 
     @property
     def closed(self) -> bool:
         return self._mailbox.closed
 
+    # ---- driving -------------------------------------------------------------------------------------------
+
     def _post(self, kind: str, payload: Any, allow_closed: bool = False) -> None:
         mailbox = self._mailbox
-        if mailbox.thread is threading.current_thread():
-            raise RuntimeError("the engine was called from inside its own step (e.g. generate inside a logits "
-                               "processor or stopping criterion); that would wait on itself forever")
         with mailbox.lock:
+            if mailbox.driver is threading.current_thread():
+                raise RuntimeError("the engine was called from inside its own step (e.g. generate inside a logits "
+                                   "processor or stopping criterion); that would wait on itself forever")
             if mailbox.closed:
                 if allow_closed:
                     return
                 raise EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
             mailbox.commands.append((kind, payload))
-            mailbox.work_arrived.notify()
-            if mailbox.thread is None:
-                mailbox.thread = threading.Thread(target=_thread_main, args=(weakref.ref(self), mailbox),
-                                                  name=self.name, daemon=True)
-                mailbox.thread.start()
 
-    def _check_alive(self, group: RequestGroup) -> None:
-        with self._mailbox.lock:
-            stopped = self._mailbox.thread is None
-        if stopped and not group.done.is_set():
-            raise RuntimeError(f"the engine loop {self.name} stopped while this call's requests were unfinished")
-
-    # ---- the loop thread ------------------------------------------------------------------------------------
-
-    def _work_until_idle(self) -> bool:
-        """Run commands and steps until nothing is left; False if the loop itself failed (callers were failed)."""
+    def _wait_until(self, ready: Callable[[], bool], waited_on: RequestGroup | _Call | None = None,
+                    poll: Callable[[], None] | None = None, poll_interval_s: float = _RECHECK_S) -> None:
+        """Make progress until ``ready()``: drive when nobody does, else sleep until woken (news of what is waited
+        on, or the driver's seat handed over) or until ``poll_interval_s`` passed."""
+        mailbox, wake = self._mailbox, threading.Event()
+        if waited_on is not None:
+            waited_on.wake = wake
+        with mailbox.lock:
+            mailbox.waiters[wake] = None
         try:
-            self._set_device()
-            while True:
+            while not ready():
+                if self._try_drive(ready):
+                    continue
+                wake.wait(timeout=poll_interval_s)
+                wake.clear()
+                if poll is not None:
+                    poll()
+        finally:
+            with mailbox.lock:
+                mailbox.waiters.pop(wake, None)
+            self._hand_off()
+
+    def _try_drive(self, ready: Callable[[], bool]) -> bool:
+        """Take the driver's seat if it is free and run the engine until ``ready()`` or idle; whether it drove."""
+        mailbox = self._mailbox
+        with mailbox.lock:
+            if mailbox.driver is not None:
+                return False
+            mailbox.driver = threading.current_thread()
+        try:
+            self._drive(ready)
+        finally:
+            with mailbox.lock:
+                mailbox.driver = None
+            self._hand_off()
+        return True
+
+    def _hand_off(self, start_background: bool = False) -> None:
+        """With work left and the seat free: wake a waiting caller to drive, or (if asked) a background thread."""
+        mailbox = self._mailbox
+        with mailbox.lock:
+            if mailbox.driver is not None or not (mailbox.commands or self.engine.has_unfinished()):
+                return
+            if mailbox.waiters:
+                next(iter(mailbox.waiters)).set()
+                return
+        if start_background:
+            threading.Thread(target=_drive_in_background, args=(weakref.ref(self),), name=self.name,
+                             daemon=True).start()
+
+    def _drive(self, ready: Callable[[], bool]) -> None:
+        """Run commands and steps until ``ready()`` or nothing is left to do."""
+        self._set_device()
+        try:
+            while not ready():
                 self._run_commands()
                 if self.engine.has_unfinished():
                     self._step()
-                    continue
-                self._release_memory()
-                return True
-        except BaseException as error:  # noqa: BLE001 - a bug in the loop itself: fail every caller, never hang
-            logger.exception("the engine loop failed")
-            self._fail_everything(error)
-            return False
+                elif not self._mailbox.commands:
+                    self._release_memory()
+                    return
+        except BaseException as error:  # KeyboardInterrupt mid-step, or a bug here: fail every caller, never hang
+            if not isinstance(error, KeyboardInterrupt):
+                logger.exception("the engine loop failed")
+            failure = RuntimeError(f"the engine stopped in the middle of a step ({error!r}); this request was aborted")
+            failure.__cause__ = error
+            self._fail_everything(failure)
+            raise
 
     def _set_device(self) -> None:
         device = self.engine.runner.device
@@ -279,8 +316,6 @@ class EngineLoop:
                 self._abort(payload, None)
             elif kind == "call":
                 self._run_call(payload)
-            elif kind == "close":
-                self._close()
 
     def _admit(self, group: RequestGroup) -> None:
         for seq in group.seqs:
@@ -305,12 +340,12 @@ class EngineLoop:
         finally:
             self._set_device()
             call.done.set()
+            call.notify()
 
     def _close(self) -> None:
-        error = EngineClosed("the engine was closed while this request ran")
-        with self.state_lock:
-            aborted = self.engine.abort_all(error)
-            self.engine.close()
+        """Runs as a call (``state_lock`` held): abort everything, then release the engine's memory."""
+        aborted = self.engine.abort_all(EngineClosed("the engine was closed while this request ran"))
+        self.engine.close()
         self._report(StepResult([], aborted, False, 0))
 
     def _step(self) -> None:
@@ -335,7 +370,9 @@ class EngineLoop:
                     if not members or members[-1] is not seq:
                         members.append(seq)
             for members in changed.values():
-                self._group_of[members[0].seq_id].updates.put(members)
+                group = self._group_of[members[0].seq_id]
+                group.updates.put(members)
+                group.notify()
         done = []
         for seq in result.finished:
             group = self._group_of.pop(seq.seq_id, None)
@@ -347,11 +384,12 @@ class EngineLoop:
                 if group.updates is not None:
                     self._num_watchers -= 1
         if done and not self.engine.has_unfinished() and not self._mailbox.commands:
-            self._release_memory()
+            self._release_memory()  # before the callers wake: the memory is free when they go on
         for group in done:
             group.done.set()
             if group.updates is not None:
                 group.updates.put(None)
+            group.notify()
 
     def _release_memory(self) -> None:
         if self.engine.runner is None or self.engine.has_unfinished():
@@ -363,9 +401,15 @@ class EngineLoop:
             logger.exception("could not shrink the KV cache")
 
     def _fail_everything(self, error: BaseException) -> None:
-        """Wake every caller with ``error``: running groups, queued submissions and queued calls."""
+        """End every request and wake every caller with ``error``: running groups, queued submissions and calls."""
+        try:
+            with self.state_lock:
+                self.engine.abort_all(error)
+        except Exception:  # noqa: BLE001 - the engine may be what failed; the callers must hear of it regardless
+            logger.exception("could not abort the engine's requests")
         groups = {id(group): group for group in self._group_of.values()}
         self._group_of.clear()
+        self._num_watchers = 0
         while (command := self._take_command()) is not None:
             kind, payload = command
             if kind == "submit":
@@ -373,6 +417,7 @@ class EngineLoop:
             elif kind == "call":
                 payload.error = error
                 payload.done.set()
+                payload.notify()
         for group in groups.values():
             for seq in group.seqs:
                 if not seq.is_finished and seq.error is None:
@@ -380,3 +425,4 @@ class EngineLoop:
             group.done.set()
             if group.updates is not None:
                 group.updates.put(None)
+            group.notify()
