@@ -105,7 +105,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.config.fit_to_model(getattr(hf_model.config, "max_position_embeddings", None))
         self.model = build_decoder(hf_model)
-        self._weights = WeightWatcher(self.model.weight_sources)
+        self._weights = WeightWatcher(hf_model, self.model.weight_sources)
         self._weights_lock = threading.Lock()
         self.engine = LLMEngine(self.model, self.config, eos_token_ids_of(hf_model, tokenizer))
         self.loop = EngineLoop(self.engine)
@@ -210,11 +210,14 @@ class LLM:
                 progress.close()
 
     def sync_weights(self) -> None:
-        """Bring the engine in line with the model's weights: called by every generate/stream call."""
+        """Bring the engine in line with the model's weights: called by every generate/stream call. What the check
+        saw is committed only once the reset or rebuild is under way, so a failure is retried by the next call."""
+        self.loop.ensure_not_driving()
         with self._weights_lock:
             change = self._weights.check()
             if change is WeightChange.VALUES:
                 self.loop.post(LLMEngine.reset_prefix_cache)
+                self._weights.commit()
                 self.engine.stats.weight_updates += 1
             elif change is WeightChange.TENSORS:
                 self.loop.call(self._rebuild)
@@ -222,9 +225,10 @@ class LLM:
 
     def _rebuild(self, engine: LLMEngine) -> None:
         """Runs on the engine loop: a new decoder from the model as it is now, served by a new runner."""
-        self.model = build_decoder(self.hf_model)
-        engine.reload_model(self.model)
-        self._weights = WeightWatcher(self.model.weight_sources)
+        model = build_decoder(self.hf_model)
+        watcher = WeightWatcher(self.hf_model, model.weight_sources)
+        engine.reload_model(model)
+        self.model, self._weights = model, watcher
         engine.stats.rebuilds += 1
 
     def reset_prefix_cache(self) -> None:

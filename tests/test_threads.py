@@ -178,3 +178,72 @@ def test_pipeline_from_threads(smollm2, threads):
     chats = [[[{"role": "user", "content": q}] for q in QUESTIONS[i : i + 2]] for i in range(threads)]
     solo = [pipe(chat, max_new_tokens=6, do_sample=False) for chat in chats]
     assert run_in_threads(lambda i: pipe(chats[i], max_new_tokens=6, do_sample=False), threads) == solo
+
+
+class _CallsGenerate(LogitsProcessor):
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, scores):
+        self.model.generate(input_ids[:1], max_new_tokens=1)
+        return scores
+
+
+def test_generate_inside_a_step_hook_raises_instead_of_waiting_on_itself():
+    model = hf_minivllm.accelerate(tiny_model("qwen3"))
+    ids, mask = left_padded_batch(lengths=(8,))
+    with pytest.raises(RuntimeError, match="inside its own step"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                       logits_processor=LogitsProcessorList([_CallsGenerate(model)]))
+    assert model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4).shape[1] == ids.shape[1] + 4
+
+
+class _Interrupts(LogitsProcessor):
+    """Sends this process Ctrl-C in the middle of the engine's third step."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        import signal
+
+        self.calls += 1
+        if self.calls == 3:
+            signal.raise_signal(signal.SIGINT)
+        return scores
+
+
+def test_ctrl_c_during_a_step_ends_the_call_between_steps_and_the_engine_stays_whole():
+    model = hf_minivllm.accelerate(tiny_model("llama"), num_kvcache_blocks=64, kvcache_block_size=4)
+    ids, mask = left_padded_batch(lengths=(20, 9))
+    processor = _Interrupts()
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                       logits_processor=LogitsProcessorList([processor]))
+    assert processor.calls == 3, "the step that got Ctrl-C ran to its end"
+    engine = model._hf_minivllm.llm.engine
+    manager = engine.scheduler.block_manager
+    assert not engine.has_unfinished() and manager.num_free_blocks == manager.num_blocks
+    assert model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3).shape[1] == ids.shape[1] + 3
+
+
+def test_close_from_several_threads_while_others_generate():
+    from hf_minivllm.engine.loop import EngineClosed
+
+    llm = LLM(tiny_model("qwen3"), num_kvcache_blocks=256, kvcache_block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    def call(index):
+        try:
+            if index % 4 == 0:
+                llm.close()
+                return "closed"
+            return llm.generate([[5 + index, 6, 7]], params, use_tqdm=False)[0]["token_ids"]
+        except EngineClosed:
+            return "refused"
+
+    results = run_in_threads(call, 12)
+    assert results.count("closed") == 3
+    assert all(r in ("closed", "refused") or len(r) == 40 for r in results)
+    with pytest.raises(EngineClosed):
+        llm.generate([[5, 6]], params, use_tqdm=False)

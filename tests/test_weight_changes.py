@@ -152,3 +152,76 @@ def test_a_fused_optimizer_step_is_seen_although_it_bumps_no_version_counter():
     got = greedy(model, ids, mask)
     assert torch.equal(got, greedy(unpatched_twin(model, "qwen3"), ids, mask)) and not torch.equal(got, first)
     assert hf_minivllm.stats(model)["weight_updates"] == 1
+
+
+def test_replaced_modules_and_an_untied_lm_head_are_seen():
+    model = hf_minivllm.accelerate(tiny_model("qwen3"))  # tied embeddings
+    ids, mask = left_padded_batch(lengths=(30, 21))
+    greedy(model, ids, mask)
+    attn = model.model.layers[0].self_attn
+    torch.manual_seed(5)
+    attn.q_proj = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    with torch.no_grad():
+        attn.q_proj.weight.normal_(0, 0.3)
+    assert torch.equal(greedy(model, ids, mask), greedy(unpatched_twin(model, "qwen3"), ids, mask))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * -1.0)  # untied now
+    got = greedy(model, ids, mask)
+    twin = tiny_model("qwen3")  # tied: load everything but the head, then untie it the same way
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    twin.load_state_dict(state, strict=False)
+    twin.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert torch.equal(got, greedy(twin, ids, mask))
+    assert hf_minivllm.stats(model)["rebuilds"] == 2
+
+
+def test_a_layer_the_engine_cannot_serve_fails_every_call_until_it_is_gone():
+    """A wrapped layer after accelerate (an adapter, a quantizer) must not be served from the old weights."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    model = hf_minivllm.accelerate(tiny_model("llama"))
+    ids, mask = left_padded_batch(lengths=(20,))
+    expected = greedy(model, ids, mask)
+    mlp = model.model.layers[1].mlp
+    plain = mlp.up_proj
+    mlp.up_proj = Scaled(plain)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj is a Scaled"):
+            greedy(model, ids, mask)
+    mlp.up_proj = plain
+    assert torch.equal(greedy(model, ids, mask), expected)
+
+
+def test_a_rebuild_with_requests_in_flight_and_in_chunked_prefill_finishes_them_exactly():
+    """New tensors while a stream is half done and a prompt is half prefilled: the rebuild recomputes them."""
+    from hf_minivllm.engine.sequence import SequenceStatus
+
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (60, 100, 100)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = dict(num_kvcache_blocks=128, kvcache_block_size=4, max_model_len=128, max_num_batched_tokens=128,
+                  enable_prefix_caching=False)
+    expected = LLM(tiny_model("llama"), **engine).generate(prompts, params, use_tqdm=False)
+    model = tiny_model("llama")
+    llm = LLM(model, **engine)
+    stream = llm.stream(prompts, params)
+    events = [next(stream)]
+    assert llm.engine.in_flight is not None and any(seq.block_table for seq in llm.engine.scheduler.waiting)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    o_proj.weight = torch.nn.Parameter(o_proj.weight.detach().clone())  # same values, new tensor
+    assert len(llm.generate([[11, 12, 13]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)) == 1
+    assert llm.stats.rebuilds == 1
+    events += list(stream)
+    tokens = {}
+    for event in events:
+        tokens.setdefault(event.index, []).extend(event.token_ids)
+    assert [tokens[i] for i in range(3)] == [out["token_ids"] for out in expected]
+    manager = llm.engine.scheduler.block_manager
+    assert all(block.ref_count == 0 for block in manager.blocks) and not llm.engine.has_unfinished()
+    assert all(seq.status is not SequenceStatus.RUNNING for seq in llm.engine.scheduler.running)

@@ -17,6 +17,7 @@ _LOCATION_TYPE_DEVICE = 1
 _ACCESS_PROT_READWRITE = 3
 _GRANULARITY_MINIMUM = 0
 _ERROR_OUT_OF_MEMORY = 2
+_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 102
 
 
 class _Location(ctypes.Structure):
@@ -55,6 +56,8 @@ def _driver() -> ctypes.CDLL:
         "cuMemUnmap": [u64, size_t],
         "cuMemSetAccess": [u64, size_t, ctypes.POINTER(_AccessDesc), size_t],
         "cuGetErrorString": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+        "cuDeviceGet": [ctypes.POINTER(ctypes.c_int), ctypes.c_int],
+        "cuDeviceGetAttribute": [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
     }
     for name, argtypes in signatures.items():
         function = getattr(lib, name)
@@ -78,6 +81,13 @@ def virtual_memory_available(device: torch.device) -> bool:
         return False
     try:
         torch.cuda.init()
+        driver, handle, supported = _driver(), ctypes.c_int(), ctypes.c_int()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _check(driver.cuDeviceGet(ctypes.byref(handle), index), "cuDeviceGet")
+        _check(driver.cuDeviceGetAttribute(ctypes.byref(supported), _ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+                                           handle.value), "cuDeviceGetAttribute")
+        if not supported.value:
+            return False
         allocation_granularity(device)
         return True
     except (OSError, AttributeError, RuntimeError):

@@ -132,7 +132,8 @@ class VirtualKVStorage(KVCacheStorage):
         return self.range.mapped_bytes
 
     def _map_up_to(self, num_blocks: int) -> bool:
-        """Map every slab from ``self.num_blocks`` to ``num_blocks``; all or nothing."""
+        """Map every slab from ``self.num_blocks`` to ``num_blocks``; all or nothing. False when the device has no
+        memory for it; any other driver error is raised (after undoing the slabs already mapped)."""
         start, size = self.num_blocks * self.layout.block_bytes, (num_blocks - self.num_blocks) * self.layout.block_bytes
         done = []
         try:
@@ -140,10 +141,12 @@ class VirtualKVStorage(KVCacheStorage):
                 offset = slab * self.slab_bytes + start
                 self.range.map(offset, size)
                 done.append(offset)
-        except CudaOutOfMemory:
+        except RuntimeError as error:
             for offset in done:
                 self.range.unmap(offset)
-            return False
+            if isinstance(error, CudaOutOfMemory):
+                return False
+            raise
         self.num_blocks = num_blocks
         return True
 

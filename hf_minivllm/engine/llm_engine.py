@@ -21,6 +21,10 @@ from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.sampling_params import SamplingParams
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed (``LLM.close``, ``hf_minivllm.restore``) before or while a request ran."""
+
+
 @dataclass
 class StepResult:
     """What one step did: sequences that got a token (``updated``), those that finished, and token counts."""
@@ -43,14 +47,18 @@ class LLMEngine:
         self.stats = EngineStats()
         self.num_hooked_requests = 0  # unfinished requests with a SamplingParams.step_hook
         self.in_flight: LaunchedStep | None = None  # a step queued ahead, its tokens not read back yet
+        self.closed = False
+        self._unreported: list[StepResult] = []  # results completed outside step() (a reload), for its caller
         self._start(model)
 
     def _start(self, model: nn.Module) -> None:
-        self.model = model
-        self.runner = ModelRunner(model, self.config, self.eos_token_ids)
-        self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.eos_token_ids,
-                                   capacity_blocks=self.runner.capacity_blocks, grow=self._grow_kv_cache)
-        self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, self.runner.num_blocks)
+        """A runner and scheduler for ``model``, swapped in together once both exist (callers on other threads
+        read the scheduler's capacity while validating)."""
+        runner = ModelRunner(model, self.config, self.eos_token_ids)
+        scheduler = Scheduler(self.config, runner.num_blocks, self.eos_token_ids,
+                              capacity_blocks=runner.capacity_blocks, grow=self._grow_kv_cache)
+        self.model, self.runner, self.scheduler = model, runner, scheduler
+        self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, runner.num_blocks)
 
     def _grow_kv_cache(self, min_blocks: int, wanted_blocks: int) -> int:
         start = time.perf_counter()
@@ -68,6 +76,8 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: SequenceOf[int], params: SamplingParams, index: int = 0) -> None:
         """Raise ValueError if the request is malformed or could never fit (checked before any work starts)."""
+        if self.closed:
+            raise EngineClosed("this engine is closed (or could not rebuild its decoder); make a new one")
         where = f"prompt {index}"
         if not isinstance(params, SamplingParams):
             raise ValueError(f"{where}: sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -228,20 +238,41 @@ class LLMEngine:
         and CUDA graphs are released, and a new runner (KV cache, graphs) is built for ``model``.
         """
         if self.in_flight is not None:
-            self._complete(self.in_flight)
-            self.in_flight = None
-        self.scheduler.preempt_all()
-        waiting, num_preemptions = list(self.scheduler.waiting), self.scheduler.num_preemptions
+            launched, self.in_flight = self.in_flight, None
+            self._unreported.append(self._complete(launched))
+        old_scheduler, old_model = self.scheduler, self.model
+        old_scheduler.preempt_all()
+        for seq in old_scheduler.waiting:  # a prompt prefilled in chunks holds blocks while it waits
+            if seq.block_table:
+                old_scheduler.block_manager.deallocate(seq)
         self.runner.close()
-        self.runner = self.scheduler = None
-        self._start(model)
-        self.scheduler.num_preemptions = num_preemptions
-        for seq in waiting:
-            self.scheduler.add(seq)
+        try:
+            self._start(model)
+        except BaseException as error:
+            try:
+                self._start(old_model)  # keep serving; the caller gets the error and the next call tries again
+            except BaseException:
+                self.closed = True
+                aborted = list(old_scheduler.waiting)
+                for seq in aborted:
+                    old_scheduler.abort(seq, error)
+                self._unreported.append(StepResult([], aborted, False, 0))
+                raise error from None
+            raise
+        finally:
+            if self.scheduler is not old_scheduler:
+                self.scheduler.num_preemptions = old_scheduler.num_preemptions
+                for seq in old_scheduler.waiting:
+                    self.scheduler.add(seq)
+
+    def take_unreported(self) -> list[StepResult]:
+        """Results of steps completed outside ``step()`` (by ``reload_model``), to be reported to their callers."""
+        results, self._unreported = self._unreported, []
+        return results
 
     def release_idle_memory(self) -> None:
         """With nothing to run, hand the KV cache's memory above its floor back (on-demand caches only)."""
-        if self.has_unfinished():
+        if self.closed or self.has_unfinished():
             return
         floor = self.runner.shrink_kv_cache()
         if floor < self.scheduler.block_manager.num_blocks:
@@ -251,6 +282,7 @@ class LLMEngine:
         """Drop every request and release the KV cache and CUDA graphs; the engine cannot be used afterwards."""
         self.abort_all()
         self.runner.close()
+        self.closed = True
 
     def steps(self) -> Iterator[StepResult]:
         """Step until every queued request finished, yielding each step's result.

@@ -13,8 +13,11 @@ goes on to train finds the memory free.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import signal
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hf_minivllm.engine.llm_engine import LLMEngine, StepResult
+from hf_minivllm.engine.llm_engine import EngineClosed, LLMEngine, StepResult
 from hf_minivllm.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
@@ -38,11 +41,10 @@ _live_loops: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
 @atexit.register
 def _close_live_loops() -> None:
     for loop in list(_live_loops):
-        loop.close()
-
-
-class EngineClosed(RuntimeError):
-    """The engine was closed (``LLM.close``, ``hf_minivllm.restore``) before or while a request ran."""
+        try:
+            loop.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; the other loops must still be closed
+            logger.exception("could not close an engine at exit")
 
 
 class RequestGroup:
@@ -100,6 +102,44 @@ class _Mailbox:
         self.driver: threading.Thread | None = None
         self.waiters: dict[threading.Event, None] = {}  # insertion-ordered set
         self.closed = False
+        self.close_call: _Call | None = None
+
+
+def _device_and_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """The engine's device and that device's default stream (every step on one stream, whoever drives)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.cuda.device(device))
+    stack.enter_context(torch.cuda.stream(torch.cuda.default_stream(device)))
+    return stack
+
+
+class _DeferredInterrupt:
+    """On the main thread, holds Ctrl-C while a step runs and raises it between steps (``raise_if_pending``): an
+    interrupt in the middle of a step would leave the scheduler and block tables half-updated."""
+
+    def __enter__(self) -> _DeferredInterrupt:
+        self.pending = self.raised = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.pending = True
+
+    def raise_if_pending(self) -> None:
+        if self.pending:
+            self.pending, self.raised = False, True
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.pending and exc_info[0] is None:
+            raise KeyboardInterrupt
 
 
 def _drive_in_background(loop_ref: weakref.ref) -> None:
@@ -145,7 +185,7 @@ class EngineLoop:
         the exception goes on."""
         try:
             self._wait_until(group.done.is_set, group, poll and (lambda: poll(group)), poll_interval_s)
-        except BaseException:
+        except BaseException:  # Ctrl-C (between steps, if this thread drove) or the caller's own poll failing
             self.abort(group)
             raise
         if poll is not None:
@@ -174,11 +214,22 @@ class EngineLoop:
                 yield update
         finally:
             if not group.done.is_set():
-                self.abort(group)
-                self._wait_until(group.done.is_set, group)
+                self._abandon(group)
         error = group.error()
         if error is not None:
             raise error
+
+    def _abandon(self, group: RequestGroup) -> None:
+        """Abort a stream left early and wait until its blocks are free, unless this thread cannot wait: the
+        driver itself (a stream garbage-collected inside a step) or a reader inside ``state_lock``."""
+        mailbox = self._mailbox
+        if mailbox.driver is threading.current_thread():
+            with mailbox.lock:
+                mailbox.commands.append(("abort", group))
+            return
+        self.abort(group)
+        if not self.state_lock._is_owned():
+            self._wait_until(group.done.is_set, group)
 
     def abort(self, group: RequestGroup) -> None:
         """End the group's unfinished requests (its caller left); returns at once, the abort is done in the
@@ -201,28 +252,38 @@ class EngineLoop:
         return call.result
 
     def close(self) -> None:
-        """Abort every request (their callers get ``EngineClosed``), release the engine's memory and refuse new work."""
-        with self._mailbox.lock:
-            if self._mailbox.closed:
-                return
-        call = _Call(lambda engine: self._close())
-        self._post("call", call)
-        with self._mailbox.lock:
-            self._mailbox.closed = True
+        """Abort every request (their callers get ``EngineClosed``), release the engine's memory and refuse new work.
+
+        Concurrent closes wait for the same one."""
+        mailbox = self._mailbox
+        with mailbox.lock:
+            if mailbox.driver is threading.current_thread():
+                raise RuntimeError("the engine cannot be closed from inside its own step")
+            if mailbox.close_call is None:
+                mailbox.close_call = _Call(lambda engine: self._close())
+                mailbox.commands.append(("call", mailbox.close_call))
+                mailbox.closed = True
+            call = mailbox.close_call
         self._wait_until(call.done.is_set, call)
+        if call.error is not None:
+            raise call.error
 
     @property
     def closed(self) -> bool:
         return self._mailbox.closed
 
+    def ensure_not_driving(self) -> None:
+        """Raise if this thread is inside one of the engine's steps (generate called from a step hook)."""
+        if self._mailbox.driver is threading.current_thread():
+            raise RuntimeError("the engine was called from inside its own step (e.g. generate inside a logits "
+                               "processor or stopping criterion); that would wait on itself forever")
+
     # ---- driving -------------------------------------------------------------------------------------------
 
     def _post(self, kind: str, payload: Any, allow_closed: bool = False) -> None:
+        self.ensure_not_driving()
         mailbox = self._mailbox
         with mailbox.lock:
-            if mailbox.driver is threading.current_thread():
-                raise RuntimeError("the engine was called from inside its own step (e.g. generate inside a logits "
-                                   "processor or stopping criterion); that would wait on itself forever")
             if mailbox.closed:
                 if allow_closed:
                     return
@@ -240,7 +301,7 @@ class EngineLoop:
             mailbox.waiters[wake] = None
         try:
             while not ready():
-                if self._try_drive(ready):
+                if self._try_drive(ready, poll, poll_interval_s):
                     continue
                 wake.wait(timeout=poll_interval_s)
                 wake.clear()
@@ -251,23 +312,26 @@ class EngineLoop:
                 mailbox.waiters.pop(wake, None)
             self._hand_off()
 
-    def _try_drive(self, ready: Callable[[], bool]) -> bool:
+    def _try_drive(self, ready: Callable[[], bool], poll: Callable[[], None] | None = None,
+                   poll_interval_s: float = _RECHECK_S) -> bool:
         """Take the driver's seat if it is free and run the engine until ``ready()`` or idle; whether it drove."""
-        mailbox = self._mailbox
-        with mailbox.lock:
-            if mailbox.driver is not None:
-                return False
-            mailbox.driver = threading.current_thread()
+        mailbox, seated = self._mailbox, False
         try:
-            self._drive(ready)
-        finally:
             with mailbox.lock:
-                mailbox.driver = None
-            self._hand_off()
+                if mailbox.driver is not None:
+                    return False
+                mailbox.driver, seated = threading.current_thread(), True
+            self._drive(ready, poll, poll_interval_s)
+        finally:
+            if seated:
+                with mailbox.lock:
+                    mailbox.driver = None
+                self._hand_off()
         return True
 
     def _hand_off(self, start_background: bool = False) -> None:
-        """With work left and the seat free: wake a waiting caller to drive, or (if asked) a background thread."""
+        """With work left and the seat free: wake a waiting caller to drive; with nobody waiting, a background
+        thread finishes aborts (and anything else, if asked)."""
         mailbox = self._mailbox
         with mailbox.lock:
             if mailbox.driver is not None or not (mailbox.commands or self.engine.has_unfinished()):
@@ -275,33 +339,43 @@ class EngineLoop:
             if mailbox.waiters:
                 next(iter(mailbox.waiters)).set()
                 return
+            start_background = start_background or any(kind == "abort" for kind, _ in mailbox.commands)
         if start_background:
             threading.Thread(target=_drive_in_background, args=(weakref.ref(self),), name=self.name,
                              daemon=True).start()
 
-    def _drive(self, ready: Callable[[], bool]) -> None:
-        """Run commands and steps until ``ready()`` or nothing is left to do."""
-        self._set_device()
-        try:
-            while not ready():
-                self._run_commands()
-                if self.engine.has_unfinished():
-                    self._step()
-                elif not self._mailbox.commands:
-                    self._release_memory()
-                    return
-        except BaseException as error:  # KeyboardInterrupt mid-step, or a bug here: fail every caller, never hang
-            if not isinstance(error, KeyboardInterrupt):
-                logger.exception("the engine loop failed")
-            failure = RuntimeError(f"the engine stopped in the middle of a step ({error!r}); this request was aborted")
-            failure.__cause__ = error
-            self._fail_everything(failure)
-            raise
-
-    def _set_device(self) -> None:
+    def _drive(self, ready: Callable[[], bool], poll: Callable[[], None] | None, poll_interval_s: float) -> None:
+        """Run commands and steps until ``ready()`` or nothing is left to do, on the engine's device and default
+        stream (the caller's own device and stream are restored afterwards). Ctrl-C on the main thread waits for
+        the step in progress and is raised between steps, where the engine's state is whole."""
         device = self.engine.runner.device
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        last_poll = time.monotonic()
+        with _device_and_stream(device), _DeferredInterrupt() as interrupt:
+            try:
+                while not ready():
+                    self._run_commands()
+                    interrupt.raise_if_pending()
+                    if self.engine.runner.device != device:
+                        return  # a rebuild moved the engine: drive again on the new device
+                    if self.engine.has_unfinished():
+                        self._step()
+                        interrupt.raise_if_pending()
+                    elif not self._mailbox.commands:
+                        self._release_memory()
+                        return
+                    if poll is not None and time.monotonic() - last_poll >= poll_interval_s:
+                        poll()
+                        last_poll = time.monotonic()
+            except BaseException as error:
+                if interrupt.raised:
+                    raise  # between steps: the engine is whole; the waiting call aborts its own requests
+                if not isinstance(error, KeyboardInterrupt):
+                    logger.exception("the engine loop failed")
+                failure = RuntimeError(f"the engine stopped in the middle of a step ({error!r}); "
+                                       "this request was aborted")
+                failure.__cause__ = error
+                self._fail_everything(failure)
+                raise
 
     def _take_command(self) -> tuple[str, Any] | None:
         with self._mailbox.lock:
@@ -318,6 +392,15 @@ class EngineLoop:
                 self._run_call(payload)
 
     def _admit(self, group: RequestGroup) -> None:
+        if self.engine.closed:
+            for seq in group.seqs:
+                seq.error = EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
+            group.num_unfinished = 0
+            group.done.set()
+            if group.updates is not None:
+                group.updates.put(None)
+            group.notify()
+            return
         for seq in group.seqs:
             self._group_of[seq.seq_id] = group
         if group.updates is not None:
@@ -335,12 +418,17 @@ class EngineLoop:
         try:
             with self.state_lock:
                 call.result = call.function(self.engine)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller waiting on it
+        except Exception as error:  # noqa: BLE001 - handed to the caller waiting on it
             call.error = error
+        except BaseException as error:  # an interrupt while running it: the caller hears, the driver raises it
+            call.error = RuntimeError(f"interrupted while running {call.function!r}")
+            call.error.__cause__ = error
+            raise
         finally:
-            self._set_device()
             call.done.set()
             call.notify()
+            for result in self.engine.take_unreported():
+                self._report(result)
 
     def _close(self) -> None:
         """Runs as a call (``state_lock`` held): abort everything, then release the engine's memory."""

@@ -198,7 +198,9 @@ class ModelRunner:
         return num_blocks
 
     def close(self) -> None:
-        """Release the CUDA graphs and the KV cache."""
+        """Release the CUDA graphs and the KV cache (after the device finished any step still writing to it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.graphs = None
         self._bind_kv_cache(None)
         self.storage.close()

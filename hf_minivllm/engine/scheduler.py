@@ -136,16 +136,17 @@ class Scheduler:
         if not self.running:
             return None  # every sequence finished while the step in flight ran
         manager = self.block_manager
+        candidates = deque(self.running)  # ``running`` stays whole meanwhile, so growth sees the whole demand
         scheduled: list[Sequence] = []
         kept: list[Sequence] = []  # running sequences in their order: scheduled ones and those sitting out
-        while self.running:
-            seq = self.running.popleft()
+        while candidates:
+            seq = candidates.popleft()
             if self._finishes_when_pending_arrive(seq):
                 kept.append(seq)
                 continue
             while not manager.can_append(seq) and not self._try_grow(1):
-                if self.running:
-                    self._preempt(self.running.pop())
+                if candidates:
+                    self._preempt(candidates.pop())
                 else:
                     self._preempt(seq)
                     break
@@ -154,7 +155,7 @@ class Scheduler:
                 manager.publish(seq, len(seq))
                 scheduled.append(seq)
                 kept.append(seq)
-        self.running.extendleft(reversed(kept))
+        self.running = deque(kept)
         if not scheduled:
             assert kept, "a single sequence must always fit: requests are checked against the KV cache size"
             return None

@@ -34,10 +34,26 @@ def load_hf_model(path: str, dtype: torch.dtype | str = "auto", device: torch.de
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), local_files_only=True).eval()
 
 
+def _check_plain_layers(hf_model: nn.Module) -> None:
+    """Every projection is a plain ``nn.Linear`` (and the embedding a plain ``nn.Embedding``): a wrapped or
+    quantized layer (an adapter, bitsandbytes, ...) computes something the engine would not."""
+    inner = hf_model.model
+    expected = [(inner.embed_tokens, nn.Embedding, "model.embed_tokens"), (hf_model.lm_head, nn.Linear, "lm_head")]
+    for index, layer in enumerate(inner.layers):
+        for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            expected.append((layer.get_submodule(path), nn.Linear, f"model.layers.{index}.{path}"))
+    for module, kind, path in expected:
+        if type(module) is not kind:
+            raise ValueError(f"{path} is a {type(module).__name__}, not a plain {kind.__name__}: the engine cannot "
+                             "serve wrapped or quantized layers")
+
+
 def _check_supported(hf_model: nn.Module) -> None:
     name = type(hf_model).__name__
     if name not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _check_plain_layers(hf_model)
     config = hf_model.config
     if config.hidden_act not in ("silu", "swish"):
         raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; only silu-gated MLPs are supported")
@@ -154,6 +170,7 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
     bind.share(decoder.norm, "weight", inner.norm, "weight")
     if hf_model.lm_head.weight is inner.embed_tokens.weight:
         decoder.lm_head.weight = decoder.embed_tokens.weight
+        bind.sources.append((hf_model.lm_head, "weight"))  # untying it later is a change to see
     else:
         bind.share(decoder.lm_head, "weight", hf_model.lm_head, "weight", decoder.lm_head.shard)
     for layer, hf_layer in zip(decoder.layers, inner.layers):

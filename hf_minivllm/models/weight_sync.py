@@ -46,13 +46,10 @@ class _OptimizerSteps:
             self.per_optimizer[optimizer] = self.per_optimizer.get(optimizer, 0) + 1
             self.total += 1
 
-    def since(self, seen: weakref.WeakKeyDictionary) -> list[Optimizer]:
-        """Optimizers that stepped since ``seen`` (optimizer -> count) was last updated; updates it."""
+    def since(self, seen: weakref.WeakKeyDictionary) -> dict[Optimizer, int]:
+        """The optimizers that stepped since ``seen`` (optimizer -> count), with their counts now."""
         with self.lock:
-            stepped = [opt for opt, count in self.per_optimizer.items() if seen.get(opt) != count]
-            for opt in stepped:
-                seen[opt] = self.per_optimizer[opt]
-        return stepped
+            return {opt: count for opt, count in self.per_optimizer.items() if seen.get(opt) != count}
 
 
 _OPTIMIZER_STEPS = _OptimizerSteps()
@@ -76,25 +73,36 @@ def _lookup(module: nn.Module, name: str) -> Any:
     return tensor if tensor is not None or name in module._parameters else module._buffers.get(name)
 
 
+def _module_links(model: nn.Module, modules: list[nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, child)`` for every link on the paths from ``model`` down to each of ``modules``: a module
+    replaced anywhere on such a path (``layer.self_attn.q_proj = ...``, an adapter wrapping a layer) breaks one."""
+    parent_of: dict[int, tuple[nn.Module, str, nn.Module]] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                parent_of.setdefault(id(child), (parent, name, child))
+    links: dict[int, tuple[nn.Module, str, nn.Module]] = {}
+    for module in modules:
+        while id(module) in parent_of and id(module) not in links:
+            links[id(module)] = parent_of[id(module)]
+            module = parent_of[id(module)][0]
+    return list(links.values())
+
+
 class WeightWatcher:
-    """Remembers the state of ``sources`` (``(module, attribute)`` pairs) and reports how it changed since."""
+    """Remembers the state of ``sources`` (``(module, attribute)`` pairs read from ``model``) and reports how it
+    changed since; ``check`` looks, ``commit`` makes what it saw the new reference (once the change is handled)."""
 
-    def __init__(self, sources: list[tuple[nn.Module, str]]):
+    def __init__(self, model: nn.Module, sources: list[tuple[nn.Module, str]]):
         self.sources = sources
+        self._links = _module_links(model, [module for module, _ in sources])
         self._state = [self._describe(_lookup(module, name)) for module, name in sources]
+        self._watched = {id(state[0]) for state in self._state}
         _OPTIMIZER_STEPS.ensure_hooked()
-        self._steps_seen_total = _OPTIMIZER_STEPS.total
         self._steps_seen: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary(
-            _OPTIMIZER_STEPS.per_optimizer)
-
-    def _optimizer_stepped(self) -> bool:
-        """Whether an optimizer holding one of the watched parameters stepped since the last check."""
-        if _OPTIMIZER_STEPS.total == self._steps_seen_total:
-            return False
+            _OPTIMIZER_STEPS.since(weakref.WeakKeyDictionary()))
         self._steps_seen_total = _OPTIMIZER_STEPS.total
-        watched = {id(state[0]) for state in self._state}
-        return any(id(param) in watched for optimizer in _OPTIMIZER_STEPS.since(self._steps_seen)
-                   for group in optimizer.param_groups for param in group["params"])
+        self._seen_now: tuple[int, dict, dict] | None = None  # what the last check saw, for commit
 
     @staticmethod
     def _describe(tensor: Any) -> tuple:
@@ -104,8 +112,17 @@ class WeightWatcher:
         return (tensor, tensor.data_ptr(), tensor.dtype, tensor.device, tensor.shape, _version(tensor))
 
     def check(self) -> WeightChange:
-        """How the tensors changed since the last call (or construction); remembers the new state."""
-        change = WeightChange.VALUES if self._optimizer_stepped() else WeightChange.NONE
+        """How the weights changed since the last ``commit`` (or construction)."""
+        if any(parent._modules.get(name) is not child for parent, name, child in self._links):
+            return WeightChange.TENSORS
+        total, stepped = _OPTIMIZER_STEPS.total, {}
+        if total != self._steps_seen_total:
+            stepped = _OPTIMIZER_STEPS.since(self._steps_seen)
+        change = WeightChange.NONE
+        if any(id(param) in self._watched for optimizer in stepped
+               for group in optimizer.param_groups for param in group["params"]):
+            change = WeightChange.VALUES
+        states = {}
         for index, (module, name) in enumerate(self.sources):
             before = self._state[index]
             tensor = _lookup(module, name)
@@ -113,8 +130,22 @@ class WeightWatcher:
                                                            and _version(tensor) == before[-1])):
                 continue
             now = self._describe(tensor)
-            self._state[index] = now
             if now[0] is not before[0] or now[1:-1] != before[1:-1]:
                 return WeightChange.TENSORS
+            states[index] = now
             change = WeightChange.VALUES
+        self._seen_now = (total, stepped, states)
+        if change is WeightChange.NONE:
+            self.commit()  # nothing to handle (an unrelated optimizer stepped, at most)
         return change
+
+    def commit(self) -> None:
+        """Take what the last ``check`` saw as the state to compare with from now on."""
+        if self._seen_now is None:
+            return
+        total, stepped, states = self._seen_now
+        self._steps_seen_total = total
+        self._steps_seen.update(stepped)
+        for index, state in states.items():
+            self._state[index] = state
+        self._seen_now = None
