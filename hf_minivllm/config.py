@@ -25,7 +25,9 @@ class Config:
     ``gpu_memory_utilization`` on CUDA (on CPU from ``cpu_kvcache_space_gib``), or from ``kv_cache_memory_gib``
     when given. ``kv_cache_resident``: True allocates the whole KV cache up front and keeps it (``LLM``'s default);
     False starts with room for one ``max_model_len`` sequence, grows with the requests in hand up to that size, and
-    hands the memory back whenever the engine is idle (``accelerate``'s default). ``async_scheduling`` schedules and
+    hands the memory back whenever the engine is idle (``accelerate``'s default). ``mixed_steps``: running requests
+    decode in every step while waiting prompts are prefilled in chunks beside them (one token budget per step,
+    ``max_num_batched_tokens``); off, a step either prefills or decodes. ``async_scheduling`` schedules and
     prepares the next step while the current one runs on the device (the host never waits for a step before
     queueing the next); steps with HF logits processors or stopping criteria always run one at a time.
     """
@@ -45,6 +47,7 @@ class Config:
     async_scheduling: bool = True
     kv_cache_resident: bool | None = None
     kv_cache_memory_gib: float | None = None
+    mixed_steps: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
@@ -67,7 +70,7 @@ class Config:
             raise ValueError(f"Config.cpu_kvcache_space_gib must be > 0, got {self.cpu_kvcache_space_gib!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"Config.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling"):
+        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Config.{name} must be a boolean, got {getattr(self, name)!r}")
         if self.kv_cache_resident is not None and not isinstance(self.kv_cache_resident, bool):
@@ -77,7 +80,7 @@ class Config:
             raise ValueError(f"Config.kv_cache_memory_gib must be a number of GiB > 0 or None, got {gib!r}")
 
     def fit_to_model(self, max_position_embeddings: int | None) -> None:
-        """Cap max_model_len by the model's context window and keep one full prompt schedulable per step."""
+        """Cap max_model_len by the model's context window. A token budget below max_model_len is kept: longer
+        prompts are prefilled in chunks."""
         if max_position_embeddings:
             self.max_model_len = min(self.max_model_len, int(max_position_embeddings))
-        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)

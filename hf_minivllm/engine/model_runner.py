@@ -222,8 +222,11 @@ class ModelRunner:
     def _array_to_device(self, array: np.ndarray) -> torch.Tensor:
         return self._pinned(array).to(self.device, non_blocking=True)
 
-    def _prepare_prefill(self, batch: ScheduledBatch):
-        """Prefill inputs, built per token with numpy (a chunk is up to max_num_batched_tokens tokens)."""
+    def _prepare_prefill(self, batch: ScheduledBatch, previous: LaunchedStep | None = None):
+        """Prefill inputs, built per token with numpy (a chunk is up to max_num_batched_tokens tokens).
+
+        In a mixed step, running sequences take part with their one decode token; one whose token the step in
+        flight (``previous``) sampled gets it on the device, like a decode step's pending input."""
         seqs = batch.seqs
         block_size = self.block_size
         counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
@@ -236,9 +239,18 @@ class ModelRunner:
         positions = np.arange(cu_q[-1], dtype=np.int64) - cu_q[:-1][token_rows] + starts[token_rows]
         tables = self._block_table_array(seqs)
         slots = tables[token_rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
-        input_ids = np.empty(len(positions), dtype=np.int64)
+        input_ids = np.zeros(len(positions), dtype=np.int64)
+        pending_offsets, pending_rows = [], []
         for seq, start, count, offset in zip(seqs, starts.tolist(), counts.tolist(), cu_q.tolist()):
-            input_ids[offset : offset + count] = seq.token_ids[start : start + count]
+            known = seq.token_ids[start : start + count]
+            input_ids[offset : offset + len(known)] = known
+            if len(known) < count:  # the decode token of a sequence whose last token is still on the device
+                pending_offsets.append(offset + len(known))
+                pending_rows.append(previous.row_of_sequence()[seq.seq_id])
+        device_ids = self._array_to_device(input_ids)
+        if pending_offsets:
+            device_ids.index_copy_(0, self._to_device(pending_offsets, torch.int64),
+                                   previous.tokens[self._to_device(pending_rows, torch.int64)])
         metadata = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._array_to_device(slots),
@@ -249,7 +261,7 @@ class ModelRunner:
             max_seqlen_k=int((starts + counts).max()),
         )
         logits_rows = (cu_q[1:] - 1)[np.asarray(batch.sample, dtype=bool)].tolist()
-        return self._array_to_device(input_ids), self._array_to_device(positions), metadata, logits_rows
+        return device_ids, self._array_to_device(positions), metadata, logits_rows
 
     def _prepare_decode(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> DecodeInputs:
         """Decode inputs in pinned host memory: one copy each to the device (or into the graph's buffers).
@@ -342,11 +354,12 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step on the device and return without waiting for it (sampling included).
 
-        ``previous`` is the step still in flight whose sampled tokens are the pending inputs of this decode step.
+        ``previous`` is the step still in flight whose sampled tokens are the pending inputs of this step's decode
+        rows (a decode step, or the running sequences of a mixed step).
         """
         if batch.is_prefill:
             self._decode_tables.clear()  # admitted or recomputed sequences may hold new block tables
-            input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch)
+            input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch, previous)
             set_attention_metadata(metadata)
             try:
                 hidden = self.model(input_ids, positions)
@@ -374,22 +387,56 @@ class ModelRunner:
                     logits = self.model.compute_logits(self.model(rows[0], rows[1]))
                 finally:
                     set_attention_metadata(None)
+        logprob_rows = ([row for row, seq in enumerate(sampled_seqs) if seq.sampling_params.logprobs is not None]
+                        if batch.has_logprobs else [])
+        raw = logits[logprob_rows].float() if logprob_rows else None  # before hooks, suppression and filters
         failures = []
         if batch.has_step_hooks:
             logits = logits.float()  # HF processors score in float32
             failures = apply_step_hooks(logits, sampled_seqs)
         self._suppress_stop_tokens(logits, sampled_seqs)
-        return LaunchedStep(batch, sample(logits, self._sampling_tensors(sampled_seqs)), failures)
+        tokens = sample(logits, self._sampling_tensors(sampled_seqs))
+        logprobs = None
+        if raw is not None:
+            top = max(sampled_seqs[row].sampling_params.logprobs for row in logprob_rows)
+            logprobs = TokenLogprobs.compute(raw, tokens[self._to_device(logprob_rows, torch.int64)], top,
+                                             [sampled_seqs[row].seq_id for row in logprob_rows])
+        return LaunchedStep(batch, tokens, failures, logprobs)
+
+
+class TokenLogprobs:
+    """Log-probabilities of one step's sampled tokens (and the most likely alternatives) for the requests that ask,
+    copied to the host behind the step."""
+
+    def __init__(self, seq_ids: list[int], chosen: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor):
+        self.seq_ids = seq_ids
+        self.chosen, self.top_values, self.top_ids = (t.to("cpu", non_blocking=True) for t in (chosen, top_values, top_ids))
+
+    @classmethod
+    def compute(cls, raw_logits: torch.Tensor, tokens: torch.Tensor, top: int, seq_ids: list[int]) -> TokenLogprobs:
+        logprobs = torch.log_softmax(raw_logits, dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_values, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens[:, None][:, :0])
+        return cls(seq_ids, chosen, top_values, top_ids)
+
+    def by_sequence(self) -> dict[int, tuple[float, dict[int, float]]]:
+        """seq_id -> (the sampled token's log-probability, {alternative token id: log-probability}); call once the
+        step's tokens were read back (the copies are then done)."""
+        chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+        return {seq_id: (lp, dict(zip(row_ids, row_values)))
+                for seq_id, lp, row_values, row_ids in zip(self.seq_ids, chosen, values, ids)}
 
 
 class LaunchedStep:
     """A step queued on the device; its sampled tokens are copied to pinned host memory behind it."""
 
     def __init__(self, batch: ScheduledBatch, tokens: torch.Tensor | None,
-                 hook_failures: list[tuple[list[Sequence], BaseException]] | None = None):
+                 hook_failures: list[tuple[list[Sequence], BaseException]] | None = None,
+                 logprobs: TokenLogprobs | None = None):
         self.batch = batch
         self.tokens = tokens  # [number of sampled sequences] int64, on the device
         self.hook_failures = hook_failures or []  # (requests, exception) of step hooks that raised
+        self.logprobs = logprobs
         self._host_tokens = tokens
         self._copied: torch.cuda.Event | None = None
         if tokens is not None and tokens.is_cuda:

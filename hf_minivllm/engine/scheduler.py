@@ -1,10 +1,12 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each computes.
 
-A step is either a prefill step (waiting sequences, first come first served, each computing its uncached prompt
-tokens; the last one admitted may get only a chunk when the token budget runs out) or a decode step (every running
-sequence computes one token). Prefill goes first whenever something waits and fits. When a decode step finds no
-free block for a sequence, the newest running sequence is preempted: its blocks are freed and it goes back to the
-head of the queue to be recomputed later, so the oldest requests always make progress.
+With mixed steps (``Config.mixed_steps``, the default) every step first gives each running sequence its next token,
+then fills the rest of the token budget (``max_num_batched_tokens``) with waiting prompts, first come first served,
+each computing its uncached prompt tokens (the last one admitted may get only a chunk): a prompt arriving never
+stalls running requests, it is prefilled in chunks beside them in the same forward pass. Without mixed steps a step
+is either a prefill step (prefill goes first whenever something waits and fits) or a decode step. When no free
+block is left for a running sequence, the newest running sequence is preempted: its blocks are freed and it goes
+back to the head of the queue to be recomputed first, so the oldest requests always make progress.
 
 With async scheduling a step is scheduled while the previous one still runs: a sequence's token from that step is
 pending (``Sequence.num_pending_tokens``), its position and KV slot are known all the same, and only a sequence that
@@ -18,6 +20,7 @@ only waits or preempts when the cache cannot grow (its cap, or no free device me
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ class ScheduledBatch:
     num_new_tokens: list[int]
     sample: list[bool]
     has_step_hooks: bool = False
+    has_logprobs: bool = False  # some request in the engine wants logprobs (the runner looks for them only then)
 
 
 # Grows the KV cache to at least the first number of blocks (aiming at the second); returns the blocks it now has.
@@ -51,6 +55,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
+        self.mixed_steps = config.mixed_steps
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.capacity_blocks = max(capacity_blocks or num_blocks, num_blocks)
@@ -97,16 +102,30 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         """The next step; None when nothing is left to schedule before the step in flight is read back."""
+        if self.mixed_steps:
+            return self._schedule_mixed()
         batch = self._schedule_prefill()
         if batch is None:
             batch = self._schedule_decode()
         return batch
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
+    def _schedule_mixed(self) -> ScheduledBatch | None:
+        """Running sequences' decode tokens first, then waiting prompts in the budget left (one forward pass)."""
+        decode = self._schedule_decode()
+        decoded = len(decode.seqs) if decode is not None else 0
+        prefill = self._schedule_prefill(self.max_num_batched_tokens - decoded) if self.waiting else None
+        if prefill is None:
+            return decode
+        if decode is None:
+            return prefill
+        return ScheduledBatch(decode.seqs + prefill.seqs, True, decode.num_new_tokens + prefill.num_new_tokens,
+                              decode.sample + prefill.sample)
+
+    def _schedule_prefill(self, budget: int | None = None) -> ScheduledBatch | None:
         seqs: list[Sequence] = []
         num_new_tokens: list[int] = []
         sample: list[bool] = []
-        budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens if budget is None else budget
         manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -116,6 +135,8 @@ class Scheduler:
                 if short > 0 and not self._try_grow(short):
                     break
                 manager.allocate(seq)
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = time.monotonic()
             remaining = len(seq) - seq.num_computed_tokens
             chunk = min(remaining, budget)
             budget -= chunk

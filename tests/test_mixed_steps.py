@@ -1,0 +1,74 @@
+"""Mixed steps: running requests decode in every step while waiting prompts prefill in chunks beside them."""
+import copy
+
+import pytest
+import torch
+
+from hf_minivllm import LLM, SamplingParams
+from conftest import tiny_model
+
+# Few sequences at once and a small token budget: requests wait while others run, and prompts arrive in chunks.
+ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4, max_num_seqs=4, max_model_len=128,
+              max_num_batched_tokens=128)
+
+
+def prompts(shared_prefix: bool, count: int = 10, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 320, (24,), generator=generator).tolist() if shared_prefix else []
+    return [prefix + torch.randint(3, 320, (int(n),), generator=generator).tolist()
+            for n in torch.randint(5, 60, (count,), generator=generator)]
+
+
+def recorded_steps(llm):
+    """(decode rows, prefill rows) of every step the runner launches."""
+    steps, launch = [], llm.engine.runner.launch
+
+    def spy(batch, previous=None):
+        running = [count == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+                   for seq, count in zip(batch.seqs, batch.num_new_tokens)]
+        steps.append((sum(running), len(running) - sum(running)))
+        return launch(batch, previous)
+
+    llm.engine.runner.launch = spy
+    return steps
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("shared_prefix", [False, True])
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_mixed_steps_are_token_exact_with_separate_prefill_and_decode_steps(family, shared_prefix, async_scheduling):
+    model = tiny_model(family)
+    batch = prompts(shared_prefix)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    settings = dict(ENGINE, async_scheduling=async_scheduling)
+    separate = LLM(copy.deepcopy(model), mixed_steps=False, **settings)
+    mixed = LLM(model, **settings)
+    steps = recorded_steps(mixed)
+    expected = separate.generate(batch, params, use_tqdm=False)
+    assert mixed.generate(batch, params, use_tqdm=False) == expected
+    assert any(decode and prefill for decode, prefill in steps), "some steps must mix decode and prefill rows"
+    if shared_prefix:  # cached prefixes are reused in mixed steps too
+        assert mixed.stats.prefix_cache_hit_tokens > 0
+        assert mixed.stats.prefix_cache_hit_tokens == separate.stats.prefix_cache_hit_tokens
+
+
+def test_a_long_prompt_never_stalls_running_requests():
+    model = tiny_model("qwen3")
+    llm = LLM(model, num_kvcache_blocks=256, kvcache_block_size=4, max_model_len=512, max_num_batched_tokens=40)
+    steps = recorded_steps(llm)
+    short = [[5 + i, 6, 7, 8] for i in range(3)]
+    long_prompt = torch.randint(3, 320, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 3
+    params.append(SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    outputs = llm.generate(short + [long_prompt], params, use_tqdm=False)
+    assert [len(out["token_ids"]) for out in outputs] == [30, 30, 30, 2]
+    chunks = [(decode, prefill) for decode, prefill in steps if prefill]
+    assert len(chunks) >= 300 // 40, "the long prompt is prefilled in chunks within the token budget"
+    assert all(decode == 3 for decode, _ in chunks[1:]), "the running requests decode in every chunk's step"
+
+
+def test_mixed_steps_setting_is_checked():
+    from hf_minivllm import Config
+
+    with pytest.raises(ValueError, match="mixed_steps"):
+        Config(mixed_steps="yes")
