@@ -10,6 +10,9 @@ if TYPE_CHECKING:
     from hf_minivllm.engine.sequence import Sequence
 
 
+MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+
+
 @runtime_checkable
 class StepHook(Protocol):
     """Per-step code a request can carry (``SamplingParams.step_hook``), e.g. HF logits processors and stopping
@@ -36,8 +39,10 @@ class SamplingParams:
     ``temperature=0`` means greedy. ``top_k <= 0`` (or -1) disables top-k; ``top_p=1`` and ``min_p=0`` disable
     those filters. ``seed`` makes this request's sampling independent of every other request and of the global RNG.
     ``stop_token_ids`` end the request like the model's eos does (the stop token is kept in ``token_ids``);
-    ``min_tokens`` suppresses eos and stop tokens until that many tokens were generated. ``step_hook`` (a
-    ``StepHook``) runs on this request's logits every step and may end it; the common path pays nothing for it.
+    ``min_tokens`` suppresses eos and stop tokens until that many tokens were generated. ``logprobs=k`` records,
+    for every generated token, its log-probability and the ``k`` most likely tokens' (``k=0``: the token's alone),
+    under the model's own distribution (before temperature and filters), in ``Sequence.logprobs``. ``step_hook``
+    (a ``StepHook``) runs on this request's logits every step and may end it; the common path pays nothing for it.
     """
 
     temperature: float = 1.0
@@ -49,6 +54,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     min_tokens: int = 0
+    logprobs: int | None = None
     step_hook: StepHook | None = None
 
     def __post_init__(self) -> None:
@@ -74,6 +80,10 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams.min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"SamplingParams.logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
+                             f"got {self.logprobs!r}")
         if isinstance(self.stop_token_ids, int):
             self.stop_token_ids = [self.stop_token_ids]
         self.stop_token_ids = list(self.stop_token_ids or [])

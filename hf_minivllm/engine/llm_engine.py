@@ -46,6 +46,7 @@ class LLMEngine:
         self.eos_token_ids = list(eos_token_ids)
         self.stats = EngineStats()
         self.num_hooked_requests = 0  # unfinished requests with a SamplingParams.step_hook
+        self.num_logprob_requests = 0  # unfinished requests with SamplingParams.logprobs
         self.in_flight: LaunchedStep | None = None  # a step queued ahead, its tokens not read back yet
         self.closed = False
         self._unreported: list[StepResult] = []  # results completed outside step() (a reload), for its caller
@@ -115,6 +116,8 @@ class LLMEngine:
             self.scheduler.add(seq)
             if seq.sampling_params.step_hook is not None:
                 self.num_hooked_requests += 1
+            if seq.sampling_params.logprobs is not None:
+                self.num_logprob_requests += 1
             self.stats.requests += 1
             self.stats.prompt_tokens += len(seq)
 
@@ -143,6 +146,7 @@ class LLMEngine:
                 raise RuntimeError("the scheduler found nothing it could run although requests are waiting")
             return self._complete(previous)
         batch.has_step_hooks = self.num_hooked_requests > 0
+        batch.has_logprobs = self.num_logprob_requests > 0
         if batch.is_prefill:
             self.stats.prefix_cache_hit_tokens += sum(
                 seq.num_cached_tokens for seq in batch.seqs if seq.num_computed_tokens == seq.num_cached_tokens
@@ -171,9 +175,16 @@ class LLMEngine:
         failed = self._abort_failed(launched.hook_failures)
         updated, finished = self.scheduler.postprocess(batch, token_ids)
         finished += failed
+        if launched.logprobs is not None:
+            logprobs = launched.logprobs.by_sequence()
+            for seq in updated:
+                if seq.seq_id in logprobs:
+                    seq.logprobs.append(logprobs[seq.seq_id])
         if batch.has_step_hooks:
             finished += self._run_stop_hooks(updated)
             self.num_hooked_requests -= sum(1 for seq in finished if seq.sampling_params.step_hook is not None)
+        if batch.has_logprobs:
+            self.num_logprob_requests -= sum(1 for seq in finished if seq.sampling_params.logprobs is not None)
         self.stats.steps += 1
         self.stats.generated_tokens += len(updated)
         self.stats.preemptions = self.scheduler.num_preemptions
@@ -216,6 +227,8 @@ class LLMEngine:
             if not seq.is_finished:
                 if seq.sampling_params.step_hook is not None:
                     self.num_hooked_requests -= 1
+                if seq.sampling_params.logprobs is not None:
+                    self.num_logprob_requests -= 1
                 self.scheduler.abort(seq, error)
 
     def abort_all(self, error: BaseException | None = None) -> list[Sequence]:
@@ -223,7 +236,7 @@ class LLMEngine:
         have left unwritten could be published already, so the prefix cache is reset as well."""
         self.in_flight = None
         aborted = self.scheduler.abort_all(error)
-        self.num_hooked_requests = 0
+        self.num_hooked_requests = self.num_logprob_requests = 0
         self.scheduler.block_manager.reset_prefix_cache()
         return aborted
 

@@ -52,16 +52,21 @@ class RequestGroup:
     puts, after every step that changed any of them, the list of those that got a token or finished, and None
     once the group is done."""
 
-    def __init__(self, seqs: list[Sequence], watch_steps: bool):
+    def __init__(self, seqs: list[Sequence], watch_steps: bool, on_news: Callable[[], None] | None = None,
+                 background: bool = False):
         self.seqs = seqs
         self.num_unfinished = len(seqs)
         self.done = threading.Event()
         self.updates: SimpleQueue | None = SimpleQueue() if watch_steps else None
         self.wake: threading.Event | None = None  # set with every piece of news, to wake the caller waiting on it
+        self.on_news = on_news  # called (on the driving thread) with every piece of news, e.g. to wake an event loop
+        self.background = background  # its caller cannot drive (an asyncio task): a background thread does
 
     def notify(self) -> None:
         if self.wake is not None:
             self.wake.set()
+        if self.on_news is not None:
+            self.on_news()
 
     @property
     def num_finished(self) -> int:
@@ -103,6 +108,7 @@ class _Mailbox:
         self.waiters: dict[threading.Event, None] = {}  # insertion-ordered set
         self.closed = False
         self.close_call: _Call | None = None
+        self.background_groups = 0  # unfinished groups whose callers cannot drive
 
 
 def _device_and_stream(device: torch.device) -> contextlib.AbstractContextManager:
@@ -167,15 +173,26 @@ class EngineLoop:
 
     # ---- what callers call ---------------------------------------------------------------------------------
 
-    def submit(self, seqs: list[Sequence], watch_steps: bool = False) -> RequestGroup:
-        """Queue the sequences (made by ``LLMEngine.new_sequences``) as one group; ``wait`` or ``updates`` run it."""
-        group = RequestGroup(seqs, watch_steps)
+    def submit(self, seqs: list[Sequence], watch_steps: bool = False, on_news: Callable[[], None] | None = None,
+               background: bool = False) -> RequestGroup:
+        """Queue the sequences (made by ``LLMEngine.new_sequences``) as one group; ``wait`` or ``updates`` run it.
+
+        ``background=True`` is for callers that cannot block (an asyncio front): a background thread drives while
+        such groups are unfinished and no caller waits. Watched groups record when each token arrived
+        (``Sequence.token_times``)."""
+        group = RequestGroup(seqs, watch_steps, on_news, background)
+        if watch_steps:
+            for seq in seqs:
+                seq.token_times = []
         if not seqs:
             group.done.set()
             if group.updates is not None:
                 group.updates.put(None)
+            group.notify()
             return group
         self._post("submit", group)
+        if background:
+            self._hand_off(start_background=True)
         return group
 
     def wait(self, group: RequestGroup, poll: Callable[[RequestGroup], None] | None = None,
@@ -289,6 +306,8 @@ class EngineLoop:
                     return
                 raise EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
             mailbox.commands.append((kind, payload))
+            if kind == "submit" and payload.background:
+                mailbox.background_groups += 1
 
     def _wait_until(self, ready: Callable[[], bool], waited_on: RequestGroup | _Call | None = None,
                     poll: Callable[[], None] | None = None, poll_interval_s: float = _RECHECK_S) -> None:
@@ -339,7 +358,8 @@ class EngineLoop:
             if mailbox.waiters:
                 next(iter(mailbox.waiters)).set()
                 return
-            start_background = start_background or any(kind == "abort" for kind, _ in mailbox.commands)
+            start_background = (start_background or mailbox.background_groups > 0
+                                 or any(kind == "abort" for kind, _ in mailbox.commands))
         if start_background:
             threading.Thread(target=_drive_in_background, args=(weakref.ref(self),), name=self.name,
                              daemon=True).start()
@@ -396,10 +416,7 @@ class EngineLoop:
             for seq in group.seqs:
                 seq.error = EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
             group.num_unfinished = 0
-            group.done.set()
-            if group.updates is not None:
-                group.updates.put(None)
-            group.notify()
+            self._finish_group(group)
             return
         for seq in group.seqs:
             self._group_of[seq.seq_id] = group
@@ -450,6 +467,10 @@ class EngineLoop:
     def _report(self, result: StepResult) -> None:
         """Hand the step's news to the waiting callers; when the engine went idle, release memory first."""
         if self._num_watchers:
+            now = time.monotonic()
+            for seq in result.updated:
+                if seq.token_times is not None:
+                    seq.token_times.append(now)
             changed: dict[int, list[Sequence]] = {}
             for seq in [*result.updated, *result.finished]:
                 group = self._group_of.get(seq.seq_id)
@@ -474,10 +495,16 @@ class EngineLoop:
         if done and not self.engine.has_unfinished() and not self._mailbox.commands:
             self._release_memory()  # before the callers wake: the memory is free when they go on
         for group in done:
-            group.done.set()
-            if group.updates is not None:
-                group.updates.put(None)
-            group.notify()
+            self._finish_group(group)
+
+    def _finish_group(self, group: RequestGroup) -> None:
+        if group.background:
+            with self._mailbox.lock:
+                self._mailbox.background_groups -= 1
+        group.done.set()
+        if group.updates is not None:
+            group.updates.put(None)
+        group.notify()
 
     def _release_memory(self) -> None:
         if self.engine.runner is None or self.engine.has_unfinished():
@@ -510,7 +537,4 @@ class EngineLoop:
             for seq in group.seqs:
                 if not seq.is_finished and seq.error is None:
                     seq.error = error
-            group.done.set()
-            if group.updates is not None:
-                group.updates.put(None)
-            group.notify()
+            self._finish_group(group)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from itertools import count
 
 from hf_minivllm.sampling_params import SamplingParams
@@ -47,6 +48,11 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None  # why an aborted request failed, raised to its caller
         self.cache_epoch = 0  # the block manager's prefix-cache epoch when the blocks were allocated
+        # With SamplingParams.logprobs: per generated token, (its log-probability, {token id: log-probability}).
+        self.logprobs: list[tuple[float, dict[int, float]]] | None = [] if sampling_params.logprobs is not None else None
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None  # when its first prefill was scheduled (queue time ends)
+        self.token_times: list[float] | None = None  # when each token reached the host (recorded when asked for)
         self.generator = None  # torch.Generator of a seeded request, made on first use by the runner
 
     def __len__(self) -> int:
