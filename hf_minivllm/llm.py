@@ -179,9 +179,9 @@ class LLM:
         emitted, finished = [0] * len(seqs), [False] * len(seqs)
         group = self.loop.submit(seqs, watch_steps=True)
         for update in self.loop.updates(group):
-            with self.loop.state_lock:  # the loop may be appending to these sequences right now
-                news = [(index_of[seq.seq_id], list(seq.completion_token_ids), seq.finish_reason) for seq in update]
-            for index, completion, finish_reason in news:
+            for seq, count, finish_reason in update:
+                index = index_of[seq.seq_id]
+                completion = seq.token_ids[seq.num_prompt_tokens : seq.num_prompt_tokens + count]
                 if finished[index] or (len(completion) == emitted[index] and finish_reason is None):
                     continue
                 finished[index] = finish_reason is not None

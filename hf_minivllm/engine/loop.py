@@ -22,7 +22,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -47,10 +47,19 @@ def _close_live_loops() -> None:
             logger.exception("could not close an engine at exit")
 
 
+class SeqUpdate(NamedTuple):
+    """A request's state right after a step: how many tokens it has generated and whether it finished. Reading
+    ``seq.token_ids`` (or ``seq.logprobs``) up to that count is safe from any thread while the engine goes on."""
+
+    seq: Sequence
+    num_completion_tokens: int
+    finish_reason: FinishReason | None
+
+
 class RequestGroup:
     """The requests of one call. ``done`` is set once every one of them finished; with ``watch_steps`` the loop
-    puts, after every step that changed any of them, the list of those that got a token or finished, and None
-    once the group is done."""
+    puts, after every step that changed any of them, a list of ``SeqUpdate`` (those that got a token or finished),
+    and None once the group is done."""
 
     def __init__(self, seqs: list[Sequence], watch_steps: bool, on_news: Callable[[], None] | None = None,
                  background: bool = False):
@@ -212,7 +221,7 @@ class EngineLoop:
             raise error
         return group.seqs
 
-    def updates(self, group: RequestGroup) -> Iterator[list[Sequence]]:
+    def updates(self, group: RequestGroup) -> Iterator[list[SeqUpdate]]:
         """The group's per-step updates (sequences that got a token or finished) as the engine makes them.
 
         The engine runs while the consumer asks for the next update (or while other callers wait), not while the
@@ -242,17 +251,17 @@ class EngineLoop:
         mailbox = self._mailbox
         if mailbox.driver is threading.current_thread():
             with mailbox.lock:
-                mailbox.commands.append(("abort", group))
+                mailbox.commands.append(("abort", (group, None)))
             return
         self.abort(group)
         if not self.state_lock._is_owned():
             self._wait_until(group.done.is_set, group)
 
-    def abort(self, group: RequestGroup) -> None:
-        """End the group's unfinished requests (its caller left); returns at once, the abort is done in the
-        background if no caller drives."""
+    def abort(self, group: RequestGroup, seqs: list[Sequence] | None = None) -> None:
+        """End the group's unfinished requests (all, or ``seqs`` of them: a stop string found in their text);
+        returns at once, the abort is done in the background if no caller drives."""
         if not group.done.is_set():
-            self._post("abort", group, allow_closed=True)
+            self._post("abort", (group, seqs), allow_closed=True)
             self._hand_off(start_background=True)
 
     def post(self, function: Callable[[LLMEngine], Any]) -> None:
@@ -407,7 +416,7 @@ class EngineLoop:
             if kind == "submit":
                 self._admit(payload)
             elif kind == "abort":
-                self._abort(payload, None)
+                self._abort(*payload)
             elif kind == "call":
                 self._run_call(payload)
 
@@ -425,10 +434,10 @@ class EngineLoop:
         with self.state_lock:
             self.engine.add_sequences(group.seqs)
 
-    def _abort(self, group: RequestGroup, error: BaseException | None) -> None:
-        unfinished = [seq for seq in group.seqs if seq.seq_id in self._group_of]
+    def _abort(self, group: RequestGroup, seqs: list[Sequence] | None) -> None:
+        unfinished = [seq for seq in (group.seqs if seqs is None else seqs) if seq.seq_id in self._group_of]
         with self.state_lock:
-            self.engine.abort(unfinished, error)
+            self.engine.abort(unfinished)
         self._report(StepResult([], unfinished, False, 0))
 
     def _run_call(self, call: _Call) -> None:
@@ -471,16 +480,14 @@ class EngineLoop:
             for seq in result.updated:
                 if seq.token_times is not None:
                     seq.token_times.append(now)
-            changed: dict[int, list[Sequence]] = {}
+            changed: dict[int, tuple[RequestGroup, dict[int, SeqUpdate]]] = {}
             for seq in [*result.updated, *result.finished]:
                 group = self._group_of.get(seq.seq_id)
                 if group is not None and group.updates is not None:
-                    members = changed.setdefault(id(group), [])
-                    if not members or members[-1] is not seq:
-                        members.append(seq)
-            for members in changed.values():
-                group = self._group_of[members[0].seq_id]
-                group.updates.put(members)
+                    members = changed.setdefault(id(group), (group, {}))[1]
+                    members[seq.seq_id] = SeqUpdate(seq, seq.num_completion_tokens, seq.finish_reason)
+            for group, members in changed.values():
+                group.updates.put(list(members.values()))
                 group.notify()
         done = []
         for seq in result.finished:
