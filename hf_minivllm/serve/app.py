@@ -1,0 +1,343 @@
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat completions, models, health and metrics.
+
+Every request is validated and tokenized before anything is queued, so a bad one is a 400 (OpenAI's error JSON)
+and never a half-started stream. Streams are server-sent events ending with ``data: [DONE]``. A client that goes
+away (mid-stream or while waiting for a whole response) aborts its request, which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from hf_minivllm.engine.llm_engine import EngineClosed
+from hf_minivllm.serve.async_llm import AsyncLLM, ChoiceDelta, RequestOutput, RequestStream, TokenLogprob
+from hf_minivllm.serve.protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    InvalidRequest,
+    error_body,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, error_type: str, param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type, code or status, param), status_code=status)
+
+
+def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The server's app around one engine. ``api_key``: required as ``Authorization: Bearer <key>`` on /v1/."""
+    app = FastAPI(title="hf-minivllm", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        first = problems[0] if problems else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in item.get('loc', ()) if p != 'body') or 'body'}: "
+                            f"{item.get('msg')}" for item in problems)
+        return _error(400, message or "invalid request body", "invalid_request_error", param)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid_request(request: Request, error: InvalidRequest) -> JSONResponse:
+        return _error(400, str(error), "invalid_request_error", error.param)
+
+    @app.exception_handler(EngineClosed)
+    async def _closed(request: Request, error: EngineClosed) -> JSONResponse:
+        return _error(503, str(error), "service_unavailable")
+
+    @app.middleware("http")
+    async def _check_api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                return _error(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
+        return await call_next(request)
+
+    def check_model(name: str) -> JSONResponse | None:
+        if name != model_name:
+            return _error(404, f"The model `{name}` does not exist (this server has `{model_name}`)",
+                          "invalid_request_error", "model", "model_not_found")
+        return None
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.llm.loop.closed:
+            return _error(503, "the engine is closed", "service_unavailable")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "hf-minivllm", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(engine.metrics.render(model_name, engine.engine_gauges()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        if (missing := check_model(body.model)) is not None:
+            return missing
+        body.check_supported()
+        prompts = [engine.encode(prompt) if isinstance(prompt, str) else _token_ids(prompt, index)
+                   for index, prompt in enumerate(body.prompts())]
+        streams = await _prepare(engine, body, prompts, body.logprobs, DEFAULT_COMPLETION_MAX_TOKENS, "cmpl")
+        response = _CompletionResponse(engine, body, model_name, streams)
+        return await _respond(raw, body.stream, response)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        if (missing := check_model(body.model)) is not None:
+            return missing
+        body.check_supported()
+        prompt = _apply_chat_template(engine, body)
+        streams = await _prepare(engine, body, [prompt], body.num_logprobs, None, "chatcmpl")
+        response = _ChatResponse(engine, body, model_name, streams)
+        return await _respond(raw, body.stream, response)
+
+    return app
+
+
+def _token_ids(prompt: list[int], index: int) -> list[int]:
+    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise InvalidRequest(f"prompt {index} must be a non-empty string or list of token ids", "prompt")
+    return prompt
+
+
+def _apply_chat_template(engine: AsyncLLM, body: ChatCompletionRequest) -> list[int]:
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model's tokenizer has no chat template; use /v1/completions", "messages")
+    messages = [message.for_template() for message in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # noqa: BLE001 - the template's own complaint (e.g. roles out of order)
+        raise InvalidRequest(f"the chat template could not render these messages: {error}", "messages") from None
+    # The rendered template carries its own special tokens (BOS included when the model uses one).
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+async def _prepare(engine: AsyncLLM, body: Any, prompts: list[list[int]], logprobs: int | None,
+                   default_max_tokens: int | None, prefix: str) -> list[RequestStream]:
+    """One validated (not yet queued) request per prompt; nothing is queued unless every prompt is valid."""
+    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    streams = []
+    for index, token_ids in enumerate(prompts):
+        params = body.sampling_params(len(token_ids), engine.max_model_len, logprobs, default_max_tokens)
+        try:
+            streams.append(await engine.prepare(token_ids, params, n=body.n, stop=body.stop_strings,
+                                                request_id=f"{request_id}-{index}"))
+        except InvalidRequest:
+            raise
+        except ValueError as error:
+            raise InvalidRequest(str(error), body.prompt_field) from None
+    return streams
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Events of every prompt's stream as they come, tagged with the prompt's index; aborts all on exit."""
+    for stream in streams:
+        stream.start()
+    try:
+        if len(streams) == 1:
+            async for output in streams[0]:
+                yield 0, output
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    await queue.put((index, output, None))
+            except Exception as error:  # noqa: BLE001 - handed to the consumer below
+                await queue.put((index, None, error))
+
+        tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                index, output, error = await queue.get()
+                if error is not None:
+                    raise error
+                remaining -= output.finished
+                yield index, output
+        finally:
+            for task in tasks:
+                task.cancel()
+    finally:
+        for stream in streams:
+            stream.abort()
+
+
+class _Response:
+    """One API call's output in either shape: accumulated into one JSON body, or as server-sent event chunks."""
+
+    object_name = ""
+    chunk_object_name = ""
+
+    def __init__(self, engine: AsyncLLM, body: Any, model_name: str, streams: list[RequestStream]):
+        self.engine, self.body, self.model_name, self.streams = engine, body, model_name, streams
+        self.id = streams[0].request_id.rsplit("-", 1)[0]
+        self.created = int(time.time())
+        self.n = body.n
+
+    def usage(self) -> dict:
+        prompt = sum(stream.num_prompt_tokens for stream in self.streams)
+        completion = sum(choice.num_tokens for stream in self.streams for choice in stream.choices.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def header(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_name}
+
+    def stream_choice(self, index: int, delta: ChoiceDelta) -> dict | None:
+        raise NotImplementedError
+
+    def first_chunks(self) -> list[dict]:
+        return []
+
+    def full_choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None) -> dict:
+        raise NotImplementedError
+
+    async def body_json(self) -> dict:
+        texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[TokenLogprob] | None] = {}
+        finish: dict[int, str | None] = {}
+        async for prompt_index, output in _merged(self.streams):
+            for delta in output.choices:
+                index = prompt_index * self.n + delta.index
+                texts.setdefault(index, []).append(delta.text)
+                if delta.logprobs is not None:
+                    logprobs.setdefault(index, []).extend(delta.logprobs)
+                if delta.finish_reason is not None:
+                    finish[index] = delta.finish_reason
+        choices = [self.full_choice(index, "".join(texts.get(index, [])), logprobs.get(index), finish.get(index))
+                   for index in range(len(self.streams) * self.n)]
+        return {**self.header(self.object_name), "choices": choices, "usage": self.usage()}
+
+    async def events(self) -> AsyncIterator[str]:
+        include_usage = self.body.include_usage
+        try:
+            for chunk in self.first_chunks():
+                yield _sse(chunk)
+            async for prompt_index, output in _merged(self.streams):
+                choices = [choice for delta in output.choices
+                           if (choice := self.stream_choice(prompt_index * self.n + delta.index, delta)) is not None]
+                if choices:
+                    chunk = {**self.header(self.chunk_object_name), "choices": choices}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield _sse(chunk)
+            if include_usage:
+                yield _sse({**self.header(self.chunk_object_name), "choices": [], "usage": self.usage()})
+        except Exception as error:  # noqa: BLE001 - the stream has started: the error goes in it, as vLLM does
+            logger.exception("a streamed request failed")
+            yield _sse(error_body(str(error), "internal_server_error", 500))
+        yield "data: [DONE]\n\n"
+
+
+class _CompletionResponse(_Response):
+    object_name = chunk_object_name = "text_completion"
+
+    def _logprobs(self, entries: list[TokenLogprob] | None, text_offset: int) -> dict | None:
+        if entries is None:
+            return None
+        token_text = self.engine.token_text
+        tokens = [token_text(entry.token_id) for entry in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(text_offset)
+            text_offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in entries],
+                "top_logprobs": [{token_text(t): lp for t, lp in entry.top} for entry in entries],
+                "text_offset": offsets}
+
+    def full_choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs, 0), "finish_reason": finish}
+
+    def stream_choice(self, index: int, delta: ChoiceDelta) -> dict | None:
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return None
+        return {"index": index, "text": delta.text, "logprobs": self._logprobs(delta.logprobs, 0),
+                "finish_reason": delta.finish_reason}
+
+
+class _ChatResponse(_Response):
+    object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
+
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+        token_text = self.engine.token_text
+
+        def item(token_id: int, logprob: float) -> dict:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**item(entry.token_id, entry.logprob),
+                             "top_logprobs": [item(t, lp) for t, lp in entry.top]} for entry in entries]}
+
+    def first_chunks(self) -> list[dict]:
+        return [{**self.header(self.chunk_object_name),
+                 "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for index in range(len(self.streams) * self.n)]}]
+
+    def full_choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": self._logprobs(logprobs), "finish_reason": finish}
+
+    def stream_choice(self, index: int, delta: ChoiceDelta) -> dict | None:
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return None
+        return {"index": index, "delta": {"content": delta.text} if delta.text else {},
+                "logprobs": self._logprobs(delta.logprobs), "finish_reason": delta.finish_reason}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _respond(raw: Request, stream: bool, response: _Response) -> Response:
+    if stream:
+        return StreamingResponse(response.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await _unless_disconnected(raw, response.body_json())
+
+
+async def _unless_disconnected(raw: Request, work: Awaitable[dict]) -> Response:
+    """The whole response once ``work`` is done; if the client leaves first, the work is cancelled (which aborts
+    its requests) and nobody is answered."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(raw))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return Response(status_code=499)
+    return JSONResponse(task.result())
+
+
+async def _disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass

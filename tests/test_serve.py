@@ -1,0 +1,411 @@
+"""The OpenAI-compatible server on the embedded SmolLM2, through the official ``openai`` client.
+
+One server runs in this process (uvicorn in a thread, on a free port) for the whole module; the oracle is plain
+transformers on an unpatched copy of the same model.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from conftest import _smollm2
+from hf_minivllm import LLM, SamplingParams
+from hf_minivllm.models.loading import eos_token_ids_of
+from hf_minivllm.serve import AsyncLLM
+from hf_minivllm.serve.app import build_app
+
+MODEL = "smollm2"
+MAX_MODEL_LEN = 512
+PROMPT = "The three most important things about the ocean are"
+QUESTION = [{"role": "user", "content": "What is 2 + 3? Answer in one word."}]
+
+
+class _Server:
+    """uvicorn serving ``app`` from a thread, on a socket bound here (no port race)."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(AsyncLLM, server, HF oracle model, tokenizer) for the module."""
+    model, tokenizer = _smollm2()
+    engine = AsyncLLM(LLM(copy.deepcopy(model), tokenizer=tokenizer, max_model_len=MAX_MODEL_LEN,
+                          num_kvcache_blocks=512))
+    server = _Server(build_app(engine, MODEL))
+    yield engine, server, model, tokenizer
+    server.stop()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[1].url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _hf_greedy(model, token_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([token_ids]), attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(token_ids):].tolist()
+
+
+def _chat_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _joined(stream) -> tuple[dict[int, str], dict[int, str], dict | None]:
+    """Texts and finish reasons per choice index of a completion or chat stream, and the usage chunk's usage."""
+    texts, reasons, usage = {}, {}, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for choice in chunk.choices:
+            piece = choice.text if hasattr(choice, "text") else (choice.delta.content or "")
+            texts[choice.index] = texts.get(choice.index, "") + piece
+            if choice.finish_reason is not None:
+                reasons[choice.index] = choice.finish_reason
+    return texts, reasons, usage
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """The /metrics samples (name with labels -> value)."""
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _gauge(url: str, name: str) -> float:
+    return _metrics(url)[f'hf_minivllm:{name}{{model_name="{MODEL}"}}']
+
+
+def _wait_idle(url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _gauge(url, "num_requests_running") or _gauge(url, "kv_cache_usage_perc"):
+        assert time.monotonic() < deadline, "the aborted request still holds the engine's blocks"
+        time.sleep(0.05)
+
+
+def test_health_and_models(served, client):
+    engine, server = served[:2]
+    assert httpx.get(server.url + "/health").status_code == 200
+    [model] = client.models.list().data
+    assert model.id == MODEL and model.model_extra["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_greedy_completion_equals_hf_generate(served, client):
+    _, _, model, tokenizer = served
+    ids = tokenizer.encode(PROMPT)
+    expected = _hf_greedy(model, ids, 24)
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert out.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(expected)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
+
+
+def test_greedy_chat_equals_hf_generate(served, client):
+    _, _, model, tokenizer = served
+    ids = _chat_ids(tokenizer, QUESTION)
+    expected = _hf_greedy(model, ids, 40)
+    out = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0)
+    assert out.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason == ("stop" if expected[-1] in eos_token_ids_of(model) else "length")
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(expected)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_stream_joined_equals_non_stream(client, endpoint):
+    common = dict(model=MODEL, n=3, max_tokens=20, temperature=0.9, top_p=0.95, seed=1234, stop=[".", "\n\n"])
+    if endpoint == "completions":
+        create, extra = client.completions.create, dict(prompt=PROMPT)
+    else:
+        create, extra = client.chat.completions.create, dict(messages=QUESTION)
+    full = create(**common, **extra)
+    texts, reasons, usage = _joined(create(**common, **extra, stream=True, stream_options={"include_usage": True}))
+    for choice in full.choices:
+        text = choice.text if endpoint == "completions" else choice.message.content
+        assert texts[choice.index] == text
+        assert reasons[choice.index] == choice.finish_reason
+        assert "." not in text and "\n\n" not in text
+    assert usage == full.usage.model_dump()
+    assert len({texts[i] for i in range(3)}) > 1, "the n choices of a seeded request should differ"
+
+
+def test_sampling_options(served, client):
+    tokenizer = served[3]
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    top1 = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.5,
+                                     extra_body={"top_k": 1})
+    assert top1.choices[0].text == greedy.choices[0].text
+    seeded = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7,
+                                        extra_body={"min_p": 0.05}).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    ids = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0)
+    tokens = tokenizer.encode(PROMPT)
+    greedy_ids = _hf_greedy(served[2], tokens, 12)
+    assert len(ids.choices[0].logprobs.tokens) == 12
+    # stop_token_ids end at the given token (kept in the token count, not in the text); min_tokens holds it off.
+    stop_id = greedy_ids[3]
+    stopped = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                        extra_body={"stop_token_ids": [stop_id]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 4
+    held = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                     extra_body={"stop_token_ids": [stop_id], "min_tokens": 6})
+    assert held.usage.completion_tokens >= 6
+
+
+def test_max_tokens_and_ignore_eos(served, client):
+    _, _, model, tokenizer = served
+    expected = _hf_greedy(model, _chat_ids(tokenizer, QUESTION), 40)
+    assert expected[-1] in eos_token_ids_of(model), "the question should be answered before 40 tokens"
+    ignoring = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert ignoring.usage.completion_tokens == 40 and ignoring.choices[0].finish_reason == "length"
+    short = client.chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=2, temperature=0)
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+
+
+def test_stop_strings_are_cut_in_stream_and_whole(client):
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0).choices[0].text
+    stop = greedy[len(greedy) // 3 : len(greedy) // 3 + 4]  # a string that spans tokens, met once or more
+    assert stop.strip()
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "zzzz"])
+    assert out.choices[0].text == greedy[: greedy.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    texts, reasons, _ = _joined(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0,
+                                                         stop=stop, stream=True))
+    assert texts[0] == out.choices[0].text and reasons[0] == "stop"
+
+
+def test_logprobs_match_hf(served, client):
+    _, _, model, tokenizer = served
+    ids = tokenizer.encode(PROMPT)
+    with torch.inference_mode():
+        hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    hf_logprobs = [torch.log_softmax(step[0].float(), -1) for step in hf.logits]
+    generated = hf.sequences[0, len(ids):].tolist()
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    logprobs = out.choices[0].logprobs
+    for position, (token, lp, top) in enumerate(zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs)):
+        expected = hf_logprobs[position]
+        assert token == tokenizer.decode([generated[position]])
+        assert lp == pytest.approx(expected[generated[position]].item(), abs=1e-3)
+        best = expected.topk(3)
+        assert list(top) == [tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-3)
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.logprob - 1e-6
+               for entry in content)
+    assert "".join(entry.token for entry in content) == chat.choices[0].message.content
+
+
+def test_sixteen_concurrent_streams(served, client):
+    prompts = [f"Write a short sentence about the number {i}." for i in range(16)]
+    alone = {i: client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
+             for i, p in enumerate(prompts[:4])}
+
+    def stream(i):
+        texts, reasons, usage = _joined(client.completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        return texts[0], reasons[0], usage
+
+    steps_before = served[0].llm.stats.steps
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(stream, range(16)))
+    for i, (text, reason, usage) in enumerate(results):
+        assert reason in ("stop", "length") and usage["completion_tokens"] > 0
+        if i in alone:
+            assert text == alone[i]
+    total = sum(usage["completion_tokens"] for _, _, usage in results)
+    assert served[0].llm.stats.steps - steps_before < total, "the concurrent streams should share steps"
+
+
+def test_client_leaving_frees_its_blocks(served, client):
+    url = served[1].url
+    aborted = _metrics(url)[f'hf_minivllm:num_aborted_requests_total{{model_name="{MODEL}"}}']
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for index, _ in enumerate(stream):
+        if index == 3:
+            break
+    assert _gauge(url, "num_requests_running") == 1
+    stream.close()
+    _wait_idle(url)
+    with pytest.raises(httpx.ReadTimeout):  # a whole (non-streamed) response the client stops waiting for
+        httpx.post(url + "/v1/completions", timeout=1.0,
+                   json={"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True})
+    _wait_idle(url)
+    assert _metrics(url)[f'hf_minivllm:num_aborted_requests_total{{model_name="{MODEL}"}}'] == aborted + 2
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).usage.completion_tokens == 4
+
+
+def test_api_key(served):
+    engine = served[0]
+    server = _Server(build_app(engine, MODEL, api_key="sesame"))
+    try:
+        wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as error:
+            wrong.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert error.value.status_code == 401 and error.value.code == "invalid_api_key"
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200
+        right = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
+        assert right.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+def test_errors_are_openai_json_and_leave_the_server_usable(served, client):
+    url = served[1].url
+    with pytest.raises(openai.NotFoundError) as error:
+        client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+    assert error.value.code == "model_not_found" and "no-such-model" in error.value.message
+    long_prompt = "hello " * (MAX_MODEL_LEN + 10)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2)
+    assert "maximum context length" in error.value.message and error.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}])
+    assert error.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_MODEL_LEN)
+    assert error.value.param == "max_tokens"
+    bad = [dict(temperature=-1), dict(n=0), dict(top_p=0), dict(max_tokens=0), dict(presence_penalty=1.0),
+           dict(logprobs=99), dict(extra_body={"top_k": -5}), dict(extra_body={"min_tokens": -1})]
+    for kwargs in bad:
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model=MODEL, prompt=PROMPT, **{"max_tokens": 2, **kwargs})
+        name = next(iter(kwargs.get("extra_body", kwargs)))
+        assert name in error.value.message, (kwargs, error.value.message)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    response = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+    response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [[]], "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
+    _wait_idle(url)
+
+
+def test_batch_of_prompts_keeps_order(client):
+    prompts = ["One plus one is", "The sky is", "My favourite food is"]
+    together = client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0, n=2)
+    assert [choice.index for choice in together.choices] == list(range(6))
+    for i, prompt in enumerate(prompts):
+        alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        assert together.choices[2 * i].text == together.choices[2 * i + 1].text == alone.choices[0].text
+
+
+def test_metrics_report_requests_and_latencies(served, client):
+    url = served[1].url
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
+    values = _metrics(url)
+    label = f'model_name="{MODEL}"'
+    assert values[f'hf_minivllm:request_success_total{{{label},finished_reason="length"}}'] >= 1
+    assert values[f"hf_minivllm:time_to_first_token_seconds_count{{{label}}}"] >= 1
+    assert values[f"hf_minivllm:inter_token_latency_seconds_count{{{label}}}"] >= 4
+    assert values[f'hf_minivllm:time_to_first_token_seconds_bucket{{{label},le="+Inf"}}'] == \
+        values[f"hf_minivllm:time_to_first_token_seconds_count{{{label}}}"]
+    assert values[f"hf_minivllm:generation_tokens_total{{{label}}}"] >= 5
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert f"hf_minivllm:{gauge}{{{label}}}" in values
+
+
+def test_async_llm_records_request_timings(served):
+    engine = served[0]
+
+    async def run():
+        return [output async for output in engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6), n=2)]
+
+    outputs = asyncio.run(run())
+    last = outputs[-1]
+    assert last.finished and last.num_completion_tokens == 12
+    assert [delta.finish_reason for delta in last.choices] == ["length", "length"]
+    metrics = last.metrics
+    assert metrics.queue_time >= 0 and metrics.time_to_first_token >= metrics.queue_time
+    assert len(metrics.inter_token_latencies) == 10 and metrics.e2e_latency >= metrics.time_to_first_token
+
+
+def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_minivllm", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_cli_rejects_bad_options_and_models(tmp_path):
+    result = _run_cli("serve", "--max-model-len", "-3")
+    assert result.returncode == 2 and "--max-model-len must be a positive integer" in result.stderr
+    result = _run_cli("serve", "--attention-backend", "nope")
+    assert result.returncode == 2 and "--attention-backend" in result.stderr
+    result = _run_cli("serve", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    result = _run_cli("serve", str(tmp_path))
+    assert result.returncode == 1 and "could not load model" in result.stderr
+
+
+def test_cli_serves_the_embedded_model():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen([sys.executable, "-m", "hf_minivllm", "serve", "--port", str(port),
+                                "--max-model-len", "256", "--num-kvcache-blocks", "64", "--log-level", "warning"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        cli_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        [model] = cli_client.models.list().data
+        assert model.id == "SmolLM2-135M-Instruct"
+        out = cli_client.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
