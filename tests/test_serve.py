@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,9 +21,11 @@ import pytest
 import torch
 import uvicorn
 
-from conftest import _smollm2
+from conftest import _smollm2, tiny_model
 from hf_minivllm import LLM, SamplingParams
+from hf_minivllm.models import loading
 from hf_minivllm.models.loading import eos_token_ids_of
+from hf_minivllm.serve import cli
 from hf_minivllm.serve import AsyncLLM
 from hf_minivllm.serve.app import build_app
 
@@ -365,30 +366,39 @@ def test_async_llm_records_request_timings(served):
     assert len(metrics.inter_token_latencies) == 10 and metrics.e2e_latency >= metrics.time_to_first_token
 
 
-def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hf_minivllm", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def test_cli_rejects_bad_options_and_models(tmp_path):
-    result = _run_cli("serve", "--max-model-len", "-3")
-    assert result.returncode == 2 and "--max-model-len must be a positive integer" in result.stderr
-    result = _run_cli("serve", "--attention-backend", "nope")
-    assert result.returncode == 2 and "--attention-backend" in result.stderr
-    result = _run_cli("serve", str(tmp_path / "missing"))
-    assert result.returncode == 1 and "does not exist" in result.stderr
+def test_cli_rejects_bad_options_and_models(tmp_path, capsys):
+    for args, message in [(["--max-model-len", "-3"], "--max-model-len must be a positive integer"),
+                          (["--attention-backend", "nope"], "--attention-backend"),
+                          (["--port", "0"], "--port")]:
+        with pytest.raises(SystemExit) as exit_code:
+            cli.main(["serve", *args])
+        assert exit_code.value.code == 2 and message in capsys.readouterr().err
+    assert cli.main(["serve", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
-    result = _run_cli("serve", str(tmp_path))
-    assert result.returncode == 1 and "could not load model" in result.stderr
+    assert cli.main(["serve", str(tmp_path)]) == 1
+    assert "could not load model" in capsys.readouterr().err
 
 
-def test_cli_serves_the_embedded_model():
+def test_cli_defaults_to_the_embedded_model(monkeypatch):
+    monkeypatch.setattr(loading, "load_embedded_model", lambda device=None: _smollm2())
+    model, tokenizer, name = cli.load_model(None, "auto")
+    assert (model, tokenizer) == _smollm2() and name == "SmolLM2-135M-Instruct"
+
+
+def test_cli_serves_a_model_folder(tmp_path):
+    """``python -m hf_minivllm serve FOLDER`` end to end, on a tiny random Llama with SmolLM2's tokenizer."""
+    tokenizer = _smollm2()[1]
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    process = subprocess.Popen([sys.executable, "-m", "hf_minivllm", "serve", "--port", str(port),
-                                "--max-model-len", "256", "--num-kvcache-blocks", "64", "--log-level", "warning"],
+    process = subprocess.Popen([sys.executable, "-m", "hf_minivllm", "serve", str(folder), "--port", str(port),
+                                "--max-model-len", "128", "--num-kvcache-blocks", "64", "--log-level", "warning"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -402,9 +412,10 @@ def test_cli_serves_the_embedded_model():
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
         cli_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        [model] = cli_client.models.list().data
-        assert model.id == "SmolLM2-135M-Instruct"
-        out = cli_client.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=4, temperature=0)
+        [served_model] = cli_client.models.list().data
+        assert served_model.id == "tiny-llama"
+        out = cli_client.chat.completions.create(model=served_model.id, messages=QUESTION, max_tokens=4,
+                                                 temperature=0, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4
     finally:
         process.terminate()
