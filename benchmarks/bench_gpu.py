@@ -75,7 +75,8 @@ def run_llm(model, prompts, params, **engine) -> tuple[int, float, dict]:
     return sum(len(o["token_ids"]) for o in outputs), seconds, stats
 
 
-def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compare_sync: bool = False) -> None:
+def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compare_sync: bool = False,
+       compare_mixed: bool = False) -> None:
     """W1 through LLM.generate; HF CB on a prefix of ``hf_requests`` requests or on all of them for ``hf_window_s``."""
     prompts, params = w1_requests()
     model = random_model(size)
@@ -85,6 +86,9 @@ def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compa
     if compare_sync:
         sync_tokens, sync_seconds, _ = run_llm(model, prompts, params, async_scheduling=False)
         row.update(one_step_at_a_time_tok_s=sync_tokens / sync_seconds)
+    if compare_mixed:
+        separate_tokens, separate_seconds, _ = run_llm(model, prompts, params, mixed_steps=False)
+        row.update(separate_prefill_decode_tok_s=separate_tokens / separate_seconds)
     if hf_window_s:
         hf_tokens, hf_seconds = hf_continuous_batching(model, prompts, params, window_s=hf_window_s)
         row.update(hf_cb_requests=f"all {len(prompts)}, first {hf_window_s:.0f} s", hf_cb_tokens=hf_tokens,
@@ -199,6 +203,7 @@ def main() -> None:
                         help="give HF CB all W1 requests and count its tokens over this many seconds (overrides "
                         "--hf-cb-requests for W1)")
     parser.add_argument("--compare-sync", action="store_true", help="also run W1 with async_scheduling=False")
+    parser.add_argument("--compare-mixed", action="store_true", help="also run W1 with mixed_steps=False")
     parser.add_argument("--hf-subset", type=int, default=32, help="drop-in batch rows given to HF generate")
     parser.add_argument("--w5-hf-requests", type=int, default=16)
     parser.add_argument("--out", default=None)
@@ -206,7 +211,8 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "commit": commit()}
     table: dict = {}
     jobs = {
-        "w1": lambda: w1(table, "0.6b", args.hf_cb_requests, args.hf_cb_window, args.compare_sync),
+        "w1": lambda: w1(table, "0.6b", args.hf_cb_requests, args.hf_cb_window, args.compare_sync,
+                         args.compare_mixed),
         "w2": lambda: w2_and_drop_in(table, args.hf_subset),
         "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table)),
     }
