@@ -240,12 +240,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ours_server(args: argparse.Namespace, mixed_steps: bool) -> Server:
+def ours_server(args: argparse.Namespace, mixed_steps: bool, stall_server: bool = False) -> Server:
+    """Our server; a ``stall_server`` (its own start, only with --stall-ours-args) adds those options."""
     argv = [sys.executable, "-m", "hf_minivllm", "serve", args.model_dir, "--host", "127.0.0.1", "--port", "{port}",
             "--served-model-name", "w6", "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
     argv += [] if mixed_steps else ["--no-mixed-steps"]
-    return Server("ours" if mixed_steps else "ours_no_mixed", argv + shlex.split(args.ours_args), args.log_dir, "w6",
-                  {"ignore_eos": True, "stream_options": {"include_usage": True}})
+    argv += shlex.split(args.ours_args) + (shlex.split(args.stall_ours_args) if stall_server else [])
+    name = ("ours" if mixed_steps else "ours_no_mixed") + ("_stall" if stall_server else "")
+    return Server(name, argv, args.log_dir, "w6", {"ignore_eos": True, "stream_options": {"include_usage": True}})
 
 
 def hf_server(args: argparse.Namespace) -> Server:
@@ -502,8 +504,11 @@ def run(args: argparse.Namespace) -> dict:
     plan: list[tuple[Server, list[float], bool]] = []
     for name in args.servers:
         if name == "ours":
-            plan.append((ours_server(args, mixed_steps=True), rates, args.stall))
-            plan += [(ours_server(args, mixed_steps=False), [], True)] if args.stall else []
+            separate = bool(args.stall_ours_args)
+            plan.append((ours_server(args, mixed_steps=True), rates, args.stall and not separate))
+            if args.stall:
+                plan += [(ours_server(args, mixed_steps=True, stall_server=True), [], True)] if separate else []
+                plan += [(ours_server(args, mixed_steps=False, stall_server=separate), [], True)]
         else:
             plan.append((hf_server(args), rates, args.hf_stall))
     with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
@@ -569,6 +574,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stall-long-output", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=10240, help="our server's (the stall test's long prompts)")
     p.add_argument("--ours-args", default="", help="extra options for our server")
+    p.add_argument("--stall-ours-args", default="",
+                   help="extra options for our server in the stall test only (then started on its own)")
     p.add_argument("--hf-args", default="", help="extra options for transformers serve")
     p.add_argument("--hf-device", default="cuda" if cuda else "cpu")
     p.add_argument("--hf-cuda-graph", action=argparse.BooleanOptionalAction, default=cuda)

@@ -209,6 +209,12 @@ class LLM:
             if progress is not None:
                 progress.close()
 
+    def needs_rebuild(self) -> bool:
+        """Whether the next call must rebuild the decoder (new weight tensors), which blocks until the engine did
+        it; other checks (``sequences``) return at once."""
+        with self._weights_lock:
+            return self._weights.check() is WeightChange.TENSORS
+
     def sync_weights(self) -> None:
         """Bring the engine in line with the model's weights: called by every generate/stream call. What the check
         saw is committed only once the reset or rebuild is under way, so a failure is retried by the next call."""

@@ -218,8 +218,10 @@ class AsyncLLM:
         token_ids = self.encode(prompt)
         choice_params = [params if params.seed is None or n == 1 else replace(params, seed=params.seed + i)
                          for i in range(n)]
-        # The weight check may rebuild the decoder (a blocking call on the engine): off the event loop.
-        seqs = await asyncio.to_thread(self.llm.sequences, [token_ids] * n, choice_params)
+        if self.llm.needs_rebuild():  # new weight tensors: the rebuild blocks, so it waits off the event loop
+            seqs = await asyncio.to_thread(self.llm.sequences, [token_ids] * n, choice_params)
+        else:  # a fraction of a millisecond, with no thread hop (which could wait on the engine thread for the GIL)
+            seqs = self.llm.sequences([token_ids] * n, choice_params)
         stop_strings = _StopStrings(stop) if stop and any(stop) else None
         return RequestStream(self, request_id or uuid.uuid4().hex, seqs, stop_strings)
 
