@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
+from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.llm import LLM
+from hf_minivllm.models.adapter import UnsupportedModel
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +21,13 @@ def accelerate(model: Any, **config: Any) -> Any:
     Unlike ``LLM``, the KV cache is on demand by default (``kv_cache_resident=False``): it takes what the requests
     in hand need and gives it back when generation is idle, so training steps and other models share the GPU as
     they would without ``accelerate``. The model may keep training: every ``generate`` sees its current weights.
+
+    A model the engine cannot serve (another architecture, quantized or wrapped layers, an unsupported dtype) is
+    returned with transformers' own ``generate`` in place and one warning naming the reason, which
+    ``hf_minivllm.stats(model)["unsupported_reason"]`` also reports: the program goes on working, at HF's speed.
+    Invalid settings in ``config`` still raise ``ValueError``.
     """
-    from hf_minivllm.patches.model import install, is_accelerated
+    from hf_minivllm.patches.model import install, install_hf_served, is_accelerated
 
     if is_accelerated(model):
         if config:
@@ -27,7 +35,14 @@ def accelerate(model: Any, **config: Any) -> Any:
         return model
     if config.get("kv_cache_resident") is None:
         config["kv_cache_resident"] = False
-    install(model, LLM(model, **config))
+    try:
+        llm = LLM(model, **config)
+    except UnsupportedModel as error:
+        warnings.warn(f"hf-minivllm: this model keeps transformers' own generate ({error})", UserWarning,
+                      stacklevel=2)
+        install_hf_served(model, str(error))
+        return model
+    install(model, llm)
     return model
 
 
@@ -48,8 +63,14 @@ def _llm_of(model_or_llm: Any) -> LLM:
 
 
 def stats(model_or_llm: Any) -> dict:
-    """The engine's counters for an accelerated model or an ``LLM``: requests, tokens, cache hits, fallbacks."""
-    return _llm_of(model_or_llm).stats.as_dict()
+    """The engine's counters for an accelerated model or an ``LLM``: requests, tokens, cache hits, fallbacks, and
+    ``unsupported_reason`` (why ``accelerate`` left the model to transformers; None when the engine serves it)."""
+    from hf_minivllm.patches.model import unsupported_reason
+
+    reason = None if isinstance(model_or_llm, LLM) else unsupported_reason(model_or_llm)
+    if reason is not None:
+        return {**EngineStats().as_dict(), "unsupported_reason": reason}
+    return {**_llm_of(model_or_llm).stats.as_dict(), "unsupported_reason": None}
 
 
 def reset_prefix_cache(model_or_llm: Any) -> None:

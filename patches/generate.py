@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hf_minivllm.engine.sequence import Sequence
+from hf_minivllm.models.adapter import UnsupportedModel
 from hf_minivllm.patches.generation_fields import FALLBACK_ARGUMENTS, FALLBACK_MODEL_KWARGS, fallback_reason
 from hf_minivllm.patches.hf_compat import prepare_special_tokens, resolve_generation_config
 from hf_minivllm.patches.state import redirect_of, state_of
@@ -363,10 +364,20 @@ def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
     state = state_of(model)
     call = GenerateCall.bind(model, args, kwargs)
     try:
+        _sync_weights(state.llm)
         prepared = _prepare(model, state.llm, call)
     except _Fallback as fallback:
         return state.fall_back(str(fallback), call.args, call.kwargs)
     return _run(state.llm, [prepared])[0]
+
+
+def _sync_weights(llm: Any) -> None:
+    """Bring the engine in line with the model's weights before the call is prepared; a model that became
+    unservable since ``accelerate`` (a wrapped or quantized layer) is handed to HF for as long as it stays so."""
+    try:
+        llm.sync_weights()
+    except UnsupportedModel as error:
+        raise _Fallback(f"the model changed into one the engine cannot serve: {error}") from None
 
 
 @torch.no_grad()
@@ -384,6 +395,7 @@ def generate_many(model: Any, calls: list[tuple[tuple, dict[str, Any]]]) -> list
     for index, (args, kwargs) in enumerate(calls):
         call = GenerateCall.bind(model, args, kwargs)
         try:
+            _sync_weights(state.llm)
             prepared[index] = _prepare(model, state.llm, call)
         except _Fallback as fallback:
             results[index] = state.fall_back(str(fallback), call.args, call.kwargs)

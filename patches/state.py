@@ -27,6 +27,20 @@ class AcceleratedState:
         return type(self.model).generate(self.model, *args, **kwargs)
 
 
+class HFServedState:
+    """What ``accelerate`` attaches to a model the engine cannot serve: why (``hf_minivllm.stats`` reports it);
+    ``generate`` stays transformers' own."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why ``accelerate`` left this model to transformers, or None."""
+    state = model.__dict__.get(STATE_ATTRIBUTE)
+    return state.reason if isinstance(state, HFServedState) else None
+
+
 def is_accelerated(model: Any) -> bool:
     return isinstance(model.__dict__.get(STATE_ATTRIBUTE), AcceleratedState)
 

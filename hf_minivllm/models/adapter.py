@@ -20,6 +20,13 @@ from torch import nn
 from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Quantization methods whose loaded weights are plain floating-point tensors (GGUF files are dequantized on load).
+DEQUANTIZED_ON_LOAD = ("gguf",)
+
+
+class UnsupportedModel(ValueError):
+    """The engine cannot compute what this model computes (architecture, layer kind, dtype, quantization);
+    ``accelerate`` then leaves the model to transformers' own ``generate``."""
 
 
 def load_hf_model(path: str, dtype: torch.dtype | str = "auto", device: torch.device | str | None = None) -> nn.Module:
@@ -45,22 +52,38 @@ def _check_plain_layers(hf_model: nn.Module) -> None:
             expected.append((layer.get_submodule(path), nn.Linear, f"model.layers.{index}.{path}"))
     for module, kind, path in expected:
         if type(module) is not kind:
-            raise ValueError(f"{path} is a {type(module).__name__}, not a plain {kind.__name__}: the engine cannot "
-                             "serve wrapped or quantized layers")
+            raise UnsupportedModel(f"{path} is a {type(module).__name__}, not a plain {kind.__name__}: the engine "
+                                   "cannot serve wrapped or quantized layers")
+
+
+def _quantization_method(config: object) -> str | None:
+    """The model's quantization method ("bitsandbytes", "gptq", "gguf", ...), None when it has none."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown")
 
 
 def _check_supported(hf_model: nn.Module) -> None:
     name = type(hf_model).__name__
     if name not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    _check_plain_layers(hf_model)
+        raise UnsupportedModel(f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     config = hf_model.config
+    method = _quantization_method(config)
+    if method is not None and method.lower() not in DEQUANTIZED_ON_LOAD:
+        raise UnsupportedModel(f"quantized weights ({method}) are not supported; the engine serves 16-bit and "
+                               "wider floating-point weights")
+    _check_plain_layers(hf_model)
+    dtype = hf_model.model.embed_tokens.weight.dtype
+    if not dtype.is_floating_point or dtype.itemsize < 2:  # int8 / float8 storage needs scales the engine lacks
+        raise UnsupportedModel(f"weights of dtype {dtype} are not supported (16-bit and wider floats are)")
     if config.hidden_act not in ("silu", "swish"):
-        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; only silu-gated MLPs are supported")
+        raise UnsupportedModel(f"unsupported hidden_act {config.hidden_act!r}; only silu-gated MLPs are supported")
     rope_type = hf_model.model.rotary_emb.rope_type
     if "dynamic" in rope_type or rope_type == "longrope":
-        raise ValueError(f"rope type {rope_type!r} changes its frequencies with the sequence length; unsupported "
-                         "(static kinds such as default, linear, llama3 and yarn are supported)")
+        raise UnsupportedModel(f"rope type {rope_type!r} changes its frequencies with the sequence length; "
+                               "unsupported (static kinds such as default, linear, llama3 and yarn are supported)")
     # Mirror HF: Mistral masks with the window whenever config.sliding_window is set; Qwen2/Qwen3 only on layers
     # that config.layer_types marks "sliding_attention" (none unless use_sliding_window). A window at least
     # max_position_embeddings long never bites, as the engine caps sequences at that length.
@@ -70,8 +93,8 @@ def _check_supported(hf_model: nn.Module) -> None:
     else:
         active = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or ())
     if active and window < config.max_position_embeddings:
-        raise ValueError(f"sliding-window attention (window {window} < max_position_embeddings "
-                         f"{config.max_position_embeddings}) is not supported")
+        raise UnsupportedModel(f"sliding-window attention (window {window} < max_position_embeddings "
+                               f"{config.max_position_embeddings}) is not supported")
 
 
 def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderConfig:
@@ -158,7 +181,7 @@ class _Binder:
 def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> DecoderForCausalLM:
     """A ``DecoderForCausalLM`` on the HF model's device and dtype, computing exactly what HF computes.
 
-    Raises ``ValueError`` for architectures or features the decoder does not implement.
+    Raises ``UnsupportedModel`` (a ValueError) for architectures or features the decoder does not implement.
     """
     _check_supported(hf_model)
     with torch.device("meta"):

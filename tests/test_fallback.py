@@ -1,0 +1,115 @@
+"""A model the engine cannot serve keeps working: ``accelerate`` leaves it to transformers with one warning."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import hf_minivllm
+from conftest import left_padded_batch, tiny_model
+from hf_minivllm import LLM
+
+
+def _accelerate_warning_once(model, match: str):
+    """accelerate(model), checking it warned exactly once (naming ``match``); later generate calls warn nothing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = hf_minivllm.accelerate(model)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and match in messages[0], messages
+    assert result is model and "generate" not in model.__dict__
+    assert match in hf_minivllm.stats(model)["unsupported_reason"]
+    return result
+
+
+def _same_as_hf(model, oracle, **inputs):
+    settings = dict(max_new_tokens=6, do_sample=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got = model.generate(**inputs, **settings)
+    assert not [w for w in caught if "hf-minivllm" in str(w.message)]
+    with torch.no_grad():
+        expected = oracle.generate(**inputs, **settings)
+    assert torch.equal(got, expected)
+
+
+def test_another_architecture_keeps_hf_generate():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
+    oracle = copy.deepcopy(model)
+    _accelerate_warning_once(model, "GPT2LMHeadModel")
+    _same_as_hf(model, oracle, input_ids=torch.randint(0, 100, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="supported: .*Qwen3ForCausalLM"):
+        LLM(model)
+
+
+def test_encoder_decoder_keeps_hf_generate():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    oracle = copy.deepcopy(model)
+    _accelerate_warning_once(model, "T5ForConditionalGeneration")
+    _same_as_hf(model, oracle, input_ids=torch.randint(1, 64, (2, 7)))
+
+
+def test_quantized_model_keeps_hf_generate():
+    """A stand-in for a bitsandbytes model: the quantization config is what marks it."""
+    model = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    oracle = copy.deepcopy(model)
+    _accelerate_warning_once(model, "bitsandbytes")
+    ids, mask = left_padded_batch()
+    _same_as_hf(model, oracle, input_ids=ids, attention_mask=mask)
+
+
+def test_wrapped_layer_and_integer_weights_keep_hf_generate():
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 0.5 * self.inner(x)
+
+    model = tiny_model("qwen3")
+    model.model.layers[0].mlp.down_proj = Scaled(model.model.layers[0].mlp.down_proj)
+    oracle = copy.deepcopy(model)
+    _accelerate_warning_once(model, "model.layers.0.mlp.down_proj is a Scaled")
+    ids, mask = left_padded_batch()
+    _same_as_hf(model, oracle, input_ids=ids, attention_mask=mask)
+
+    int8 = tiny_model("llama")
+    embedding = int8.model.embed_tokens
+    embedding.weight = torch.nn.Parameter(embedding.weight.data.to(torch.int8), requires_grad=False)
+    with pytest.warns(UserWarning, match="torch.int8"):
+        hf_minivllm.accelerate(int8)
+    assert "torch.int8" in hf_minivllm.stats(int8)["unsupported_reason"]
+
+
+def test_restore_and_accelerate_again_once_the_model_is_servable():
+    model = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "gptq"}
+    _accelerate_warning_once(model, "gptq")
+    hf_minivllm.restore(model)
+    with pytest.raises(ValueError, match="not accelerated"):
+        hf_minivllm.stats(model)
+    del model.config.quantization_config
+    hf_minivllm.accelerate(model, num_kvcache_blocks=64, kvcache_block_size=4)
+    assert "generate" in model.__dict__ and hf_minivllm.stats(model)["unsupported_reason"] is None
+    ids, mask = left_padded_batch()
+    oracle = copy.deepcopy(tiny_model("llama"))
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
+                           oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+
+
+def test_invalid_settings_still_raise():
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        hf_minivllm.accelerate(tiny_model("llama"), max_num_seqs=0)
