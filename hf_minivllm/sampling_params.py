@@ -11,6 +11,9 @@ if TYPE_CHECKING:
 
 
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+# What torch.Generator.manual_seed accepts; integers the engine puts in int64 tensors stay below _INT64_LIMIT.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+_INT64_LIMIT = 2**63
 
 
 @runtime_checkable
@@ -66,14 +69,15 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
             raise ValueError(f"SamplingParams.max_tokens must be an integer > 0, got {self.max_tokens!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not -1 <= self.top_k < _INT64_LIMIT:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 1, or 0/-1 to disable it, got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"SamplingParams.seed must be None or an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
             raise ValueError(f"SamplingParams.min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.min_tokens > self.max_tokens:
@@ -87,7 +91,7 @@ class SamplingParams:
         if isinstance(self.stop_token_ids, int):
             self.stop_token_ids = [self.stop_token_ids]
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < _INT64_LIMIT for t in self.stop_token_ids):
             raise ValueError(
                 f"SamplingParams.stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
             )

@@ -212,6 +212,38 @@ def test_stop_strings_are_cut_in_stream_and_whole(client):
     assert texts[0] == out.choices[0].text and reasons[0] == "stop"
 
 
+def test_stop_strings_end_at_the_token_that_completes_them_however_late_the_reader(served):
+    """A reader that falls behind gets many tokens at once; the choice still ends at the stop's token."""
+    engine = served[0]
+    text = engine.llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]["text"]
+    stop = text[len(text) // 4 : len(text) // 4 + 3]
+
+    async def run(lag_s: float):
+        stream = await engine.prepare(PROMPT, SamplingParams(temperature=0, max_tokens=30, logprobs=0), stop=[stop])
+        stream.start()
+        time.sleep(lag_s)  # blocks the event loop while the engine runs ahead
+        ids, pieces, logprobs = [], [], 0
+        async for output in stream:
+            for delta in output.choices:
+                ids += delta.token_ids
+                pieces.append(delta.text)
+                logprobs += len(delta.logprobs)
+        return ids, "".join(pieces), logprobs, output.num_completion_tokens
+
+    prompt_ids = engine.encode(PROMPT)
+    on_time, late = asyncio.run(run(0.0)), asyncio.run(run(1.0))
+    assert on_time == late and late[1] == text[: text.index(stop)]
+    assert late[2] == late[3] == len(late[0]) < 30
+    assert stop in engine.tokenizer.decode(prompt_ids + late[0])[len(engine.tokenizer.decode(prompt_ids)):]
+
+
+def test_token_bytes_rebuild_multibyte_characters(served):
+    engine, tokenizer = served[0], served[3]
+    for text in ("\u00e9\U0001f600\u4f60", " na\u00efve caf\u00e9"):
+        ids = tokenizer.encode(text)
+        assert b"".join(engine.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
 def test_logprobs_match_hf(served, client):
     _, _, model, tokenizer = served
     ids = tokenizer.encode(PROMPT)
@@ -229,6 +261,15 @@ def test_logprobs_match_hf(served, client):
         best = expected.topk(3)
         assert list(top) == [tokenizer.decode([i]) for i in best.indices.tolist()]
         assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-3)
+    streamed = {"tokens": [], "text_offset": []}
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
+                                           stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed["tokens"] += choice.logprobs.tokens
+                streamed["text_offset"] += choice.logprobs.text_offset
+    assert streamed == {"tokens": logprobs.tokens, "text_offset": logprobs.text_offset}
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
     chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0,
                                           logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
@@ -311,7 +352,8 @@ def test_errors_are_openai_json_and_leave_the_server_usable(served, client):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_MODEL_LEN)
     assert error.value.param == "max_tokens"
     bad = [dict(temperature=-1), dict(n=0), dict(top_p=0), dict(max_tokens=0), dict(presence_penalty=1.0),
-           dict(logprobs=99), dict(extra_body={"top_k": -5}), dict(extra_body={"min_tokens": -1})]
+           dict(logprobs=99), dict(extra_body={"top_k": -5}), dict(extra_body={"min_tokens": -1}),
+           dict(seed=2**64), dict(extra_body={"top_k": 2**70}), dict(extra_body={"stop_token_ids": [2**64]})]
     for kwargs in bad:
         with pytest.raises(openai.BadRequestError) as error:
             client.completions.create(model=MODEL, prompt=PROMPT, **{"max_tokens": 2, **kwargs})
@@ -319,12 +361,31 @@ def test_errors_are_openai_json_and_leave_the_server_usable(served, client):
         assert name in error.value.message, (kwargs, error.value.message)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    wrapped_seeds = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, n=2, seed=2**64 - 1)
+    assert len(wrapped_seeds.choices) == 2
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt=[PROMPT] * 65, max_tokens=2, n=2)
+    assert "choices" in error.value.message
     response = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
     response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [[]], "max_tokens": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
     _wait_idle(url)
+
+
+def test_text_prompt_without_a_tokenizer_is_a_400():
+    engine = AsyncLLM(LLM(tiny_model("llama"), num_kvcache_blocks=64, kvcache_block_size=4))
+    server = _Server(build_app(engine, "tiny"))
+    try:
+        response = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hello"})
+        assert response.status_code == 400 and "tokenizer" in response.json()["error"]["message"]
+        response = httpx.post(server.url + "/v1/completions",
+                              json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+    finally:
+        server.stop()
+        engine.close()
 
 
 def test_batch_of_prompts_keeps_order(client):

@@ -21,9 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from hf_minivllm.engine.llm_engine import EngineClosed
+from hf_minivllm.models.adapter import UnsupportedModel
 from hf_minivllm.serve.async_llm import AsyncLLM, ChoiceDelta, RequestOutput, RequestStream, TokenLogprob
 from hf_minivllm.serve.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
+    MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
     InvalidRequest,
@@ -97,8 +99,11 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
         if (missing := check_model(body.model)) is not None:
             return missing
         body.check_supported()
-        prompts = [engine.encode(prompt) if isinstance(prompt, str) else _token_ids(prompt, index)
-                   for index, prompt in enumerate(body.prompts())]
+        prompts = body.prompts()
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise InvalidRequest(f"{len(prompts)} prompts x n={body.n} choices exceed the {MAX_CHOICES} choices one "
+                                 "request may ask for", "prompt")
+        prompts = [_encode(engine, prompt, index) for index, prompt in enumerate(prompts)]
         streams = await _prepare(engine, body, prompts, body.logprobs, DEFAULT_COMPLETION_MAX_TOKENS, "cmpl")
         response = _CompletionResponse(engine, body, model_name, streams)
         return await _respond(raw, body.stream, response)
@@ -116,7 +121,12 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
     return app
 
 
-def _token_ids(prompt: list[int], index: int) -> list[int]:
+def _encode(engine: AsyncLLM, prompt: str | list[int], index: int) -> list[int]:
+    if isinstance(prompt, str):
+        try:
+            return engine.encode(prompt)
+        except ValueError as error:  # e.g. text sent to a model served without a tokenizer
+            raise InvalidRequest(str(error), "prompt") from None
     if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise InvalidRequest(f"prompt {index} must be a non-empty string or list of token ids", "prompt")
     return prompt
@@ -145,7 +155,7 @@ async def _prepare(engine: AsyncLLM, body: Any, prompts: list[list[int]], logpro
         try:
             streams.append(await engine.prepare(token_ids, params, n=body.n, stop=body.stop_strings,
                                                 request_id=f"{request_id}-{index}"))
-        except InvalidRequest:
+        except (InvalidRequest, UnsupportedModel):  # the latter: the served model changed; not the client's fault
             raise
         except ValueError as error:
             raise InvalidRequest(str(error), body.prompt_field) from None
@@ -154,9 +164,9 @@ async def _prepare(engine: AsyncLLM, body: Any, prompts: list[list[int]], logpro
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Events of every prompt's stream as they come, tagged with the prompt's index; aborts all on exit."""
-    for stream in streams:
-        stream.start()
     try:
+        for stream in streams:
+            stream.start()
         if len(streams) == 1:
             async for output in streams[0]:
                 yield 0, output
@@ -256,26 +266,31 @@ class _Response:
 class _CompletionResponse(_Response):
     object_name = chunk_object_name = "text_completion"
 
-    def _logprobs(self, entries: list[TokenLogprob] | None, text_offset: int) -> dict | None:
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.text_offsets: dict[int, int] = {}  # per choice: where its next token's text starts
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
         if entries is None:
             return None
         token_text = self.engine.token_text
         tokens = [token_text(entry.token_id) for entry in entries]
-        offsets = []
+        offsets, offset = [], self.text_offsets.get(index, 0)
         for token in tokens:
-            offsets.append(text_offset)
-            text_offset += len(token)
+            offsets.append(offset)
+            offset += len(token)
+        self.text_offsets[index] = offset
         return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in entries],
                 "top_logprobs": [{token_text(t): lp for t, lp in entry.top} for entry in entries],
                 "text_offset": offsets}
 
     def full_choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs, 0), "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": self._logprobs(index, logprobs), "finish_reason": finish}
 
     def stream_choice(self, index: int, delta: ChoiceDelta) -> dict | None:
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
             return None
-        return {"index": index, "text": delta.text, "logprobs": self._logprobs(delta.logprobs, 0),
+        return {"index": index, "text": delta.text, "logprobs": self._logprobs(index, delta.logprobs),
                 "finish_reason": delta.finish_reason}
 
 
@@ -287,9 +302,10 @@ class _ChatResponse(_Response):
             return None
         token_text = self.engine.token_text
 
+        token_bytes = self.engine.token_bytes
+
         def item(token_id: int, logprob: float) -> dict:
-            text = token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": token_text(token_id), "logprob": logprob, "bytes": list(token_bytes(token_id))}
 
         return {"content": [{**item(entry.token_id, entry.logprob),
                              "top_logprobs": [item(t, lp) for t, lp in entry.top]} for entry in entries]}
@@ -330,10 +346,11 @@ async def _unless_disconnected(raw: Request, work: Awaitable[dict]) -> Response:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not task.done():  # the client left, or this handler itself was cancelled (server shutdown)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
         return Response(status_code=499)
     return JSONResponse(task.result())
 

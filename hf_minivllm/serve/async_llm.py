@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hf_minivllm.engine.loop import RequestGroup
 from hf_minivllm.engine.sequence import FinishReason, Sequence
 from hf_minivllm.llm import LLM, IncrementalDetokenizer
-from hf_minivllm.sampling_params import SamplingParams
+from hf_minivllm.sampling_params import SEED_RANGE, SamplingParams
 from hf_minivllm.serve.metrics import RequestMetrics, ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -96,20 +97,26 @@ class _Choice:
         self.finish_reason: str | None = None
 
     def advance(self, count: int, engine_reason: FinishReason | None) -> tuple[ChoiceDelta | None, bool]:
-        """The delta after the choice reached ``count`` completion tokens, and whether a stop string ended it."""
+        """The delta after the choice reached ``count`` completion tokens, and whether a stop string ended it.
+
+        With stop strings the new tokens are decoded one at a time, so the choice ends at the token that completed
+        the first stop string however many tokens arrived at once (its token ids, logprobs and usage stop there,
+        as they would had the stop been seen at that step)."""
         if self.finish_reason is not None:
             return None, False
         seq = self.seq
         completion = seq.token_ids[seq.num_prompt_tokens : seq.num_prompt_tokens + count]
-        searched_from = len(self.text)
-        self.text += self.detokenizer.step(completion)
-        if engine_reason is not None:
-            self.text += self.detokenizer.flush(completion)
         stopped = False
-        if self.stop is not None:
-            index = self.stop.find(self.text, searched_from)
-            if index != -1:
-                self.text, stopped = self.text[:index], True
+        if self.stop is None:
+            self.text += self.detokenizer.step(completion)
+        else:
+            for end in range(self.num_tokens + 1, len(completion) + 1):
+                stopped = self._extend(self.detokenizer.step(completion[:end]))
+                if stopped:
+                    completion = completion[:end]
+                    break
+        if engine_reason is not None and not stopped:
+            stopped = self._extend(self.detokenizer.flush(completion))
         if stopped:
             self.finish_reason = "stop"
         elif engine_reason is not None:
@@ -127,6 +134,51 @@ class _Choice:
         delta = ChoiceDelta(self.index, self.text[self.released : upto], new_ids, logprobs, self.finish_reason)
         self.released, self.num_tokens = upto, len(completion)
         return delta, stopped
+
+    def _extend(self, piece: str) -> bool:
+        """Append decoded text; with stop strings, cut it before the first one found and say so."""
+        searched_from = len(self.text)
+        self.text += piece
+        if self.stop is None or not piece:
+            return False
+        index = self.stop.find(self.text, searched_from)
+        if index == -1:
+            return False
+        self.text = self.text[:index]
+        return True
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (character -> byte): printable Latin-1 bytes stand for
+    themselves, the others for code points from 256 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    alphabet, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + shifted)] = byte
+            shifted += 1
+    return alphabet
+
+
+_BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+_BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _raw_token_bytes(tokenizer: Any, token_id: int, token_text: Callable[[int], str]) -> bytes:
+    """The bytes a token stands for: a byte-fallback token (``<0xE9>``), a byte-level BPE token, a SentencePiece
+    piece (``\u2581`` is a space); anything else by its decoded text."""
+    token = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else None
+    if isinstance(token, str) and token:
+        if match := _BYTE_FALLBACK_TOKEN.fullmatch(token):
+            return bytes([int(match[1], 16)])
+        if all(char in _BYTE_LEVEL_ALPHABET for char in token):
+            return bytes(_BYTE_LEVEL_ALPHABET[char] for char in token)
+        if "\u2581" in token:
+            return token.replace("\u2581", " ").encode("utf-8")
+    return token_text(token_id).encode("utf-8")
 
 
 class _Wakeups:
@@ -166,6 +218,7 @@ class AsyncLLM:
         self._wakeups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wakeups] = weakref.WeakKeyDictionary()
         self._wakeups_lock = threading.Lock()
         self._token_texts: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any = None, **config: Any) -> AsyncLLM:
@@ -186,6 +239,14 @@ class AsyncLLM:
             text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
             self._token_texts[token_id] = text
         return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A single token's raw bytes (for chat logprobs): a character split over several tokens is not replaced
+        by U+FFFD as in its decoded text. Cached."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = _raw_token_bytes(self.tokenizer, token_id, self.token_text)
+        return raw
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt given as text (the tokenizer's special tokens added) or as token ids."""
@@ -216,7 +277,7 @@ class AsyncLLM:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         params = sampling_params if sampling_params is not None else SamplingParams()
         token_ids = self.encode(prompt)
-        choice_params = [params if params.seed is None or n == 1 else replace(params, seed=params.seed + i)
+        choice_params = [params if params.seed is None or n == 1 else replace(params, seed=_choice_seed(params.seed, i))
                          for i in range(n)]
         if self.llm.needs_rebuild():  # new weight tensors: the rebuild blocks, so it waits off the event loop
             seqs = await asyncio.to_thread(self.llm.sequences, [token_ids] * n, choice_params)
@@ -281,6 +342,12 @@ class AsyncLLM:
         self.llm.close()
 
 
+def _choice_seed(seed: int, index: int) -> int:
+    """Seed of choice ``index``: ``seed + index``, wrapped into the range a generator accepts."""
+    choice_seed = seed + index
+    return choice_seed - 2**64 if choice_seed > SEED_RANGE[1] else choice_seed
+
+
 class RequestStream:
     """One request's ``n`` choices on the engine: ``start`` queues them, iterating yields ``RequestOutput`` events
     until every choice finished, ``abort`` ends the unfinished ones (safe to call at any time, more than once)."""
@@ -338,8 +405,8 @@ class RequestStream:
         while not queue.empty():
             update = queue.get_nowait()
             if update is None:
-                for seq_id, choice in choices.items():  # the group is done: anything unreported ended
-                    if choice.finish_reason is None and seq_id not in latest:
+                for seq_id, choice in choices.items():  # the group is done: each sequence's final state
+                    if choice.finish_reason is None:
                         seq = choice.seq
                         latest[seq_id] = (seq.num_completion_tokens, seq.finish_reason or FinishReason.ABORT)
                 break
@@ -349,7 +416,7 @@ class RequestStream:
         for seq_id, (count, reason) in sorted(latest.items(), key=lambda item: choices[item[0]].index):
             choice = choices[seq_id]
             if reason is FinishReason.ABORT and choice.seq.error is not None and choice.finish_reason is None:
-                self._unfinished = 0
+                self.abort()  # the request failed: its other choices end too
                 raise choice.seq.error
             delta, hit_stop = choice.advance(count, reason)
             if delta is not None:

@@ -14,7 +14,7 @@ from hf_minivllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 # Completions without max_tokens generate this many tokens (OpenAI's default for the legacy endpoint).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
-MAX_CHOICES = 128
+MAX_CHOICES = 128  # per request: n, or prompts x n for a batch of prompts
 
 
 class InvalidRequest(ValueError):
