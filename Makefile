@@ -7,15 +7,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # The transformers release the suite is pinned to (the GPU machine runs the same one).
 TRANSFORMERS_SPEC ?= transformers==5.17.0
-# `make test-hf4` runs, against a transformers 4.x release in a virtual environment of its own, the tests that
-# depend on transformers' contracts (generate, pipeline, streamers, the model adapter, training); the engine, kernel
-# and threading tests do not touch transformers and run once, in `make test`.
+# `make test-hf4` runs, against a transformers 4.x release in a virtual environment of its own, the tests of
+# transformers' contracts (generate, its fields and hooks, pipeline, streamers, the model adapter, unsupported models);
+# the engine, kernel, threading, weight-sync, training and serving tests run once, in `make test`.
 HF4_VENV ?= .venv-hf4
 HF4_TRANSFORMERS_SPEC ?= transformers==4.57.6
-HF4_TESTS ?= tests/test_accelerate.py tests/test_conformance.py tests/test_conformance_engine_hooks.py \
-	tests/test_conformance_fields.py tests/test_conformance_model.py tests/test_generate.py tests/test_model.py \
-	tests/test_pipeline.py tests/test_streaming.py tests/test_validation.py tests/test_weight_changes.py \
-	tests/test_training_loop.py
+HF4_TESTS ?= tests/test_conformance.py tests/test_conformance_engine_hooks.py tests/test_conformance_fields.py \
+	tests/test_conformance_model.py tests/test_generate.py tests/test_model.py tests/test_pipeline.py \
+	tests/test_streaming.py tests/test_fallback.py
 # Test files to run (all by default).
 TESTS ?=
 PY := $(VENV)/bin/python

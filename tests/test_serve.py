@@ -150,7 +150,7 @@ def test_greedy_chat_equals_hf_generate(served, client):
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_stream_joined_equals_non_stream(client, endpoint):
-    common = dict(model=MODEL, n=3, max_tokens=20, temperature=0.9, top_p=0.95, seed=1234, stop=[".", "\n\n"])
+    common = dict(model=MODEL, n=3, max_tokens=12, temperature=0.9, top_p=0.95, seed=1234, stop=[".", "\n\n"])
     if endpoint == "completions":
         create, extra = client.completions.create, dict(prompt=PROMPT)
     else:
@@ -281,12 +281,12 @@ def test_logprobs_match_hf(served, client):
 
 def test_sixteen_concurrent_streams(served, client):
     prompts = [f"Write a short sentence about the number {i}." for i in range(16)]
-    alone = {i: client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
-             for i, p in enumerate(prompts[:4])}
+    alone = {i: client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0).choices[0].text
+             for i, p in enumerate(prompts[:3])}
 
     def stream(i):
         texts, reasons, usage = _joined(client.completions.create(
-            model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0, stream=True,
+            model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0, stream=True,
             stream_options={"include_usage": True}))
         return texts[0], reasons[0], usage
 
