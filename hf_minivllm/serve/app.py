@@ -13,10 +13,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -33,6 +33,10 @@ from hf_minivllm.serve.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class _Unauthorized(Exception):
+    """A /v1 request without the server's API key."""
 
 
 def _error(status: int, message: str, error_type: str, param: str | None = None,
@@ -63,14 +67,20 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
     async def _closed(request: Request, error: EngineClosed) -> JSONResponse:
         return _error(503, str(error), "service_unavailable")
 
-    @app.middleware("http")
-    async def _check_api_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return _error(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(request: Request, error: _Unauthorized) -> JSONResponse:
+        return _error(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
+
+    # A dependency of the /v1 routes rather than an HTTP middleware: Starlette's middleware relays every streamed
+    # chunk through a memory stream and a task of its own, which cost as much per chunk as producing it.
+    async def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise _Unauthorized
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     def check_model(name: str) -> JSONResponse | None:
         if name != model_name:
@@ -84,7 +94,7 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
             return _error(503, "the engine is closed", "service_unavailable")
         return Response(status_code=200)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "hf-minivllm", "max_model_len": engine.max_model_len}]}
@@ -94,7 +104,7 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
         return PlainTextResponse(engine.metrics.render(model_name, engine.engine_gauges()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         if (missing := check_model(body.model)) is not None:
             return missing
@@ -108,7 +118,7 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
         response = _CompletionResponse(engine, body, model_name, streams)
         return await _respond(raw, body.stream, response)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         if (missing := check_model(body.model)) is not None:
             return missing
@@ -118,6 +128,7 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
         response = _ChatResponse(engine, body, model_name, streams)
         return await _respond(raw, body.stream, response)
 
+    app.include_router(v1)
     return app
 
 
