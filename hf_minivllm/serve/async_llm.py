@@ -286,18 +286,11 @@ class AsyncLLM:
         stop_strings = _StopStrings(stop) if stop and any(stop) else None
         return RequestStream(self, request_id or uuid.uuid4().hex, seqs, stop_strings)
 
-    async def generate(
-        self,
-        prompt: str | list[int],
-        sampling_params: SamplingParams | None = None,
-        *,
-        n: int = 1,
-        stop: list[str] | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream one request's events (``prepare``, ``start``, iterate). Leaving the iteration early (the client
-        went away) aborts the request's unfinished choices and frees their KV blocks."""
-        stream = await self.prepare(prompt, sampling_params, n=n, stop=stop, request_id=request_id)
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                       **options: Any) -> AsyncIterator[RequestOutput]:
+        """Stream one request's events (``prepare`` with the same arguments, ``start``, iterate). Leaving the
+        iteration early (the client went away) aborts the request's unfinished choices and frees their KV blocks."""
+        stream = await self.prepare(prompt, sampling_params, **options)
         stream.start()
         try:
             async for output in stream:
