@@ -110,6 +110,18 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     return model.eval()
 
 
+class ScaledLayer(torch.nn.Module):
+    """A module wrapped around a layer (as adapters and quantizers wrap them): the engine cannot serve it."""
+
+    def __init__(self, inner: torch.nn.Module, factor: float):
+        super().__init__()
+        self.inner = inner
+        self.factor = factor
+
+    def forward(self, x):
+        return self.factor * self.inner(x)
+
+
 def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
     """Random token rows of the given lengths, left-padded with ``pad``, and their attention mask."""
     generator = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_minivllm
-from conftest import left_padded_batch, tiny_model
+from conftest import ScaledLayer, left_padded_batch, tiny_model
 from hf_minivllm import LLM
 
 
@@ -70,16 +70,8 @@ def test_quantized_model_keeps_hf_generate():
 
 
 def test_wrapped_layer_and_integer_weights_keep_hf_generate():
-    class Scaled(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return 0.5 * self.inner(x)
-
     model = tiny_model("qwen3")
-    model.model.layers[0].mlp.down_proj = Scaled(model.model.layers[0].mlp.down_proj)
+    model.model.layers[0].mlp.down_proj = ScaledLayer(model.model.layers[0].mlp.down_proj, 0.5)
     oracle = copy.deepcopy(model)
     _accelerate_warning_once(model, "model.layers.0.mlp.down_proj is a Scaled")
     ids, mask = left_padded_batch()

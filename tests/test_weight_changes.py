@@ -7,7 +7,7 @@ import torch
 
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
-from conftest import left_padded_batch, tiny_model
+from conftest import ScaledLayer, left_padded_batch, tiny_model
 
 MAX_NEW = 12
 
@@ -178,20 +178,12 @@ def test_a_layer_the_engine_cannot_serve_goes_to_hf_until_it_is_gone():
     """A wrapped layer after accelerate (an adapter, a quantizer) must not be served from the old weights: such
     calls go to HF's generate (one warning), and the engine serves again once the layer is plain."""
 
-    class Scaled(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return 2 * self.inner(x)
-
     model = hf_minivllm.accelerate(tiny_model("llama"))
     ids, mask = left_padded_batch(lengths=(20,))
     expected = greedy(model, ids, mask)
     mlp = model.model.layers[1].mlp
     plain = mlp.up_proj
-    mlp.up_proj = Scaled(plain)
+    mlp.up_proj = ScaledLayer(plain, 2)
     with pytest.warns(UserWarning, match="model.layers.1.mlp.up_proj is a Scaled"):
         wrapped = greedy(model, ids, mask)
     assert torch.equal(greedy(model, ids, mask), wrapped)

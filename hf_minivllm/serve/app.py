@@ -7,6 +7,7 @@ away (mid-stream or while waiting for a whole response) aborts its request, whic
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 import contextlib
 import hmac
 import json
@@ -208,7 +209,7 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Requ
             stream.abort()
 
 
-class _Response:
+class _Response(ABC):
     """One API call's output in either shape: accumulated into one JSON body, or as server-sent event chunks."""
 
     object_name = ""
@@ -228,14 +229,16 @@ class _Response:
     def header(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_name}
 
+    @abstractmethod
     def stream_choice(self, index: int, delta: ChoiceDelta) -> dict | None:
-        raise NotImplementedError
+        """A choice's delta as a stream chunk entry, or None when it carries nothing to send."""
 
     def first_chunks(self) -> list[dict]:
         return []
 
+    @abstractmethod
     def full_choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None) -> dict:
-        raise NotImplementedError
+        """A finished choice as an entry of the whole response."""
 
     async def body_json(self) -> dict:
         texts: dict[int, list[str]] = {}

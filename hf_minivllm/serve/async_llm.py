@@ -19,7 +19,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hf_minivllm.engine.loop import RequestGroup

@@ -96,6 +96,12 @@ def load_model(model: str | None, dtype: str) -> tuple[Any, Any, str]:
     return load_hf_model(model, dtype=dtype), load_tokenizer(model), os.path.basename(os.path.normpath(model))
 
 
+def _fail(message: str) -> int:
+    """The command's error message on stderr (as argparse reports bad options) and its exit status."""
+    sys.stderr.write(message + "\n")
+    return 1
+
+
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
@@ -108,8 +114,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         from hf_minivllm.serve.app import build_app
     except ImportError as error:
-        print(f"hf-minivllm serve needs the serve extra (pip install 'hf-minivllm[serve]'): {error}", file=sys.stderr)
-        return 1
+        return _fail(f"hf-minivllm serve needs the serve extra (pip install 'hf-minivllm[serve]'): {error}")
     from hf_minivllm.llm import LLM
     from hf_minivllm.serve.async_llm import AsyncLLM
 
@@ -117,9 +122,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         hf_model, tokenizer, default_name = load_model(args.model, args.dtype)
         engine = AsyncLLM(LLM(hf_model, tokenizer=tokenizer, **config))
     except Exception as error:  # noqa: BLE001 - any load failure ends the command with its reason
-        print(f"hf-minivllm serve: could not load model {args.model or EMBEDDED_MODEL_NAME!r}: {error}",
-              file=sys.stderr)
-        return 1
+        return _fail(f"hf-minivllm serve: could not load model {args.model or EMBEDDED_MODEL_NAME!r}: {error}")
     # The engine steps on a thread of this process while the event loop serves HTTP: a thread that wants the GIL
     # waits up to the switch interval (5 ms by default) for the other to yield it, which would add whole decode
     # steps to every hand-over. 0.5 ms keeps both responsive. This process is the server's alone.
