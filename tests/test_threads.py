@@ -1,6 +1,5 @@
 """Many threads, one engine: each call joins the running batch and gets exactly its own answer."""
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -152,20 +151,21 @@ def test_streamers_of_concurrent_calls_stay_apart():
         assert [put[0] for put in streamer.puts[1:]] == output[0, output.shape[1] - len(streamer.puts) + 1 :].tolist()
 
 
-def test_sixteen_threads_finish_at_least_three_times_faster_than_one_after_another(smollm2):
+def test_sixteen_threads_share_engine_steps_and_get_their_solo_answers(smollm2):
+    """Concurrent calls are served together: far fewer engine steps than the same calls one after another (a
+    count, not a timing: speed is measured by the benchmarks)."""
     model, tokenizer = smollm2
     hf_minivllm.accelerate(model)
     inputs = [encode(tokenizer, [q]) for q in QUESTIONS]
-    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    model.generate(**inputs[0], **kwargs)  # warm-up
-    start = time.perf_counter()
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    steps_before = hf_minivllm.stats(model)["steps"]
     alone = [model.generate(**enc, **kwargs) for enc in inputs]
-    one_after_another = time.perf_counter() - start
-    start = time.perf_counter()
+    steps_alone = hf_minivllm.stats(model)["steps"] - steps_before
+    steps_before = hf_minivllm.stats(model)["steps"]
     together = run_in_threads(lambda i: model.generate(**inputs[i], **kwargs), len(inputs))
-    concurrent = time.perf_counter() - start
+    steps_together = hf_minivllm.stats(model)["steps"] - steps_before
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
-    assert one_after_another / concurrent >= 3, f"{one_after_another:.2f} s one after another, {concurrent:.2f} s together"
+    assert steps_together * 3 <= steps_alone, f"{steps_alone} steps one after another, {steps_together} together"
 
 
 @pytest.mark.parametrize("threads", [8])

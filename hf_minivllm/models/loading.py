@@ -1,14 +1,40 @@
 """Reading what the engine needs from a HF model folder or a loaded HF model (tokenizer, eos ids)."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
+# Files any tokenizer transformers can load from a folder is made of (fast, sentencepiece, BPE and WordPiece ones).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def resolve_model_folder(name_or_path: str) -> str:
+    """The local folder of a model: ``name_or_path`` itself when it is a folder, else the snapshot of that name in
+    the local Hugging Face cache (never the network). Raises FileNotFoundError naming it when neither exists."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception as error:  # the hub raises several kinds (not cached, invalid repo id, offline)
+        raise FileNotFoundError(f"model {name_or_path!r} is neither a folder nor a model in the local Hugging Face "
+                                f"cache ({type(error).__name__}: {error})") from None
+
+
 def load_tokenizer(path: str) -> Any:
-    """The tokenizer of a local model folder (no hub access)."""
+    """The tokenizer of a local model folder (no hub access), or None when the folder holds no tokenizer files.
+
+    Checked first because transformers 5 builds a one-token placeholder tokenizer for a folder without them, which
+    would decode every generation to nonsense without an error.
+    """
+    folder = resolve_model_folder(path)
+    if not any(os.path.exists(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _as_list(value: Any) -> list[int]:
@@ -45,8 +71,6 @@ def load_embedded_model(dtype: Any = None, device: Any = None) -> tuple[Any, Any
 
     The tokenizer pads on the left (decoder-only batching) and uses eos as pad token when it has none.
     """
-    import os
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -93,7 +93,10 @@ def load_model(model: str | None, dtype: str) -> tuple[Any, Any, str]:
         return hf_model, tokenizer, EMBEDDED_MODEL_NAME
     if not os.path.isdir(model):
         raise FileNotFoundError(f"model folder {model!r} does not exist (MODEL must be a local folder)")
-    return load_hf_model(model, dtype=dtype), load_tokenizer(model), os.path.basename(os.path.normpath(model))
+    tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        raise FileNotFoundError(f"model folder {model!r} holds no tokenizer files: the server needs one for its text")
+    return load_hf_model(model, dtype=dtype), tokenizer, os.path.basename(os.path.normpath(model))
 
 
 def _fail(message: str) -> int:

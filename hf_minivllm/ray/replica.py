@@ -1,0 +1,71 @@
+"""GenerationReplica: one engine in a Ray Data actor, mapping batches of prompts to their generations."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from hf_minivllm.llm import LLM
+from hf_minivllm.sampling_params import SamplingParams
+
+GENERATED_TEXT = "generated_text"
+GENERATED_TOKEN_IDS = "generated_token_ids"
+
+
+class GenerationReplica:
+    """For ``Dataset.map_batches(GenerationReplica, batch_format="pandas", ...)``: holds one ``LLM`` and adds
+    ``generated_text`` and ``generated_token_ids`` columns to each batch, keeping every input column.
+
+    ``model`` is a model folder (or a name in the local Hugging Face cache); ``engine_config`` goes to ``LLM``.
+    A prompt is a string or a list (array) of token ids; ``generated_text`` is None when the folder has no tokenizer.
+    ``__call__`` is asynchronous, so Ray Data hands one replica several batches at once, and their requests join
+    one continuous batch: the engine never drains between batches. ``progress`` is an optional actor with an
+    ``add(rows, output_tokens)`` method, told after each batch.
+
+    Example::
+
+        ds.map_batches(GenerationReplica, fn_constructor_kwargs={"model": path}, batch_size=256,
+                       batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=2), num_gpus=1)
+    """
+
+    def __init__(
+        self,
+        model: str,
+        sampling_params: SamplingParams | None = None,
+        prompt_column: str = "prompt",
+        progress: Any = None,
+        **engine_config: Any,
+    ):
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams or None, got {type(sampling_params).__name__}")
+        self.sampling_params = sampling_params if sampling_params is not None else SamplingParams()
+        self.prompt_column = prompt_column
+        self.progress = progress
+        self.llm = LLM(model, **engine_config)
+
+    async def __call__(self, batch: Any) -> AsyncIterator[Any]:
+        if self.prompt_column not in batch.columns:
+            raise ValueError(f"prompt_column {self.prompt_column!r} is not a column of the dataset; "
+                             f"its columns: {list(batch.columns)}")
+        prompts = [_prompt(value, row) for row, value in enumerate(batch[self.prompt_column])]
+        outputs = await asyncio.to_thread(self.llm.generate, prompts, self.sampling_params, use_tqdm=False)
+        has_text = self.llm.tokenizer is not None
+        batch = batch.assign(**{
+            GENERATED_TEXT: [output["text"] if has_text else None for output in outputs],
+            GENERATED_TOKEN_IDS: [output["token_ids"] for output in outputs],
+        })
+        if self.progress is not None:
+            self.progress.add.remote(len(outputs), sum(len(output["token_ids"]) for output in outputs))
+        yield batch
+
+
+def _prompt(value: Any, row: int) -> str | list[int]:
+    """A dataset cell as an LLM prompt: a string, or token ids (Arrow list columns arrive as numpy arrays)."""
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and value and all(isinstance(token, int) for token in value):
+        return list(value)
+    raise ValueError(f"prompt in batch row {row} must be a string or a non-empty list of token ids, "
+                     f"got {type(value).__name__}")
