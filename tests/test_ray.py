@@ -1,6 +1,7 @@
 """hf_minivllm.ray on a local Ray cluster: data-parallel replicas equal one LLM.generate, columns kept, errors."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -44,17 +45,23 @@ def _by_id(dataset: ray.data.Dataset) -> dict[int, dict]:
 
 @pytest.mark.parametrize("num_replicas", [2, 1])
 def test_replicas_equal_one_llm_generate_and_keep_columns(local_ray, tiny_folder, num_replicas):
+    """Every row once, equal to one LLM.generate; the 1-replica case also takes per-row sampling overrides."""
     prompts = _prompts(64)
-    dataset = ray.data.from_items([{"id": i, "prompt": p, "source": f"doc-{i}"} for i, p in enumerate(prompts)])
+    per_row = num_replicas == 1
+    max_tokens = [4 + i % 9 if per_row else GREEDY.max_tokens for i in range(64)]
+    dataset = ray.data.from_items([{"id": i, "prompt": p, "source": f"doc-{i}", "params": {"max_tokens": max_tokens[i]}}
+                                   for i, p in enumerate(prompts)])
     result = hf_ray.generate(dataset, tiny_folder, sampling_params=GREEDY, num_replicas=num_replicas, batch_size=8,
-                             use_tqdm=False, **ENGINE)
-    expected = LLM(tiny_folder, **ENGINE).generate(prompts, GREEDY, use_tqdm=False)
+                             sampling_params_column="params" if per_row else None, use_tqdm=False, **ENGINE)
+    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in max_tokens]
+    expected = LLM(tiny_folder, **ENGINE).generate(prompts, params, use_tqdm=False)
     rows = _by_id(result)
     assert sorted(rows) == list(range(64))
-    assert set(result.columns()) == {"id", "prompt", "source", "generated_text", "generated_token_ids"}
+    assert set(result.columns()) == {"id", "prompt", "source", "params", "generated_text", "generated_token_ids"}
     for i, row in rows.items():
         assert list(row["prompt"]) == prompts[i] and row["source"] == f"doc-{i}"
-        assert list(row["generated_token_ids"]) == expected[i]["token_ids"] and len(expected[i]["token_ids"]) == 12
+        assert list(row["generated_token_ids"]) == expected[i]["token_ids"]
+        assert len(expected[i]["token_ids"]) == max_tokens[i]
         assert row["generated_text"] is None  # the folder has no tokenizer
 
 
@@ -110,6 +117,8 @@ def test_bad_arguments_raise_before_any_replica_starts(local_ray, tiny_folder, t
         hf_ray.generate(dataset, tiny_folder, num_replicas=0)
     with pytest.raises(ValueError, match="max_num_seqs"):
         hf_ray.generate(dataset, tiny_folder, max_num_seqs=-1)
+    with pytest.raises(ValueError, match="sampling_params_column 'params'"):
+        hf_ray.generate(dataset, tiny_folder, sampling_params_column="params")
     with pytest.raises(ValueError, match="unknown engine config"):
         hf_ray.generate(dataset, tiny_folder, max_num_sequences=4)
 

@@ -13,9 +13,10 @@ from hf_minivllm.models.loading import resolve_model_folder
 from hf_minivllm.ray.replica import GenerationReplica
 from hf_minivllm.sampling_params import SamplingParams
 
-# Rows per batch handed to a replica. A replica takes several batches at once (its __call__ is async) and runs
-# them as one continuous batch, so this only needs to be large enough to amortize Ray's per-batch overhead.
-DEFAULT_BATCH_SIZE = 256
+# Rows per batch handed to a replica. A replica is given enough batches at once to fill its engine's continuous
+# batch (max_num_seqs requests; its __call__ is async, so their requests join one batch); small batches spread the
+# rows evenly over replicas that became ready at different times.
+DEFAULT_BATCH_SIZE = 64
 _PROGRESS_REFRESH_S = 0.5
 
 
@@ -78,6 +79,7 @@ def generate(
     sampling_params: SamplingParams | None = None,
     num_replicas: int = 1,
     prompt_column: str = "prompt",
+    sampling_params_column: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     use_tqdm: bool = True,
     **engine_config: Any,
@@ -85,7 +87,8 @@ def generate(
     """Generate for every row of ``dataset``; returns a (materialized) Dataset with every input column plus
     ``generated_text`` (None when the model folder has no tokenizer) and ``generated_token_ids``.
 
-    ``dataset[prompt_column]`` holds strings or lists of token ids. ``model`` is a folder every node can read (or a
+    ``dataset[prompt_column]`` holds strings or lists of token ids; ``dataset[sampling_params_column]``, when
+    named, per-row dicts of ``SamplingParams`` fields that override ``sampling_params`` (e.g. ``max_tokens``). ``model`` is a folder every node can read (or a
     name in each node's local Hugging Face cache). Each of the ``num_replicas`` replicas is a Ray Data actor with
     one engine (``engine_config`` as for ``LLM``) and, on a cluster with GPUs, ``tensor_parallel_size`` GPUs of one
     node. Row order is not kept across batches: carry an id column to join on. A replica whose process dies is
@@ -105,8 +108,9 @@ def generate(
     config = Config(model=model, **engine_config)
     resolve_model_folder(model)
     columns = dataset.columns()
-    if columns is not None and prompt_column not in columns:
-        raise ValueError(f"prompt_column {prompt_column!r} is not a column of the dataset; its columns: {columns}")
+    for kind, column in (("prompt_column", prompt_column), ("sampling_params_column", sampling_params_column)):
+        if columns is not None and column is not None and column not in columns:
+            raise ValueError(f"{kind} {column!r} is not a column of the dataset; its columns: {columns}")
     if not ray.is_initialized():
         ray.init()
     gpus_per_replica = config.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -115,10 +119,12 @@ def generate(
         generated = dataset.map_batches(
             GenerationReplica,
             fn_constructor_kwargs=dict(model=model, sampling_params=sampling_params, prompt_column=prompt_column,
-                                       progress=counter, **engine_config),
+                                       sampling_params_column=sampling_params_column, progress=counter,
+                                       **engine_config),
             batch_size=batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=num_replicas),
+            compute=ray.data.ActorPoolStrategy(size=num_replicas,
+                                               max_tasks_in_flight_per_actor=-(-config.max_num_seqs // batch_size)),
             num_gpus=gpus_per_replica,
         )
         if not use_tqdm:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,8 @@ class GenerationReplica:
 
     ``model`` is a model folder (or a name in the local Hugging Face cache); ``engine_config`` goes to ``LLM``.
     A prompt is a string or a list (array) of token ids; ``generated_text`` is None when the folder has no tokenizer.
+    ``sampling_params_column`` names an optional column of per-row dicts of ``SamplingParams`` fields (such as
+    ``{"max_tokens": 300}``) that override ``sampling_params`` for that row; None values are ignored.
     ``__call__`` is asynchronous, so Ray Data hands one replica several batches at once, and their requests join
     one continuous batch: the engine never drains between batches. ``progress`` is an optional actor with an
     ``add(rows, output_tokens)`` method, told after each batch.
@@ -33,6 +36,7 @@ class GenerationReplica:
         model: str,
         sampling_params: SamplingParams | None = None,
         prompt_column: str = "prompt",
+        sampling_params_column: str | None = None,
         progress: Any = None,
         **engine_config: Any,
     ):
@@ -40,15 +44,20 @@ class GenerationReplica:
             raise ValueError(f"sampling_params must be a SamplingParams or None, got {type(sampling_params).__name__}")
         self.sampling_params = sampling_params if sampling_params is not None else SamplingParams()
         self.prompt_column = prompt_column
+        self.sampling_params_column = sampling_params_column
         self.progress = progress
         self.llm = LLM(model, **engine_config)
 
     async def __call__(self, batch: Any) -> AsyncIterator[Any]:
-        if self.prompt_column not in batch.columns:
-            raise ValueError(f"prompt_column {self.prompt_column!r} is not a column of the dataset; "
-                             f"its columns: {list(batch.columns)}")
+        for kind, column in (("prompt_column", self.prompt_column),
+                             ("sampling_params_column", self.sampling_params_column)):
+            if column is not None and column not in batch.columns:
+                raise ValueError(f"{kind} {column!r} is not a column of the dataset; its columns: {list(batch.columns)}")
         prompts = [_prompt(value, row) for row, value in enumerate(batch[self.prompt_column])]
-        outputs = await asyncio.to_thread(self.llm.generate, prompts, self.sampling_params, use_tqdm=False)
+        params = self.sampling_params
+        if self.sampling_params_column is not None:
+            params = [self._row_params(value, row) for row, value in enumerate(batch[self.sampling_params_column])]
+        outputs = await asyncio.to_thread(self.llm.generate, prompts, params, use_tqdm=False)
         has_text = self.llm.tokenizer is not None
         batch = batch.assign(**{
             GENERATED_TEXT: [output["text"] if has_text else None for output in outputs],
@@ -57,6 +66,19 @@ class GenerationReplica:
         if self.progress is not None:
             self.progress.add.remote(len(outputs), sum(len(output["token_ids"]) for output in outputs))
         yield batch
+
+    def _row_params(self, overrides: Any, row: int) -> SamplingParams:
+        if overrides is None:
+            return self.sampling_params
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{self.sampling_params_column} in batch row {row} must be a dict of SamplingParams "
+                             f"fields, got {type(overrides).__name__}")
+        fields = {name: value for name, value in overrides.items() if value is not None}
+        unknown = set(fields) - {field.name for field in dataclasses.fields(SamplingParams)}
+        if unknown:
+            raise ValueError(f"{self.sampling_params_column} in batch row {row} has unknown SamplingParams "
+                             f"field(s) {sorted(unknown)}")
+        return dataclasses.replace(self.sampling_params, **fields)
 
 
 def _prompt(value: Any, row: int) -> str | list[int]:
