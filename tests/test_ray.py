@@ -43,25 +43,18 @@ def _by_id(dataset: ray.data.Dataset) -> dict[int, dict]:
     return {row["id"]: row for row in dataset.take_all()}
 
 
-@pytest.mark.parametrize("num_replicas", [2, 1])
-def test_replicas_equal_one_llm_generate_and_keep_columns(local_ray, tiny_folder, num_replicas):
-    """Every row once, equal to one LLM.generate; the 1-replica case also takes per-row sampling overrides."""
+def test_two_replicas_equal_one_llm_generate_on_token_ids_and_keep_columns(local_ray, tiny_folder):
     prompts = _prompts(64)
-    per_row = num_replicas == 1
-    max_tokens = [4 + i % 9 if per_row else GREEDY.max_tokens for i in range(64)]
-    dataset = ray.data.from_items([{"id": i, "prompt": p, "source": f"doc-{i}", "params": {"max_tokens": max_tokens[i]}}
-                                   for i, p in enumerate(prompts)])
-    result = hf_ray.generate(dataset, tiny_folder, sampling_params=GREEDY, num_replicas=num_replicas, batch_size=8,
-                             sampling_params_column="params" if per_row else None, use_tqdm=False, **ENGINE)
-    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in max_tokens]
-    expected = LLM(tiny_folder, **ENGINE).generate(prompts, params, use_tqdm=False)
+    dataset = ray.data.from_items([{"id": i, "prompt": p, "source": f"doc-{i}"} for i, p in enumerate(prompts)])
+    result = hf_ray.generate(dataset, tiny_folder, sampling_params=GREEDY, num_replicas=2, batch_size=8,
+                             use_tqdm=False, **ENGINE)
+    expected = LLM(tiny_folder, **ENGINE).generate(prompts, GREEDY, use_tqdm=False)
     rows = _by_id(result)
     assert sorted(rows) == list(range(64))
-    assert set(result.columns()) == {"id", "prompt", "source", "params", "generated_text", "generated_token_ids"}
+    assert set(result.columns()) == {"id", "prompt", "source", "generated_text", "generated_token_ids"}
     for i, row in rows.items():
         assert list(row["prompt"]) == prompts[i] and row["source"] == f"doc-{i}"
-        assert list(row["generated_token_ids"]) == expected[i]["token_ids"]
-        assert len(expected[i]["token_ids"]) == max_tokens[i]
+        assert list(row["generated_token_ids"]) == expected[i]["token_ids"] and len(expected[i]["token_ids"]) == 12
         assert row["generated_text"] is None  # the folder has no tokenizer
 
 
@@ -78,20 +71,25 @@ def _word_tokenizer(words: list[str]):
                                    eos_token="</s>")
 
 
-def test_string_prompts_give_the_same_text_as_llm(local_ray, tmp_path):
-    words = [f"w{i}" for i in range(316)]
-    folder = tmp_path / "tiny-llama"
+def test_one_replica_on_string_prompts_with_per_row_params_equals_llm(local_ray, tmp_path):
+    folder = str(tmp_path / "tiny-llama")
     tiny_model("llama").save_pretrained(folder)
-    _word_tokenizer(words).save_pretrained(folder)
-    prompts = ["w1 w2 w3", "w10 w200 w7 w7", "w300", "w5 w6 w7 w8 w9 w10"]
-    dataset = ray.data.from_items([{"id": i, "text": p} for i, p in enumerate(prompts)])
-    result = hf_ray.generate(dataset, str(folder), sampling_params=GREEDY, prompt_column="text", num_replicas=1,
-                             use_tqdm=False, **ENGINE)
-    expected = LLM(str(folder), **ENGINE).generate(prompts, GREEDY, use_tqdm=False)
+    _word_tokenizer([f"w{i}" for i in range(316)]).save_pretrained(folder)
+    prompts = [" ".join(f"w{t}" for t in p) for p in _prompts(64, seed=1)]
+    max_tokens = [4 + i % 9 for i in range(64)]
+    dataset = ray.data.from_items([{"id": i, "text": p, "params": {"max_tokens": max_tokens[i]}}
+                                   for i, p in enumerate(prompts)])
+    result = hf_ray.generate(dataset, folder, sampling_params=GREEDY, prompt_column="text",
+                             sampling_params_column="params", num_replicas=1, batch_size=16, use_tqdm=False, **ENGINE)
+    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in max_tokens]
+    expected = LLM(folder, **ENGINE).generate(prompts, params, use_tqdm=False)
     rows = _by_id(result)
-    assert all(expected[i]["text"].startswith("w") for i in range(4))
-    assert [rows[i]["generated_text"] for i in range(4)] == [e["text"] for e in expected]
-    assert [list(rows[i]["generated_token_ids"]) for i in range(4)] == [e["token_ids"] for e in expected]
+    assert sorted(rows) == list(range(64))
+    for i, row in rows.items():
+        assert row["text"] == prompts[i] and row["params"] == {"max_tokens": max_tokens[i]}
+        assert list(row["generated_token_ids"]) == expected[i]["token_ids"]
+        assert len(expected[i]["token_ids"]) == max_tokens[i]
+        assert row["generated_text"] == expected[i]["text"] and row["generated_text"].startswith("w")
 
 
 def test_llm_from_a_folder_without_tokenizer_takes_token_ids(tiny_folder):

@@ -1,0 +1,50 @@
+"""W1 with more requests queued than the engine runs at once: W1's 256 requests repeated ``--repeats`` times in one
+``LLM.generate`` call, so requests are admitted as others finish (every step may carry prefill). Compared with
+mixed steps on and off, and with W1 itself, in one process; prints throughput and the engine's step counters.
+
+    python benchmarks/w1_queued.py --repeats 1 4 --out w1_queued.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from hf_minivllm import LLM, SamplingParams
+from workloads import commit, random_model, timed, w1_requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    model = random_model("0.6b")
+    results = []
+    for mixed in (True, False):
+        llm = LLM(model, mixed_steps=mixed)
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
+        for repeats in args.repeats:
+            prompts, params = w1_requests()
+            before = llm.stats.as_dict()
+            outputs, seconds = timed(lambda: llm.generate(prompts * repeats, params * repeats, use_tqdm=False))
+            after = llm.stats.as_dict()
+            tokens = sum(len(output["token_ids"]) for output in outputs)
+            row = dict(mixed_steps=mixed, repeats=repeats, seconds=seconds, output_tokens=tokens,
+                       tok_s=tokens / seconds, steps=after["steps"] - before["steps"],
+                       preemptions=after["preemptions"] - before["preemptions"],
+                       prefix_cache_hit_tokens=after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
+                       kv_blocks=llm.engine.scheduler.block_manager.num_blocks)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        llm.close()
+        torch.cuda.empty_cache()
+    summary = dict(commit=commit(), device=torch.cuda.get_device_name(0), results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
