@@ -33,16 +33,36 @@ def recorded_steps(llm):
     return steps
 
 
+class EagerDecodeGraphs:
+    """Stands in for the runner's CUDA decode graphs on the CPU (same interface, eager forward), so a mixed step
+    takes the path it takes on a GPU: decode rows through the "graph", prompts in a second pass."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.decode_rows = []  # rows of every decode pass, pure decode steps and mixed steps' decode parts
+
+    def can_run(self, batch_size):
+        return True
+
+    def run(self, inputs):
+        self.decode_rows.append(inputs.rows.shape[1])
+        return self.runner.eager_decode_logits(inputs)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "decode-graph-pass"])
 @pytest.mark.parametrize("async_scheduling", [True, False])
 @pytest.mark.parametrize("shared_prefix", [False, True])
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_mixed_steps_are_token_exact_with_separate_prefill_and_decode_steps(family, shared_prefix, async_scheduling):
+def test_mixed_steps_are_token_exact_with_separate_prefill_and_decode_steps(family, shared_prefix, async_scheduling,
+                                                                             split):
     model = tiny_model(family)
     batch = prompts(shared_prefix)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     settings = dict(ENGINE, async_scheduling=async_scheduling)
     separate = LLM(copy.deepcopy(model), mixed_steps=False, **settings)
     mixed = LLM(model, **settings)
+    if split:
+        mixed.engine.runner.graphs = EagerDecodeGraphs(mixed.engine.runner)
     steps = recorded_steps(mixed)
     expected = separate.generate(batch, params, use_tqdm=False)
     assert mixed.generate(batch, params, use_tqdm=False) == expected
@@ -50,6 +70,31 @@ def test_mixed_steps_are_token_exact_with_separate_prefill_and_decode_steps(fami
     if shared_prefix:  # cached prefixes are reused in mixed steps too
         assert mixed.stats.prefix_cache_hit_tokens > 0
         assert mixed.stats.prefix_cache_hit_tokens == separate.stats.prefix_cache_hit_tokens
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_mixed_steps_with_decode_graph_pass_are_token_exact_under_preemption(async_scheduling):
+    """Preempted sequences come back through a mixed step's prompt pass with new block tables; their decode rows
+    must then read those, not the tables they had before."""
+    model = tiny_model("qwen3")
+    batch = prompts(False, count=12, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    # No prefix cache: a recomputed sequence then gets other blocks than it had, so stale tables would show.
+    settings = dict(ENGINE, num_kvcache_blocks=40, enable_prefix_caching=False, async_scheduling=async_scheduling)
+    separate = LLM(copy.deepcopy(model), mixed_steps=False, **settings)
+    mixed = LLM(model, **settings)
+    graphs = mixed.engine.runner.graphs = EagerDecodeGraphs(mixed.engine.runner)
+    scheduled, launch = [], mixed.engine.runner.launch
+
+    def spy(step, previous=None):
+        scheduled.append((step.num_decode, len(step.seqs) - step.num_decode) if step.is_prefill else (len(step.seqs), 0))
+        return launch(step, previous)
+
+    mixed.engine.runner.launch = spy
+    assert mixed.generate(batch, params, use_tqdm=False) == separate.generate(batch, params, use_tqdm=False)
+    assert mixed.stats.preemptions > 0
+    assert any(decode and prefill for decode, prefill in scheduled), "some steps must mix decode and prefill rows"
+    assert graphs.decode_rows == [decode for decode, _ in scheduled if decode], "every step's decode rows ran in the graph"
 
 
 def test_a_long_prompt_never_stalls_running_requests():

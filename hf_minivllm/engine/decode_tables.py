@@ -3,8 +3,9 @@
 Between two prefill steps a running sequence's block table only grows at its end (one block every ``block_size``
 decode steps), so rebuilding a ``[batch, width]`` array from Python lists every step (the bulk of preparing a decode
 step at batch 256) is wasted work: each sequence keeps a row here, and a step copies only the blocks added since the
-last one, then gathers its rows in one indexing operation. A prefill step may give sequences new tables (admission,
-recompute after preemption), so the runner calls ``clear`` on every prefill.
+last one, then gathers its rows in one indexing operation. A prefill gives its sequences new tables (admission,
+recompute after preemption), so the runner calls ``clear`` on every prefill step, or ``forget`` on the prefilled
+sequences of a mixed step whose decode rows keep theirs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ class DecodeBlockTables:
     def clear(self) -> None:
         self.row_of.clear()
         self.free_rows = list(range(len(self.lengths) - 1, -1, -1))
+
+    def forget(self, seqs: list[Sequence]) -> None:
+        """Drop the rows of ``seqs`` (their tables are rebuilt from scratch when they next decode)."""
+        for seq in seqs:
+            row = self.row_of.pop(seq.seq_id, None)
+            if row is not None:
+                self.free_rows.append(row)
 
     def gather(self, seqs: list[Sequence]) -> np.ndarray:
         """The block tables of ``seqs``, ``[len(seqs), widest table]`` (zero-padded); frees departed sequences."""

@@ -357,36 +357,23 @@ class ModelRunner:
         ``previous`` is the step still in flight whose sampled tokens are the pending inputs of this step's decode
         rows (a decode step, or the running sequences of a mixed step).
         """
-        if batch.is_prefill:
+        if batch.is_prefill and self._splits(batch):
+            # A mixed step in two passes: the running sequences' decode tokens through the decode graph, the
+            # prompts eagerly; one sampling over both. The eager pass then costs only the prompts' launches.
+            logits = self._decode_logits(batch.part(0, batch.num_decode, is_prefill=False), previous)
+            prefill = batch.part(batch.num_decode, None, is_prefill=True)
+            self._decode_tables.forget(prefill.seqs)  # admitted or recomputed sequences may hold new block tables
+            prefill_logits = self._prefill_logits(prefill, previous)
+            if prefill_logits is not None:
+                logits = torch.cat([logits, prefill_logits])
+        elif batch.is_prefill:
             self._decode_tables.clear()  # admitted or recomputed sequences may hold new block tables
-            input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch, previous)
-            set_attention_metadata(metadata)
-            try:
-                hidden = self.model(input_ids, positions)
-            finally:
-                set_attention_metadata(None)
-            sampled_seqs = [seq for seq, sampled in zip(batch.seqs, batch.sample) if sampled]
-            if not sampled_seqs:
+            logits = self._prefill_logits(batch, previous)
+            if logits is None:
                 return LaunchedStep(batch, None)
-            logits = self.model.compute_logits(hidden[self._to_device(logits_rows, torch.int64)])
         else:
-            inputs = self._prepare_decode(batch, previous)
-            sampled_seqs = batch.seqs
-            if self.graphs is not None and self.graphs.can_run(len(sampled_seqs)):
-                logits = self.graphs.run(inputs)
-            else:
-                rows = inputs.rows.to(self.device, non_blocking=True)
-                inputs.fill_pending_input_ids(rows[0])
-                set_attention_metadata(AttentionMetadata(
-                    is_prefill=False,
-                    slot_mapping=rows[2],
-                    block_tables=inputs.block_tables.to(self.device, non_blocking=True),
-                    context_lens=inputs.context_lens.to(self.device, non_blocking=True),
-                ))
-                try:
-                    logits = self.model.compute_logits(self.model(rows[0], rows[1]))
-                finally:
-                    set_attention_metadata(None)
+            logits = self._decode_logits(batch, previous)
+        sampled_seqs = [seq for seq, sampled in zip(batch.seqs, batch.sample) if sampled]
         logprob_rows = ([row for row, seq in enumerate(sampled_seqs) if seq.sampling_params.logprobs is not None]
                         if batch.has_logprobs else [])
         raw = logits[logprob_rows].float() if logprob_rows else None  # before hooks, suppression and filters
@@ -402,6 +389,45 @@ class ModelRunner:
             logprobs = TokenLogprobs.compute(raw, tokens[self._to_device(logprob_rows, torch.int64)], top,
                                              [sampled_seqs[row].seq_id for row in logprob_rows])
         return LaunchedStep(batch, tokens, failures, logprobs)
+
+
+    def _splits(self, batch: ScheduledBatch) -> bool:
+        """Whether a mixed step runs its decode rows through a decode graph (CUDA graphs captured for that many)."""
+        return batch.num_decode > 0 and self.graphs is not None and self.graphs.can_run(batch.num_decode)
+
+    def _prefill_logits(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> torch.Tensor | None:
+        """Logits of the sampled rows of a prefill (or combined mixed) batch, None when no row samples."""
+        input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch, previous)
+        set_attention_metadata(metadata)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_attention_metadata(None)
+        if not logits_rows:
+            return None
+        return self.model.compute_logits(hidden[self._to_device(logits_rows, torch.int64)])
+
+    def _decode_logits(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> torch.Tensor:
+        """Logits of a decode batch: through the CUDA graph of its size when there is one."""
+        inputs = self._prepare_decode(batch, previous)
+        if self.graphs is not None and self.graphs.can_run(len(batch.seqs)):
+            return self.graphs.run(inputs)
+        return self.eager_decode_logits(inputs)
+
+    def eager_decode_logits(self, inputs: DecodeInputs) -> torch.Tensor:
+        """The decode forward without a graph (CPU, or more sequences than the largest graph)."""
+        rows = inputs.rows.to(self.device, non_blocking=True)
+        inputs.fill_pending_input_ids(rows[0])
+        set_attention_metadata(AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=rows[2],
+            block_tables=inputs.block_tables.to(self.device, non_blocking=True),
+            context_lens=inputs.context_lens.to(self.device, non_blocking=True),
+        ))
+        try:
+            return self.model.compute_logits(self.model(rows[0], rows[1]))
+        finally:
+            set_attention_metadata(None)
 
 
 class TokenLogprobs:

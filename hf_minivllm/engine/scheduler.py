@@ -34,6 +34,7 @@ from hf_minivllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 class ScheduledBatch:
     """The sequences of one step; ``num_new_tokens[i]`` tokens of ``seqs[i]`` are computed from its
     ``num_computed_tokens`` on. ``sample[i]`` says whether that sequence gets a new token from this step.
+    A mixed step's first ``num_decode`` sequences are running ones computing their one decode token.
     ``has_step_hooks`` is set by the engine while any request carries a ``SamplingParams.step_hook``, so the runner
     looks for hooks only then."""
 
@@ -43,6 +44,12 @@ class ScheduledBatch:
     sample: list[bool]
     has_step_hooks: bool = False
     has_logprobs: bool = False  # some request in the engine wants logprobs (the runner looks for them only then)
+    num_decode: int = 0
+
+    def part(self, start: int, stop: int | None, is_prefill: bool) -> ScheduledBatch:
+        """Rows ``start:stop`` as a batch of their own (a mixed step's decode or prefill part)."""
+        return ScheduledBatch(self.seqs[start:stop], is_prefill, self.num_new_tokens[start:stop],
+                              self.sample[start:stop], self.has_step_hooks, self.has_logprobs)
 
 
 # Grows the KV cache to at least the first number of blocks (aiming at the second); returns the blocks it now has.
@@ -119,7 +126,7 @@ class Scheduler:
         if decode is None:
             return prefill
         return ScheduledBatch(decode.seqs + prefill.seqs, True, decode.num_new_tokens + prefill.num_new_tokens,
-                              decode.sample + prefill.sample)
+                              decode.sample + prefill.sample, num_decode=len(decode.seqs))
 
     def _schedule_prefill(self, budget: int | None = None) -> ScheduledBatch | None:
         seqs: list[Sequence] = []
