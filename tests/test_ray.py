@@ -133,3 +133,24 @@ def test_nothing_but_hf_minivllm_ray_imports_ray():
     code = ("import sys, hf_minivllm, hf_minivllm.serve.app, hf_minivllm.serve.cli, hf_minivllm.patches; "
             "assert 'ray' not in sys.modules, 'ray was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_replica_serves_several_batches_at_once(local_ray, tiny_folder):
+    """A replica's batches overlap (its __call__ is async and Ray Data may run several at once), so the engine's
+    continuous batch holds more than one batch of rows: it never drains between batches."""
+
+    class CountsOverlap(hf_ray.GenerationReplica):
+        active = peak = 0
+
+        async def __call__(self, batch):
+            CountsOverlap.active += 1
+            CountsOverlap.peak = max(CountsOverlap.peak, CountsOverlap.active)
+            async for out in super().__call__(batch):
+                CountsOverlap.active -= 1
+                yield out.assign(peak_batches_in_flight=CountsOverlap.peak)
+
+    dataset = ray.data.from_items([{"prompt": p} for p in _prompts(48, seed=2)])
+    result = dataset.map_batches(CountsOverlap, fn_constructor_kwargs=dict(model=tiny_folder, sampling_params=GREEDY,
+                                                                          **ENGINE),
+                                 batch_size=4, batch_format="pandas", compute=hf_ray.replica_pool(1, 4, ENGINE))
+    assert max(row["peak_batches_in_flight"] for row in result.take_all()) > 1

@@ -4,7 +4,7 @@ pipelines built with ``Dataset.map_batches``.
 
 This subpackage is the only part of hf-minivllm that imports ``ray`` (``pip install "hf-minivllm[ray]"``).
 """
-from hf_minivllm.ray.data import generate
+from hf_minivllm.ray.data import generate, replica_pool
 from hf_minivllm.ray.replica import GenerationReplica
 
-__all__ = ["GenerationReplica", "generate"]
+__all__ = ["GenerationReplica", "generate", "replica_pool"]

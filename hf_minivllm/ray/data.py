@@ -67,6 +67,15 @@ class _ProgressBar:
         self.bar.close()
 
 
+def replica_pool(num_replicas: int, batch_size: int, engine_config: dict[str, Any]) -> ray.data.ActorPoolStrategy:
+    """``num_replicas`` actors, each running as many batches at once as its engine runs sequences
+    (``max_num_seqs``), so a replica's continuous batch stays full across batch boundaries (Ray Data runs one call
+    per actor at a time unless told otherwise, async calls included)."""
+    in_flight = -(-Config(**engine_config).max_num_seqs // batch_size)
+    return ray.data.ActorPoolStrategy(size=num_replicas, max_tasks_in_flight_per_actor=in_flight,
+                                      max_concurrent_calls_per_actor=in_flight)
+
+
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -123,8 +132,7 @@ def generate(
                                        **engine_config),
             batch_size=batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=num_replicas,
-                                               max_tasks_in_flight_per_actor=-(-config.max_num_seqs // batch_size)),
+            compute=replica_pool(num_replicas, batch_size, engine_config),
             num_gpus=gpus_per_replica,
         )
         if not use_tqdm:

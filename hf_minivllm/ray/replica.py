@@ -21,14 +21,15 @@ class GenerationReplica:
     A prompt is a string or a list (array) of token ids; ``generated_text`` is None when the folder has no tokenizer.
     ``sampling_params_column`` names an optional column of per-row dicts of ``SamplingParams`` fields (such as
     ``{"max_tokens": 300}``) that override ``sampling_params`` for that row; None values are ignored.
-    ``__call__`` is asynchronous, so Ray Data hands one replica several batches at once, and their requests join
-    one continuous batch: the engine never drains between batches. ``progress`` is an optional actor with an
-    ``add(rows, output_tokens)`` method, told after each batch.
+    ``__call__`` is asynchronous: given an actor pool that runs several calls per actor (``replica_pool``), one
+    replica serves several batches at once and their requests join one continuous batch, so the engine never drains
+    between batches. ``progress`` is an optional actor with an ``add(rows, output_tokens)`` method, told after each
+    batch.
 
     Example::
 
-        ds.map_batches(GenerationReplica, fn_constructor_kwargs={"model": path}, batch_size=256,
-                       batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=2), num_gpus=1)
+        ds.map_batches(GenerationReplica, fn_constructor_kwargs={"model": path}, batch_size=64,
+                       batch_format="pandas", compute=replica_pool(2, 64, {}), num_gpus=1)
     """
 
     def __init__(
