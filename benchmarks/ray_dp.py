@@ -87,14 +87,16 @@ def main() -> None:
 
     folder = tempfile.mkdtemp(prefix="w1-model-")
     save_model(folder)
-    results = []
+    summary = dict(commit=commit(), device=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), results=[])
     for mode in ("llm", "1", "2"):
-        results.append(_child(["--child", mode, folder]))
-        print(json.dumps(results[-1]), flush=True)
-    by_config = {r["config"]: r for r in results}
+        summary["results"].append(_child(["--child", mode, folder]))
+        print(json.dumps(summary["results"][-1]), flush=True)
+        if args.out:  # after each configuration: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(summary, f, indent=2)
+    by_config = {r["config"]: r for r in summary["results"]}
     one, two = by_config["ray.generate, 1 replica(s)"], by_config["ray.generate, 2 replica(s)"]
-    summary = dict(
-        commit=commit(), device=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), results=results,
+    summary.update(
         two_vs_one_replica=two["tok_s"] / one["tok_s"],
         two_vs_one_replica_minus_start=two["tok_s_minus_start"] / one["tok_s_minus_start"],
         two_replicas_vs_llm=two["tok_s"] / by_config["LLM.generate, 1 GPU"]["tok_s"],
