@@ -53,7 +53,7 @@ def run_under_interpreter(*test_files: Path) -> None:
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
-FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "phi3")
 # A KV cache small enough that tests exercise many blocks (and preemption when asked for).
 SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)
 
@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_config(family: str, **overrides):
     """A small random-init config of the given family (head_dim 16, GQA 4:2, 2 layers)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=320,
@@ -88,10 +88,11 @@ def tiny_config(family: str, **overrides):
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    classes = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}
+    classes = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig,
+               "phi3": Phi3Config}
     if family == "qwen3":
         common.update(head_dim=16, tie_word_embeddings=True)
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         common.update(sliding_window=None)
     common.update(overrides)
     return classes[family](**common)

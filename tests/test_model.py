@@ -1,15 +1,17 @@
 """The compact decoder against HF: packed prefill, chunked prefill over a cached prefix, decode, weight sharing."""
 from __future__ import annotations
 
+import copy
 import functools
 import socket
 
 import pytest
 import torch
 
+import hf_minivllm
 from conftest import FAMILIES, tiny_model
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
-from hf_minivllm.models.adapter import build_decoder, load_hf_model
+from hf_minivllm.models.adapter import UnsupportedModel, build_decoder, load_hf_model
 
 
 class PagedRunner:
@@ -251,3 +253,29 @@ def test_dynamic_rope_raises():
     rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(ValueError, match="dynamic"):  # rope_scaling: the name transformers 4.x and 5.x both accept
         build_decoder(tiny_model("llama", rope_scaling=rope))
+
+
+def test_phi3_shares_its_fused_checkpoint_weights_and_sees_training():
+    """Phi-3 checkpoints hold qkv and gate_up fused in the engine's order: the decoder uses those parameters
+    themselves, so an update to them reaches the engine without a copy."""
+    model = tiny_model("phi3")
+    decoder = build_decoder(model)
+    hf_layer, layer = model.model.layers[0], decoder.layers[0]
+    assert layer.self_attn.qkv_proj.weight is hf_layer.self_attn.qkv_proj.weight
+    assert layer.mlp.gate_up_proj.weight is hf_layer.mlp.gate_up_proj.weight
+    accelerated = hf_minivllm.accelerate(copy.deepcopy(model), num_kvcache_blocks=64, kvcache_block_size=4)
+    with torch.no_grad():
+        for hf in (model, accelerated):
+            hf.model.layers[1].mlp.gate_up_proj.weight.mul_(1.5)
+    ids = torch.tensor([[5, 9, 33, 2, 71, 8]])
+    expected = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(accelerated.generate(ids, max_new_tokens=10, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(sliding_window=16), "sliding-window"),  # Phi-3-mini's 2,047-token window, scaled down
+    (dict(partial_rotary_factor=0.5), "partial rotary"),  # Phi-4-mini rotates 3/4 of each head
+], ids=["sliding-window", "partial-rotary"])
+def test_phi3_variants_the_engine_cannot_compute_are_unsupported(overrides, reason):
+    with pytest.raises(UnsupportedModel, match=reason):
+        build_decoder(tiny_model("phi3", **overrides))

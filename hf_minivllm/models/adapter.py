@@ -19,7 +19,14 @@ from torch import nn
 
 from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
+# Architectures whose checkpoints hold q/k/v and gate/up already fused, in the engine's order ([q | k | v] and
+# [gate | up]): Phi-3 and Phi-4 (``self_attn.qkv_proj``, ``mlp.gate_up_proj``).
+FUSED_PROJECTIONS = ("Phi3ForCausalLM",)
+# Architectures that mask with ``config.sliding_window`` whenever it is set (Qwen2/Qwen3 only on the layers that
+# ``config.layer_types`` marks "sliding_attention").
+WINDOW_WHENEVER_SET = ("MistralForCausalLM", "Phi3ForCausalLM")
 # Quantization methods whose loaded weights are plain floating-point tensors (GGUF files are dequantized on load).
 DEQUANTIZED_ON_LOAD = ("gguf",)
 
@@ -41,14 +48,27 @@ def load_hf_model(path: str, dtype: torch.dtype | str = "auto", device: torch.de
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), local_files_only=True).eval()
 
 
+def _projection_paths(hf_model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The HF linears making up each engine projection, as paths inside a decoder layer."""
+    if type(hf_model).__name__ in FUSED_PROJECTIONS:
+        qkv, gate_up = ("self_attn.qkv_proj",), ("mlp.gate_up_proj",)
+    else:
+        qkv, gate_up = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")
+    return {"qkv": qkv, "o": ("self_attn.o_proj",), "gate_up": gate_up, "down": ("mlp.down_proj",)}
+
+
+def _projections(hf_model: nn.Module, hf_layer: nn.Module) -> dict[str, list[nn.Linear]]:
+    return {name: [hf_layer.get_submodule(path) for path in paths] for name, paths in _projection_paths(hf_model).items()}
+
+
 def _check_plain_layers(hf_model: nn.Module) -> None:
     """Every projection is a plain ``nn.Linear`` (and the embedding a plain ``nn.Embedding``): a wrapped or
     quantized layer (an adapter, bitsandbytes, ...) computes something the engine would not."""
     inner = hf_model.model
     expected = [(inner.embed_tokens, nn.Embedding, "model.embed_tokens"), (hf_model.lm_head, nn.Linear, "lm_head")]
+    paths = [path for group in _projection_paths(hf_model).values() for path in group]
     for index, layer in enumerate(inner.layers):
-        for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for path in paths:
             expected.append((layer.get_submodule(path), nn.Linear, f"model.layers.{index}.{path}"))
     for module, kind, path in expected:
         if type(module) is not kind:
@@ -80,15 +100,18 @@ def _check_supported(hf_model: nn.Module) -> None:
         raise UnsupportedModel(f"weights of dtype {dtype} are not supported (16-bit and wider floats are)")
     if config.hidden_act not in ("silu", "swish"):
         raise UnsupportedModel(f"unsupported hidden_act {config.hidden_act!r}; only silu-gated MLPs are supported")
-    rope_type = hf_model.model.rotary_emb.rope_type
-    if "dynamic" in rope_type or rope_type == "longrope":
-        raise UnsupportedModel(f"rope type {rope_type!r} changes its frequencies with the sequence length; "
+    rotary = hf_model.model.rotary_emb
+    if "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
+        raise UnsupportedModel(f"rope type {rotary.rope_type!r} changes its frequencies with the sequence length; "
                                "unsupported (static kinds such as default, linear, llama3 and yarn are supported)")
-    # Mirror HF: Mistral masks with the window whenever config.sliding_window is set; Qwen2/Qwen3 only on layers
-    # that config.layer_types marks "sliding_attention" (none unless use_sliding_window). A window at least
-    # max_position_embeddings long never bites, as the engine caps sequences at that length.
+    head_dim = hf_model.model.layers[0].self_attn.head_dim
+    if rotary.inv_freq.numel() * 2 != head_dim:
+        raise UnsupportedModel(f"partial rotary embedding ({rotary.inv_freq.numel() * 2} of {head_dim} head "
+                               "dimensions rotated) is not supported")
+    # Mirror HF (see WINDOW_WHENEVER_SET). A window at least max_position_embeddings long never bites, as the engine
+    # caps sequences at that length.
     window = getattr(config, "sliding_window", None)
-    if name == "MistralForCausalLM":
+    if name in WINDOW_WHENEVER_SET:
         active = window is not None
     else:
         active = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or ())
@@ -100,11 +123,12 @@ def _check_supported(hf_model: nn.Module) -> None:
 def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderConfig:
     """Shapes and flags read from the HF modules themselves, so what HF computes is what we mirror."""
     config, inner = hf_model.config, hf_model.model
-    attn, mlp = inner.layers[0].self_attn, inner.layers[0].mlp
+    attn = inner.layers[0].self_attn
+    projections = _projections(hf_model, inner.layers[0])
     return DecoderConfig(
         vocab_size=inner.embed_tokens.weight.shape[0],
         hidden_size=config.hidden_size,
-        intermediate_size=mlp.gate_proj.out_features,
+        intermediate_size=sum(linear.out_features for linear in projections["gate_up"]) // 2,
         num_layers=len(inner.layers),
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
@@ -114,9 +138,9 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         rope_inv_freq=inner.rotary_emb.inv_freq,
         rope_attention_scaling=inner.rotary_emb.attention_scaling,
         attention_scale=attn.scaling,
-        qkv_bias=attn.q_proj.bias is not None,
+        qkv_bias=projections["qkv"][0].bias is not None,
         o_proj_bias=attn.o_proj.bias is not None,
-        mlp_bias=mlp.gate_proj.bias is not None,
+        mlp_bias=projections["gate_up"][0].bias is not None,
         qk_norm=hasattr(attn, "q_norm"),
         dtype=inner.embed_tokens.weight.dtype,
         tp_rank=tp_rank,
@@ -161,7 +185,15 @@ class _Binder:
             setattr(module, name, nn.Parameter(tensor.clone(), requires_grad=False))
 
     def fuse(self, fused_layer: nn.Module, hf_linears: list[nn.Linear]) -> None:
-        """New storage for the fused weight (and bias); at TP=1 the HF linears' parameters become views into it."""
+        """New storage for the fused weight (and bias); at TP=1 the HF linears' parameters become views into it.
+
+        One HF linear already holds the fused parts (Phi-3): it is shared as is, and split per part at TP>1."""
+        if len(hf_linears) == 1:
+            full_sizes = [size * self.tp_size for size in fused_layer.output_sizes]
+            for name in ("weight", "bias"):
+                self.share(fused_layer, name, hf_linears[0], name,
+                           lambda full: fused_layer.fuse(list(full.split(full_sizes))))
+            return
         for name in ("weight", "bias"):
             parts = [getattr(linear, name) for linear in hf_linears]
             if parts[0] is None:
@@ -198,15 +230,16 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
         bind.share(decoder.lm_head, "weight", hf_model.lm_head, "weight", decoder.lm_head.shard)
     for layer, hf_layer in zip(decoder.layers, inner.layers):
         attn, hf_attn, mlp, hf_mlp = layer.self_attn, hf_layer.self_attn, layer.mlp, hf_layer.mlp
+        projections = _projections(hf_model, hf_layer)
         bind.share(layer.input_layernorm, "weight", hf_layer.input_layernorm, "weight")
         bind.share(layer.post_attention_layernorm, "weight", hf_layer.post_attention_layernorm, "weight")
-        bind.fuse(attn.qkv_proj, [hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj])
+        bind.fuse(attn.qkv_proj, projections["qkv"])
         bind.share(attn.o_proj, "weight", hf_attn.o_proj, "weight", attn.o_proj.shard)
         bind.share(attn.o_proj, "bias", hf_attn.o_proj, "bias")
         if attn.q_norm is not None:
             bind.share(attn.q_norm, "weight", hf_attn.q_norm, "weight")
             bind.share(attn.k_norm, "weight", hf_attn.k_norm, "weight")
-        bind.fuse(mlp.gate_up_proj, [hf_mlp.gate_proj, hf_mlp.up_proj])
+        bind.fuse(mlp.gate_up_proj, projections["gate_up"])
         bind.share(mlp.down_proj, "weight", hf_mlp.down_proj, "weight", mlp.down_proj.shard)
         bind.share(mlp.down_proj, "bias", hf_mlp.down_proj, "bias")
     left = [name for name, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
