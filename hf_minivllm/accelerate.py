@@ -7,7 +7,7 @@ from typing import Any
 
 from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.llm import LLM
-from hf_minivllm.models.adapter import UnsupportedModel
+from hf_minivllm.models.adapter import UnsupportedModel, unwrap_peft
 
 logger = logging.getLogger(__name__)
 
@@ -26,23 +26,27 @@ def accelerate(model: Any, **config: Any) -> Any:
     returned with transformers' own ``generate`` in place and one warning naming the reason, which
     ``hf_minivllm.stats(model)["unsupported_reason"]`` also reports: the program goes on working, at HF's speed.
     Invalid settings in ``config`` still raise ``ValueError``.
+
+    A PEFT ``PeftModel`` is served with its active LoRA adapters (its ``generate`` reaches the transformers model
+    inside, which is the one patched); switching, disabling, merging or training adapters is seen by the next call.
     """
     from hf_minivllm.patches.model import install, install_hf_served, is_accelerated
 
-    if is_accelerated(model):
+    target = unwrap_peft(model)
+    if is_accelerated(target):
         if config:
             logger.warning("model is already accelerated; ignoring %s (call hf_minivllm.restore first)", sorted(config))
         return model
     if config.get("kv_cache_resident") is None:
         config["kv_cache_resident"] = False
     try:
-        llm = LLM(model, **config)
+        llm = LLM(target, **config)
     except UnsupportedModel as error:
         warnings.warn(f"hf-minivllm: this model keeps transformers' own generate ({error})", UserWarning,
                       stacklevel=2)
-        install_hf_served(model, str(error))
+        install_hf_served(target, str(error))
         return model
-    install(model, llm)
+    install(target, llm)
     return model
 
 
@@ -50,16 +54,17 @@ def restore(model: Any) -> Any:
     """Undo ``accelerate``: ``model.generate`` is HF's again and the engine (and its KV cache) is released."""
     from hf_minivllm.patches.model import is_accelerated, state_of, uninstall
 
-    if is_accelerated(model):
-        state_of(model).llm.close()
-    uninstall(model)
+    target = unwrap_peft(model)
+    if is_accelerated(target):
+        state_of(target).llm.close()
+    uninstall(target)
     return model
 
 
 def _llm_of(model_or_llm: Any) -> LLM:
     from hf_minivllm.patches.model import state_of
 
-    return model_or_llm if isinstance(model_or_llm, LLM) else state_of(model_or_llm).llm
+    return model_or_llm if isinstance(model_or_llm, LLM) else state_of(unwrap_peft(model_or_llm)).llm
 
 
 def stats(model_or_llm: Any) -> dict:
@@ -67,7 +72,7 @@ def stats(model_or_llm: Any) -> dict:
     ``unsupported_reason`` (why ``accelerate`` left the model to transformers; None when the engine serves it)."""
     from hf_minivllm.patches.model import unsupported_reason
 
-    reason = None if isinstance(model_or_llm, LLM) else unsupported_reason(model_or_llm)
+    reason = None if isinstance(model_or_llm, LLM) else unsupported_reason(unwrap_peft(model_or_llm))
     if reason is not None:
         return {**EngineStats().as_dict(), "unsupported_reason": reason}
     return {**_llm_of(model_or_llm).stats.as_dict(), "unsupported_reason": None}

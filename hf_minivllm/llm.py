@@ -13,7 +13,7 @@ from hf_minivllm.config import Config
 from hf_minivllm.engine.llm_engine import LLMEngine
 from hf_minivllm.engine.loop import EngineLoop, RequestGroup
 from hf_minivllm.engine.sequence import FinishReason, Sequence
-from hf_minivllm.models.adapter import build_decoder, load_hf_model
+from hf_minivllm.models.adapter import build_decoder, load_hf_model, unwrap_peft
 from hf_minivllm.models.loading import eos_token_ids_of, load_tokenizer
 from hf_minivllm.models.weight_sync import WeightChange, WeightWatcher
 from hf_minivllm.sampling_params import SamplingParams
@@ -100,12 +100,12 @@ class LLM:
             hf_model = load_hf_model(model)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         else:
-            hf_model = model
+            hf_model = unwrap_peft(model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.config.fit_to_model(getattr(hf_model.config, "max_position_embeddings", None))
         self.model = build_decoder(hf_model)
-        self._weights = WeightWatcher(hf_model, self.model.weight_sources)
+        self._weights = WeightWatcher(hf_model, self.model.weight_sources, self.model.adapter_state)
         self._weights_lock = threading.Lock()
         self.engine = LLMEngine(self.model, self.config, eos_token_ids_of(hf_model, tokenizer))
         self.loop = EngineLoop(self.engine)
@@ -232,7 +232,7 @@ class LLM:
     def _rebuild(self, engine: LLMEngine) -> None:
         """Runs on the engine loop: a new decoder from the model as it is now, served by a new runner."""
         model = build_decoder(self.hf_model)
-        watcher = WeightWatcher(self.hf_model, model.weight_sources)
+        watcher = WeightWatcher(self.hf_model, model.weight_sources, model.adapter_state)
         engine.reload_model(model)
         self.model, self._weights = model, watcher
         engine.stats.rebuilds += 1

@@ -23,6 +23,27 @@ def _frozen(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+class LoRA:
+    """A low-rank update added to a linear layer's output: ``y[:, rows] += (x A^T) B^T * scaling`` (rows None: all
+    outputs). The order of operations is PEFT's unmerged LoRA forward, so results match it bit for bit."""
+
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, rows: slice | None = None):
+        self.lora_a, self.lora_b, self.scaling, self.rows = lora_a, lora_b, scaling, rows
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+        if self.rows is None:
+            return y + delta
+        y[..., self.rows] += delta
+        return y
+
+
+def _with_loras(y: torch.Tensor, x: torch.Tensor, loras: list[LoRA]) -> torch.Tensor:
+    for lora in loras:
+        y = lora.add_to(y, x)
+    return y
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T + b`` with W's rows (outputs) split across ranks; the output stays sharded (no communication)."""
 
@@ -33,6 +54,7 @@ class ColumnParallelLinear(nn.Module):
         self.out_features = _divide(out_features, tp_size)
         self.weight = _frozen(self.out_features, in_features)
         self.bias = _frozen(self.out_features) if bias else None
+        self.loras: list[LoRA] = []  # active PEFT adapters of the HF layers this one computes (TP=1)
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full ``[out_features * tp_size, ...]`` tensor (a view)."""
@@ -40,7 +62,8 @@ class ColumnParallelLinear(nn.Module):
         return full[self.tp_rank * size : (self.tp_rank + 1) * size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return _with_loras(y, x, self.loras) if self.loras else y
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -84,6 +107,7 @@ class RowParallelLinear(nn.Module):
         self.out_features = out_features
         self.weight = _frozen(out_features, self.in_features)
         self.bias = _frozen(out_features) if bias else None
+        self.loras: list[LoRA] = []  # active PEFT adapters of the HF layer this one computes (TP=1)
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's columns of a full weight (a view; bias is not sharded)."""
@@ -93,6 +117,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins on one rank only, so the all-reduce adds it exactly once.
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.loras:
+            y = _with_loras(y, x, self.loras)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

@@ -14,9 +14,12 @@ This is the only module of the engine core that imports ``transformers``.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from torch import nn
 
+from hf_minivllm.layers.linear import LoRA
 from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
@@ -48,6 +51,57 @@ def load_hf_model(path: str, dtype: torch.dtype | str = "auto", device: torch.de
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), local_files_only=True).eval()
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (whose LoRA layers wrap its linears); any other model
+    as it is. Recognised by shape, so peft need not be installed."""
+    base = getattr(model, "base_model", None)
+    if type(model).__module__.startswith("peft.") and isinstance(getattr(base, "model", None), nn.Module):
+        return base.model
+    return model
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer wrapping a linear (``base_layer`` plus ``lora_A``/``lora_B`` per adapter)."""
+    return (type(module).__module__.startswith("peft.") and hasattr(module, "base_layer")
+            and hasattr(module, "lora_A") and hasattr(module, "lora_B"))
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    return module.base_layer if _is_lora_layer(module) else module
+
+
+def _active_loras(module: nn.Module, path: str) -> list[str]:
+    """The adapters whose update the engine must add to this LoRA layer's output, as PEFT's forward would (none when
+    disabled or merged into the base weight); raises UnsupportedModel for what it does not compute."""
+    if module.disable_adapters:
+        if module.merged:  # PEFT's forward would unmerge the weights first
+            raise UnsupportedModel(f"{path}: adapters disabled while merged into the weights")
+        return []
+    if module.merged:
+        return []
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    for name in active:
+        if getattr(module, "use_dora", {}).get(name) or name in getattr(module, "lora_variant", {}):
+            raise UnsupportedModel(f"{path}: LoRA variant (DoRA, ...) of adapter {name!r} is not supported")
+        if getattr(module, "lora_bias", {}).get(name):
+            raise UnsupportedModel(f"{path}: LoRA bias of adapter {name!r} is not supported")
+        if getattr(module, "fan_in_fan_out", False):
+            raise UnsupportedModel(f"{path}: fan_in_fan_out LoRA weights are not supported")
+        dropout = module.lora_dropout[name]
+        if not isinstance(dropout, nn.Identity) and module.training:
+            raise UnsupportedModel(f"{path}: LoRA dropout in training mode")
+    return active
+
+
+def lora_state(hf_model: nn.Module) -> Hashable:
+    """What decides which LoRA updates the engine adds (per LoRA layer: active adapters, disabled, merged ones,
+    scalings); the decoder is rebuilt when it changes."""
+    return tuple(
+        (tuple(module.active_adapters), bool(module.disable_adapters), tuple(module.merged_adapters),
+         tuple(sorted(module.scaling.items())), tuple(module.lora_A.keys()))
+        for module in hf_model.modules() if _is_lora_layer(module))
+
+
 def _projection_paths(hf_model: nn.Module) -> dict[str, tuple[str, ...]]:
     """The HF linears making up each engine projection, as paths inside a decoder layer."""
     if type(hf_model).__name__ in FUSED_PROJECTIONS:
@@ -58,7 +112,9 @@ def _projection_paths(hf_model: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def _projections(hf_model: nn.Module, hf_layer: nn.Module) -> dict[str, list[nn.Linear]]:
-    return {name: [hf_layer.get_submodule(path) for path in paths] for name, paths in _projection_paths(hf_model).items()}
+    """The HF linears of each engine projection (a LoRA layer's base linear in its place)."""
+    return {name: [_base_linear(hf_layer.get_submodule(path)) for path in paths]
+            for name, paths in _projection_paths(hf_model).items()}
 
 
 def _check_plain_layers(hf_model: nn.Module) -> None:
@@ -69,7 +125,10 @@ def _check_plain_layers(hf_model: nn.Module) -> None:
     paths = [path for group in _projection_paths(hf_model).values() for path in group]
     for index, layer in enumerate(inner.layers):
         for path in paths:
-            expected.append((layer.get_submodule(path), nn.Linear, f"model.layers.{index}.{path}"))
+            module, full_path = layer.get_submodule(path), f"model.layers.{index}.{path}"
+            if _is_lora_layer(module):
+                _active_loras(module, full_path)
+            expected.append((_base_linear(module), nn.Linear, full_path))
     for module, kind, path in expected:
         if type(module) is not kind:
             raise UnsupportedModel(f"{path} is a {type(module).__name__}, not a plain {kind.__name__}: the engine "
@@ -83,6 +142,26 @@ def _quantization_method(config: object) -> str | None:
         return None
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
     return str(getattr(method, "value", method) or "unknown")
+
+
+def _bind_loras(bind: "_Binder", hf_model: nn.Module, hf_layer: nn.Module, layer: nn.Module) -> None:
+    """The active PEFT adapters of each projection, as updates on the engine layer computing it: rows of the fused
+    output for q/k/v and gate/up parts, the whole output for o_proj and down_proj."""
+    targets = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up_proj,
+               "down": layer.mlp.down_proj}
+    for name, paths in _projection_paths(hf_model).items():
+        target = targets[name]
+        rows = target.part_slices() if len(paths) > 1 else [None]
+        for path, part_rows in zip(paths, rows):
+            module = hf_layer.get_submodule(path)
+            if not _is_lora_layer(module):
+                continue
+            if bind.tp_size != 1:
+                raise UnsupportedModel("PEFT adapters are served at tensor_parallel_size=1 only")
+            for adapter in _active_loras(module, path):
+                lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+                bind.sources += [(lora_a, "weight"), (lora_b, "weight")]
+                target.loras.append(LoRA(lora_a.weight, lora_b.weight, module.scaling[adapter], part_rows))
 
 
 def _check_supported(hf_model: nn.Module) -> None:
@@ -139,7 +218,7 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         rope_attention_scaling=inner.rotary_emb.attention_scaling,
         attention_scale=attn.scaling,
         qkv_bias=projections["qkv"][0].bias is not None,
-        o_proj_bias=attn.o_proj.bias is not None,
+        o_proj_bias=projections["o"][0].bias is not None,
         mlp_bias=projections["gate_up"][0].bias is not None,
         qk_norm=hasattr(attn, "q_norm"),
         dtype=inner.embed_tokens.weight.dtype,
@@ -214,7 +293,10 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
     """A ``DecoderForCausalLM`` on the HF model's device and dtype, computing exactly what HF computes.
 
     Raises ``UnsupportedModel`` (a ValueError) for architectures or features the decoder does not implement.
+    A ``PeftModel`` (or a model with PEFT LoRA layers) is served with its active adapters' updates added to the
+    base weights' outputs; ``DecoderForCausalLM.adapter_state`` tells when that set changes.
     """
+    hf_model = unwrap_peft(hf_model)
     _check_supported(hf_model)
     with torch.device("meta"):
         decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size))
@@ -229,21 +311,24 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
     else:
         bind.share(decoder.lm_head, "weight", hf_model.lm_head, "weight", decoder.lm_head.shard)
     for layer, hf_layer in zip(decoder.layers, inner.layers):
-        attn, hf_attn, mlp, hf_mlp = layer.self_attn, hf_layer.self_attn, layer.mlp, hf_layer.mlp
+        attn, hf_attn, mlp = layer.self_attn, hf_layer.self_attn, layer.mlp
         projections = _projections(hf_model, hf_layer)
         bind.share(layer.input_layernorm, "weight", hf_layer.input_layernorm, "weight")
         bind.share(layer.post_attention_layernorm, "weight", hf_layer.post_attention_layernorm, "weight")
         bind.fuse(attn.qkv_proj, projections["qkv"])
-        bind.share(attn.o_proj, "weight", hf_attn.o_proj, "weight", attn.o_proj.shard)
-        bind.share(attn.o_proj, "bias", hf_attn.o_proj, "bias")
+        hf_o_proj, hf_down_proj = projections["o"][0], projections["down"][0]
+        bind.share(attn.o_proj, "weight", hf_o_proj, "weight", attn.o_proj.shard)
+        bind.share(attn.o_proj, "bias", hf_o_proj, "bias")
         if attn.q_norm is not None:
             bind.share(attn.q_norm, "weight", hf_attn.q_norm, "weight")
             bind.share(attn.k_norm, "weight", hf_attn.k_norm, "weight")
         bind.fuse(mlp.gate_up_proj, projections["gate_up"])
-        bind.share(mlp.down_proj, "weight", hf_mlp.down_proj, "weight", mlp.down_proj.shard)
-        bind.share(mlp.down_proj, "bias", hf_mlp.down_proj, "bias")
+        bind.share(mlp.down_proj, "weight", hf_down_proj, "weight", mlp.down_proj.shard)
+        bind.share(mlp.down_proj, "bias", hf_down_proj, "bias")
+        _bind_loras(bind, hf_model, hf_layer, layer)
     left = [name for name, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"build_decoder left parameters unassigned: {left[:5]}")
     decoder.weight_sources = bind.sources
+    decoder.adapter_state = lambda: lora_state(hf_model)
     return decoder.eval()

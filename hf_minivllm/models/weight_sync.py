@@ -6,7 +6,7 @@ pointer, version counter, dtype, device and shape. No weight is read or hashed:
 - a new version counter only (optimizer steps, ``load_state_dict``, in-place edits under ``torch.no_grad``): the
   engine already computes with the new numbers (it shares the storage), only KV computed before is stale;
 - anything else (a replaced parameter object, ``model.to(dtype/device)``, ``param.data = ...``, PEFT's safe merge):
-  the decoder must be rebuilt from the model.
+  the decoder must be rebuilt from the model. So must a change of ``state`` (PEFT: the adapters in use), when given.
 
 Some updates bypass version counters: PyTorch's fused optimizers (``AdamW(fused=True)``, HF Trainer's default
 ``adamw_torch_fused``) and edits through ``param.data`` in place. Optimizer steps are caught by a process-wide
@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import threading
 import weakref
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -93,8 +94,11 @@ class WeightWatcher:
     """Remembers the state of ``sources`` (``(module, attribute)`` pairs read from ``model``) and reports how it
     changed since; ``check`` looks, ``commit`` makes what it saw the new reference (once the change is handled)."""
 
-    def __init__(self, model: nn.Module, sources: list[tuple[nn.Module, str]]):
+    def __init__(self, model: nn.Module, sources: list[tuple[nn.Module, str]],
+                 state: Callable[[], Hashable] | None = None):
         self.sources = sources
+        self._read_state = state
+        self._state_at_build = state() if state is not None else None
         self._links = _module_links(model, [module for module, _ in sources])
         self._state = [self._describe(_lookup(module, name)) for module, name in sources]
         self._watched = {id(state[0]) for state in self._state}
@@ -114,6 +118,8 @@ class WeightWatcher:
     def check(self) -> WeightChange:
         """How the weights changed since the last ``commit`` (or construction)."""
         if any(parent._modules.get(name) is not child for parent, name, child in self._links):
+            return WeightChange.TENSORS
+        if self._read_state is not None and self._read_state() != self._state_at_build:
             return WeightChange.TENSORS
         total, stepped = _OPTIMIZER_STEPS.total, {}
         if total != self._steps_seen_total:

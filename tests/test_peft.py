@@ -1,0 +1,115 @@
+"""PEFT LoRA models served by the engine: equal to PEFT's own forward with adapters on, off, switched, merged,
+and after their weights change; what the engine cannot compute stays with PEFT/transformers."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import hf_minivllm
+from conftest import SMALL_ENGINE, left_padded_batch, tiny_model
+from hf_minivllm import LLM, SamplingParams
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GREEDY = dict(max_new_tokens=10, do_sample=False)
+
+
+def lora_model(family: str = "qwen3", **lora_options):
+    """A tiny random model with two random (non-zero) LoRA adapters, "first" active."""
+    torch.manual_seed(1)
+    options = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **lora_options)
+    model = get_peft_model(tiny_model(family), LoraConfig(**options), adapter_name="first")
+    torch.manual_seed(2)
+    model.add_adapter("second", LoraConfig(**{**options, "r": 2, "lora_alpha": 4}))
+    with torch.no_grad():  # init_lora_weights=False draws small values; make the adapters change the answers
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(8.0)
+    return model.eval()
+
+
+def both(family: str = "qwen3", **lora_options):
+    oracle = lora_model(family, **lora_options)
+    served = hf_minivllm.accelerate(copy.deepcopy(oracle), **SMALL_ENGINE)
+    return oracle, served
+
+
+def assert_same(oracle, served, ids=None, mask=None):
+    if ids is None:
+        ids, mask = left_padded_batch()
+    expected = oracle.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(served.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    return expected
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_lora_model_is_served_and_token_exact(family):
+    oracle, served = both(family)
+    expected = assert_same(oracle, served)
+    base = copy.deepcopy(oracle)
+    with base.disable_adapter():
+        ids, mask = left_padded_batch()
+        assert not torch.equal(base.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected), \
+            "the adapter must change the answer, or this test proves nothing"
+    stats = hf_minivllm.stats(served)
+    assert stats["unsupported_reason"] is None and stats["fallbacks"] == 0 and stats["requests"] == 4
+
+
+def test_disabling_switching_merging_and_unmerging_adapters_are_seen_by_the_next_call():
+    oracle, served = both()
+    with oracle.disable_adapter(), served.disable_adapter():
+        assert_same(oracle, served)
+    assert_same(oracle, served)
+    for model in (oracle, served):
+        model.set_adapter("second")
+    assert_same(oracle, served)
+    for model in (oracle, served):
+        model.base_model.merge_adapter()
+    assert_same(oracle, served)
+    for model in (oracle, served):
+        model.base_model.unmerge_adapter()
+        model.set_adapter("first")
+    assert_same(oracle, served)
+    stats = hf_minivllm.stats(served)
+    assert stats["fallbacks"] == 0 and stats["rebuilds"] >= 4
+
+
+def test_trained_adapter_weights_are_used_by_the_next_call():
+    oracle, served = both()
+    assert_same(oracle, served)
+    for model in (oracle, served):
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        ids, _ = left_padded_batch(lengths=(9, 9))
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.eval()
+    assert_same(oracle, served)
+    assert hf_minivllm.stats(served)["weight_updates"] >= 1
+
+
+def test_llm_serves_a_peft_model():
+    oracle = lora_model()
+    llm = LLM(copy.deepcopy(oracle), **SMALL_ENGINE)
+    prompts = [[5, 9, 33, 2, 71], [8, 8, 100, 4]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for prompt, output in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        expected = oracle.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8,
+                                   do_sample=False)
+        assert output["token_ids"] == expected[0, len(prompt):].tolist()
+
+
+def test_dora_adapters_stay_with_peft_with_one_warning():
+    oracle = lora_model(use_dora=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = hf_minivllm.accelerate(copy.deepcopy(oracle), **SMALL_ENGINE)
+    assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
+    assert "DoRA" in hf_minivllm.stats(served)["unsupported_reason"]
+    ids, mask = left_padded_batch()
+    expected = oracle.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(served.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
