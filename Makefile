@@ -15,7 +15,7 @@ HF4_TRANSFORMERS_SPEC ?= transformers==4.57.6
 HF4_TESTS ?= tests/test_conformance.py tests/test_conformance_engine_hooks.py tests/test_conformance_fields.py \
 	tests/test_conformance_model.py tests/test_generate.py tests/test_model.py tests/test_pipeline.py \
 	tests/test_streaming.py tests/test_fallback.py
-# Test files to run (all by default), and the extras installed for them (the 4.x run needs only the test extra).
+# Test files to run (all by default), and the extras installed for them (the 4.x run needs only test-core).
 TESTS ?=
 EXTRAS ?= test,serve,ray
 # Two pytest processes, each given whole files (module fixtures load once per process): the tests run torch on
@@ -40,7 +40,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) $(TESTS)
 
 test-hf4:
-	$(MAKE) test VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC) TESTS="$(HF4_TESTS)" EXTRAS=test
+	$(MAKE) test VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC) TESTS="$(HF4_TESTS)" EXTRAS=test-core
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py

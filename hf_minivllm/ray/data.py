@@ -97,8 +97,8 @@ def generate(
     ``generated_text`` (None when the model folder has no tokenizer) and ``generated_token_ids``.
 
     ``dataset[prompt_column]`` holds strings or lists of token ids; ``dataset[sampling_params_column]``, when
-    named, per-row dicts of ``SamplingParams`` fields that override ``sampling_params`` (e.g. ``max_tokens``). ``model`` is a folder every node can read (or a
-    name in each node's local Hugging Face cache). Each of the ``num_replicas`` replicas is a Ray Data actor with
+    named, per-row dicts of ``SamplingParams`` fields that override ``sampling_params`` (e.g. ``max_tokens``).
+    ``model`` is a folder every node can read (or a name in each node's local Hugging Face cache). Each of the ``num_replicas`` replicas is a Ray Data actor with
     one engine (``engine_config`` as for ``LLM``) and, on a cluster with GPUs, ``tensor_parallel_size`` GPUs of one
     node. Row order is not kept across batches: carry an id column to join on. A replica whose process dies is
     restarted by Ray and its batches retried; an exception in a replica fails the call with that exception.
@@ -111,7 +111,7 @@ def generate(
     _positive_int("batch_size", batch_size)
     if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams or None, got {type(sampling_params).__name__}")
-    unknown = set(engine_config) - set(Config.__dataclass_fields__) - {"model"}
+    unknown = set(engine_config) - set(Config.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown engine config argument(s) {sorted(unknown)}; valid: {sorted(Config.__dataclass_fields__)}")
     config = Config(model=model, **engine_config)
