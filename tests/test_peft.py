@@ -113,3 +113,12 @@ def test_dora_adapters_stay_with_peft_with_one_warning():
     ids, mask = left_padded_batch()
     expected = oracle.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(served.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+
+
+def test_lora_dropout_is_not_applied_in_training_mode_as_in_every_rollout_engine():
+    """A training loop generating with the model in train mode (TRL's rollouts) is served, without dropout: the
+    answers are the eval-mode answers, not a random draw."""
+    oracle, served = both(lora_dropout=0.3)
+    served.train()
+    assert_same(oracle, served)
+    assert hf_minivllm.stats(served)["fallbacks"] == 0

@@ -87,10 +87,7 @@ def _active_loras(module: nn.Module, path: str) -> list[str]:
             raise UnsupportedModel(f"{path}: LoRA bias of adapter {name!r} is not supported")
         if getattr(module, "fan_in_fan_out", False):
             raise UnsupportedModel(f"{path}: fan_in_fan_out LoRA weights are not supported")
-        dropout = module.lora_dropout[name]
-        if not isinstance(dropout, nn.Identity) and module.training:
-            raise UnsupportedModel(f"{path}: LoRA dropout in training mode")
-    return active
+    return active  # LoRA dropout is not applied, like every dropout of the model (generation is inference)
 
 
 def lora_state(hf_model: nn.Module) -> Hashable:
@@ -330,5 +327,6 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
     if left:
         raise RuntimeError(f"build_decoder left parameters unassigned: {left[:5]}")
     decoder.weight_sources = bind.sources
-    decoder.adapter_state = lambda: lora_state(hf_model)
+    has_lora = any(_is_lora_layer(module) for module in hf_model.modules())
+    decoder.adapter_state = (lambda: lora_state(hf_model)) if has_lora else None
     return decoder.eval()
