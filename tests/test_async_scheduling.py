@@ -187,3 +187,32 @@ def test_more_requests_than_sequences_admitted_stay_async_and_match():
     assert prefills_ahead[0] > 0, "requests admitted later are prefilled while a decode step is in flight"
     assert launches["ahead"] > 0
     assert_engine_drained(ahead)
+
+
+def test_a_request_preempted_with_its_token_pending_is_not_recomputed_in_the_same_mixed_step():
+    """A mixed step decodes first, and a preemption there can free enough blocks (identical prompts share theirs)
+    for the queue's head at once: that head is the request just preempted, whose last token is still on the device.
+    Prefilling it in the same step would sample that position a second time; it must wait one step."""
+    from hf_minivllm.engine.scheduler import Scheduler
+    from hf_minivllm.engine.sequence import Sequence
+
+    config = Config(num_kvcache_blocks=4, kvcache_block_size=4, max_model_len=64, max_num_batched_tokens=64)
+    scheduler = Scheduler(config, 4, eos_token_ids=[2])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    seqs = [Sequence([7], params, 4), Sequence([7], params, 4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    previous, prefilled_while_pending = None, []
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        if batch is not None:
+            prefill_rows = range(batch.num_decode, len(batch.seqs)) if batch.is_prefill else ()
+            prefilled_while_pending += [batch.seqs[row].seq_id for row in prefill_rows
+                                        if batch.seqs[row].num_pending_tokens and batch.sample[row]]
+            scheduler.mark_launched(batch, tokens_pending=True)
+        if previous is not None:  # the engine reads the step in flight back after queueing the next
+            scheduler.postprocess(previous, [5] * len(previous.seqs))
+        previous = batch
+    assert scheduler.num_preemptions > 0
+    assert prefilled_while_pending == []
+    assert [len(seq.completion_token_ids) for seq in seqs] == [12, 12]

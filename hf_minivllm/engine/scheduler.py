@@ -136,6 +136,10 @@ class Scheduler:
         manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                # Preempted in this very step (a mixed step decodes first) while its last token is still on the
+                # device: recomputing it now would sample that position a second time. It goes first next step.
+                break
             if not seq.block_table:
                 reserve = self.watermark_blocks if self.running or seqs else 0
                 short = manager.blocks_short(seq, reserve)
