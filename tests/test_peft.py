@@ -17,11 +17,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GREEDY = dict(max_new_tokens=10, do_sample=False)
 
 
-def lora_model(family: str = "qwen3", **lora_options):
+def lora_model(family: str = "qwen3", dtype: torch.dtype = torch.float32, **lora_options):
     """A tiny random model with two random (non-zero) LoRA adapters, "first" active."""
     torch.manual_seed(1)
     options = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **lora_options)
-    model = get_peft_model(tiny_model(family), LoraConfig(**options), adapter_name="first")
+    model = get_peft_model(tiny_model(family, dtype=dtype), LoraConfig(**options), adapter_name="first")
     torch.manual_seed(2)
     model.add_adapter("second", LoraConfig(**{**options, "r": 2, "lora_alpha": 4}))
     with torch.no_grad():  # init_lora_weights=False draws small values; make the adapters change the answers
@@ -31,8 +31,8 @@ def lora_model(family: str = "qwen3", **lora_options):
     return model.eval()
 
 
-def both(family: str = "qwen3", **lora_options):
-    oracle = lora_model(family, **lora_options)
+def both(family: str = "qwen3", dtype: torch.dtype = torch.float32, **lora_options):
+    oracle = lora_model(family, dtype, **lora_options)
     served = hf_minivllm.accelerate(copy.deepcopy(oracle), **SMALL_ENGINE)
     return oracle, served
 
@@ -122,3 +122,39 @@ def test_lora_dropout_is_not_applied_in_training_mode_as_in_every_rollout_engine
     served.train()
     assert_same(oracle, served)
     assert hf_minivllm.stats(served)["fallbacks"] == 0
+
+
+def test_float32_adapters_on_a_bfloat16_model_compute_as_peft_does():
+    """PEFT keeps adapters in float32 on a 16-bit model (autocast_adapter_dtype) and adds their updates in float32."""
+    oracle, served = both(dtype=torch.bfloat16)
+    lora_a = oracle.base_model.model.model.layers[0].self_attn.q_proj.lora_A["first"].weight
+    assert lora_a.dtype == torch.float32 and oracle.base_model.model.dtype == torch.bfloat16
+    assert_same(oracle, served)
+    assert hf_minivllm.stats(served)["fallbacks"] == 0
+
+
+def test_per_request_adapters_go_to_peft_and_the_next_call_is_served_again():
+    oracle, served = both()
+    ids, mask = left_padded_batch()
+    names = ["first", "second", "first", "second"]
+    expected = oracle.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **GREEDY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = served.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **GREEDY)
+    assert torch.equal(got, expected)
+    assert hf_minivllm.stats(served)["fallbacks"] == 1
+    assert_same(oracle, served)
+    assert hf_minivllm.stats(served)["fallbacks"] == 1
+
+
+def test_other_peft_tuners_stay_with_peft():
+    from peft import AdaLoraConfig
+
+    model = get_peft_model(tiny_model("qwen3"), AdaLoraConfig(r=4, target_modules=TARGETS, total_step=10,
+                                                              init_lora_weights=False)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = hf_minivllm.accelerate(copy.deepcopy(model), **SMALL_ENGINE)
+    assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
+    assert "not a plain Linear" in hf_minivllm.stats(served)["unsupported_reason"]
+    assert_same(model, served)

@@ -24,23 +24,33 @@ def _frozen(*shape: int) -> nn.Parameter:
 
 
 class LoRA:
-    """A low-rank update added to a linear layer's output: ``y[:, rows] += (x A^T) B^T * scaling`` (rows None: all
-    outputs). The order of operations is PEFT's unmerged LoRA forward, so results match it bit for bit."""
+    """A low-rank update added to a linear layer's output rows ``rows`` (None: all outputs): ``(x A^T) B^T *
+    scaling``, computed in the adapter's dtype (``x`` cast to it, as PEFT does)."""
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, rows: slice | None = None):
         self.lora_a, self.lora_b, self.scaling, self.rows = lora_a, lora_b, scaling, rows
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        delta = F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
-        if self.rows is None:
-            return y + delta
-        y[..., self.rows] += delta
-        return y
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.scaling
 
 
 def _with_loras(y: torch.Tensor, x: torch.Tensor, loras: list[LoRA]) -> torch.Tensor:
-    for lora in loras:
-        y = lora.add_to(y, x)
+    """``y`` plus the updates, in PEFT's unmerged order: per HF layer (a row range), its output plus each adapter's
+    update in turn (in the promoted dtype when adapters are kept in float32), cast back once. Bit for bit PEFT's."""
+    start = 0
+    while start < len(loras):
+        rows = loras[start].rows
+        stop = start
+        while stop < len(loras) and loras[stop].rows == rows:
+            stop += 1
+        out = y if rows is None else y[..., rows]
+        for lora in loras[start:stop]:
+            out = out + lora.delta(x)
+        if rows is None:
+            y = out.to(y.dtype)
+        else:
+            y[..., rows] = out.to(y.dtype)
+        start = stop
     return y
 
 

@@ -52,18 +52,22 @@ def load_hf_model(path: str, dtype: torch.dtype | str = "auto", device: torch.de
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT ``PeftModel`` (whose LoRA layers wrap its linears); any other model
-    as it is. Recognised by shape, so peft need not be installed."""
+    """The transformers model inside a PEFT ``PeftModel`` with a tuner (LoRA layers wrapping its linears); any other
+    model as it is (prompt-learning PEFT models then stay unsupported as a whole). Recognised by its classes'
+    modules, so peft need not be installed."""
     base = getattr(model, "base_model", None)
-    if type(model).__module__.startswith("peft.") and isinstance(getattr(base, "model", None), nn.Module):
+    if (type(model).__module__.startswith("peft.") and type(base).__module__.startswith("peft.")
+            and isinstance(getattr(base, "model", None), nn.Module)):
         return base.model
     return model
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
-    """A PEFT LoRA layer wrapping a linear (``base_layer`` plus ``lora_A``/``lora_B`` per adapter)."""
-    return (type(module).__module__.startswith("peft.") and hasattr(module, "base_layer")
-            and hasattr(module, "lora_A") and hasattr(module, "lora_B"))
+    """A PEFT LoRA layer wrapping a linear (``base_layer`` plus ``lora_A``/``lora_B`` linears per adapter); other
+    tuners' layers (AdaLoRA, ...) are not, and stay unsupported wrapped layers."""
+    return (type(module).__module__.startswith("peft.tuners.lora.") and hasattr(module, "base_layer")
+            and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict))
 
 
 def _base_linear(module: nn.Module) -> nn.Module:
@@ -73,6 +77,8 @@ def _base_linear(module: nn.Module) -> nn.Module:
 def _active_loras(module: nn.Module, path: str) -> list[str]:
     """The adapters whose update the engine must add to this LoRA layer's output, as PEFT's forward would (none when
     disabled or merged into the base weight); raises UnsupportedModel for what it does not compute."""
+    if module._forward_pre_hooks:  # PEFT's per-request adapters (generate(adapter_names=...)) travel in hooks
+        raise UnsupportedModel(f"{path}: per-request adapters (adapter_names) are not supported")
     if module.disable_adapters:
         if module.merged:  # PEFT's forward would unmerge the weights first
             raise UnsupportedModel(f"{path}: adapters disabled while merged into the weights")
@@ -92,10 +98,10 @@ def _active_loras(module: nn.Module, path: str) -> list[str]:
 
 def lora_state(hf_model: nn.Module) -> Hashable:
     """What decides which LoRA updates the engine adds (per LoRA layer: active adapters, disabled, merged ones,
-    scalings); the decoder is rebuilt when it changes."""
+    scalings, per-call hooks); the decoder is rebuilt when it changes."""
     return tuple(
         (tuple(module.active_adapters), bool(module.disable_adapters), tuple(module.merged_adapters),
-         tuple(sorted(module.scaling.items())), tuple(module.lora_A.keys()))
+         tuple(sorted(module.scaling.items())), tuple(module.lora_A.keys()), len(module._forward_pre_hooks))
         for module in hf_model.modules() if _is_lora_layer(module))
 
 

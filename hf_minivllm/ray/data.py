@@ -98,7 +98,8 @@ def generate(
 
     ``dataset[prompt_column]`` holds strings or lists of token ids; ``dataset[sampling_params_column]``, when
     named, per-row dicts of ``SamplingParams`` fields that override ``sampling_params`` (e.g. ``max_tokens``).
-    ``model`` is a folder every node can read (or a name in each node's local Hugging Face cache). Each of the ``num_replicas`` replicas is a Ray Data actor with
+    ``model`` is a folder every node can read (or a name in the local Hugging Face cache of this process's machine
+    and of every node). Each of the ``num_replicas`` replicas is a Ray Data actor with
     one engine (``engine_config`` as for ``LLM``) and, on a cluster with GPUs, ``tensor_parallel_size`` GPUs of one
     node. Row order is not kept across batches: carry an id column to join on. A replica whose process dies is
     restarted by Ray and its batches retried; an exception in a replica fails the call with that exception.

@@ -64,8 +64,8 @@ class GenerationReplica:
             GENERATED_TEXT: [output["text"] if has_text else None for output in outputs],
             GENERATED_TOKEN_IDS: [output["token_ids"] for output in outputs],
         })
-        if self.progress is not None:
-            self.progress.add.remote(len(outputs), sum(len(output["token_ids"]) for output in outputs))
+        if self.progress is not None:  # awaited: counted before the batch is handed back
+            await self.progress.add.remote(len(outputs), sum(len(output["token_ids"]) for output in outputs))
         yield batch
 
     def _row_params(self, overrides: Any, row: int) -> SamplingParams:
