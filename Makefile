@@ -24,7 +24,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,,$(subst <,,$(TORCH_SPEC)-$(TRANSFORMERS_SPEC))))
 
-.PHONY: install test test-hf4 demo bench-cpu clean
+.PHONY: install test test-hf4 demo bench-cpu results clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ demo: $(STAMP)
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/w4_cpu.py
+
+# BENCHMARKS.md's generated tables and docs/benchmarks.png, from benchmarks/results/*.json.
+results: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/results.py render
 
 clean:
 	rm -rf $(VENV) $(HF4_VENV) build *.egg-info

@@ -20,6 +20,7 @@ import torch
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.patches.state import state_of
+from results import record
 from workloads import commit, random_model, w1_requests
 
 W1_FLOOR_TOK_S = 25_000  # DESIGN.md 3: KV reads + weights per step at ~3 TB/s on an H100
@@ -195,6 +196,35 @@ def print_table(results: dict) -> None:
         print(f"drop-in: {row['drop_in_tok_s']:.0f} tok/s = {row['drop_in_tok_s'] / row['llm_tok_s']:.2f}x LLM.generate")
 
 
+def figures(result: dict) -> list:
+    """The run's figures for benchmarks/results (see results.py), each beside its peer of the same run."""
+    from results import Figure
+
+    out = []
+    for size in ("0.6b", "8b"):
+        row = result.get(f"W1_{size}")
+        if row and "tok_s" in row:
+            peer = row.get("hf_cb_tok_s")
+            out.append(Figure(f"W1 ({size})", "output throughput", "tok/s", row["tok_s"], "LLM.generate",
+                              peer=f"HF continuous batching ({row['hf_cb_requests']} requests)" if peer else None,
+                              peer_value=peer))
+    if "W2" in result:
+        row = result["W2"]
+        out.append(Figure("W2 (batch 1)", "latency", "ms/token", row["ms_per_token"], "accelerate(model).generate",
+                          higher_is_better=False, peer="HF generate, static cache",
+                          peer_value=row["hf_static_ms_per_token"]))
+    if "drop_in_W1_batch" in result:
+        row = result["drop_in_W1_batch"]
+        peer = row.get("hf_generate_tok_s")
+        out.append(Figure("drop-in W1 batch", "output throughput", "tok/s", row["drop_in_tok_s"],
+                          "accelerate(model).generate", peer=f"HF generate ({row['hf_generate_subset']})" if peer
+                          else None, peer_value=peer))
+    if "W5_8b_batch1" in result:
+        out.append(Figure("W5 (8b, batch 1)", "latency", "ms/token", result["W5_8b_batch1"]["ms_per_token"],
+                          "accelerate(model).generate", higher_is_better=False))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w5")
@@ -231,6 +261,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2, default=str)
+        record(results["device"], figures(results), "bench_gpu", results["commit"])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 
+from results import record
 from workloads import commit, random_model, timed, w1_requests
 
 REPEATS = 4
@@ -73,6 +74,25 @@ def _child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def figures(result: dict) -> list:
+    """The run's figures for benchmarks/results (see results.py)."""
+    from results import Figure
+
+    by_config = {row["config"]: row for row in result["results"]}
+    llm, one, two = (by_config.get(name) for name in (
+        "LLM.generate, 1 GPU", "ray.generate, 1 replica(s)", "ray.generate, 2 replica(s)"))
+    workload = "W1 x4 (1,024 requests)"
+    out = []
+    if one and two:
+        out.append(Figure(workload, "end-to-end output throughput", "tok/s", two["tok_s"], "ray.generate, 2 replicas",
+                          peer="ray.generate, 1 replica", peer_value=one["tok_s"]))
+    if llm and two:
+        out.append(Figure(workload, "output throughput (Ray: start-up included)", "tok/s", two["tok_s"],
+                          "ray.generate, 2 replicas", peer="LLM.generate, 1 GPU (construction excluded)",
+                          peer_value=llm["tok_s"]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results here as JSON")
@@ -105,6 +125,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)
+    record(summary["device"], figures(summary), "ray_dp", summary["commit"])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,23 @@ import json
 import torch
 
 from hf_minivllm import LLM, SamplingParams
+from results import record
 from workloads import commit, random_model, timed, w1_requests
+
+
+def figures(result: dict) -> list:
+    """Mixed steps beside separate prefill and decode steps, per workload (benchmarks/results, see results.py)."""
+    from results import Figure
+
+    rows = {(row["repeats"], row["mixed_steps"]): row for row in result["results"]}
+    out = []
+    for (repeats, mixed), row in sorted(rows.items()):
+        separate = rows.get((repeats, False))
+        if mixed and separate:
+            workload = "W1" if repeats == 1 else f"W1 x{repeats} in one call"
+            out.append(Figure(workload, "output throughput", "tok/s", row["tok_s"], "LLM.generate, mixed steps",
+                              peer="LLM.generate, separate prefill and decode steps", peer_value=separate["tok_s"]))
+    return out
 
 
 def main() -> None:
@@ -44,6 +60,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)
+    record(summary["device"], figures(summary), "w1_queued", summary["commit"])
 
 
 if __name__ == "__main__":
