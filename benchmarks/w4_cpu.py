@@ -13,6 +13,7 @@ import torch
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.models.loading import load_embedded_model
+from results import record as record_figures
 from workloads import commit, timed, write_results
 
 TOPICS = [
@@ -23,6 +24,16 @@ TOPICS = [
     "lighthouses", "compost", "hot air balloons",
 ]
 MAX_NEW_TOKENS = 64
+
+
+def figures(result: dict) -> list:
+    """Our two paths beside HF generate on the same batch (benchmarks/results, see results.py)."""
+    from results import Figure
+
+    rates = {row["path"]: row["tokens_per_s"] for row in result["rows"]}
+    hf = "HF generate (padded batch of 32)"
+    return [Figure("W4 (CPU, SmolLM2, 32 chats)", "output throughput", "tok/s", rate, path, peer=hf,
+                   peer_value=rates[hf]) for path, rate in rates.items() if path.startswith("hf_minivllm")]
 
 
 def main() -> None:
@@ -86,7 +97,9 @@ def main() -> None:
         print(f"{row['path']:42s} {row['seconds']:8.2f} {row['tokens']:7d} {row['tokens_per_s']:8.1f} "
               f"{row['tokens_per_s'] / hf_rate:8.2f}x {vs_pipe}")
     print(f"accelerated output identical to HF generate: {identical}")
-    write_results(args.out, rows=rows, identical_to_hf=identical)
+    device = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    write_results(args.out, device=device, rows=rows, identical_to_hf=identical)
+    record_figures(device, figures({"rows": rows}), "w4_cpu", commit())
 
 
 if __name__ == "__main__":
