@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import time
 import traceback
 
@@ -20,7 +19,7 @@ import torch
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.patches.state import state_of
-from results import record
+from results import finish_run
 from workloads import commit, random_model, w1_requests
 
 W1_FLOOR_TOK_S = 25_000  # DESIGN.md 3: KV reads + weights per step at ~3 TB/s on an H100
@@ -258,10 +257,7 @@ def main() -> None:
     finally:
         results.update(table)
         print_table(table)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2, default=str)
-        record(results["device"], figures(results), "bench_gpu", results["commit"])
+        finish_run(args.out, results, figures(results), "bench_gpu")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from results import record
+from results import finish_run
 from workloads import commit, random_model, timed, w1_requests
 
 REPEATS = 4
@@ -122,10 +122,7 @@ def main() -> None:
         two_replicas_vs_llm=two["tok_s"] / by_config["LLM.generate, 1 GPU"]["tok_s"],
     )
     print(json.dumps(summary, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=2)
-    record(summary["device"], figures(summary), "ray_dp", summary["commit"])
+    finish_run(args.out, summary, figures(summary), "ray_dp")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ def record(device: str, figures: list[Figure], script: str, commit: str, date: s
     return _append(results_dir() / f"{device_slug(device)}.json", entries)
 
 
+def finish_run(out: str | None, summary: dict, figures: list[Figure], script: str) -> None:
+    """The end of a script's run: its summary (with ``device`` and ``commit``) written to ``out`` when given, its
+    figures recorded."""
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2, default=str))
+    record(summary["device"], figures, script, summary["commit"])
+
+
 def add(script: str, result_file: str) -> int:
     """Record a script's ``--out`` JSON through that script's ``figures(result)``."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -12,7 +12,7 @@ import json
 import torch
 
 from hf_minivllm import LLM, SamplingParams
-from results import record
+from results import finish_run
 from workloads import commit, random_model, timed, w1_requests
 
 
@@ -57,10 +57,7 @@ def main() -> None:
         llm.close()
         torch.cuda.empty_cache()
     summary = dict(commit=commit(), device=torch.cuda.get_device_name(0), results=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=2)
-    record(summary["device"], figures(summary), "w1_queued", summary["commit"])
+    finish_run(args.out, summary, figures(summary), "w1_queued")
 
 
 if __name__ == "__main__":
