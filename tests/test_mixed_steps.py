@@ -117,3 +117,20 @@ def test_mixed_steps_setting_is_checked():
 
     with pytest.raises(ValueError, match="mixed_steps"):
         Config(mixed_steps="yes")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_prompt_prefilled_in_chunks_gives_its_blocks_back_before_a_running_request_starves(async_scheduling):
+    """Each request fits the 10-block cache alone. The long prompt, admitted in chunks beside the running request,
+    holds all its prompt blocks while it waits for its next chunk; the running request's next block must then come
+    from it, not from preempting the running request itself (which left nothing to run)."""
+    model = tiny_model("qwen3")
+    running, long_prompt = [5, 6, 7, 8], list(range(10, 46))
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    expected = LLM(copy.deepcopy(model), async_scheduling=False, mixed_steps=False,
+                   num_kvcache_blocks=2048).generate([running, long_prompt], params, use_tqdm=False)
+    llm = LLM(model, async_scheduling=async_scheduling, enable_prefix_caching=False, kvcache_block_size=4,
+              num_kvcache_blocks=10, max_num_batched_tokens=8)
+    assert llm.generate([running, long_prompt], params, use_tqdm=False) == expected
+    assert llm.stats.preemptions > 0

@@ -177,6 +177,8 @@ class Scheduler:
                 kept.append(seq)
                 continue
             while not manager.can_append(seq) and not self._try_grow(1):
+                if self._release_partial_prefill():
+                    continue
                 if candidates:
                     self._preempt(candidates.pop())
                 else:
@@ -192,6 +194,17 @@ class Scheduler:
             assert kept, "a single sequence must always fit: requests are checked against the KV cache size"
             return None
         return ScheduledBatch(scheduled, False, [1] * len(scheduled), [True] * len(scheduled))
+
+    def _release_partial_prefill(self) -> bool:
+        """Free the blocks of the prompt being prefilled in chunks (it waits at the queue's head holding all of its
+        prompt's blocks) before a running request gives up its own: the running one has generated tokens, the
+        prompt only part of its KV, and without this a cache that fits each request alone could starve them both.
+        The prompt starts over (its cached prefix blocks stay reusable); counted as a preemption."""
+        if not self.waiting or not self.waiting[0].block_table or self.waiting[0].num_pending_tokens:
+            return False
+        self.num_preemptions += 1
+        self.block_manager.deallocate(self.waiting[0])
+        return True
 
     def _finishes_when_pending_arrive(self, seq: Sequence) -> bool:
         """Whether ``seq``'s pending tokens bring it to max_tokens or max_model_len (so no step may follow)."""
