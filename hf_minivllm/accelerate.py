@@ -38,7 +38,7 @@ def accelerate(model: Any, **config: Any) -> Any:
             logger.warning("model is already accelerated; ignoring %s (call hf_minivllm.restore first)", sorted(config))
         return model
     if config.get("kv_cache_resident") is None:
-        config["kv_cache_resident"] = False
+        config["kv_cache_resident"] = config.get("tensor_parallel_size", 1) > 1  # sharded caches are resident
     try:
         llm = LLM(target, **config)
     except UnsupportedModel as error:

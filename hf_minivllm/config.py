@@ -30,6 +30,7 @@ class Config:
     ``max_num_batched_tokens``); off, a step either prefills or decodes. ``async_scheduling`` schedules and
     prepares the next step while the current one runs on the device (the host never waits for a step before
     queueing the next); steps with HF logits processors or stopping criteria always run one at a time.
+    ``tensor_parallel_size``: the model is sharded over that many GPUs (processes on CPU; see ``hf_minivllm.tp``).
     """
 
     model: Any = None
@@ -54,11 +55,6 @@ class Config:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {value!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"Config.tensor_parallel_size={self.tensor_parallel_size}: only 1 is supported so far (the layers are "
-                "shard-aware, the multi-GPU worker processes are not built yet)"
-            )
         size = self.kvcache_block_size
         if not _is_int(size) or size <= 0 or size & (size - 1):
             raise ValueError(f"Config.kvcache_block_size must be a power of two, got {size!r}")
@@ -75,6 +71,9 @@ class Config:
                 raise ValueError(f"Config.{name} must be a boolean, got {getattr(self, name)!r}")
         if self.kv_cache_resident is not None and not isinstance(self.kv_cache_resident, bool):
             raise ValueError(f"Config.kv_cache_resident must be True, False or None, got {self.kv_cache_resident!r}")
+        if self.kv_cache_resident is False and self.tensor_parallel_size > 1:
+            raise ValueError("Config.kv_cache_resident=False (an on-demand KV cache) needs tensor_parallel_size=1; "
+                             "a sharded model's cache is allocated up front")
         gib = self.kv_cache_memory_gib
         if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0):
             raise ValueError(f"Config.kv_cache_memory_gib must be a number of GiB > 0 or None, got {gib!r}")

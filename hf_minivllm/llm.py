@@ -7,16 +7,19 @@ from collections.abc import Iterator, Sequence as SequenceOf
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from hf_minivllm.config import Config
 from hf_minivllm.engine.llm_engine import LLMEngine
 from hf_minivllm.engine.loop import EngineLoop, RequestGroup
 from hf_minivllm.engine.sequence import FinishReason, Sequence
-from hf_minivllm.models.adapter import build_decoder, load_hf_model, unwrap_peft
+from hf_minivllm.models.adapter import build_decoder, check_tensor_parallel, load_hf_model, model_devices, unwrap_peft
+from hf_minivllm.models.decoder import DecoderForCausalLM
 from hf_minivllm.models.loading import eos_token_ids_of, load_tokenizer
 from hf_minivllm.models.weight_sync import WeightChange, WeightWatcher
 from hf_minivllm.sampling_params import SamplingParams
+from hf_minivllm.tp import TensorParallelWorkers, tensor_parallel_devices
 
 Prompt = str | SequenceOf[int]
 
@@ -96,18 +99,33 @@ class LLM:
         if config.get("kv_cache_resident") is None:
             config["kv_cache_resident"] = True  # the offline API pre-allocates, as vLLM does
         self.config = Config(model=model, **config)
+        tp_size = self.config.tensor_parallel_size
         if isinstance(model, str):
-            hf_model = load_hf_model(model)
+            # Sharded, the model is read into CPU memory and each rank's shards go to its device from there.
+            hf_model = load_hf_model(model, device="cpu" if tp_size > 1 else None)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         else:
             hf_model = unwrap_peft(model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.config.fit_to_model(getattr(hf_model.config, "max_position_embeddings", None))
-        self.model = build_decoder(hf_model)
-        self._weights = WeightWatcher(hf_model, self.model.weight_sources, self.model.adapter_state)
-        self._weights_lock = threading.Lock()
-        self.engine = LLMEngine(self.model, self.config, eos_token_ids_of(hf_model, tokenizer))
+        self._workers: TensorParallelWorkers | None = None
+        if tp_size > 1:
+            check_tensor_parallel(hf_model, tp_size)
+            devices = model_devices(hf_model)
+            first = devices[0]
+            if isinstance(model, str) and torch.cuda.is_available():
+                first = torch.device("cuda", torch.cuda.current_device())
+            self._workers = TensorParallelWorkers(tensor_parallel_devices(first, tp_size, devices))
+        try:
+            self.model = self._build_decoder()
+            self._weights = WeightWatcher(hf_model, self.model.weight_sources, self.model.adapter_state)
+            self._weights_lock = threading.Lock()
+            self.engine = LLMEngine(self.model, self.config, eos_token_ids_of(hf_model, tokenizer), self._workers)
+        except BaseException:
+            if self._workers is not None:
+                self._workers.close()
+            raise
         self.loop = EngineLoop(self.engine)
 
     @property
@@ -222,6 +240,8 @@ class LLM:
         with self._weights_lock:
             change = self._weights.check()
             if change is WeightChange.VALUES:
+                if self._workers is not None:  # the ranks hold copies of their shards: overwrite them
+                    self.loop.call(self._refresh_shards)
                 self.loop.post(LLMEngine.reset_prefix_cache)
                 self._weights.commit()
                 self.engine.stats.weight_updates += 1
@@ -229,9 +249,26 @@ class LLM:
                 self.loop.call(self._rebuild)
                 self.engine.stats.weight_updates += 1
 
+    def _build_decoder(self) -> DecoderForCausalLM:
+        """The decoder for the model as it is now; sharded, rank 0's shards here and every worker's sent to it."""
+        if self._workers is None:
+            return build_decoder(self.hf_model)
+        workers = self._workers
+        model = build_decoder(self.hf_model, 0, workers.size, group=workers.group, device=workers.devices[0])
+        workers.load(self._shard_views)
+        return model
+
+    def _shard_views(self, rank: int) -> DecoderForCausalLM:
+        """Rank ``rank``'s shards as views of the HF weights where they lie (fused parts built), for sending."""
+        return build_decoder(self.hf_model, rank, self._workers.size)
+
+    def _refresh_shards(self, engine: LLMEngine) -> None:
+        """Runs on the engine loop: every rank overwrites its shards with the HF model's new values."""
+        self._workers.refresh(self.model, self._shard_views)
+
     def _rebuild(self, engine: LLMEngine) -> None:
         """Runs on the engine loop: a new decoder from the model as it is now, served by a new runner."""
-        model = build_decoder(self.hf_model)
+        model = self._build_decoder()
         watcher = WeightWatcher(self.hf_model, model.weight_sources, model.adapter_state)
         engine.reload_model(model)
         self.model, self._weights = model, watcher
@@ -243,8 +280,13 @@ class LLM:
         self.loop.post(LLMEngine.reset_prefix_cache)
 
     def close(self) -> None:
-        """Abort running requests and release the KV cache and CUDA graphs; later calls raise ``EngineClosed``."""
-        self.loop.close()
+        """Abort running requests and release the KV cache and CUDA graphs (and stop the tensor-parallel workers);
+        later calls raise ``EngineClosed``."""
+        try:
+            self.loop.close()
+        finally:
+            if self._workers is not None:
+                self._workers.close()
 
     def __enter__(self) -> LLM:
         return self

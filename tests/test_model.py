@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 import hf_minivllm
 from conftest import FAMILIES, tiny_model
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
+from hf_minivllm.layers.parallel import ParallelGroup
 from hf_minivllm.models.adapter import UnsupportedModel, build_decoder, load_hf_model
 
 
@@ -78,7 +78,7 @@ def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
 
 
 def check_against_hf(hf_model, lengths: list[int], new_tokens: int, seed: int = 0, tol: float = 1e-5,
-                     backend: str = "torch", tp_rank: int = 0, tp_size: int = 1):
+                     backend: str = "torch", tp_rank: int = 0, tp_size: int = 1, group=None):
     """Packed prefill of sequences of the given lengths (one split in two chunks), then teacher-forced decode.
 
     Returns the decoder it built.
@@ -87,7 +87,8 @@ def check_against_hf(hf_model, lengths: list[int], new_tokens: int, seed: int = 
     gen = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(3, vocab, (n + new_tokens,), generator=gen).tolist() for n in lengths]
     want = [hf_logits(hf_model, s) for s in seqs]
-    decoder = build_decoder(hf_model, tp_rank=tp_rank, tp_size=tp_size)
+    decoder = build_decoder(hf_model, tp_rank=tp_rank, tp_size=tp_size, group=group,
+                            device=torch.device("cpu") if tp_size > 1 else None)
     runner = PagedRunner(decoder, backend=backend)
     ids = [runner.add() for _ in seqs]
 
@@ -161,26 +162,26 @@ def test_smollm2_matches_hf_and_greedy_is_token_exact(smollm2):
 
 
 def _tensor_parallel_worker(rank: int, world_size: int, port: int, models: list) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
+    group = ParallelGroup.connect(rank, world_size, port, torch.device("cpu"), timeout_s=60)
     torch.set_num_threads(1)
-    try:
-        for model in models:
-            decoder = check_against_hf(model, lengths=[7, 1, 5], new_tokens=2, tp_rank=rank, tp_size=world_size)
-            assert (decoder.num_kv_heads, decoder.layers[0].self_attn.num_heads) == (1, 2)
-    finally:
-        torch.distributed.destroy_process_group()
+    for model in models:
+        decoder = check_against_hf(model, lengths=[7, 1, 5], new_tokens=2, tp_rank=rank, tp_size=world_size,
+                                   group=group)
+        kv_heads = model.config.num_key_value_heads
+        assert decoder.num_kv_heads == max(1, kv_heads // world_size)
+        assert decoder.layers[0].self_attn.num_heads == model.config.num_attention_heads // world_size
 
 
-def test_tensor_parallel_shards_match_hf():
-    """TP=2 over gloo on CPU: head-split qkv/o_proj, split MLP, vocab-split embedding and LM head."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    models = [tiny_model("qwen3"), tiny_model("qwen2"), tiny_model("llama", attention_bias=True, mlp_bias=True)]
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tensor_parallel_shards_match_hf(world_size):
+    """TP over gloo on CPU: head-split qkv/o_proj (KV heads replicated past their number), split MLP, vocab-split
+    embedding and LM head (a vocabulary that does not divide is padded)."""
+    store = ParallelGroup.create_store(world_size, timeout_s=60)
+    models = [tiny_model("qwen3"), tiny_model("qwen2", vocab_size=331),
+              tiny_model("llama", attention_bias=True, mlp_bias=True)]
     # fork: the children inherit the models and imported modules, which a spawn would rebuild for seconds.
-    torch.multiprocessing.start_processes(_tensor_parallel_worker, args=(2, port, models), nprocs=2,
-                                          start_method="fork")
+    torch.multiprocessing.start_processes(_tensor_parallel_worker, args=(world_size, store.port, models),
+                                          nprocs=world_size, start_method="fork")
 
 
 def _param_bytes(model) -> int:

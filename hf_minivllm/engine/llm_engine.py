@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from hf_minivllm.config import Config
-from hf_minivllm.engine.model_runner import LaunchedStep, ModelRunner
+from hf_minivllm.engine.model_runner import LaunchedStep, ModelRunner, TensorParallelPeers
 from hf_minivllm.engine.scheduler import Scheduler
 from hf_minivllm.engine.sequence import FinishReason, Sequence
 from hf_minivllm.engine.stats import EngineStats
@@ -39,10 +39,13 @@ class LLMEngine:
     """Continuous-batching engine over a compact decoder (see ``hf_minivllm.models``).
 
     Not thread-safe by itself: one thread steps it (``hf_minivllm.engine.loop.EngineLoop`` for many callers).
+    ``workers``: the other ranks of a tensor-parallel ``model`` (``hf_minivllm.tp``), whose runners follow this one's.
     """
 
-    def __init__(self, model: nn.Module, config: Config, eos_token_ids: SequenceOf[int]):
+    def __init__(self, model: nn.Module, config: Config, eos_token_ids: SequenceOf[int],
+                 workers: TensorParallelPeers | None = None):
         self.config = config
+        self.workers = workers
         self.eos_token_ids = list(eos_token_ids)
         self.stats = EngineStats()
         self.num_hooked_requests = 0  # unfinished requests with a SamplingParams.step_hook
@@ -55,7 +58,7 @@ class LLMEngine:
     def _start(self, model: nn.Module) -> None:
         """A runner and scheduler for ``model``, swapped in together once both exist (callers on other threads
         read the scheduler's capacity while validating)."""
-        runner = ModelRunner(model, self.config, self.eos_token_ids)
+        runner = ModelRunner(model, self.config, self.eos_token_ids, self.workers)
         scheduler = Scheduler(self.config, runner.num_blocks, self.eos_token_ids,
                               capacity_blocks=runner.capacity_blocks, grow=self._grow_kv_cache)
         self.model, self.runner, self.scheduler = model, runner, scheduler
@@ -263,6 +266,8 @@ class LLMEngine:
             self._start(model)
         except BaseException as error:
             try:
+                if self.workers is not None:
+                    raise  # the workers may hold the new model's shards already: never serve a mix
                 self._start(old_model)  # keep serving; the caller gets the error and the next call tries again
             except BaseException:
                 self.closed = True

@@ -1,12 +1,16 @@
 """Turns a scheduled batch into model inputs, runs the decoder, and samples the next tokens.
 
 Owns the paged KV cache (one tensor, a view of it per attention layer) and, on CUDA, the captured decode graphs.
+A step is first planned on the host (``hf_minivllm.engine.step_plan``), then run. With tensor parallelism, rank 0's
+runner hands each plan to the other ranks' runners (``workers``) before running it itself, samples alone, and
+broadcasts the sampled tokens, which the next step's pending inputs come from on every rank.
 """
 from __future__ import annotations
 
 import gc
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,6 +31,7 @@ from hf_minivllm.engine.kv_storage import (
 from hf_minivllm.engine.scheduler import ScheduledBatch
 from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.engine.step_hooks import apply_step_hooks
+from hf_minivllm.engine.step_plan import DecodePlan, PrefillPlan, StepPlan
 from hf_minivllm.layers.attention import select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
@@ -37,11 +42,33 @@ logger = logging.getLogger(__name__)
 GIB = 1 << 30
 
 
-class ModelRunner:
-    """One model on one device: its KV cache storage, decode graphs, input preparation and sampling."""
+class TensorParallelPeers(Protocol):
+    """Rank 0's handle on the other ranks' runners (``hf_minivllm.tp.workers``)."""
 
-    def __init__(self, model: nn.Module, config: Config, eos_token_ids: list[int]):
+    def start_runner(self, config: Config, eos_token_ids: list[int]) -> None: ...
+    def wait_ready(self) -> None: ...
+    def step(self, plan: StepPlan) -> None: ...
+    def wait(self, event: torch.cuda.Event) -> None: ...
+    def check(self, error: BaseException | None = None) -> None: ...
+    def close_runner(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+
+
+class ModelRunner:
+    """One model on one device: its KV cache storage, decode graphs, input preparation and sampling.
+
+    ``workers``: on rank 0 of a tensor-parallel model, the other ranks' runners, built alongside this one and
+    given every step's plan.
+    """
+
+    def __init__(self, model: nn.Module, config: Config, eos_token_ids: list[int],
+                 workers: TensorParallelPeers | None = None):
         self.model = model
+        self.group = getattr(model, "group", None)
+        self.workers = workers
+        if workers is not None:
+            workers.start_runner(config, list(eos_token_ids))
         self.eos_token_ids = list(eos_token_ids)
         self._banned_columns: dict[tuple[int, ...], torch.Tensor] = {}  # min_tokens: banned ids on the device
         self.config = config
@@ -61,6 +88,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
+        if workers is not None:
+            workers.wait_ready()
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -103,6 +132,8 @@ class ModelRunner:
                 logger.warning("CUDA virtual memory management is unavailable: the KV cache is allocated up front")
             num_blocks = self._blocks_in(total * config.gpu_memory_utilization - used_now - activation_peak)
             num_blocks = min(num_blocks, cap) if cap is not None else num_blocks
+            if self.group is not None:
+                num_blocks = self.group.min(num_blocks)  # every rank holds the same blocks: the smallest wins
             self._check_fits(num_blocks, num_blocks * self.kv_bytes_per_block)
             return FixedKVStorage(layout, num_blocks, device)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -152,7 +183,7 @@ class ModelRunner:
             seq.block_table = table
             seqs.append(seq)
         batch = ScheduledBatch(seqs, True, [seq_len] * num_seqs, [True] * num_seqs)
-        self.execute(batch)
+        self.run_plan(self._plan(batch, None), None)
         logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device)
         rows = [Sequence([0], _WARMUP_PARAMS, self.block_size) for _ in range(config.max_num_seqs)]
         sample(logits, self._sampling_tensors(rows))
@@ -198,9 +229,16 @@ class ModelRunner:
         return num_blocks
 
     def close(self) -> None:
-        """Release the CUDA graphs and the KV cache (after the device finished any step still writing to it)."""
+        """Release the CUDA graphs and the KV cache (after the device finished any step still writing to it); with
+        tensor parallelism, the other ranks' runners too."""
         if self.device.type == "cuda":
+            if self.workers is not None and not self.workers.closed:
+                done = torch.cuda.Event()
+                done.record()
+                self.workers.wait(done)
             torch.cuda.synchronize(self.device)
+        if self.workers is not None and not self.workers.closed:
+            self.workers.close_runner()
         self.graphs = None
         self._bind_kv_cache(None)
         self.storage.close()
@@ -222,7 +260,7 @@ class ModelRunner:
     def _array_to_device(self, array: np.ndarray) -> torch.Tensor:
         return self._pinned(array).to(self.device, non_blocking=True)
 
-    def _prepare_prefill(self, batch: ScheduledBatch, previous: LaunchedStep | None = None):
+    def _plan_prefill(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> PrefillPlan:
         """Prefill inputs, built per token with numpy (a chunk is up to max_num_batched_tokens tokens).
 
         In a mixed step, running sequences take part with their one decode token; one whose token the step in
@@ -247,24 +285,17 @@ class ModelRunner:
             if len(known) < count:  # the decode token of a sequence whose last token is still on the device
                 pending_offsets.append(offset + len(known))
                 pending_rows.append(previous.row_of_sequence()[seq.seq_id])
-        device_ids = self._array_to_device(input_ids)
-        if pending_offsets:
-            device_ids.index_copy_(0, self._to_device(pending_offsets, torch.int64),
-                                   previous.tokens[self._to_device(pending_rows, torch.int64)])
-        metadata = AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=self._array_to_device(slots),
-            block_tables=self._array_to_device(tables),
-            cu_seqlens_q=self._array_to_device(cu_q),
-            cu_seqlens_k=self._array_to_device(cu_k),
-            max_seqlen_q=int(counts.max()),
+        return PrefillPlan(
+            input_ids=input_ids, positions=positions, slot_mapping=slots, block_tables=tables,
+            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(counts.max()),
             max_seqlen_k=int((starts + counts).max()),
+            logits_rows=(cu_q[1:] - 1)[np.asarray(batch.sample, dtype=bool)].astype(np.int64),
+            pending_offsets=np.asarray(pending_offsets, dtype=np.int64) if pending_offsets else None,
+            pending_rows=np.asarray(pending_rows, dtype=np.int64) if pending_offsets else None,
         )
-        logits_rows = (cu_q[1:] - 1)[np.asarray(batch.sample, dtype=bool)].tolist()
-        return device_ids, self._array_to_device(positions), metadata, logits_rows
 
-    def _prepare_decode(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> DecodeInputs:
-        """Decode inputs in pinned host memory: one copy each to the device (or into the graph's buffers).
+    def _plan_decode(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> DecodePlan:
+        """Decode inputs: one row per sequence (copied to the device, or into the graph's buffers, in one go).
 
         A sequence with a pending token (sampled by ``previous``, still on the device) computes at position
         ``num_tokens - 1`` all the same; its input id is taken from ``previous``'s tokens on the device.
@@ -277,14 +308,12 @@ class ModelRunner:
         positions = rows[1]
         positions[:] = [seq.num_tokens - 1 for seq in seqs]
         rows[2] = tables[np.arange(len(seqs)), positions // block_size] * block_size + positions % block_size
-        context_lens = (positions + 1).astype(np.int32)
-        inputs = DecodeInputs(self._pinned(rows), self._pinned(context_lens), self._pinned(tables))
+        plan = DecodePlan(rows, (positions + 1).astype(np.int32), tables)
         if any(seq.num_pending_tokens for seq in seqs):
             row_of = previous.row_of_sequence()
-            previous_rows = [row_of[seq.seq_id] if seq.num_pending_tokens else -1 for seq in seqs]
-            inputs.previous_rows = self._pinned(np.asarray(previous_rows, dtype=np.int64))
-            inputs.previous_tokens = previous.tokens
-        return inputs
+            plan.previous_rows = np.asarray([row_of[seq.seq_id] if seq.num_pending_tokens else -1 for seq in seqs],
+                                            dtype=np.int64)
+        return plan
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         if all(seq.sampling_params.temperature == 0 for seq in seqs):
@@ -350,6 +379,36 @@ class ModelRunner:
         """Run one step and wait for it; returns the new token of each sampled sequence and None for prefill chunks."""
         return self.launch(batch).token_ids()
 
+    def _plan(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> StepPlan:
+        """The step's inputs on the host. A mixed step whose decode rows fit a CUDA graph runs in two passes: the
+        running sequences' decode tokens through the graph, the prompts eagerly (then costing only their own
+        launches); one sampling over both."""
+        decode = prefill = None
+        if batch.is_prefill and self._splits(batch):
+            decode = self._plan_decode(batch.part(0, batch.num_decode, is_prefill=False), previous)
+            prefill_batch = batch.part(batch.num_decode, None, is_prefill=True)
+            self._decode_tables.forget(prefill_batch.seqs)  # admitted or recomputed sequences may hold new tables
+            prefill = self._plan_prefill(prefill_batch, previous)
+        elif batch.is_prefill:
+            self._decode_tables.clear()  # admitted or recomputed sequences may hold new block tables
+            prefill = self._plan_prefill(batch, previous)
+        else:
+            decode = self._plan_decode(batch, previous)
+        return StepPlan(decode, prefill, sum(batch.sample))
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan, previous_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """Queue the step's forward pass; the logits of its sampled rows (None when no row samples).
+        ``previous_tokens``: the sampled tokens of the step in flight, which pending inputs index into."""
+        logits = self._decode_logits(plan.decode, previous_tokens) if plan.decode is not None else None
+        if plan.prefill is not None:
+            prefill_logits = self._prefill_logits(plan.prefill, previous_tokens)
+            if logits is None or prefill_logits is None:
+                logits = prefill_logits if logits is None else logits
+            else:
+                logits = torch.cat([logits, prefill_logits])
+        return logits
+
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step on the device and return without waiting for it (sampling included).
@@ -357,22 +416,25 @@ class ModelRunner:
         ``previous`` is the step still in flight whose sampled tokens are the pending inputs of this step's decode
         rows (a decode step, or the running sequences of a mixed step).
         """
-        if batch.is_prefill and self._splits(batch):
-            # A mixed step in two passes: the running sequences' decode tokens through the decode graph, the
-            # prompts eagerly; one sampling over both. The eager pass then costs only the prompts' launches.
-            logits = self._decode_logits(batch.part(0, batch.num_decode, is_prefill=False), previous)
-            prefill = batch.part(batch.num_decode, None, is_prefill=True)
-            self._decode_tables.forget(prefill.seqs)  # admitted or recomputed sequences may hold new block tables
-            prefill_logits = self._prefill_logits(prefill, previous)
-            if prefill_logits is not None:
-                logits = torch.cat([logits, prefill_logits])
-        elif batch.is_prefill:
-            self._decode_tables.clear()  # admitted or recomputed sequences may hold new block tables
-            logits = self._prefill_logits(batch, previous)
-            if logits is None:
-                return LaunchedStep(batch, None)
-        else:
-            logits = self._decode_logits(batch, previous)
+        plan = self._plan(batch, previous)
+        previous_tokens = previous.tokens if previous is not None else None
+        if self.workers is None:
+            return self._sample(batch, self.run_plan(plan, previous_tokens))
+        try:
+            self.workers.step(plan)
+            launched = self._sample(batch, self.run_plan(plan, previous_tokens))
+            if launched.tokens is not None:
+                self.group.broadcast(launched.tokens)  # the other ranks' next pending inputs
+        except Exception as error:
+            self.workers.check(error)  # a worker's failure, with its cause, rather than a broken collective
+            raise
+        launched.wait = self.workers.wait
+        return launched
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor | None) -> LaunchedStep:
+        """Sample the sampled rows' next tokens (step hooks, min_tokens, logprobs) behind the forward pass."""
+        if logits is None:
+            return LaunchedStep(batch, None)
         sampled_seqs = [seq for seq, sampled in zip(batch.seqs, batch.sample) if sampled]
         logprob_rows = ([row for row, seq in enumerate(sampled_seqs) if seq.sampling_params.logprobs is not None]
                         if batch.has_logprobs else [])
@@ -395,22 +457,36 @@ class ModelRunner:
         """Whether a mixed step runs its decode rows through a decode graph (CUDA graphs captured for that many)."""
         return batch.num_decode > 0 and self.graphs is not None and self.graphs.can_run(batch.num_decode)
 
-    def _prefill_logits(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> torch.Tensor | None:
-        """Logits of the sampled rows of a prefill (or combined mixed) batch, None when no row samples."""
-        input_ids, positions, metadata, logits_rows = self._prepare_prefill(batch, previous)
-        set_attention_metadata(metadata)
+    def _prefill_logits(self, plan: PrefillPlan, previous_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits of the sampled rows of a prefill (or combined mixed) pass, None when no row samples."""
+        input_ids = self._array_to_device(plan.input_ids)
+        if plan.pending_offsets is not None:
+            input_ids.index_copy_(0, self._array_to_device(plan.pending_offsets),
+                                  previous_tokens[self._array_to_device(plan.pending_rows)])
+        set_attention_metadata(AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._array_to_device(plan.slot_mapping),
+            block_tables=self._array_to_device(plan.block_tables),
+            cu_seqlens_q=self._array_to_device(plan.cu_seqlens_q),
+            cu_seqlens_k=self._array_to_device(plan.cu_seqlens_k),
+            max_seqlen_q=plan.max_seqlen_q,
+            max_seqlen_k=plan.max_seqlen_k,
+        ))
         try:
-            hidden = self.model(input_ids, positions)
+            hidden = self.model(input_ids, self._array_to_device(plan.positions))
         finally:
             set_attention_metadata(None)
-        if not logits_rows:
+        if not len(plan.logits_rows):
             return None
-        return self.model.compute_logits(hidden[self._to_device(logits_rows, torch.int64)])
+        return self.model.compute_logits(hidden[self._array_to_device(plan.logits_rows)])
 
-    def _decode_logits(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> torch.Tensor:
-        """Logits of a decode batch: through the CUDA graph of its size when there is one."""
-        inputs = self._prepare_decode(batch, previous)
-        if self.graphs is not None and self.graphs.can_run(len(batch.seqs)):
+    def _decode_logits(self, plan: DecodePlan, previous_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Logits of a decode pass: through the CUDA graph of its size when there is one."""
+        inputs = DecodeInputs(self._pinned(plan.rows), self._pinned(plan.context_lens), self._pinned(plan.block_tables))
+        if plan.previous_rows is not None:
+            inputs.previous_rows = self._pinned(plan.previous_rows)
+            inputs.previous_tokens = previous_tokens
+        if self.graphs is not None and self.graphs.can_run(plan.rows.shape[1]):
             return self.graphs.run(inputs)
         return self.eager_decode_logits(inputs)
 
@@ -465,6 +541,7 @@ class LaunchedStep:
         self.logprobs = logprobs
         self._host_tokens = tokens
         self._copied: torch.cuda.Event | None = None
+        self.wait: Callable[[torch.cuda.Event], None] = torch.cuda.Event.synchronize  # (TP: watching the workers)
         if tokens is not None and tokens.is_cuda:
             self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host_tokens.copy_(tokens, non_blocking=True)
@@ -481,7 +558,7 @@ class LaunchedStep:
         if self.tokens is None:
             return [None] * len(self.batch.seqs)
         if self._copied is not None:
-            self._copied.synchronize()
+            self.wait(self._copied)
         tokens = iter(self._host_tokens.tolist())
         return [next(tokens) if sampled else None for sampled in self.batch.sample]
 

@@ -8,15 +8,25 @@ that consumes it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from hf_minivllm.layers.parallel import ParallelGroup
 
 
 def _divide(numerator: int, denominator: int) -> int:
     if numerator % denominator:
         raise ValueError(f"{numerator} is not divisible by the tensor-parallel size {denominator}")
     return numerator // denominator
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads each rank holds: an equal share, or one (replicated) when there are more ranks than KV heads."""
+    if tp_size <= num_kv_heads:
+        return _divide(num_kv_heads, tp_size)
+    if tp_size % num_kv_heads:
+        raise ValueError(f"{num_kv_heads} KV heads cannot be replicated evenly over tensor-parallel size {tp_size}")
+    return 1
 
 
 def _frozen(*shape: int) -> nn.Parameter:
@@ -57,7 +67,8 @@ def _with_loras(y: torch.Tensor, x: torch.Tensor, loras: list[LoRA]) -> torch.Te
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T + b`` with W's rows (outputs) split across ranks; the output stays sharded (no communication)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1,
+                 group: ParallelGroup | None = None):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.in_features = in_features
@@ -79,13 +90,20 @@ class ColumnParallelLinear(nn.Module):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one GEMM (gate_proj and up_proj)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, tp_rank: int = 0,
+                 tp_size: int = 1, group: ParallelGroup | None = None):
+        self.full_sizes = list(output_sizes)  # each part's size in the unsharded model
         self.output_sizes = [_divide(size, tp_size) for size in output_sizes]
-        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
+        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size, group)
+
+    def shard_part(self, index: int, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of part ``index`` of the unsharded model (a view)."""
+        size = self.output_sizes[index]
+        return full[self.tp_rank * size : (self.tp_rank + 1) * size]
 
     def fuse(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One new tensor holding this rank's shard of each full part, stacked in order."""
-        return torch.cat([self.shard(part) for part in parts])
+        return torch.cat([self.shard_part(index, part) for index, part in enumerate(parts)])
 
     def part_slices(self) -> list[slice]:
         """Row ranges of each part inside the fused weight."""
@@ -96,23 +114,38 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
-    """Fused q/k/v projection; ranks split heads, so each rank's slice is ``[q heads | k heads | v heads]``."""
+    """Fused q/k/v projection; ranks split heads, so each rank's slice is ``[q heads | k heads | v heads]``.
+
+    With more ranks than KV heads, each KV head is replicated on ``tp_size / num_kv_heads`` consecutive ranks (the
+    ranks whose query heads attend to it)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
+                 tp_rank: int = 0, tp_size: int = 1, group: ParallelGroup | None = None):
         self.num_heads = _divide(num_heads, tp_size)
-        self.num_kv_heads = _divide(num_kv_heads, tp_size)
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp_size)
         self.head_dim = head_dim
+        self.total_kv_heads = num_kv_heads
         q, kv = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, [q, kv, kv], bias, tp_rank, tp_size)
+        self.full_sizes = [q, kv, kv]
+        self.output_sizes = [self.num_heads * head_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim]
+        ColumnParallelLinear.__init__(self, hidden_size, sum(self.output_sizes) * tp_size, bias, tp_rank, tp_size,
+                                      group)
+
+    def shard_part(self, index: int, full: torch.Tensor) -> torch.Tensor:
+        if index == 0 or self.tp_size <= self.total_kv_heads:
+            return super().shard_part(index, full)
+        head = self.tp_rank * self.total_kv_heads // self.tp_size
+        return full[head * self.head_dim : (head + 1) * self.head_dim]
 
 
 class RowParallelLinear(nn.Module):
-    """``y = x W^T + b`` with W's columns (inputs) split across ranks; partial sums are all-reduced."""
+    """``y = x W^T + b`` with W's columns (inputs) split across ranks; partial sums are all-reduced over ``group``
+    (None: a rank's shard held for sending, never run)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1,
+                 group: ParallelGroup | None = None):
         super().__init__()
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
         self.in_features = _divide(in_features, tp_size)
         self.out_features = out_features
         self.weight = _frozen(out_features, self.in_features)
@@ -130,5 +163,5 @@ class RowParallelLinear(nn.Module):
         if self.loras:
             y = _with_loras(y, x, self.loras)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            self.group.all_reduce(y)
         return y

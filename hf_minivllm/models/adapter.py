@@ -5,7 +5,9 @@ qkv and gate_up tensors are new storage and the data of the HF q/k/v and gate/up
 into them, so the old separate tensors are freed and ``hf_model.forward`` keeps working on the same numbers. The HF
 parameter objects themselves stay (same identity, same ``requires_grad``), so an optimizer built before or after
 ``accelerate`` trains them, and its in-place updates land in the fused storage the engine reads. At TP>1 each
-rank takes its own copy of its shard, so the full HF weights can be dropped afterwards.
+rank takes its own copy of its shard on its device; the shards of the other ranks are built as views (fused
+parts excepted) and streamed to their workers by ``hf_minivllm.tp`` one tensor at a time, so the full model is never
+gathered on one device.
 
 ``build_decoder`` records every HF tensor it read (``DecoderForCausalLM.weight_sources``), which
 ``hf_minivllm.models.weight_sync`` watches for changes.
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from hf_minivllm.layers.linear import LoRA
+from hf_minivllm.layers.parallel import ParallelGroup
 from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
@@ -202,6 +205,36 @@ def _check_supported(hf_model: nn.Module) -> None:
                                f"{config.max_position_embeddings}) is not supported")
 
 
+def check_tensor_parallel(hf_model: nn.Module, tp_size: int) -> None:
+    """Raise before anything starts if the model cannot be served at this tensor-parallel size: UnsupportedModel
+    for what the engine cannot serve at all (or not sharded), ValueError for a size that does not divide it."""
+    hf_model = unwrap_peft(hf_model)
+    _check_supported(hf_model)
+    if tp_size == 1:
+        return
+    if any(_is_lora_layer(module) for module in hf_model.modules()):
+        raise UnsupportedModel("PEFT adapters are served at tensor_parallel_size=1 only")
+    config = hf_model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    intermediate = _decoder_config(hf_model, 0, 1).intermediate_size
+    if heads % tp_size or intermediate % tp_size:
+        raise ValueError(f"tensor_parallel_size={tp_size} must divide the attention heads ({heads}) and the MLP "
+                         f"width ({intermediate})")
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp_size} must divide the {kv_heads} KV heads or be a multiple of "
+                         "them (KV heads are then replicated)")
+
+
+def model_devices(hf_model: nn.Module) -> list[torch.device]:
+    """The devices the model's parameters lie on, its embedding's first (where rank 0 goes)."""
+    hf_model = unwrap_peft(hf_model)
+    devices = [hf_model.model.embed_tokens.weight.device]
+    for param in hf_model.parameters():
+        if param.device not in devices:
+            devices.append(param.device)
+    return devices
+
+
 def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderConfig:
     """Shapes and flags read from the HF modules themselves, so what HF computes is what we mirror."""
     config, inner = hf_model.config, hf_model.model
@@ -225,6 +258,7 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         mlp_bias=projections["gate_up"][0].bias is not None,
         qk_norm=hasattr(attn, "q_norm"),
         dtype=inner.embed_tokens.weight.dtype,
+        tie_word_embeddings=hf_model.lm_head.weight is inner.embed_tokens.weight,
         tp_rank=tp_rank,
         tp_size=tp_size,
     )
@@ -246,14 +280,20 @@ def _consecutive_views(parts: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class _Binder:
-    """Assigns HF tensors to decoder parameters: the HF parameter itself at TP=1, an owned shard copy at TP>1.
+    """Assigns HF tensors to decoder parameters: the HF parameter itself at TP=1; at TP>1 the shard, copied to
+    ``device`` (None: left where the HF tensor is, as a view where the shard is one).
 
     ``sources`` lists ``(module, attribute)`` of every HF tensor read, for change detection.
     """
 
-    def __init__(self, tp_size: int):
-        self.tp_size = tp_size
+    def __init__(self, tp_size: int, device: torch.device | None):
+        self.tp_size, self.device = tp_size, device
         self.sources: list[tuple[nn.Module, str]] = []
+
+    def _own(self, tensor: torch.Tensor) -> nn.Parameter:
+        if self.device is not None:
+            tensor = tensor.to(self.device, copy=True)
+        return nn.Parameter(tensor, requires_grad=False)
 
     def share(self, module: nn.Module, name: str, hf_module: nn.Module, hf_name: str, shard=None) -> None:
         hf_param = getattr(hf_module, hf_name)
@@ -263,18 +303,16 @@ class _Binder:
         if self.tp_size == 1:
             setattr(module, name, hf_param)
         else:
-            tensor = shard(hf_param.detach()) if shard is not None else hf_param.detach()
-            setattr(module, name, nn.Parameter(tensor.clone(), requires_grad=False))
+            setattr(module, name, self._own(shard(hf_param.detach()) if shard is not None else hf_param.detach()))
 
     def fuse(self, fused_layer: nn.Module, hf_linears: list[nn.Linear]) -> None:
         """New storage for the fused weight (and bias); at TP=1 the HF linears' parameters become views into it.
 
         One HF linear already holds the fused parts (Phi-3): it is shared as is, and split per part at TP>1."""
         if len(hf_linears) == 1:
-            full_sizes = [size * self.tp_size for size in fused_layer.output_sizes]
             for name in ("weight", "bias"):
                 self.share(fused_layer, name, hf_linears[0], name,
-                           lambda full: fused_layer.fuse(list(full.split(full_sizes))))
+                           lambda full: fused_layer.fuse(list(full.split(fused_layer.full_sizes))))
             return
         for name in ("weight", "bias"):
             parts = [getattr(linear, name) for linear in hf_linears]
@@ -282,18 +320,23 @@ class _Binder:
                 continue
             self.sources += [(linear, name) for linear in hf_linears]
             detached = [part.detach() for part in parts]
-            fused = _consecutive_views(detached) if self.tp_size == 1 else None
-            if fused is None:
-                fused = fused_layer.fuse(detached)
-            setattr(fused_layer, name, nn.Parameter(fused, requires_grad=False))
             if self.tp_size == 1:
+                fused = _consecutive_views(detached)
+                fused = fused_layer.fuse(detached) if fused is None else fused
+                setattr(fused_layer, name, nn.Parameter(fused, requires_grad=False))
                 for part, rows in zip(parts, fused_layer.part_slices()):
                     part.data = fused[rows]
+            else:
+                setattr(fused_layer, name, self._own(fused_layer.fuse(detached)))
 
 
 @torch.no_grad()
-def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> DecoderForCausalLM:
+def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group: ParallelGroup | None = None,
+                  device: torch.device | None = None) -> DecoderForCausalLM:
     """A ``DecoderForCausalLM`` on the HF model's device and dtype, computing exactly what HF computes.
+
+    At ``tp_size > 1``: rank ``tp_rank``'s shards, copied to ``device`` and communicating over ``group``; with no
+    ``device``, views of the HF weights where they are (another rank's shards, to be sent to its worker).
 
     Raises ``UnsupportedModel`` (a ValueError) for architectures or features the decoder does not implement.
     A ``PeftModel`` (or a model with PEFT LoRA layers) is served with its active adapters' updates added to the
@@ -302,14 +345,14 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
     hf_model = unwrap_peft(hf_model)
     _check_supported(hf_model)
     with torch.device("meta"):
-        decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size))
-    bind = _Binder(tp_size)
+        decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size), group)
+    bind = _Binder(tp_size, device)
     inner = hf_model.model
     bind.sources.append((inner.rotary_emb, "inv_freq"))  # read by _decoder_config
     bind.share(decoder.embed_tokens, "weight", inner.embed_tokens, "weight", decoder.embed_tokens.shard)
     bind.share(decoder.norm, "weight", inner.norm, "weight")
-    if hf_model.lm_head.weight is inner.embed_tokens.weight:
-        decoder.lm_head.weight = decoder.embed_tokens.weight
+    if decoder.config.tie_word_embeddings:
+        decoder.tie_weights()
         bind.sources.append((hf_model.lm_head, "weight"))  # untying it later is a change to see
     else:
         bind.share(decoder.lm_head, "weight", hf_model.lm_head, "weight", decoder.lm_head.shard)
@@ -329,6 +372,8 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1) -> De
         bind.share(mlp.down_proj, "weight", hf_down_proj, "weight", mlp.down_proj.shard)
         bind.share(mlp.down_proj, "bias", hf_down_proj, "bias")
         _bind_loras(bind, hf_model, hf_layer, layer)
+    if device is not None:
+        decoder.rotary_emb.cos_sin_cache = decoder.rotary_emb.cos_sin_cache.to(device)
     left = [name for name, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"build_decoder left parameters unassigned: {left[:5]}")

@@ -16,6 +16,7 @@ from hf_minivllm.layers.attention import Attention
 from hf_minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hf_minivllm.layers.layernorm import RMSNorm
 from hf_minivllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from hf_minivllm.layers.parallel import ParallelGroup
 from hf_minivllm.layers.rotary import RotaryEmbedding
 
 
@@ -40,6 +41,7 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     dtype: torch.dtype = torch.float32
+    tie_word_embeddings: bool = False
     tp_rank: int = 0
     tp_size: int = 1
 
@@ -47,9 +49,8 @@ class DecoderConfig:
 class DecoderAttention(nn.Module):
     """qkv projection -> (q/k norm) -> RoPE -> paged attention -> o_proj."""
 
-    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding, tp: dict):
         super().__init__()
-        tp = dict(tp_rank=config.tp_rank, tp_size=config.tp_size)
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
                                           bias=config.qkv_bias, **tp)
@@ -72,9 +73,8 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     """down_proj(silu(gate_proj(x)) * up_proj(x)) with gate and up fused into one GEMM."""
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, tp: dict):
         super().__init__()
-        tp = dict(tp_rank=config.tp_rank, tp_size=config.tp_size)
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=config.mlp_bias, **tp)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, **tp)
@@ -87,10 +87,10 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried separately so each norm can fuse the preceding add."""
 
-    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding, tp: dict):
         super().__init__()
-        self.self_attn = DecoderAttention(config, rotary_emb)
-        self.mlp = DecoderMLP(config)
+        self.self_attn = DecoderAttention(config, rotary_emb, tp)
+        self.mlp = DecoderMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -111,23 +111,33 @@ class DecoderForCausalLM(nn.Module):
     Parameters are left uninitialised: build it under ``torch.device("meta")`` and assign real tensors (see
     ``hf_minivllm.models.adapter.build_decoder``). The runner assigns each of ``attention_layers``' ``k_cache`` and
     ``v_cache`` (``[num_blocks, block_size, num_kv_heads, head_dim]``, ``num_kv_heads`` being this rank's).
+
+    At ``config.tp_size > 1`` the layers hold rank ``config.tp_rank``'s shards and communicate over ``group``
+    (None for a rank's shards built only to be sent to that rank's worker).
     """
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, group: ParallelGroup | None = None):
         super().__init__()
         self.config = config
-        tp = dict(tp_rank=config.tp_rank, tp_size=config.tp_size)
+        self.group = group
+        tp = dict(tp_rank=config.tp_rank, tp_size=config.tp_size, group=group)
         self.vocab_size = config.vocab_size
         self.num_layers = config.num_layers
         self.head_dim = config.head_dim
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_inv_freq, config.rope_attention_scaling,
                                           config.max_position_embeddings, config.dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary_emb) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary_emb, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp)
+        self.tie_weights()
         self.num_kv_heads = self.layers[0].self_attn.num_kv_heads
         self.attention_layers: list[Attention] = [layer.self_attn.attn for layer in self.layers]
+
+    def tie_weights(self) -> None:
+        """Share the embedding's weight with the LM head when the model ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,86 @@
+"""The ranks one model is sharded over, and the few collectives tensor-parallel layers and workers need.
+
+Each group has its own store and process group (never ``torch.distributed``'s process-wide default group), so two
+engines in one process, or on one host, never share or collide: the store listens on a port the OS picks. NCCL
+on CUDA, gloo on CPU. Collectives run on the caller's current CUDA stream and can be captured in CUDA graphs.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# NVLink multicast (NVLS) stays off in every process of an engine (rank 0 included: all ranks must agree).
+NCCL_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class ParallelGroup:
+    """Rank ``rank`` of ``size`` processes computing one model together; ``device`` is this rank's device."""
+
+    def __init__(self, rank: int, size: int, process_group: dist.ProcessGroup, device: torch.device,
+                 store: dist.Store):
+        self.rank, self.size, self.device = rank, size, device
+        self.process_group = process_group
+        self._store = store  # keeps the rendezvous alive as long as the group
+
+    @classmethod
+    def create_store(cls, size: int, timeout_s: float) -> dist.TCPStore:
+        """Rank 0's store, on a free local port (``store.port``); the other ranks join it with ``connect``."""
+        return dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                             wait_for_workers=False)
+
+    @classmethod
+    def connect(cls, rank: int, size: int, port: int, device: torch.device, timeout_s: float,
+                store: dist.TCPStore | None = None) -> ParallelGroup:
+        """Join the group whose rank 0 listens on ``port`` (rank 0 passes its own ``store``)."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if store is None:
+            store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timeout)
+        prefixed = dist.PrefixStore("hf_minivllm_tp", store)
+        if device.type == "cuda":
+            os.environ.update(NCCL_ENVIRONMENT)
+            options = dist.ProcessGroupNCCL.Options()
+            if hasattr(options, "_timeout"):
+                options._timeout = timeout
+            group = dist.ProcessGroupNCCL(prefixed, rank, size, options)
+        else:
+            group = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+        return cls(rank, size, group, device, store)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the ranks, in place."""
+        self.process_group.allreduce([tensor]).wait()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along the last dimension, in rank order."""
+        shards = [torch.empty_like(tensor) for _ in range(self.size)]
+        self.process_group.allgather([shards], [tensor.contiguous()]).wait()
+        return torch.cat(shards, dim=-1)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s."""
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        self.process_group.broadcast([tensor], options).wait()
+
+    def min(self, value: int) -> int:
+        """The smallest ``value`` any rank passes (every rank gets it)."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN
+        self.process_group.allreduce([tensor], options).wait()
+        return int(tensor.item())
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self.process_group.send([tensor.contiguous()], dst, 0).wait()
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        self.process_group.recv([tensor], src, 0).wait()
+
+    def abort(self) -> None:
+        """Tear the communicators down after a peer died (collectives in flight give up)."""
+        abort = getattr(self.process_group, "abort", None)
+        if abort is not None:
+            abort()

@@ -1,0 +1,261 @@
+"""Rank 0's side of tensor parallelism: starts ranks 1..N-1 as worker processes, owns them, and drives them.
+
+Workers are fresh interpreters (``python -m hf_minivllm.tp``), not forks or ``multiprocessing`` spawns, so
+the caller's script is never re-imported (no ``if __name__ == "__main__"`` needed) and CUDA is never forked. They
+connect back over a Unix socket with a random key; commands and step plans (numpy arrays, see
+``hf_minivllm.engine.step_plan``) travel over it, sized as they come, while weights and sampled tokens go over the
+ranks' process group.
+
+Lifetime: ``close()``, garbage collection and interpreter exit stop the workers (``weakref.finalize``); a worker
+whose parent disappears exits by itself. A worker that fails reports its traceback, which rank 0 raises as
+``TensorParallelError``; one that dies is noticed within a poll interval while rank 0 waits on the device, so the
+caller gets an exception, never a hang.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+import torch
+
+from hf_minivllm.config import Config
+from hf_minivllm.engine.step_plan import StepPlan
+from hf_minivllm.layers.parallel import NCCL_ENVIRONMENT, ParallelGroup
+from hf_minivllm.models.decoder import DecoderForCausalLM
+from hf_minivllm.tp.weights import copy_weights, manifest, portable_config, send_weights
+from hf_minivllm.tp.worker import ENV_ADDRESS, ENV_AUTHKEY, ENV_RANK, receive_message, send_message
+
+# How long starting the workers or one command (loading weights, building a runner) may take.
+DEFAULT_TIMEOUT_S = 600.0
+# How often rank 0 checks on its workers while it waits for them or for the device.
+_POLL_S = 0.005
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel worker failed or died; the engine cannot go on (close it and make a new one)."""
+
+
+def tensor_parallel_devices(first: torch.device, size: int, preferred: list[torch.device] | None = None) -> list[torch.device]:
+    """One device per rank: rank 0 on ``first``, then the GPUs in ``preferred`` (where the model already lies), then
+    the others in order. On CPU every rank is a process on the CPU. ValueError when there are too few GPUs."""
+    if first.type != "cuda":
+        return [first] * size
+    count = torch.cuda.device_count()
+    if size > count:
+        raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs, but {count} are visible")
+    first = torch.device("cuda", first.index if first.index is not None else torch.cuda.current_device())
+    order = [device.index for device in preferred or [] if device.type == "cuda"] + list(range(count))
+    indices = [first.index]
+    for index in order:
+        if index not in indices:
+            indices.append(index)
+    return [torch.device("cuda", index) for index in indices[:size]]
+
+
+class TensorParallelWorkers:
+    """Ranks 1..N-1 of one model, each in its own process, and rank 0's ``group`` with them.
+
+    Not thread-safe: the engine's loop drives it (one caller at a time).
+    """
+
+    def __init__(self, devices: list[torch.device], timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.size = len(devices)
+        self.devices = devices
+        self.timeout_s = timeout_s
+        self._failure: str | None = None
+        store = ParallelGroup.create_store(self.size, timeout_s)
+        authkey = secrets.token_bytes(32)
+        listener = Listener(family="AF_UNIX", authkey=authkey)
+        self._processes: list[subprocess.Popen] = []
+        self._connections: list[Connection] = []
+        self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._connections, listener)
+        try:
+            env = {**os.environ, **NCCL_ENVIRONMENT, ENV_ADDRESS: listener.address, ENV_AUTHKEY: authkey.hex()}
+            for rank in range(1, self.size):
+                self._processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "hf_minivllm.tp"], env={**env, ENV_RANK: str(rank)},
+                    start_new_session=True,  # Ctrl-C reaches rank 0, which stops its workers
+                ))
+            self._connections += self._accept_all(listener)
+            threads = max(1, (os.cpu_count() or 1) // self.size)
+            for rank, connection in enumerate(self._connections, start=1):
+                send_message(connection, ("group", rank, self.size, store.port, str(devices[rank]), threads, timeout_s))
+            self.group = ParallelGroup.connect(0, self.size, store.port, devices[0], timeout_s, store=store)
+        except BaseException:
+            self.close()
+            raise
+
+    def _accept_all(self, listener: Listener) -> list[Connection]:
+        """Each worker's connection, in rank order; raises if a worker exits first or the timeout passes."""
+        accepted: dict[int, Connection] = {}
+        errors: list[BaseException] = []
+
+        def accept() -> None:
+            try:
+                while len(accepted) < self.size - 1:
+                    connection = listener.accept()
+                    accepted[receive_message(connection)[1]] = connection
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+                errors.append(error)
+
+        thread = threading.Thread(target=accept, name="hf-minivllm-tp-accept", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + self.timeout_s
+        while thread.is_alive():
+            thread.join(_POLL_S * 20)
+            dead = [rank for rank, process in enumerate(self._processes, start=1) if process.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                listener.close()
+                thread.join()
+                what = f"worker rank {dead[0]} exited while starting" if dead else "the workers did not start in time"
+                raise TensorParallelError(f"tensor parallelism could not start: {what}")
+        if errors:
+            raise TensorParallelError("tensor parallelism could not start: a worker did not connect") from errors[0]
+        return [accepted[rank] for rank in range(1, self.size)]
+
+    # Commands ---------------------------------------------------------------------------------------------------
+
+    def _send_all(self, *message: Any) -> None:
+        self.check()
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        for connection in self._connections:
+            try:
+                connection.send_bytes(data)
+            except OSError as error:
+                self.check(error)
+                raise TensorParallelError("a tensor-parallel worker is gone") from error
+
+    def _wait_replies(self) -> None:
+        """Wait for every worker's reply to the last command, watching that they stay alive."""
+        deadline = time.monotonic() + self.timeout_s
+        for connection in self._connections:
+            while not connection.poll(_POLL_S * 20):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise TensorParallelError(f"a tensor-parallel worker did not answer in {self.timeout_s:.0f} s")
+            self._read(connection)
+
+    def _read(self, connection: Connection) -> None:
+        try:
+            kind, payload = receive_message(connection)
+        except (EOFError, OSError) as error:
+            self.check(error)
+            raise TensorParallelError("a tensor-parallel worker closed its connection") from error
+        if kind == "error":
+            self._failure = payload
+            self.check()
+
+    def load(self, decoder_of_rank: Callable[[int], DecoderForCausalLM]) -> None:
+        """Give each worker its decoder: ``decoder_of_rank(rank)`` (views of that rank's shards) is built and sent one
+        rank at a time, each parameter straight to its worker."""
+        for rank, connection in enumerate(self._connections, start=1):
+            decoder = decoder_of_rank(rank)
+            self.check()
+            send_message(connection, ("load", portable_config(decoder), manifest(decoder)))
+            send_weights(self.group, decoder, rank)
+            del decoder
+        self._wait_replies()
+
+    def refresh(self, own: DecoderForCausalLM, decoder_of_rank: Callable[[int], DecoderForCausalLM]) -> None:
+        """New values of the same weights (the HF model was trained): every rank overwrites its shards in place."""
+        copy_weights(decoder_of_rank(0), own)
+        for rank, connection in enumerate(self._connections, start=1):
+            self.check()
+            send_message(connection, ("refresh",))
+            send_weights(self.group, decoder_of_rank(rank), rank)
+        self._wait_replies()
+
+    def start_runner(self, config: Config, eos_token_ids: list[int]) -> None:
+        """Workers build their runners (KV cache, CUDA graphs) alongside rank 0's, sharing its collectives."""
+        self._send_all("start_runner", dataclasses.replace(config, model=None), eos_token_ids)
+
+    def wait_ready(self) -> None:
+        self._wait_replies()
+
+    def step(self, plan: StepPlan) -> None:
+        """Hand a step's plan to every worker (no reply: they run it alongside rank 0)."""
+        self._send_all("step", plan)
+
+    @property
+    def closed(self) -> bool:
+        """Stopped, or broken by a failed worker."""
+        return not self._finalizer.alive or self._failure is not None
+
+    def close_runner(self) -> None:
+        if not self.closed:
+            self._send_all("close_runner")
+            self._wait_replies()
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        """Wait for ``event`` on rank 0's device while checking on the workers: a dead peer would leave rank 0's
+        collectives waiting forever."""
+        checked = time.monotonic()
+        while not event.query():
+            time.sleep(0)
+            if time.monotonic() - checked > _POLL_S:
+                self.check()
+                checked = time.monotonic()
+
+    def check(self, error: BaseException | None = None) -> None:
+        """Raise ``TensorParallelError`` (from ``error``) if a worker failed or exited; return otherwise. Given the
+        ``error`` a collective raised, first give a failing worker a moment to exit, so its own cause is reported."""
+        deadline = time.monotonic() + (2.0 if error is not None else 0.0)
+        while self._failure is None:
+            for rank, (process, connection) in enumerate(zip(self._processes, self._connections), start=1):
+                if process.poll() is not None:
+                    self._failure = self._last_words(connection) or f"worker rank {rank} exited ({process.returncode})"
+                    break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+        if self._failure is not None:
+            raise TensorParallelError(f"a tensor-parallel worker failed: {self._failure}") from error
+
+    @staticmethod
+    def _last_words(connection: Connection) -> str | None:
+        """The traceback an exited worker sent before it went, if any."""
+        try:
+            while connection.poll():
+                kind, payload = receive_message(connection)
+                if kind == "error":
+                    return payload
+        except (EOFError, OSError):
+            pass
+        return None
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        self._finalizer()
+
+
+def _stop_workers(processes: list[subprocess.Popen], connections: list[Connection], listener: Listener) -> None:
+    """Ask each worker to exit, then kill what is left; close the sockets."""
+    for connection in connections:
+        try:
+            send_message(connection, ("shutdown",))
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5.0
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for connection in connections:
+        connection.close()
+    listener.close()
