@@ -76,7 +76,7 @@ def test_sampling_params_validation(kwargs, message):
         (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
         (dict(attention_backend="magic"), "attention_backend"),
         (dict(num_kvcache_blocks=0), "num_kvcache_blocks"),
-        (dict(tensor_parallel_size=2), "only 1 is supported"),
+        (dict(tensor_parallel_size=2, kv_cache_resident=False), "kv_cache_resident=False"),
     ],
 )
 def test_config_validation(kwargs, message):

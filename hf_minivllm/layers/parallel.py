@@ -14,6 +14,10 @@ import torch.distributed as dist
 
 # NVLink multicast (NVLS) stays off in every process of an engine (rank 0 included: all ranks must agree).
 NCCL_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# Unless the caller chose otherwise: a collective that times out (a peer died) aborts the communicator but does not
+# kill the process (rank 0 is the caller's own program), and no watchdog monitor kills it either. The engine
+# notices a dead worker by itself and raises.
+NCCL_FAILURE_HANDLING = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_ENABLE_MONITORING": "0"}
 
 
 class ParallelGroup:
@@ -41,6 +45,8 @@ class ParallelGroup:
         prefixed = dist.PrefixStore("hf_minivllm_tp", store)
         if device.type == "cuda":
             os.environ.update(NCCL_ENVIRONMENT)
+            for name, value in NCCL_FAILURE_HANDLING.items():
+                os.environ.setdefault(name, value)
             options = dist.ProcessGroupNCCL.Options()
             if hasattr(options, "_timeout"):
                 options._timeout = timeout

@@ -1,0 +1,234 @@
+"""Tensor parallelism on CPU (gloo, worker processes): token-exact with TP=1, worker lifetime, bad sizes rejected.
+
+Every engine here starts real worker processes (``python -m hf_minivllm.tp``), as on GPUs; only the backend differs.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import hf_minivllm
+from conftest import tiny_model
+from hf_minivllm import LLM, SamplingParams
+from hf_minivllm.engine.llm_engine import EngineClosed
+from hf_minivllm.tp import TensorParallelError, TensorParallelWorkers, tensor_parallel_devices
+
+ENGINE = dict(cpu_kvcache_space_gib=0.02, kvcache_block_size=8)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(count: int = 6, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [3, 17, 9, 40, 1, 25, 12, 30][:count]
+    return [torch.randint(3, 300, (n,), generator=generator).tolist() for n in lengths]
+
+
+def tp1_tokens(model, batch=None, params=GREEDY) -> list[list[int]]:
+    """TP=1 on a copy (an engine re-points the model's q/k/v storage, which another engine would see as new
+    tensors)."""
+    with LLM(copy.deepcopy(model), **ENGINE) as llm:
+        return [out["token_ids"] for out in llm.generate(batch or prompts(), params, use_tqdm=False)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(alive(pid) for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_tp2_matches_tp1_through_path_model_and_accelerate(family, tmp_path):
+    """LLM(path), LLM(model) and accelerate(model).generate (a left-padded batch) at TP=2 equal TP=1, greedy."""
+    model = tiny_model(family)
+    expected = tp1_tokens(model)
+    model.save_pretrained(tmp_path)
+    with LLM(str(tmp_path), tensor_parallel_size=2, **ENGINE) as llm:
+        assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == expected
+        pids = llm._workers.pids
+    assert wait_gone(pids)
+    with LLM(model, tensor_parallel_size=2, **ENGINE) as llm:
+        assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == expected
+
+    batch = prompts(4, seed=3)
+    reference = model.generate(**_left_padded(batch), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    accelerated = hf_minivllm.accelerate(model, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert hf_minivllm.stats(accelerated)["unsupported_reason"] is None
+        out = accelerated.generate(**_left_padded(batch), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, reference)
+    finally:
+        hf_minivllm.restore(model)
+
+
+def _left_padded(batch: list[list[int]]) -> dict:
+    width = max(len(row) for row in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(batch):
+        ids[row, width - len(tokens):] = torch.tensor(tokens)
+        mask[row, width - len(tokens):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_tp4_replicates_kv_heads_and_matches_tp1():
+    """4 ranks over 4 query heads and 2 KV heads (each KV head on two ranks); a vocabulary of 331 padded to 4 x 83;
+    chunked prefill, mixed steps and a cache small enough to preempt."""
+    model = tiny_model("qwen2", vocab_size=331)
+    config = dict(num_kvcache_blocks=24, kvcache_block_size=4, max_num_batched_tokens=32)
+    batch = prompts(8)
+    with LLM(model, **config) as llm:
+        expected = [out["token_ids"] for out in llm.generate(batch, GREEDY, use_tqdm=False)]
+    with LLM(model, tensor_parallel_size=4, **config) as llm:
+        assert [out["token_ids"] for out in llm.generate(batch, GREEDY, use_tqdm=False)] == expected
+        assert llm.model.num_kv_heads == 1
+        assert llm.stats.preemptions > 0
+
+
+def test_training_between_calls_reaches_every_rank():
+    """In-place optimizer steps (new values) and a replaced parameter (a rebuild) are both served at TP=2."""
+    model = tiny_model("qwen3")
+    llm = LLM(model, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == tp1_tokens(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        ids = torch.tensor([prompts(1, seed=5)[0] * 3])
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.eval()
+        expected = tp1_tokens(model)
+        assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == expected
+        with torch.no_grad():
+            layer = model.model.layers[1].mlp
+            layer.down_proj.weight = torch.nn.Parameter(layer.down_proj.weight * 1.5)
+        expected = tp1_tokens(model)
+        assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == expected
+        assert llm.stats.rebuilds == 1
+    finally:
+        llm.close()
+
+
+def test_two_engines_at_once_and_nothing_left_after_close():
+    model_a, model_b = tiny_model("qwen3", seed=1), tiny_model("llama", seed=2)
+    expected_a, expected_b = tp1_tokens(model_a), tp1_tokens(model_b)
+    llm_a = LLM(model_a, tensor_parallel_size=2, **ENGINE)
+    llm_b = LLM(model_b, tensor_parallel_size=2, **ENGINE)
+    pids = llm_a._workers.pids + llm_b._workers.pids
+    assert [out["token_ids"] for out in llm_b.generate(prompts(), GREEDY, use_tqdm=False)] == expected_b
+    assert [out["token_ids"] for out in llm_a.generate(prompts(), GREEDY, use_tqdm=False)] == expected_a
+    llm_a.close()
+    llm_b.close()
+    assert wait_gone(pids)
+    with pytest.raises(EngineClosed):
+        llm_a.generate(prompts(), GREEDY, use_tqdm=False)
+
+
+def test_garbage_collection_stops_the_workers():
+    import gc
+
+    llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, **ENGINE)
+    llm.generate(prompts(2), GREEDY, use_tqdm=False)
+    pids = llm._workers.pids
+    del llm
+    gc.collect()
+    assert wait_gone(pids)
+
+
+def test_killed_worker_raises_within_seconds():
+    llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, **ENGINE)
+    try:
+        os.kill(llm._workers.pids[0], signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(TensorParallelError):
+            llm.generate(prompts(), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True), use_tqdm=False)
+        assert time.monotonic() - started < 30
+        with pytest.raises(TensorParallelError):  # and stays broken, fast, rather than hanging
+            llm.generate(prompts(1), GREEDY, use_tqdm=False)
+    finally:
+        llm.close()
+
+
+_EXIT_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_model
+    from hf_minivllm import LLM, SamplingParams
+    llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, cpu_kvcache_space_gib=0.02)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    print(" ".join(map(str, llm._workers.pids)), flush=True)
+    if sys.argv[1] == "interrupt":
+        raise KeyboardInterrupt
+""")
+
+
+def test_workers_end_with_the_program(tmp_path):
+    """A program that ends (normally, or by an uncaught Ctrl-C) without closing its engine leaves no worker."""
+    script = tmp_path / "program.py"
+    script.write_text(_EXIT_SCRIPT.format(tests=os.path.dirname(__file__)))
+    programs = {ending: subprocess.Popen([sys.executable, str(script), ending], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True) for ending in ("exit", "interrupt")}
+    for ending, program in programs.items():
+        out, err = program.communicate(timeout=180)
+        assert (program.returncode == 0) == (ending == "exit"), err
+        pids = [int(pid) for pid in out.split()]
+        assert len(pids) == 1 and wait_gone(pids), ending
+
+
+def test_impossible_sizes_are_rejected_before_anything_starts(monkeypatch):
+    started = []
+    monkeypatch.setattr(TensorParallelWorkers, "__init__", lambda self, *a, **k: started.append(1) or 1 / 0)
+    model = tiny_model("qwen3")  # 4 query heads, 2 KV heads
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide the attention heads"):
+        LLM(model, tensor_parallel_size=3, **ENGINE)
+    with pytest.raises(ValueError, match="tensor_parallel_size=8 must divide"):
+        LLM(model, tensor_parallel_size=8, **ENGINE)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        LLM(model, tensor_parallel_size=0, **ENGINE)
+    with pytest.raises(ValueError, match="kv_cache_resident=False"):
+        LLM(model, tensor_parallel_size=2, kv_cache_resident=False, **ENGINE)
+    assert not started
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs 2 GPUs, but 1 are visible"):
+        tensor_parallel_devices(torch.device("cuda", 0), 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert tensor_parallel_devices(torch.device("cuda", 2), 3, [torch.device("cuda", 2), torch.device("cuda", 3)]) \
+        == [torch.device("cuda", 2), torch.device("cuda", 3), torch.device("cuda", 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tp2_on_two_gpus_matches_tp1():
+    """fp32 on two GPUs (NCCL, CUDA graphs on both ranks, async scheduling, mixed steps): token-exact with TP=1."""
+    model = tiny_model("qwen3").cuda()
+    batch = prompts(8)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with LLM(model, gpu_memory_utilization=0.3) as llm:
+        expected = [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)]
+    with LLM(model, tensor_parallel_size=2, gpu_memory_utilization=0.3) as llm:
+        assert llm.engine.runner.graphs is not None
+        assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
+        pids = llm._workers.pids
+    assert wait_gone(pids)
