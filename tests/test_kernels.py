@@ -22,7 +22,7 @@ from conftest import KERNELS_RUN_HERE, run_under_interpreter
 CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if CUDA else "cpu"
-KERNEL_MODULES = ("kv_cache", "prefill_attention", "decode_attention", "rms_norm", "activation")
+KERNEL_MODULES = ("kv_cache", "prefill_attention", "decode_attention", "rms_norm", "activation", "all_reduce")
 # Out-of-range page ids in the unused tail of every block table: a kernel that reads them fails or goes wrong.
 PADDING_PAGE = 1 << 30
 
@@ -392,3 +392,29 @@ def test_gpu_norm_and_activation_match_torch(kernels, dtype):
     gate_up = torch.randn(257, 2 * 3072, dtype=dtype, device="cuda")
     torch.testing.assert_close(kernels.activation.silu_and_mul(gate_up),
                                kernels.activation.silu_and_mul_torch(gate_up), **_tolerance(dtype))
+
+
+def test_one_shot_all_reduce_as_rank_0_of_two(kernels):
+    """Rank 0's side of the peer all-reduce, rank 1 played by hand: its staging half and flags set for each call.
+    Checks the sum (rank order, float32), the announced flags, the staging half by epoch parity and the counters.
+    The cross-GPU synchronisation itself is exercised by the two-GPU tests."""
+    ar = kernels.all_reduce
+    half_bytes = 4096 * 4
+    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    flags = [torch.zeros(2 * ar.GRID, dtype=torch.int32, device=DEVICE) for _ in range(2)]
+    epochs = torch.zeros(ar.GRID, dtype=torch.int32, device=DEVICE)
+    staging_ptrs = torch.tensor([t.data_ptr() for t in staging], dtype=torch.int64, device=DEVICE)
+    flag_ptrs = torch.tensor([t.data_ptr() for t in flags], dtype=torch.int64, device=DEVICE)
+    generator = torch.Generator().manual_seed(0)
+    for call, n in enumerate([3000, 77, 4096, 1], start=1):
+        mine, peers = (torch.randn(n, generator=generator).to(DEVICE) for _ in range(2))
+        half = (call % 2) * 4096
+        staging[1].view(torch.float32)[half : half + n] = peers
+        flags[0][ar.GRID :] = call  # rank 1 announced this call
+        x = mine.clone()
+        ar.one_shot_all_reduce(x, staging_ptrs, flag_ptrs, epochs, half_bytes, rank=0)
+        assert torch.equal(x, ar.all_reduce_torch([mine, peers]))
+        assert torch.equal(staging[0].view(torch.float32)[half : half + n], mine)
+        assert (flags[1][: ar.GRID] == call).all() and (epochs == call).all()
+    with pytest.raises(ValueError, match="at most 16384 bytes"):
+        ar.one_shot_all_reduce(torch.zeros(4097, device=DEVICE), staging_ptrs, flag_ptrs, epochs, half_bytes, 0)

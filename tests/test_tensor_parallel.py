@@ -232,3 +232,50 @@ def test_tp2_on_two_gpus_matches_tp1():
         assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
         pids = llm._workers.pids
     assert wait_gone(pids)
+
+
+def _pattern(n: int, rank: int, call: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Small integers (exact in bf16 and in any sum order), different per rank and per call."""
+    return ((torch.arange(n, device=device) * (rank + 3) + call) % 17).to(dtype)
+
+
+def _peer_all_reduce_rank(rank: int, port: int) -> None:
+    from hf_minivllm.layers.parallel import ParallelGroup
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    group = ParallelGroup.connect(rank, 2, port, device, timeout_s=60)
+    assert group.peer_all_reduce is not None
+    sizes = torch.randint(1, 1 << 20, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    results = []
+    for call, n in enumerate(sizes):  # back to back, no synchronisation: the halves are reused every other call
+        dtype = torch.bfloat16 if call % 2 else torch.float32
+        x = _pattern(n, rank, call, dtype, device)
+        group.all_reduce(x)
+        results.append((x, sum(_pattern(n, r, call, dtype, device) for r in range(2))))
+    assert all(torch.equal(x, expected) for x, expected in results)
+    inputs = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in (1, 4096, 65536, 777, 2 << 20)]
+    for x in inputs:  # warm-up outside the graph (compiles)
+        group.all_reduce(x.zero_())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for x in inputs:
+            group.all_reduce(x)
+    for replay in range(50):
+        for x in inputs:
+            x.copy_(_pattern(x.numel(), rank, replay, x.dtype, device))
+        graph.replay()
+        for x in inputs:
+            assert torch.equal(x, sum(_pattern(x.numel(), r, replay, x.dtype, device) for r in range(2)))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_peer_all_reduce_on_two_gpus():
+    """The one-shot all-reduce through peer memory: 400 calls of random sizes back to back, then in a CUDA graph
+    replayed 50 times with new inputs; every result exact."""
+    from hf_minivllm.layers.parallel import ParallelGroup
+
+    store = ParallelGroup.create_store(2, timeout_s=60)
+    torch.multiprocessing.start_processes(_peer_all_reduce_rank, args=(store.port,), nprocs=2, start_method="spawn")

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from hf_minivllm.layers.peer_memory import PeerAllReduce
+
 # NVLink multicast (NVLS) stays off in every process of an engine (rank 0 included: all ranks must agree).
 NCCL_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Unless the caller chose otherwise: a collective that times out (a peer died) aborts the communicator but does not
@@ -24,9 +26,10 @@ class ParallelGroup:
     """Rank ``rank`` of ``size`` processes computing one model together; ``device`` is this rank's device."""
 
     def __init__(self, rank: int, size: int, process_group: dist.ProcessGroup, device: torch.device,
-                 store: dist.Store):
+                 store: dist.Store, peer_all_reduce: PeerAllReduce | None = None):
         self.rank, self.size, self.device = rank, size, device
         self.process_group = process_group
+        self.peer_all_reduce = peer_all_reduce  # small all-reduces through peer memory instead of NCCL
         self._store = store  # keeps the rendezvous alive as long as the group
 
     @classmethod
@@ -51,13 +54,17 @@ class ParallelGroup:
             if hasattr(options, "_timeout"):
                 options._timeout = timeout
             group = dist.ProcessGroupNCCL(prefixed, rank, size, options)
-        else:
-            group = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
-        return cls(rank, size, group, device, store)
+            peer = PeerAllReduce.create(rank, size, device, prefixed)
+            return cls(rank, size, group, device, store, peer)
+        return cls(rank, size, dist.ProcessGroupGloo(prefixed, rank, size, timeout), device, store)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        """Sum ``tensor`` over the ranks, in place."""
-        self.process_group.allreduce([tensor]).wait()
+        """Sum ``tensor`` over the ranks, in place: small tensors through peer memory (one kernel, same result on
+        every rank), the rest through NCCL."""
+        if self.peer_all_reduce is not None and self.peer_all_reduce.fits(tensor):
+            self.peer_all_reduce.all_reduce(tensor)
+        else:
+            self.process_group.allreduce([tensor]).wait()
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's ``tensor`` concatenated along the last dimension, in rank order."""
