@@ -1,10 +1,10 @@
 """Buffers every rank of a group maps into its own address space (CUDA IPC), for the one-shot all-reduce of
 ``hf_minivllm.kernels.all_reduce``.
 
-Each rank allocates a staging buffer and a flag array, publishes their CUDA IPC handles in the group's store, and
-opens its peers' (through the CUDA driver, so no shared-memory files are involved). All ranks use it or none does:
-where a rank cannot (no peer access between the GPUs, an allocator without IPC such as expandable segments, or
-``HF_MINIVLLM_PEER_ALL_REDUCE=0``), every rank keeps NCCL.
+Each rank allocates a staging buffer and a flag array straight from the CUDA driver (so PyTorch's allocator
+settings, such as expandable segments, do not matter), publishes their CUDA IPC handles in the group's store, and
+opens its peers' (no shared-memory files are involved). All ranks use it or none does: where a rank cannot (no peer
+access between the GPUs, or ``HF_MINIVLLM_PEER_ALL_REDUCE=0``), every rank keeps NCCL, with a warning saying why.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import pickle
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -42,77 +43,83 @@ class _Driver:
         if result != 0:
             raise RuntimeError(f"{name} failed with CUDA driver error {result}")
 
-    def export(self, tensor: torch.Tensor) -> tuple[bytes, int]:
-        """The IPC handle of the allocation holding ``tensor``, and the tensor's offset inside it."""
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        self._call("cuMemGetAddressRange", ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(tensor.data_ptr()))
-        handle = _IpcHandle()
-        self._call("cuIpcGetMemHandle", ctypes.byref(handle), ctypes.c_uint64(base.value))
-        return bytes(handle.reserved), tensor.data_ptr() - base.value
+    def allocate_zeroed(self, num_bytes: int) -> int:
+        """A device allocation of its own (exportable whatever PyTorch's allocator does), zero-filled."""
+        pointer = ctypes.c_uint64()
+        self._call("cuMemAlloc", ctypes.byref(pointer), ctypes.c_size_t(num_bytes))
+        self._call("cuMemsetD8", ctypes.c_uint64(pointer.value), ctypes.c_ubyte(0), ctypes.c_size_t(num_bytes))
+        self._call("cuCtxSynchronize")
+        return pointer.value
 
-    def open(self, handle: bytes, offset: int) -> int:
-        """This process's address of a peer's exported tensor."""
+    def export(self, pointer: int) -> bytes:
+        handle = _IpcHandle()
+        self._call("cuIpcGetMemHandle", ctypes.byref(handle), ctypes.c_uint64(pointer))
+        return bytes(handle.reserved)
+
+    def open(self, handle: bytes) -> int:
+        """This process's address of a peer's exported allocation."""
         pointer = ctypes.c_uint64()
         self._call("cuIpcOpenMemHandle", ctypes.byref(pointer), _IpcHandle(handle), ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS))
-        return pointer.value + offset
+        return pointer.value
 
-    def close(self, pointer: int) -> None:
-        self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(pointer))
+    def release(self, own: list[int], opened: list[int]) -> None:
+        for pointer in opened:
+            self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(pointer))
+        for pointer in own:
+            self.lib.cuMemFree_v2(ctypes.c_uint64(pointer))
 
 
 class PeerAllReduce:
-    """This rank's staging buffer, flags and call counters, and every rank's as mapped here."""
+    """This rank's staging buffer, flags and call counters, and every rank's buffers as mapped here."""
 
-    def __init__(self, rank: int, size: int, device: torch.device, staging: torch.Tensor, flags: torch.Tensor,
-                 staging_ptrs: list[int], flag_ptrs: list[int], opened: list[int], driver: _Driver):
-        self.rank, self.size = rank, size
-        self._staging, self._flags = staging, flags  # kept alive: the peers read and write them
+    def __init__(self, rank: int, device: torch.device, staging_ptrs: list[int], flag_ptrs: list[int],
+                 own: list[int], opened: list[int], driver: _Driver):
+        self.rank = rank
         self._epochs = torch.zeros(GRID, dtype=torch.int32, device=device)
         self._staging_ptrs = torch.tensor(staging_ptrs, dtype=torch.int64, device=device)
         self._flag_ptrs = torch.tensor(flag_ptrs, dtype=torch.int64, device=device)
-        self._opened, self._driver = opened, driver
+        # Unmapped and freed with this object; not at interpreter exit, when the driver may be gone already.
+        self._release = weakref.finalize(self, driver.release, own, opened)
+        self._release.atexit = False
 
     @classmethod
     def create(cls, rank: int, size: int, device: torch.device, store: dist.Store) -> PeerAllReduce | None:
         """Set up on every rank at once (they meet in ``store``); None on every rank when any rank cannot."""
-        disabled = os.environ.get("HF_MINIVLLM_PEER_ALL_REDUCE", "1") == "0"
-        published = None
-        if not disabled:
+        own: list[int] = []
+        published, driver, reason = None, None, "HF_MINIVLLM_PEER_ALL_REDUCE=0"
+        if os.environ.get("HF_MINIVLLM_PEER_ALL_REDUCE", "1") != "0":
             try:
                 with torch.cuda.device(device):
-                    staging = torch.empty(2 * MAX_BYTES, dtype=torch.uint8, device=device)
-                    flags = torch.zeros(size * GRID, dtype=torch.int32, device=device)
-                    torch.cuda.synchronize(device)
-                driver = _Driver()
-                published = (driver.export(staging), driver.export(flags))
+                    torch.cuda.init()
+                    driver = _Driver()
+                    own = [driver.allocate_zeroed(2 * MAX_BYTES), driver.allocate_zeroed(size * GRID * 4)]
+                    published = [driver.export(pointer) for pointer in own]
             except (OSError, RuntimeError) as error:
-                logger.info("rank %d cannot share memory with its peers (%s); all-reduce stays on NCCL", rank, error)
-        store.set(f"{_KEY}/{rank}", pickle.dumps(published))
+                reason = f"rank {rank} cannot export device memory ({error})"
+        store.set(f"{_KEY}/{rank}", pickle.dumps((published, reason)))
         everyone = [pickle.loads(store.get(f"{_KEY}/{peer}")) for peer in range(size)]
         opened: list[int] = []
-        try:
-            if any(entry is None for entry in everyone):
-                raise RuntimeError("a rank cannot export its buffers")
-            staging_ptrs, flag_ptrs = [], []
-            with torch.cuda.device(device):
-                for peer, (staging_export, flags_export) in enumerate(everyone):
-                    if peer == rank:
-                        staging_ptrs.append(staging.data_ptr())
-                        flag_ptrs.append(flags.data_ptr())
-                        continue
-                    for export, pointers in ((staging_export, staging_ptrs), (flags_export, flag_ptrs)):
-                        pointers.append(driver.open(*export))
-                        opened.append(pointers[-1] - export[1])
-            ok = True
-        except (OSError, RuntimeError) as error:
-            logger.info("rank %d cannot map its peers' buffers (%s); all-reduce stays on NCCL", rank, error)
-            ok = False
-        store.set(f"{_KEY}/ok/{rank}", "1" if ok else "0")
-        if not all(store.get(f"{_KEY}/ok/{peer}") == b"1" for peer in range(size)):
-            for pointer in opened:
-                driver.close(pointer)
+        pointers: list[list[int]] = [[], []]  # staging, flags
+        reasons = [reason for entry, reason in everyone if entry is None]
+        if not reasons:
+            try:
+                with torch.cuda.device(device):
+                    for peer, (handles, _) in enumerate(everyone):
+                        for kind, handle in enumerate(handles):
+                            pointers[kind].append(own[kind] if peer == rank else driver.open(handle))
+                            if peer != rank:
+                                opened.append(pointers[kind][-1])
+            except (OSError, RuntimeError) as error:
+                reasons.append(f"rank {rank} cannot map its peers' memory ({error})")
+        store.set(f"{_KEY}/ok/{rank}", pickle.dumps(reasons))
+        reasons = sorted({reason for peer in range(size) for reason in pickle.loads(store.get(f"{_KEY}/ok/{peer}"))})
+        if reasons:
+            if driver is not None:
+                driver.release(own, opened)
+            if reasons != ["HF_MINIVLLM_PEER_ALL_REDUCE=0"]:
+                logger.warning("tensor-parallel all-reduces stay on NCCL: %s", "; ".join(reasons))
             return None
-        return cls(rank, size, device, staging, flags, staging_ptrs, flag_ptrs, opened, driver)
+        return cls(rank, device, pointers[0], pointers[1], own, opened, driver)
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """Whether this all-reduce takes ``tensor`` (the same answer on every rank for the same call)."""
@@ -121,9 +128,3 @@ class PeerAllReduce:
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         one_shot_all_reduce(tensor, self._staging_ptrs, self._flag_ptrs, self._epochs, MAX_BYTES, self.rank)
-
-    def close(self) -> None:
-        """Unmap the peers' buffers (after the device finished every call using them)."""
-        for pointer in self._opened:
-            self._driver.close(pointer)
-        self._opened = []
