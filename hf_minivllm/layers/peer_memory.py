@@ -38,17 +38,16 @@ class _Driver:
         self.lib = ctypes.CDLL("libcuda.so.1")
 
     def _call(self, name: str, *args) -> None:
-        function = getattr(self.lib, name + "_v2", None) or getattr(self.lib, name)
-        result = function(*args)
+        """Call the driver function ``name`` (exact symbol: some ``_v2`` symbols take other arguments)."""
+        result = getattr(self.lib, name)(*args)
         if result != 0:
             raise RuntimeError(f"{name} failed with CUDA driver error {result}")
 
     def allocate_zeroed(self, num_bytes: int) -> int:
         """A device allocation of its own (exportable whatever PyTorch's allocator does), zero-filled."""
         pointer = ctypes.c_uint64()
-        self._call("cuMemAlloc", ctypes.byref(pointer), ctypes.c_size_t(num_bytes))
-        self._call("cuMemsetD8", ctypes.c_uint64(pointer.value), ctypes.c_ubyte(0), ctypes.c_size_t(num_bytes))
-        self._call("cuCtxSynchronize")
+        self._call("cuMemAlloc_v2", ctypes.byref(pointer), ctypes.c_size_t(num_bytes))
+        self._call("cuMemsetD8_v2", ctypes.c_uint64(pointer.value), ctypes.c_ubyte(0), ctypes.c_size_t(num_bytes))
         return pointer.value
 
     def export(self, pointer: int) -> bytes:
@@ -59,7 +58,8 @@ class _Driver:
     def open(self, handle: bytes) -> int:
         """This process's address of a peer's exported allocation."""
         pointer = ctypes.c_uint64()
-        self._call("cuIpcOpenMemHandle", ctypes.byref(pointer), _IpcHandle(handle), ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS))
+        self._call("cuIpcOpenMemHandle_v2", ctypes.byref(pointer), _IpcHandle(handle),
+                   ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS))
         return pointer.value
 
     def release(self, own: list[int], opened: list[int]) -> None:
@@ -94,6 +94,7 @@ class PeerAllReduce:
                     driver = _Driver()
                     own = [driver.allocate_zeroed(2 * MAX_BYTES), driver.allocate_zeroed(size * GRID * 4)]
                     published = [driver.export(pointer) for pointer in own]
+                    torch.cuda.synchronize(device)  # the zero fill is done before any peer maps the flags
             except (OSError, RuntimeError) as error:
                 reason = f"rank {rank} cannot export device memory ({error})"
         store.set(f"{_KEY}/{rank}", pickle.dumps((published, reason)))
