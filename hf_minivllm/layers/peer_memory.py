@@ -28,7 +28,7 @@ _KEY = "hf_minivllm_peer_all_reduce"
 
 
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # not c_char, whose value stops at the first zero byte
 
 
 class _Driver:
@@ -53,12 +53,12 @@ class _Driver:
     def export(self, pointer: int) -> bytes:
         handle = _IpcHandle()
         self._call("cuIpcGetMemHandle", ctypes.byref(handle), ctypes.c_uint64(pointer))
-        return bytes(handle.reserved)
+        return bytes(handle)
 
     def open(self, handle: bytes) -> int:
         """This process's address of a peer's exported allocation."""
         pointer = ctypes.c_uint64()
-        self._call("cuIpcOpenMemHandle_v2", ctypes.byref(pointer), _IpcHandle(handle),
+        self._call("cuIpcOpenMemHandle_v2", ctypes.byref(pointer), _IpcHandle.from_buffer_copy(handle),
                    ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS))
         return pointer.value
 
