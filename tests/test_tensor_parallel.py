@@ -246,7 +246,8 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
     torch.cuda.set_device(device)
     group = ParallelGroup.connect(rank, 2, port, device, timeout_s=60)
     assert group.peer_all_reduce is not None
-    sizes = torch.randint(1, 1 << 20, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert group.peer_all_reduce.fits(torch.empty(1 << 17))  # the largest tensors below take the peer path
+    sizes = torch.randint(1, 1 << 17, (400,), generator=torch.Generator().manual_seed(0)).tolist()  # <= 512 KiB
     results = []
     for call, n in enumerate(sizes):  # back to back, no synchronisation: the halves are reused every other call
         dtype = torch.bfloat16 if call % 2 else torch.float32
@@ -254,7 +255,7 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         group.all_reduce(x)
         results.append((x, sum(_pattern(n, r, call, dtype, device) for r in range(2))))
     assert all(torch.equal(x, expected) for x, expected in results)
-    inputs = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in (1, 4096, 65536, 777, 2 << 20)]
+    inputs = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in (1, 4096, 65536, 777, 1 << 18)]
     for x in inputs:  # warm-up outside the graph (compiles)
         group.all_reduce(x.zero_())
     graph = torch.cuda.CUDAGraph()
