@@ -1,4 +1,4 @@
-"""Tensor parallelism on 2 GPUs: exactness, bf16 agreement, W5 speed at TP=2 vs TP=1, HF peers, NCCL share.
+"""Tensor parallelism on 2 GPUs: exactness, bf16 agreement, W5 speed at TP=2 vs TP=1, HF peers, communication share.
 
 Parts (``--parts``, default all; each bounded, each failure recorded and skipped):
 
@@ -15,7 +15,7 @@ Parts (``--parts``, default all; each bounded, each failure recorded and skipped
    balanced device map, accelerate's ``dispatch_model``), batch 1, dynamic cache and static cache; then, optionally,
    HF tensor parallelism (``tp_plan="auto"`` under ``torchrun --nproc-per-node 2``, on a saved copy).
 5. Communication share of a decode step at TP=2: a few decode steps profiled on rank 0 (``torch.profiler``, CUDA
-   activity) at batch 1 and 64; NCCL kernel time / all kernel time. If the kernels replayed from CUDA graphs are not
+   activity) at batch 1 and 64; communication (NCCL and peer all-reduce) kernel time / all kernel time. If the kernels replayed from CUDA graphs are not
    visible, again with ``enforce_eager=True``.
 
 Execution order is 1, 2, 3, 5, 4: part 5 profiles part 3's TP=2 engine when both run (no second 8B engine), and part
@@ -344,31 +344,32 @@ def decode_profile(run: Run, llm: LLM, batch: int, steps: int) -> dict:
     run.sync()
     rows = _kernel_rows(run, profiler)
     total = sum(t for _, t, _ in rows)
-    nccl = [(name, t, n) for name, t, n in rows if "nccl" in name.lower()]
-    nccl_total = sum(t for _, t, _ in nccl)
+    # Communication: NCCL's kernels and our peer all-reduce kernel (small tensors, hf_minivllm.kernels.all_reduce).
+    comm = [(name, t, n) for name, t, n in rows if "nccl" in name.lower() or "all_reduce" in name.lower()]
+    comm_total = sum(t for _, t, _ in comm)
     layers = len(llm.model.layers) if hasattr(llm.model, "layers") else 0
     top = sorted(rows, key=lambda r: -r[1])[:8]
     return {
         "batch": batch, "steps": steps, "wall_ms_per_step": wall_s * 1000 / steps,
-        "kernel_ms_per_step": total / 1000 / steps, "nccl_ms_per_step": nccl_total / 1000 / steps,
-        "nccl_share": nccl_total / total if total else None, "nccl_calls": sum(n for _, _, n in nccl),
+        "kernel_ms_per_step": total / 1000 / steps, "comm_ms_per_step": comm_total / 1000 / steps,
+        "comm_share": comm_total / total if total else None, "comm_calls": sum(n for _, _, n in comm),
         # Two all-reduces per layer per step (attention and MLP outputs): seen at least half of them means the
         # kernels replayed from CUDA graphs are visible to the profiler.
-        "graph_kernels_visible": sum(n for _, _, n in nccl) >= layers * steps if layers else None,
+        "graph_kernels_visible": sum(n for _, _, n in comm) >= layers * steps if layers else None,
         "kernels": len(rows), "top_kernels": [{"name": name[:120], "us": t, "calls": n} for name, t, n in top],
     }
 
 
 def profile_comm(run: Run, llm: LLM, mode: str, reused_part3: bool = False) -> None:
     row = run.part("5_comm_share")
-    row.setdefault("note", "rank 0 only; NCCL kernel time includes waiting for the other rank")
+    row.setdefault("note", "rank 0 only; communication kernels (NCCL, peer all-reduce) include waiting for the other rank")
     results = row.setdefault(mode, {})
     if reused_part3:
         results["engine"] = "part 3's TP=2 engine (max_num_seqs 256)"
     for batch in (1, 64) if not run.args.tiny else (1, 4):
         results[f"batch_{batch}"] = decode_profile(run, llm, batch, run.args.profile_steps)
-        share = results[f"batch_{batch}"]["nccl_share"]
-        log(f"part 5 ({mode}): batch {batch} NCCL share {share if share is None else f'{share:.3f}'}")
+        share = results[f"batch_{batch}"]["comm_share"]
+        log(f"part 5 ({mode}): batch {batch} communication share {share if share is None else f'{share:.3f}'}")
         run.save()
 
 
@@ -629,9 +630,9 @@ def figures(result: dict) -> list:
     comm = parts.get("5_comm_share", {})
     for mode in ("CUDA graphs", "eager"):
         for batch in (1, 64):
-            share = comm.get(mode, {}).get(f"batch_{batch}", {}).get("nccl_share")
+            share = comm.get(mode, {}).get(f"batch_{batch}", {}).get("comm_share")
             if share is not None:
-                out.append(Figure(f"W5 (8b) TP=2 decode step, batch {batch}", "NCCL share of rank-0 kernel time",
+                out.append(Figure(f"W5 (8b) TP=2 decode step, batch {batch}", "communication share of rank-0 kernel time",
                                   "fraction", share, f"LLM, TP=2 ({mode})", higher_is_better=False))
     return out
 
@@ -682,8 +683,8 @@ def print_summary(run: Run) -> None:
     p5 = parts.get("5_comm_share", {})
     for mode in ("CUDA graphs", "eager"):
         for key, value in p5.get(mode, {}).items():
-            if isinstance(value, dict) and value.get("nccl_share") is not None:
-                line(f"5 NCCL share, {mode}, {key}", f"{value['nccl_share']:.3f} ({value['nccl_ms_per_step']:.3f} of "
+            if isinstance(value, dict) and value.get("comm_share") is not None:
+                line(f"5 comm share, {mode}, {key}", f"{value['comm_share']:.3f} ({value['comm_ms_per_step']:.3f} of "
                      f"{value['kernel_ms_per_step']:.3f} ms kernel time/step, wall {value['wall_ms_per_step']:.3f} ms,"
                      f" graph kernels visible: {value['graph_kernels_visible']})")
 
