@@ -7,7 +7,7 @@ from typing import Any
 
 from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.llm import LLM
-from hf_minivllm.models.adapter import UnsupportedModel, unwrap_peft
+from hf_minivllm.models.adapter import UnsupportedModel, spread_size, unwrap_peft
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,11 @@ def accelerate(model: Any, **config: Any) -> Any:
         if config:
             logger.warning("model is already accelerated; ignoring %s (call hf_minivllm.restore first)", sorted(config))
         return model
-    if config.get("kv_cache_resident") is None:
-        config["kv_cache_resident"] = config.get("tensor_parallel_size", 1) > 1  # sharded caches are resident
     try:
+        if "tensor_parallel_size" not in config:
+            config["tensor_parallel_size"] = spread_size(target)  # device_map="auto": shard it where it lies
+        if config.get("kv_cache_resident") is None:
+            config["kv_cache_resident"] = config["tensor_parallel_size"] > 1  # sharded caches are resident
         llm = LLM(target, **config)
     except UnsupportedModel as error:
         warnings.warn(f"hf-minivllm: this model keeps transformers' own generate ({error})", UserWarning,

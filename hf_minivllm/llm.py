@@ -14,7 +14,14 @@ from hf_minivllm.config import Config
 from hf_minivllm.engine.llm_engine import LLMEngine
 from hf_minivllm.engine.loop import EngineLoop, RequestGroup
 from hf_minivllm.engine.sequence import FinishReason, Sequence
-from hf_minivllm.models.adapter import build_decoder, check_tensor_parallel, load_hf_model, model_devices, unwrap_peft
+from hf_minivllm.models.adapter import (
+    build_decoder,
+    check_tensor_parallel,
+    load_hf_model,
+    model_devices,
+    spread_size,
+    unwrap_peft,
+)
 from hf_minivllm.models.decoder import DecoderForCausalLM
 from hf_minivllm.models.loading import eos_token_ids_of, load_tokenizer
 from hf_minivllm.models.weight_sync import WeightChange, WeightWatcher
@@ -98,6 +105,8 @@ class LLM:
             raise ValueError(f"unknown LLM config argument(s) {sorted(unknown)}; valid: {sorted(Config.__dataclass_fields__)}")
         if config.get("kv_cache_resident") is None:
             config["kv_cache_resident"] = True  # the offline API pre-allocates, as vLLM does
+        if not isinstance(model, str) and "tensor_parallel_size" not in config:
+            config["tensor_parallel_size"] = spread_size(unwrap_peft(model))  # device_map="auto": shard it there
         self.config = Config(model=model, **config)
         tp_size = self.config.tensor_parallel_size
         if isinstance(model, str):
@@ -110,7 +119,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.config.fit_to_model(getattr(hf_model.config, "max_position_embeddings", None))
         self._workers: TensorParallelWorkers | None = None
-        if tp_size > 1:
+        if tp_size > 1 or spread_size(hf_model) > 1:
             check_tensor_parallel(hf_model, tp_size)
             devices = model_devices(hf_model)
             first = devices[0]

@@ -280,3 +280,26 @@ def test_peer_all_reduce_on_two_gpus():
 
     store = ParallelGroup.create_store(2, timeout_s=60)
     torch.multiprocessing.start_processes(_peer_all_reduce_rank, args=(store.port,), nprocs=2, start_method="spawn")
+
+
+def test_offloaded_weights_fall_back_and_a_spread_model_needs_its_size(monkeypatch):
+    """Weights partly on another device (offloaded) keep HF's generate with one warning; a model spread over GPUs is
+    served at that tensor-parallel size by default, and an explicit other size is refused."""
+    import hf_minivllm.models.adapter as adapter
+
+    model = tiny_model("qwen3")
+    model.model.layers[1].mlp.down_proj.to("meta")
+    with pytest.warns(UserWarning, match="offloaded"):
+        hf_minivllm.accelerate(model, **ENGINE)
+    assert "offloaded" in hf_minivllm.stats(model)["unsupported_reason"]
+    hf_minivllm.restore(model)
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(adapter, "spread_size", lambda hf_model: 2)
+    with pytest.raises(adapter.UnsupportedModel, match="serve it with tensor_parallel_size=2"):
+        adapter.check_tensor_parallel(model, 1)
+    monkeypatch.setattr(hf_minivllm.llm, "spread_size", lambda hf_model: 2)
+    monkeypatch.setattr(TensorParallelWorkers, "__init__", lambda self, devices, *a, **k: (_ for _ in ()).throw(
+        RuntimeError(f"would start {len(devices)} ranks")))
+    with pytest.raises(RuntimeError, match="would start 2 ranks"):
+        LLM(model, **ENGINE)

@@ -210,6 +210,10 @@ def check_tensor_parallel(hf_model: nn.Module, tp_size: int) -> None:
     for what the engine cannot serve at all (or not sharded), ValueError for a size that does not divide it."""
     hf_model = unwrap_peft(hf_model)
     _check_supported(hf_model)
+    spread = spread_size(hf_model)
+    if spread > 1 and tp_size != spread:
+        raise UnsupportedModel(f"the model lies on {spread} GPUs (device_map); serve it with "
+                               f"tensor_parallel_size={spread}, or load it on one GPU")
     if tp_size == 1:
         return
     if any(_is_lora_layer(module) for module in hf_model.modules()):
@@ -225,10 +229,24 @@ def check_tensor_parallel(hf_model: nn.Module, tp_size: int) -> None:
                          "them (KV heads are then replicated)")
 
 
+def spread_size(hf_model: nn.Module) -> int:
+    """How many GPUs the model's weights lie on (``device_map="auto"`` spreads a big model over several): the
+    tensor-parallel size that serves it where it is. UnsupportedModel for weights offloaded to the CPU or disk."""
+    devices = model_devices(hf_model)
+    if len(devices) > 1 and any(device.type != "cuda" for device in devices):
+        kinds = ", ".join(sorted({str(device) for device in devices}))
+        raise UnsupportedModel(f"the model's weights are spread over {kinds} (offloaded); the engine serves weights "
+                               "on one device, or sharded over GPUs")
+    return max(1, len(devices))
+
+
 def model_devices(hf_model: nn.Module) -> list[torch.device]:
     """The devices the model's parameters lie on, its embedding's first (where rank 0 goes)."""
     hf_model = unwrap_peft(hf_model)
-    devices = [hf_model.model.embed_tokens.weight.device]
+    try:
+        devices = [hf_model.get_input_embeddings().weight.device]
+    except (AttributeError, NotImplementedError):
+        devices = []
     for param in hf_model.parameters():
         if param.device not in devices:
             devices.append(param.device)
