@@ -11,7 +11,8 @@ handles the same elements, and keeps a call counter (its epoch) in local memory.
 of the staging buffers by the epoch's parity. A rank's program ``c`` writes the half of call ``e`` only after its
 own call ``e - 1``, which waited for every peer's program ``c`` to start call ``e - 1``, so every peer finished its
 call ``e - 2`` (kernels run in stream order): the half ``e`` reuses is no longer read by anyone. Peers wait for
-flags ``>= e``, since a fast peer may already have announced ``e + 1``.
+flags ``>= e``, since a fast peer may already have announced ``e + 1``. Epochs are int32 and wrap after 2**31 calls
+(a day of decoding): the parity is taken with ``& 1`` and flags are compared by wrapping difference.
 
 ``all_reduce_torch`` is the reference: the same sum in float32, in rank order.
 """
@@ -42,7 +43,7 @@ def _one_shot_all_reduce_kernel(x_ptr, n, staging_ptrs, flag_ptrs, epoch_ptr, ha
     epoch = tl.load(epoch_ptr + program) + 1
     tl.store(epoch_ptr + program, epoch)
     dtype = x_ptr.dtype.element_ty
-    half = (epoch % 2).to(tl.int64) * half_elements
+    half = (epoch & 1).to(tl.int64) * half_elements
     own = tl.load(staging_ptrs + RANK).to(tl.pointer_type(dtype)) + half
     for start in range(program * BLOCK, n, GRID * BLOCK):
         offsets = start + tl.arange(0, BLOCK)
@@ -55,7 +56,7 @@ def _one_shot_all_reduce_kernel(x_ptr, n, staging_ptrs, flag_ptrs, epoch_ptr, ha
     own_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         seen = tl.atomic_add(own_flags + peer * GRID + program, 0, sem="acquire", scope="sys")
-        while seen < epoch:
+        while seen - epoch < 0:  # wrapping int32 difference: right across the counter's overflow
             seen = tl.atomic_add(own_flags + peer * GRID + program, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # every thread reads the peers' data after the flags were seen
     for start in range(program * BLOCK, n, GRID * BLOCK):

@@ -416,5 +416,15 @@ def test_one_shot_all_reduce_as_rank_0_of_two(kernels):
         assert torch.equal(x, ar.all_reduce_torch([mine, peers]))
         assert torch.equal(staging[0].view(torch.float32)[half : half + n], mine)
         assert (flags[1][: ar.GRID] == call).all() and (epochs == call).all()
+    # Across the int32 counter's overflow: the call after 2**31 - 1 waits for its own flag and uses the other half.
+    epochs.fill_(2**31 - 2)
+    for call in (2**31 - 1, -(2**31), -(2**31) + 1):  # the last: `epoch % 2` would be -1, before the buffer
+        mine, peers = (torch.randn(64, generator=generator).to(DEVICE) for _ in range(2))
+        half = (call & 1) * 4096
+        staging[1].view(torch.float32)[half : half + 64] = peers
+        flags[0][ar.GRID :] = call
+        x = mine.clone()
+        ar.one_shot_all_reduce(x, staging_ptrs, flag_ptrs, epochs, half_bytes, rank=0)
+        assert torch.equal(x, ar.all_reduce_torch([mine, peers])) and (epochs == call).all()
     with pytest.raises(ValueError, match="at most 16384 bytes"):
         ar.one_shot_all_reduce(torch.zeros(4097, device=DEVICE), staging_ptrs, flag_ptrs, epochs, half_bytes, 0)
