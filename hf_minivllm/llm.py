@@ -285,12 +285,16 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         """Make sure no KV computed so far is reused (weights changed in a way the engine cannot see, such as
-        ``param.data.add_(...)``). Requests queued after this call are served without reusing earlier KV."""
+        ``param.data.add_(...)``). Requests queued after this call are served without reusing earlier KV. A sharded
+        model's ranks hold copies of their weights: they are refreshed from the model first."""
+        if self._workers is not None:
+            self.loop.call(self._refresh_shards)
         self.loop.post(LLMEngine.reset_prefix_cache)
 
     def close(self) -> None:
         """Abort running requests and release the KV cache and CUDA graphs (and stop the tensor-parallel workers);
         later calls raise ``EngineClosed``."""
+        self.loop.ensure_not_driving()  # from inside a step nothing is closed (the workers are mid-step too)
         try:
             self.loop.close()
         finally:

@@ -303,3 +303,54 @@ def test_offloaded_weights_fall_back_and_a_spread_model_needs_its_size(monkeypat
         RuntimeError(f"would start {len(devices)} ranks")))
     with pytest.raises(RuntimeError, match="would start 2 ranks"):
         LLM(model, **ENGINE)
+
+
+def test_a_worker_that_cannot_start_raises_at_once(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    started = time.monotonic()
+    with pytest.raises(TensorParallelError, match="exited while starting"):
+        LLM(tiny_model("qwen3"), tensor_parallel_size=2, **ENGINE)
+    assert time.monotonic() - started < 30
+
+
+def test_rank_0_failing_alone_mid_step_breaks_the_engine_loudly(monkeypatch):
+    """The workers took the step; rank 0 failed in it: they are out of step, so every later call raises at once
+    (never a hang, never a mismatched collective), and close() still returns."""
+    import hf_minivllm.engine.model_runner as model_runner
+
+    llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, **ENGINE)
+    real_sample = model_runner.sample
+
+    def failing_sample(*args, **kwargs):
+        monkeypatch.setattr(model_runner, "sample", real_sample)
+        raise MemoryError("rank 0 alone")
+
+    monkeypatch.setattr(model_runner, "sample", failing_sample)
+    with pytest.raises(BaseException, match="rank 0 alone"):
+        llm.generate(prompts(2), GREEDY, use_tqdm=False)
+    started = time.monotonic()
+    with pytest.raises(TensorParallelError, match="rank 0 failed in the middle of a step"):
+        llm.generate(prompts(2), GREEDY, use_tqdm=False)
+    llm.close()
+    assert time.monotonic() - started < 30
+
+
+def test_param_data_edits_reach_the_ranks_with_reset_prefix_cache():
+    model = tiny_model("qwen3")
+    with LLM(model, tensor_parallel_size=2, **ENGINE) as llm:
+        before = [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(7)
+            for param in model.parameters():
+                if param.dim() > 1:  # no version counter sees edits through .data
+                    param.data.add_(torch.randn(param.shape, generator=generator) * 0.1)
+        llm.reset_prefix_cache()
+        after = [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+    assert after != before and after == tp1_tokens(model)
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_rejected():
+    with LLM(tiny_model("qwen3"), **ENGINE) as llm:
+        with pytest.raises(ValueError, match="stop_token_ids must be token ids in"):
+            llm.generate([[5, 6]], SamplingParams(min_tokens=2, stop_token_ids=[10**6]), use_tqdm=False)
+        assert llm.generate([[5, 6]], GREEDY, use_tqdm=False)[0]["token_ids"]

@@ -91,6 +91,8 @@ class LLMEngine:
         vocab = self.model.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"{where}: token ids must be integers in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"{where}: stop_token_ids must be token ids in [0, {vocab}), got {params.stop_token_ids}")
         limit = self.config.max_model_len
         if len(prompt_token_ids) >= limit:
             raise ValueError(

@@ -50,6 +50,7 @@ class TensorParallelPeers(Protocol):
     def step(self, plan: StepPlan) -> None: ...
     def wait(self, event: torch.cuda.Event) -> None: ...
     def check(self, error: BaseException | None = None) -> None: ...
+    def fail(self, reason: str) -> None: ...
     def close_runner(self) -> None: ...
     @property
     def closed(self) -> bool: ...
@@ -236,7 +237,8 @@ class ModelRunner:
                 done = torch.cuda.Event()
                 done.record()
                 self.workers.wait(done)
-            torch.cuda.synchronize(self.device)
+            if self.workers is None or not self.workers.closed:  # failed workers may leave collectives waiting
+                torch.cuda.synchronize(self.device)
         if self.workers is not None and not self.workers.closed:
             self.workers.close_runner()
         self.graphs = None
@@ -420,13 +422,15 @@ class ModelRunner:
         previous_tokens = previous.tokens if previous is not None else None
         if self.workers is None:
             return self._sample(batch, self.run_plan(plan, previous_tokens))
+        self.workers.step(plan)
         try:
-            self.workers.step(plan)
             launched = self._sample(batch, self.run_plan(plan, previous_tokens))
             if launched.tokens is not None:
                 self.group.broadcast(launched.tokens)  # the other ranks' next pending inputs
-        except Exception as error:
+        except BaseException as error:
             self.workers.check(error)  # a worker's failure, with its cause, rather than a broken collective
+            # Rank 0 failed alone after the workers took the step: they wait in its collectives, out of step.
+            self.workers.fail(f"rank 0 failed in the middle of a step ({error!r})")
             raise
         launched.wait = self.workers.wait
         return launched

@@ -13,17 +13,20 @@ caller gets an exception, never a hang.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import weakref
-from collections.abc import Callable
-from multiprocessing.connection import Connection, Listener
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any
 
 import torch
@@ -75,18 +78,24 @@ class TensorParallelWorkers:
         self._failure: str | None = None
         store = ParallelGroup.create_store(self.size, timeout_s)
         authkey = secrets.token_bytes(32)
-        listener = Listener(family="AF_UNIX", authkey=authkey)
+        directory = tempfile.mkdtemp(prefix="hf-minivllm-tp-")
+        address = os.path.join(directory, "socket")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(address)
+        server.listen()
         self._processes: list[subprocess.Popen] = []
         self._connections: list[Connection] = []
-        self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._connections, listener)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._connections, server, directory)
         try:
-            env = {**os.environ, **NCCL_ENVIRONMENT, ENV_ADDRESS: listener.address, ENV_AUTHKEY: authkey.hex()}
+            env = {**os.environ, **NCCL_ENVIRONMENT, ENV_ADDRESS: address, ENV_AUTHKEY: authkey.hex(),
+                   # the workers import what this process can (a checkout added to sys.path included)
+                   "PYTHONPATH": os.pathsep.join(path or os.getcwd() for path in sys.path)}
             for rank in range(1, self.size):
                 self._processes.append(subprocess.Popen(
                     [sys.executable, "-m", "hf_minivllm.tp"], env={**env, ENV_RANK: str(rank)},
                     start_new_session=True,  # Ctrl-C reaches rank 0, which stops its workers
                 ))
-            self._connections += self._accept_all(listener)
+            self._connections += self._accept_all(server, authkey)
             threads = max(1, (os.cpu_count() or 1) // self.size)
             for rank, connection in enumerate(self._connections, start=1):
                 send_message(connection, ("group", rank, self.size, store.port, str(devices[rank]), threads, timeout_s))
@@ -95,32 +104,25 @@ class TensorParallelWorkers:
             self.close()
             raise
 
-    def _accept_all(self, listener: Listener) -> list[Connection]:
+    def _accept_all(self, server: socket.socket, authkey: bytes) -> list[Connection]:
         """Each worker's connection, in rank order; raises if a worker exits first or the timeout passes."""
         accepted: dict[int, Connection] = {}
-        errors: list[BaseException] = []
-
-        def accept() -> None:
-            try:
-                while len(accepted) < self.size - 1:
-                    connection = listener.accept()
-                    accepted[receive_message(connection)[1]] = connection
-            except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
-                errors.append(error)
-
-        thread = threading.Thread(target=accept, name="hf-minivllm-tp-accept", daemon=True)
-        thread.start()
+        server.settimeout(_POLL_S * 20)
         deadline = time.monotonic() + self.timeout_s
-        while thread.is_alive():
-            thread.join(_POLL_S * 20)
+        while len(accepted) < self.size - 1:
             dead = [rank for rank, process in enumerate(self._processes, start=1) if process.poll() is not None]
             if dead or time.monotonic() > deadline:
-                listener.close()
-                thread.join()
                 what = f"worker rank {dead[0]} exited while starting" if dead else "the workers did not start in time"
                 raise TensorParallelError(f"tensor parallelism could not start: {what}")
-        if errors:
-            raise TensorParallelError("tensor parallelism could not start: a worker did not connect") from errors[0]
+            try:
+                sock, _ = server.accept()
+            except TimeoutError:
+                continue
+            sock.setblocking(True)
+            connection = Connection(sock.detach())
+            deliver_challenge(connection, authkey)
+            answer_challenge(connection, authkey)
+            accepted[receive_message(connection)[1]] = connection
         return [accepted[rank] for rank in range(1, self.size)]
 
     # Commands ---------------------------------------------------------------------------------------------------
@@ -141,8 +143,9 @@ class TensorParallelWorkers:
         for connection in self._connections:
             while not connection.poll(_POLL_S * 20):
                 self.check()
-                if time.monotonic() > deadline:
-                    raise TensorParallelError(f"a tensor-parallel worker did not answer in {self.timeout_s:.0f} s")
+                if time.monotonic() > deadline:  # its late answer would be taken for the next command's
+                    self.fail(f"a worker did not answer in {self.timeout_s:.0f} s")
+                    self.check()
             self._read(connection)
 
     def _read(self, connection: Connection) -> None:
@@ -157,23 +160,41 @@ class TensorParallelWorkers:
 
     def load(self, decoder_of_rank: Callable[[int], DecoderForCausalLM]) -> None:
         """Give each worker its decoder: ``decoder_of_rank(rank)`` (views of that rank's shards) is built and sent one
-        rank at a time, each parameter straight to its worker."""
-        for rank, connection in enumerate(self._connections, start=1):
-            decoder = decoder_of_rank(rank)
-            self.check()
-            send_message(connection, ("load", portable_config(decoder), manifest(decoder)))
-            send_weights(self.group, decoder, rank)
-            del decoder
-        self._wait_replies()
+        rank at a time, each parameter straight to its worker. A failure part way leaves the ranks holding
+        different models: it is fatal."""
+        with self._fatal("sending the weights"):
+            for rank, connection in enumerate(self._connections, start=1):
+                decoder = decoder_of_rank(rank)
+                self.check()
+                send_message(connection, ("load", portable_config(decoder), manifest(decoder)))
+                send_weights(self.group, decoder, rank)
+                del decoder
+            self._wait_replies()
 
     def refresh(self, own: DecoderForCausalLM, decoder_of_rank: Callable[[int], DecoderForCausalLM]) -> None:
-        """New values of the same weights (the HF model was trained): every rank overwrites its shards in place."""
-        copy_weights(decoder_of_rank(0), own)
-        for rank, connection in enumerate(self._connections, start=1):
-            self.check()
-            send_message(connection, ("refresh",))
-            send_weights(self.group, decoder_of_rank(rank), rank)
-        self._wait_replies()
+        """New values of the same weights (the HF model was trained): every rank overwrites its shards in place.
+        A failure part way is fatal, as for ``load``."""
+        with self._fatal("refreshing the weights"):
+            copy_weights(decoder_of_rank(0), own)
+            for rank, connection in enumerate(self._connections, start=1):
+                self.check()
+                send_message(connection, ("refresh",))
+                send_weights(self.group, decoder_of_rank(rank), rank)
+            self._wait_replies()
+
+    @contextlib.contextmanager
+    def _fatal(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as error:
+            self.check(error)
+            self.fail(f"{what} failed ({error!r})")
+            raise TensorParallelError(f"tensor parallelism broke while {what}: {error!r}") from error
+
+    def fail(self, reason: str) -> None:
+        """Mark the ranks out of step (rank 0 failed alone, a command half done): every later use raises."""
+        if self._failure is None:
+            self._failure = reason
 
     def start_runner(self, config: Config, eos_token_ids: list[int]) -> None:
         """Workers build their runners (KV cache, CUDA graphs) alongside rank 0's, sharing its collectives."""
@@ -242,8 +263,9 @@ class TensorParallelWorkers:
         self._finalizer()
 
 
-def _stop_workers(processes: list[subprocess.Popen], connections: list[Connection], listener: Listener) -> None:
-    """Ask each worker to exit, then kill what is left; close the sockets."""
+def _stop_workers(processes: list[subprocess.Popen], connections: list[Connection], server: socket.socket,
+                  directory: str) -> None:
+    """Ask each worker to exit, then kill what is left; close the sockets and remove the socket's folder."""
     for connection in connections:
         try:
             send_message(connection, ("shutdown",))
@@ -258,4 +280,5 @@ def _stop_workers(processes: list[subprocess.Popen], connections: list[Connectio
             process.wait()
     for connection in connections:
         connection.close()
-    listener.close()
+    server.close()
+    shutil.rmtree(directory, ignore_errors=True)
