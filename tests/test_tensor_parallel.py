@@ -1,6 +1,6 @@
 """Tensor parallelism on CPU (gloo, worker processes): token-exact with TP=1, worker lifetime, bad sizes rejected.
 
-Every engine here starts real worker processes (``python -m hf_minivllm.tp``), as on GPUs; only the backend differs.
+Every engine here starts real worker processes (``hf_minivllm.tp.worker``), as on GPUs; only the backend differs.
 """
 from __future__ import annotations
 
@@ -188,6 +188,9 @@ def test_workers_end_with_the_program(tmp_path):
     """A program that ends (normally, or by an uncaught Ctrl-C) without closing its engine leaves no worker."""
     script = tmp_path / "program.py"
     script.write_text(_EXIT_SCRIPT.format(tests=os.path.dirname(__file__)))
+    # A module in the script's folder that shadows the standard library (posixpath/ntpath try `import nt`): the
+    # workers get the caller's sys.path after their own, so they never import it.
+    (tmp_path / "nt.py").write_text("raise RuntimeError('a worker imported the script folder before the stdlib')\n")
     programs = {ending: subprocess.Popen([sys.executable, str(script), ending], stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True) for ending in ("exit", "interrupt")}
     for ending, program in programs.items():

@@ -1,5 +1,5 @@
-"""A tensor-parallel worker: one rank of a sharded model, in a process of its own (``python -m hf_minivllm.tp``,
-started by ``hf_minivllm.tp.workers``).
+"""A tensor-parallel worker: one rank of a sharded model, in a process of its own (a fresh interpreter running
+``main``, started by ``hf_minivllm.tp.workers``).
 
 It connects back to rank 0 over a local socket, joins the ranks' group, and then does what rank 0 says: receive its
 decoder's shards, build or close its runner (KV cache, CUDA graphs), run each step's plan (and receive the sampled

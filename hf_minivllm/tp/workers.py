@@ -1,6 +1,6 @@
 """Rank 0's side of tensor parallelism: starts ranks 1..N-1 as worker processes, owns them, and drives them.
 
-Workers are fresh interpreters (``python -m hf_minivllm.tp``), not forks or ``multiprocessing`` spawns, so
+Workers are fresh interpreters (running ``hf_minivllm.tp.worker.main``), not forks or ``multiprocessing`` spawns, so
 the caller's script is never re-imported (no ``if __name__ == "__main__"`` needed) and CUDA is never forked. They
 connect back over a Unix socket with a random key; commands and step plans (numpy arrays, see
 ``hf_minivllm.engine.step_plan``) travel over it, sized as they come, while weights and sampled tokens go over the
@@ -38,6 +38,11 @@ from hf_minivllm.models.decoder import DecoderForCausalLM
 from hf_minivllm.tp.weights import copy_weights, manifest, portable_config, send_weights
 from hf_minivllm.tp.worker import ENV_ADDRESS, ENV_AUTHKEY, ENV_RANK, receive_message, send_message
 
+# The workers import what this process can (a checkout added to sys.path included), its paths *after* their own: put
+# first (PYTHONPATH), a script's folder holding e.g. an ``nt.py`` would shadow the standard library.
+_ENV_SYS_PATH = "HF_MINIVLLM_TP_SYS_PATH"
+_WORKER_ENTRY = (f"import os, sys; sys.path += [p for p in os.environ.pop({_ENV_SYS_PATH!r}).split(os.pathsep) "
+                 "if p not in sys.path]; from hf_minivllm.tp.worker import main; main()")
 # How long starting the workers or one command (loading weights, building a runner) may take.
 DEFAULT_TIMEOUT_S = 600.0
 # How often rank 0 checks on its workers while it waits for them or for the device.
@@ -88,11 +93,10 @@ class TensorParallelWorkers:
         self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._connections, server, directory)
         try:
             env = {**os.environ, **NCCL_ENVIRONMENT, ENV_ADDRESS: address, ENV_AUTHKEY: authkey.hex(),
-                   # the workers import what this process can (a checkout added to sys.path included)
-                   "PYTHONPATH": os.pathsep.join(path or os.getcwd() for path in sys.path)}
+                   _ENV_SYS_PATH: os.pathsep.join(path or os.getcwd() for path in sys.path)}
             for rank in range(1, self.size):
                 self._processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "hf_minivllm.tp"], env={**env, ENV_RANK: str(rank)},
+                    [sys.executable, "-c", _WORKER_ENTRY], env={**env, ENV_RANK: str(rank)},
                     start_new_session=True,  # Ctrl-C reaches rank 0, which stops its workers
                 ))
             self._connections += self._accept_all(server, authkey)
