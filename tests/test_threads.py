@@ -203,12 +203,14 @@ class _Interrupts(LogitsProcessor):
 
     def __init__(self):
         self.calls = 0
+        self.seen = None  # (thread, SIGINT handler) when it sent Ctrl-C, for the failure message
 
     def __call__(self, input_ids, scores):
         import signal
 
         self.calls += 1
         if self.calls == 3:
+            self.seen = (threading.current_thread().name, signal.getsignal(signal.SIGINT))
             signal.raise_signal(signal.SIGINT)
         return scores
 
@@ -217,9 +219,14 @@ def test_ctrl_c_during_a_step_ends_the_call_between_steps_and_the_engine_stays_w
     model = hf_minivllm.accelerate(tiny_model("llama"), num_kvcache_blocks=64, kvcache_block_size=4)
     ids, mask = left_padded_batch(lengths=(20, 9))
     processor = _Interrupts()
-    with pytest.raises(KeyboardInterrupt):
+    interrupted = False
+    try:
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
                        logits_processor=LogitsProcessorList([processor]))
+    except KeyboardInterrupt:
+        interrupted = True
+    # Seen to fail twice in full CI runs (never alone): the message says where Ctrl-C went.
+    assert interrupted, f"no KeyboardInterrupt; the processor ran {processor.calls} times, Ctrl-C sent from {processor.seen}"
     assert processor.calls == 3, "the step that got Ctrl-C ran to its end"
     engine = model._hf_minivllm.llm.engine
     manager = engine.scheduler.block_manager
