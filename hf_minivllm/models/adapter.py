@@ -308,9 +308,11 @@ class _Binder:
         self.tp_size, self.device = tp_size, device
         self.sources: list[tuple[nn.Module, str]] = []
 
-    def _own(self, tensor: torch.Tensor) -> nn.Parameter:
+    def _own(self, tensor: torch.Tensor, fresh: bool = False) -> nn.Parameter:
+        """``tensor`` as a parameter on ``device``: a copy, unless ``fresh`` (built here, shared with nobody) and
+        already there."""
         if self.device is not None:
-            tensor = tensor.to(self.device, copy=True)
+            tensor = tensor.to(self.device, copy=not fresh)
         return nn.Parameter(tensor, requires_grad=False)
 
     def share(self, module: nn.Module, name: str, hf_module: nn.Module, hf_name: str, shard=None) -> None:
@@ -345,7 +347,7 @@ class _Binder:
                 for part, rows in zip(parts, fused_layer.part_slices()):
                     part.data = fused[rows]
             else:
-                setattr(fused_layer, name, self._own(fused_layer.fuse(detached)))
+                setattr(fused_layer, name, self._own(fused_layer.fuse(detached), fresh=True))
 
 
 @torch.no_grad()
