@@ -24,7 +24,7 @@ def w1_requests(num_seqs: int = 256, max_input_len: int = 1024, max_output_len: 
 
 
 def qwen3_config(size: str = "0.6b"):
-    """Qwen3-0.6B or Qwen3-8B architecture (random init is enough for speed)."""
+    """Qwen3-0.6B, Qwen3-8B or Qwen3-32B architecture (random init is enough for speed)."""
     from transformers import Qwen3Config
 
     common = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
@@ -35,7 +35,10 @@ def qwen3_config(size: str = "0.6b"):
     if size == "8b":
         return Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                            tie_word_embeddings=False, **common)
-    raise ValueError(f"size must be '0.6b' or '8b', got {size!r}")
+    if size == "32b":
+        return Qwen3Config(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                           tie_word_embeddings=False, **common)
+    raise ValueError(f"size must be '0.6b', '8b' or '32b', got {size!r}")
 
 
 def random_model(size: str = "0.6b", dtype=torch.bfloat16, device: str = "cuda", seed: int = 0):

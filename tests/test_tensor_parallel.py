@@ -222,19 +222,60 @@ def test_impossible_sizes_are_rejected_before_anything_starts(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_tp2_on_two_gpus_matches_tp1():
-    """fp32 on two GPUs (NCCL, CUDA graphs on both ranks, async scheduling, mixed steps): token-exact with TP=1."""
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_on_gpus_matches_tp1(tp):
+    """fp32 on 2 or 4 GPUs (NCCL and the peer all-reduce, CUDA graphs on every rank, async scheduling, mixed
+    steps): token-exact with TP=1."""
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
     model = tiny_model("qwen3").cuda()
     batch = prompts(8)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     with LLM(model, gpu_memory_utilization=0.3) as llm:
         expected = [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)]
-    with LLM(model, tensor_parallel_size=2, gpu_memory_utilization=0.3) as llm:
+    with LLM(model, tensor_parallel_size=tp, gpu_memory_utilization=0.3) as llm:
         assert llm.engine.runner.graphs is not None
         assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
         pids = llm._workers.pids
     assert wait_gone(pids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_spread_over_two_gpus_is_served_where_it_lies(tmp_path):
+    """A model dispatched over two GPUs the way ``device_map="auto"`` does is served at TP=2 by default (LLM and
+    accelerate), token-exact with the same weights on one GPU and with HF's own generate on the spread model; a saved
+    copy through ``LLM(path, tensor_parallel_size=2)`` too."""
+    from accelerate import dispatch_model
+
+    model = tiny_model("llama")  # untied: the LM head may lie on the other GPU
+    model.save_pretrained(tmp_path)
+    model = model.cuda()
+    batch = prompts(6)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(copy.deepcopy(model), gpu_memory_utilization=0.3) as llm:
+        expected = [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)]
+    with LLM(str(tmp_path), tensor_parallel_size=2, gpu_memory_utilization=0.3) as llm:
+        assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
+
+    layers = model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+                  **{f"model.layers.{index}": int(index >= layers // 2) for index in range(layers)}}
+    dispatch_model(model, device_map=device_map)
+    assert {param.device.index for param in model.parameters()} == {0, 1}
+    with LLM(model, gpu_memory_utilization=0.3) as llm:
+        assert llm.config.tensor_parallel_size == 2
+        assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
+
+    padded = {key: value.cuda() for key, value in _left_padded(prompts(4, seed=3)).items()}
+    reference = model.generate(**padded, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    accelerated = hf_minivllm.accelerate(model, gpu_memory_utilization=0.3)
+    try:
+        assert hf_minivllm.stats(accelerated)["unsupported_reason"] is None
+        assert torch.equal(accelerated.generate(**padded, max_new_tokens=10, do_sample=False, pad_token_id=0),
+                           reference)
+    finally:
+        hf_minivllm.restore(model)
 
 
 def _pattern(n: int, rank: int, call: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -242,12 +283,12 @@ def _pattern(n: int, rank: int, call: int, dtype: torch.dtype, device: torch.dev
     return ((torch.arange(n, device=device) * (rank + 3) + call) % 17).to(dtype)
 
 
-def _peer_all_reduce_rank(rank: int, port: int) -> None:
+def _peer_all_reduce_rank(rank: int, port: int, world: int) -> None:
     from hf_minivllm.layers.parallel import ParallelGroup
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
-    group = ParallelGroup.connect(rank, 2, port, device, timeout_s=60)
+    group = ParallelGroup.connect(rank, world, port, device, timeout_s=60)
     assert group.peer_all_reduce is not None
     assert group.peer_all_reduce.fits(torch.empty(1 << 17))  # the largest tensors below take the peer path
     sizes = torch.randint(1, 1 << 17, (400,), generator=torch.Generator().manual_seed(0)).tolist()  # <= 512 KiB
@@ -256,7 +297,7 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         dtype = torch.bfloat16 if call % 2 else torch.float32
         x = _pattern(n, rank, call, dtype, device)
         group.all_reduce(x)
-        results.append((x, sum(_pattern(n, r, call, dtype, device) for r in range(2))))
+        results.append((x, sum(_pattern(n, r, call, dtype, device) for r in range(world))))
     assert all(torch.equal(x, expected) for x, expected in results)
     inputs = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in (1, 4096, 65536, 777, 1 << 18)]
     for x in inputs:  # warm-up outside the graph (compiles)
@@ -270,19 +311,22 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
             x.copy_(_pattern(x.numel(), rank, replay, x.dtype, device))
         graph.replay()
         for x in inputs:
-            assert torch.equal(x, sum(_pattern(x.numel(), r, replay, x.dtype, device) for r in range(2)))
+            assert torch.equal(x, sum(_pattern(x.numel(), r, replay, x.dtype, device) for r in range(world)))
     torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_peer_all_reduce_on_two_gpus():
-    """The one-shot all-reduce through peer memory: 400 calls of random sizes back to back, then in a CUDA graph
-    replayed 50 times with new inputs; every result exact."""
+@pytest.mark.parametrize("world", [2, 4])
+def test_peer_all_reduce_on_gpus(world):
+    """The one-shot all-reduce through peer memory over 2 or 4 GPUs: 400 calls of random sizes back to back, then in
+    a CUDA graph replayed 50 times with new inputs; every result exact."""
     from hf_minivllm.layers.parallel import ParallelGroup
 
-    store = ParallelGroup.create_store(2, timeout_s=60)
-    torch.multiprocessing.start_processes(_peer_all_reduce_rank, args=(store.port,), nprocs=2, start_method="spawn")
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    store = ParallelGroup.create_store(world, timeout_s=60)
+    torch.multiprocessing.start_processes(_peer_all_reduce_rank, args=(store.port, world), nprocs=world,
+                                          start_method="spawn")
 
 
 def test_offloaded_weights_fall_back_and_a_spread_model_needs_its_size(monkeypatch):
