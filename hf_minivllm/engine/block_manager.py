@@ -19,6 +19,13 @@ import xxhash
 from hf_minivllm.engine.sequence import Sequence
 
 NO_HASH = -1
+LONG_ROPE_SALT = 1
+
+
+def _first_prefix(seq: Sequence) -> int:
+    """What the first block's hash chains on. The K/V of a LongRoPE sequence rotated with the long table differ from
+    the same tokens' rotated with the short one, so those blocks live in their own prefix-cache namespace."""
+    return LONG_ROPE_SALT if seq.long_rope else NO_HASH
 
 
 def chain_hash(token_ids: list[int], prefix_hash: int) -> int:
@@ -123,7 +130,7 @@ class BlockManager:
         """The blocks holding ``seq``'s leading full blocks, as far as the prefix cache has them (no state change)."""
         if not self.enable_prefix_caching:
             return []
-        prefix_hash, found = NO_HASH, []
+        prefix_hash, found = _first_prefix(seq), []
         for index in range(len(seq) // self.block_size):
             prefix_hash, block = self._lookup(seq.block_tokens(index), prefix_hash)
             if block is None:
@@ -175,7 +182,7 @@ class BlockManager:
         index = seq.num_hashed_blocks
         if index >= full:
             return
-        prefix_hash = self.blocks[seq.block_table[index - 1]].hash if index else NO_HASH
+        prefix_hash = self.blocks[seq.block_table[index - 1]].hash if index else _first_prefix(seq)
         for index in range(index, full):
             block = self.blocks[seq.block_table[index]]
             if block.hash == NO_HASH:

@@ -60,7 +60,8 @@ class LLMEngine:
         read the scheduler's capacity while validating)."""
         runner = ModelRunner(model, self.config, self.eos_token_ids, self.workers)
         scheduler = Scheduler(self.config, runner.num_blocks, self.eos_token_ids,
-                              capacity_blocks=runner.capacity_blocks, grow=self._grow_kv_cache)
+                              capacity_blocks=runner.capacity_blocks, grow=self._grow_kv_cache,
+                              rope_long_after=getattr(model, "rope_long_after", None))
         self.model, self.runner, self.scheduler = model, runner, scheduler
         self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, runner.num_blocks)
 
@@ -113,7 +114,11 @@ class LLMEngine:
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         for index, (prompt, sp) in enumerate(zip(prompts, params)):
             self.validate_request(prompt, sp, index)
-        return [Sequence(list(prompt), sp, self.config.kvcache_block_size) for prompt, sp in zip(prompts, params)]
+        seqs = [Sequence(list(prompt), sp, self.config.kvcache_block_size) for prompt, sp in zip(prompts, params)]
+        long_after = getattr(self.model, "rope_long_after", None)
+        for seq in seqs:  # LongRoPE: a prompt past the original context is rotated with the long table throughout
+            seq.long_rope = long_after is not None and seq.num_prompt_tokens > long_after
+        return seqs
 
     def add_sequences(self, seqs: SequenceOf[Sequence]) -> None:
         """Queue sequences made by ``new_sequences``, in order."""

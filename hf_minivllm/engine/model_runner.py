@@ -82,6 +82,8 @@ class ModelRunner:
             layer.backend = backend
         self.attention_backend = backend
         self._decode_tables = DecodeBlockTables(config.max_num_seqs, self.max_blocks_per_seq)
+        self._rope_long_after = getattr(model, "rope_long_after", None)
+        self._rope_long_offset = getattr(model, "rope_long_offset", 0)
         self.layout = KVLayout(model.num_layers, self.block_size, model.num_kv_heads, model.head_dim, self.dtype)
         self._growth_budget: Callable[[], int] | None = None
         self.storage = self._make_storage()
@@ -262,6 +264,15 @@ class ModelRunner:
     def _array_to_device(self, array: np.ndarray) -> torch.Tensor:
         return self._pinned(array).to(self.device, non_blocking=True)
 
+    def _rope_positions(self, positions: np.ndarray, seqs: list[Sequence], rows: np.ndarray | None = None) -> np.ndarray:
+        """The rotary cache rows of tokens at ``positions`` (of ``seqs[rows]``): the positions themselves, except for
+        LongRoPE sequences rotated with the long table (``Sequence.long_rope``), whose rows follow the short
+        table's."""
+        if self._rope_long_after is None:
+            return positions
+        long_rope = np.fromiter((seq.long_rope for seq in seqs), dtype=np.int64, count=len(seqs))
+        return positions + (long_rope if rows is None else long_rope[rows]) * self._rope_long_offset
+
     def _plan_prefill(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> PrefillPlan:
         """Prefill inputs, built per token with numpy (a chunk is up to max_num_batched_tokens tokens).
 
@@ -288,7 +299,8 @@ class ModelRunner:
                 pending_offsets.append(offset + len(known))
                 pending_rows.append(previous.row_of_sequence()[seq.seq_id])
         return PrefillPlan(
-            input_ids=input_ids, positions=positions, slot_mapping=slots, block_tables=tables,
+            input_ids=input_ids, positions=self._rope_positions(positions, seqs, token_rows), slot_mapping=slots,
+            block_tables=tables,
             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(counts.max()),
             max_seqlen_k=int((starts + counts).max()),
             logits_rows=(cu_q[1:] - 1)[np.asarray(batch.sample, dtype=bool)].astype(np.int64),
@@ -311,6 +323,7 @@ class ModelRunner:
         positions[:] = [seq.num_tokens - 1 for seq in seqs]
         rows[2] = tables[np.arange(len(seqs)), positions // block_size] * block_size + positions % block_size
         plan = DecodePlan(rows, (positions + 1).astype(np.int32), tables)
+        rows[1] = self._rope_positions(positions.copy(), seqs)
         if any(seq.num_pending_tokens for seq in seqs):
             row_of = previous.row_of_sequence()
             plan.previous_rows = np.asarray([row_of[seq.seq_id] if seq.num_pending_tokens else -1 for seq in seqs],

@@ -58,7 +58,7 @@ GrowKVCache = Callable[[int, int], int]
 
 class Scheduler:
     def __init__(self, config: Config, num_blocks: int, eos_token_ids: list[int], capacity_blocks: int | None = None,
-                 grow: GrowKVCache | None = None):
+                 grow: GrowKVCache | None = None, rope_long_after: int | None = None):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
@@ -71,6 +71,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.rope_long_after = rope_long_after  # LongRoPE models: the original context length
 
     @property
     def watermark_blocks(self) -> int:
@@ -109,6 +110,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         """The next step; None when nothing is left to schedule before the step in flight is read back."""
+        self._switch_to_long_rope()
         if self.mixed_steps:
             return self._schedule_mixed()
         batch = self._schedule_prefill()
@@ -212,6 +214,17 @@ class Scheduler:
             return False
         completion = seq.num_completion_tokens + seq.num_pending_tokens
         return completion >= seq.sampling_params.max_tokens or seq.num_tokens >= self.max_model_len
+
+    def _switch_to_long_rope(self) -> None:
+        """LongRoPE (Phi-3): a sequence that outgrows the original context is rotated with the long table from then
+        on, all of it: HF's generate drops its cache at that point and recomputes the whole sequence. So does the
+        engine: such a running sequence is preempted and recomputed first (counted as a preemption)."""
+        if self.rope_long_after is None:
+            return
+        for seq in [seq for seq in self.running if not seq.long_rope and seq.num_tokens > self.rope_long_after]:
+            seq.long_rope = True
+            self.running.remove(seq)
+            self._preempt(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

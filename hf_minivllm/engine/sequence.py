@@ -48,6 +48,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None  # why an aborted request failed, raised to its caller
         self.cache_epoch = 0  # the block manager's prefix-cache epoch when the blocks were allocated
+        self.long_rope = False  # LongRoPE models: rotated with the long table (see Scheduler._switch_to_long_rope)
         # With SamplingParams.logprobs: per generated token, (its log-probability, {token id: log-probability}).
         self.logprobs: list[tuple[float, dict[int, float]]] | None = [] if sampling_params.logprobs is not None else None
         self.arrival_time = time.monotonic()

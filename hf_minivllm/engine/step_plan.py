@@ -20,7 +20,7 @@ class PrefillPlan:
     """
 
     input_ids: np.ndarray  # [T] int64
-    positions: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64, rows of the rotary cache: the positions, LongRoPE aside (ModelRunner)
     slot_mapping: np.ndarray  # [T] int64
     block_tables: np.ndarray  # [n, w] int32
     cu_seqlens_q: np.ndarray  # [n + 1] int32

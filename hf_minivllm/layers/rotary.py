@@ -1,8 +1,9 @@
 """Rotary position embedding (HF's rotate-half convention) from the HF model's own frequencies.
 
 Taking ``inv_freq`` and ``attention_scaling`` from the loaded HF rotary module makes every static rope_scaling
-kind (default, linear, llama3, yarn, ...) exact without re-deriving it; kinds whose frequencies change with the
-sequence length are rejected by the adapter.
+kind (default, linear, llama3, yarn, ...) exact without re-deriving it. LongRoPE (Phi-3) switches between two
+tables by sequence length: both are cached, and the runner picks a token's table through the position it passes
+(see ``RotaryEmbedding``). Dynamic kinds are rejected by the adapter.
 
 On CUDA (head_dim a power of two >= 16) one Triton launch rotates q and k in place, after Qwen3's per-head q/k
 RMSNorm when given, instead of a dozen small torch kernels per layer (``hf_minivllm.kernels.rotary``, bit-identical
@@ -26,20 +27,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def _cos_sin(inv_freq: torch.Tensor, attention_scaling: float, max_positions: int) -> torch.Tensor:
+    """``[max_positions, head_dim]`` ``[cos | sin]`` in float32, computed as HF's rotary forward computes it."""
+    positions = torch.arange(max_positions, device=inv_freq.device, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq.float()[None, :]
+    return torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
-    """Holds a ``[max_positions, head_dim]`` cache ``[cos | sin]`` (half width each) in the model dtype."""
+    """Holds a ``[max_positions, head_dim]`` cache ``[cos | sin]`` (half width each) in the model dtype.
+
+    With ``long_inv_freq`` (LongRoPE) the cache holds a second table of ``max_positions`` rows after the first:
+    position ``p`` rotates with the long frequencies when it is given as ``p + long_offset``.
+    """
 
     def __init__(self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, long_inv_freq: torch.Tensor | None = None):
         super().__init__()
-        if inv_freq.numel() * 2 != head_dim:
-            raise ValueError(f"rotary inv_freq has {inv_freq.numel()} entries, expected head_dim/2 = {head_dim // 2}")
+        for name, table in (("inv_freq", inv_freq), ("long_inv_freq", long_inv_freq)):
+            if table is not None and table.numel() * 2 != head_dim:
+                raise ValueError(f"rotary {name} has {table.numel()} entries, expected head_dim/2 = {head_dim // 2}")
         self.head_dim = head_dim
         self.kernel_fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-        # Same fp32 arithmetic as HF's rotary forward, then the same cast to the model dtype.
-        positions = torch.arange(max_positions, device=inv_freq.device, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq.float()[None, :]
-        cache = torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1)
+        tables = [inv_freq] if long_inv_freq is None else [inv_freq, long_inv_freq]
+        self.long_offset = max_positions if long_inv_freq is not None else 0
+        cache = torch.cat([_cos_sin(table, attention_scaling, max_positions) for table in tables])
         self.cos_sin_cache = nn.Buffer(cache.to(dtype), persistent=False)
 
     def uses_kernel(self, q: torch.Tensor) -> bool:

@@ -186,9 +186,9 @@ def _check_supported(hf_model: nn.Module) -> None:
     if config.hidden_act not in ("silu", "swish"):
         raise UnsupportedModel(f"unsupported hidden_act {config.hidden_act!r}; only silu-gated MLPs are supported")
     rotary = hf_model.model.rotary_emb
-    if "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
-        raise UnsupportedModel(f"rope type {rotary.rope_type!r} changes its frequencies with the sequence length; "
-                               "unsupported (static kinds such as default, linear, llama3 and yarn are supported)")
+    if "dynamic" in rotary.rope_type:
+        raise UnsupportedModel(f"rope type {rotary.rope_type!r} recomputes its frequencies for every sequence "
+                               "length; unsupported (default, linear, llama3, yarn and longrope are supported)")
     head_dim = hf_model.model.layers[0].self_attn.head_dim
     if rotary.inv_freq.numel() * 2 != head_dim:
         raise UnsupportedModel(f"partial rotary embedding ({rotary.inv_freq.numel() * 2} of {head_dim} head "
@@ -268,8 +268,8 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         head_dim=attn.head_dim,
         rms_norm_eps=inner.layers[0].input_layernorm.variance_epsilon,
         max_position_embeddings=config.max_position_embeddings,
-        rope_inv_freq=inner.rotary_emb.inv_freq,
         rope_attention_scaling=inner.rotary_emb.attention_scaling,
+        **_rope_tables(hf_model),
         attention_scale=attn.scaling,
         qkv_bias=projections["qkv"][0].bias is not None,
         o_proj_bias=projections["o"][0].bias is not None,
@@ -280,6 +280,25 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         tp_rank=tp_rank,
         tp_size=tp_size,
     )
+
+
+def _rope_tables(hf_model: nn.Module) -> dict:
+    """The rotary frequencies: HF's own, and for LongRoPE both of its tables and the length that switches them.
+
+    LongRoPE rotates a forward pass with the long table when its longest position exceeds the original context
+    (``original_max_position_embeddings``) and with the short one otherwise; HF's module holds whichever its last
+    forward used, so the short table is taken from ``original_inv_freq`` and the long one computed as HF does.
+    """
+    rotary = hf_model.model.rotary_emb
+    if rotary.rope_type != "longrope":
+        return {"rope_inv_freq": rotary.inv_freq}
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    original = hf_model.config.rope_parameters["original_max_position_embeddings"]
+    long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_model.config, rotary.original_inv_freq.device,
+                                                       seq_len=original + 1)
+    return {"rope_inv_freq": rotary.original_inv_freq, "rope_long_inv_freq": long_inv_freq,
+            "rope_long_after": original}
 
 
 def _consecutive_views(parts: list[torch.Tensor]) -> torch.Tensor | None:

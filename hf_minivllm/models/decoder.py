@@ -35,6 +35,9 @@ class DecoderConfig:
     max_position_embeddings: int
     rope_inv_freq: torch.Tensor
     rope_attention_scaling: float = 1.0
+    # LongRoPE (Phi-3): a second frequency table, used by tokens of sequences longer than ``rope_long_after``.
+    rope_long_inv_freq: torch.Tensor | None = None
+    rope_long_after: int | None = None
     attention_scale: float | None = None
     qkv_bias: bool = False
     o_proj_bias: bool = False
@@ -126,7 +129,11 @@ class DecoderForCausalLM(nn.Module):
         self.head_dim = config.head_dim
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_inv_freq, config.rope_attention_scaling,
-                                          config.max_position_embeddings, config.dtype)
+                                          config.max_position_embeddings, config.dtype, config.rope_long_inv_freq)
+        # Where the long table's rows start in the rotary cache, and the length past which a sequence uses them
+        # (see ``ModelRunner``'s rope positions); None without a long table.
+        self.rope_long_after = config.rope_long_after if config.rope_long_inv_freq is not None else None
+        self.rope_long_offset = self.rotary_emb.long_offset
         self.layers = nn.ModuleList(DecoderLayer(config, self.rotary_emb, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp)

@@ -20,7 +20,9 @@ Manifest = list[tuple[str, tuple[int, ...], torch.dtype]]
 def portable_config(decoder: DecoderForCausalLM) -> DecoderConfig:
     """The decoder's config with its tensors on the CPU, to build the same decoder in another process."""
     config = decoder.config
-    return dataclasses.replace(config, rope_inv_freq=config.rope_inv_freq.detach().cpu())
+    long = config.rope_long_inv_freq
+    return dataclasses.replace(config, rope_inv_freq=config.rope_inv_freq.detach().cpu(),
+                               rope_long_inv_freq=None if long is None else long.detach().cpu())
 
 
 def manifest(decoder: DecoderForCausalLM) -> Manifest:
