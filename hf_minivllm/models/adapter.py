@@ -294,9 +294,10 @@ def _rope_tables(hf_model: nn.Module) -> dict:
         return {"rope_inv_freq": rotary.inv_freq}
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    original = hf_model.config.rope_parameters["original_max_position_embeddings"]
-    long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_model.config, rotary.original_inv_freq.device,
-                                                       seq_len=original + 1)
+    config = hf_model.config
+    rope_parameters = getattr(config, "rope_parameters", None) or {}  # transformers 5; 4.x keeps it on the config
+    original = rope_parameters.get("original_max_position_embeddings") or config.original_max_position_embeddings
+    long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, rotary.original_inv_freq.device, seq_len=original + 1)
     return {"rope_inv_freq": rotary.original_inv_freq, "rope_long_inv_freq": long_inv_freq,
             "rope_long_after": original}
 
