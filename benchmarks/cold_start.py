@@ -1,0 +1,158 @@
+"""Cold start: from a fresh process to the first generated tokens, and where the time goes (issue: closer to the
+floor, cold start).
+
+Each case runs in a fresh Python process, first with an empty Triton cache (``TRITON_CACHE_DIR`` a new folder), then
+again in another fresh process with the cache the first one filled. The process times its own phases:
+
+- ``import``: torch, transformers and hf_minivllm;
+- ``model``: the Qwen3-0.6B architecture built on the GPU with random bf16 weights (not part of the target: the
+  caller's model exists already);
+- ``engine``: ``LLM(model)`` or ``accelerate(model)``, split into the decoder build (the adapter's weight views),
+  the warm-up pass (a prefill and the samplers, compiling their Triton kernels; it also measures activation
+  memory), the rest of the KV cache's set-up, and the decode-graph capture (with the decode kernels' compiles);
+  the Triton compile (or disk-cache load) time inside all of it is counted apart, by Triton's compile hooks;
+- ``first call``: one 128-token prompt, 16 greedy tokens (``LLM.generate`` or the patched ``model.generate``).
+
+    python3 benchmarks/cold_start.py --out $OUT/cold_start.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+START = time.perf_counter()
+CASES = ("llm", "accelerate")
+
+
+def child(case: str) -> dict:
+    """One cold start, timed phase by phase in this process."""
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = now - mark
+        mark = now
+
+    import torch
+    import transformers  # noqa: F401
+    from triton import knobs
+
+    import hf_minivllm
+    from hf_minivllm import LLM, SamplingParams
+    from hf_minivllm import llm as llm_module
+    from hf_minivllm.engine import cuda_graphs, model_runner
+    from host_overhead import PartTimer
+    from workloads import random_model
+
+    lap("import_s")
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    lap("cuda_init_s")
+    model = random_model("0.6b", device="cuda")
+    torch.cuda.synchronize()
+    lap("model_s")
+
+    compiles: dict[str, float] = defaultdict(float)
+    started: dict[object, float] = {}
+
+    def before_compile(**details) -> bool:
+        started[details["key"]] = time.perf_counter()
+        return False
+
+    def after_compile(**details) -> None:
+        begun = started.pop(details["key"], None)
+        if begun is not None:
+            compiles[getattr(details["fn"], "name", str(details["fn"]))] += time.perf_counter() - begun
+
+    knobs.runtime.jit_cache_hook = before_compile
+    knobs.runtime.jit_post_compile_hook = after_compile
+    timer = PartTimer()
+    timer.wrap(model_runner.ModelRunner, "_warm_up", "warm_up_s")
+    timer.wrap(model_runner.ModelRunner, "_make_storage", "kv_cache_setup_s")
+    timer.wrap(cuda_graphs.DecodeGraphs, "__init__", "graph_capture_s")
+    timer.wrap(llm_module, "build_decoder", "decoder_build_s")  # the name llm.py bound at import
+    prompt = list(range(1000, 1128))
+    if case == "llm":
+        engine = LLM(model)
+        torch.cuda.synchronize()
+        lap("engine_s")
+        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    else:
+        hf_minivllm.accelerate(model)
+        torch.cuda.synchronize()
+        lap("engine_s")
+        model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                       pad_token_id=0)
+    torch.cuda.synchronize()
+    lap("first_call_s")
+    parts = dict(timer.totals)
+    parts["kv_cache_setup_s"] = parts.get("kv_cache_setup_s", 0.0) - parts.get("warm_up_s", 0.0)
+    return {"case": case, "phases": phases, "engine_parts": parts,
+            "triton_compile_s": sum(compiles.values()), "triton_compiles": dict(compiles),
+            "process_s": time.perf_counter() - START}
+
+
+def run_case(case: str, cache_dir: str) -> dict:
+    env = {**os.environ, "TRITON_CACHE_DIR": cache_dir}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--child", case], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent)
+    wall = time.perf_counter() - start
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {"case": case, "error": (done.stdout + done.stderr)[-3000:], "wall_s": wall}
+    return {**json.loads(lines[-1]), "wall_s": wall}
+
+
+def figures(result: dict) -> list:
+    from results import Figure
+
+    out = []
+    for row in result.get("runs", []):
+        if "error" in row or row["cache"] != "empty Triton cache":
+            continue
+        name = "LLM(model)" if row["case"] == "llm" else "accelerate(model)"
+        out.append(Figure("cold start (0.6b, fresh process, empty Triton cache)", f"{name} construction", "s",
+                          row["phases"]["engine_s"], name, higher_is_better=False))
+        out.append(Figure("cold start (0.6b, fresh process, empty Triton cache)",
+                          f"{name}: import + construction + first 16 tokens", "s",
+                          row["phases"]["import_s"] + row["phases"]["engine_s"] + row["phases"]["first_call_s"], name,
+                          higher_is_better=False))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)), flush=True)
+        return
+    import torch
+
+    from workloads import commit
+
+    summary = {"device": torch.cuda.get_device_name(0), "commit": commit(), "runs": []}
+    for case in CASES:
+        with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache_dir:
+            for cache in ("empty Triton cache", "warm Triton cache"):
+                row = {**run_case(case, cache_dir), "cache": cache}
+                summary["runs"].append(row)
+                print(json.dumps(row, indent=1)[:4000], flush=True)
+    from results import finish_run
+
+    finish_run(args.out, summary, figures(summary), "cold_start")
+
+
+if __name__ == "__main__":
+    main()
