@@ -24,7 +24,7 @@ import torch
 
 from hf_minivllm import LLM
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
-from workloads import commit, random_model, write_results
+from workloads import commit, random_model
 
 
 def engine_logits(llm: LLM, tokens: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,28 @@ def main() -> None:
         print(f"   {pair:34s} {value:.4f}")
     print(f"ours_triton vs hf_bf16 disagreements: {len(gaps)}; HF's logit gap between the two tokens, in units of "
           f"its logits' std: max {max(gaps, default=0):.4f}, median {sorted(gaps)[len(gaps) // 2] if gaps else 0:.4f}")
-    write_results(args.out, weights=weights, agreement=table, gaps_in_std=gaps)
+    from results import finish_run
+
+    summary = {"device": torch.cuda.get_device_name(), "commit": commit(), "weights": weights,
+               "positions": sum(map(len, texts)), "agreement": table, "gaps_in_std": gaps}
+    finish_run(args.out, summary, figures(summary), "bf16_agreement")
+
+
+def figures(result: dict) -> list:
+    """Ours (Triton attention) against HF fp32, beside HF's own bf16 against HF fp32; and ours against HF bf16."""
+    from results import Figure
+
+    table, workload = result["agreement"], f"bf16 agreement (0.6b, {result['weights']})"
+    out = []
+    if "hf_fp32 vs ours_triton" in table:
+        out.append(Figure(workload, "teacher-forced top-1 agreement with HF fp32", "fraction",
+                          table["hf_fp32 vs ours_triton"], "LLM bf16, Triton attention", peer="HF bf16 (sdpa)",
+                          peer_value=table.get("hf_bf16 vs hf_fp32")))
+    if "hf_bf16 vs ours_triton" in table:
+        out.append(Figure(workload, "teacher-forced top-1 agreement with HF bf16", "fraction",
+                          table["hf_bf16 vs ours_triton"], "LLM bf16, Triton attention", peer="HF bf16 eager attention",
+                          peer_value=table.get("hf_bf16 vs hf_bf16_eager")))
+    return out
 
 
 if __name__ == "__main__":

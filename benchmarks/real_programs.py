@@ -25,7 +25,7 @@ import torch
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.patches.state import state_of
-from workloads import random_model, w1_requests, write_results
+from workloads import random_model, w1_requests
 
 GIB = 1 << 30
 
@@ -291,6 +291,34 @@ def w7_threads(results: dict, threads: int = 64, hf_window_s: float = 30.0) -> N
     torch.cuda.empty_cache()
 
 
+def figures(results: dict) -> list:
+    """The figures with a peer in the same run: W7's threads against one LLM.generate batch and against HF in the
+    same threads; the short calls' ms/token against W2; memory after start-up against the resident engine."""
+    from results import Figure
+
+    out = []
+    w7 = results.get("W7_threads")
+    if w7:
+        workload = f"W7 ({w7['threads']} threads, {w7['requests']} W1 requests, batch 1 each)"
+        out.append(Figure(workload, "output throughput", "tok/s", w7["tok_s"], "accelerate(model).generate in threads",
+                          peer="HF generate in the same threads", peer_value=w7["hf_threads_tok_s"]))
+        out.append(Figure(workload, "output throughput against one batch", "tok/s", w7["tok_s"],
+                          "accelerate(model).generate in threads", peer="LLM.generate, one batch",
+                          peer_value=w7["llm_batch_tok_s"]))
+    calls = results.get("short_calls")
+    if calls:
+        out.append(Figure(f"{calls['calls']} short calls (0.6b, 32 tokens each)", "latency", "ms/token",
+                          calls["ms_per_token"], "accelerate(model).generate", higher_is_better=False,
+                          peer="the same engine on W2", peer_value=calls["w2_ms_per_token"]))
+    memory = results.get("memory")
+    if memory:
+        out.append(Figure("GPU memory after start-up (0.6b)", "memory held beyond the weights", "GiB",
+                          memory["after_accelerate_gib"] - memory["weights_gib"], "accelerate(model)",
+                          higher_is_better=False, peer="LLM(model), resident KV cache",
+                          peer_value=memory["resident_llm_idle_gib"] - memory["weights_gib"]))
+    return out
+
+
 SECTIONS = {"memory": memory, "two_models": two_models_and_training, "short_calls": short_calls,
             "w7": w7_threads}
 
@@ -313,7 +341,10 @@ def main() -> None:
             results[f"{name}_error"] = repr(error)
         print(f"[{name}: {time.perf_counter() - begin:.0f} s]", flush=True)
         print(json.dumps({k: v for k, v in results.items() if k != "device"}, indent=1, default=str), flush=True)
-    write_results(args.out, **results)
+    from results import finish_run
+    from workloads import commit
+
+    finish_run(args.out, {**results, "commit": commit()}, figures(results), "real_programs")
 
 
 if __name__ == "__main__":

@@ -472,6 +472,39 @@ def acceptance(servers: dict) -> dict:
     return out
 
 
+def figures(results: dict) -> list:
+    """W6's figures for benchmarks/results: per rate both servers ran, our throughput and TTFT p99 beside HF's; the
+    stall test's ITL p99 over its median, mixed steps beside separate steps."""
+    from results import Figure
+
+    servers, out = results.get("servers", {}), []
+    ours, hf = servers.get("ours", {}).get("rates", {}), servers.get("hf", {}).get("rates", {})
+    peer = "transformers serve, continuous batching"
+    for key, row in ours.items():
+        peer_row = hf.get(key, {})
+        if "output_tok_s" not in row:
+            continue
+        rate = "all at once" if math.isinf(float(key)) else f"{float(key):g} req/s"
+        sustained = "" if peer_row.get("sustained", True) else " (not sustained)"
+        out.append(Figure(f"W6 (0.6b, Poisson, {rate})", "output throughput", "tok/s", row["output_tok_s"],
+                          "hf-minivllm serve", peer=peer + sustained if peer_row else None,
+                          peer_value=peer_row.get("output_tok_s")))
+        if row.get("ttft_ms_p99"):
+            out.append(Figure(f"W6 (0.6b, Poisson, {rate})", "TTFT p99", "ms", row["ttft_ms_p99"], "hf-minivllm serve",
+                              higher_is_better=False, peer=peer + sustained if peer_row else None,
+                              peer_value=peer_row.get("ttft_ms_p99")))
+    mixed = servers.get("ours", {}).get("stall", {}).get("short", {}) or servers.get("ours_stall", {}).get(
+        "stall", {}).get("short", {})
+    separate = next((row["stall"]["short"] for name, row in servers.items()
+                     if name.startswith("ours_no_mixed") and "short" in row.get("stall", {})), {})
+    if mixed.get("itl_p99_over_p50"):
+        out.append(Figure("W6 stall test (short streams beside 8,000-token prompts)", "ITL p99 / ITL p50", "ratio",
+                          mixed["itl_p99_over_p50"], "hf-minivllm serve, mixed steps", higher_is_better=False,
+                          peer="hf-minivllm serve, separate prefill and decode steps",
+                          peer_value=separate.get("itl_p99_over_p50")))
+    return out
+
+
 def device_name() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -593,4 +626,11 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    print_table(run(parse_args()))
+    arguments = parse_args()
+    outcome = run(arguments)
+    print_table(outcome)
+    if outcome["device"] != "cpu":
+        from results import record
+        from workloads import commit
+
+        record(outcome["device"], figures(outcome), "serving", commit())
