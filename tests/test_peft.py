@@ -158,3 +158,19 @@ def test_other_peft_tuners_stay_with_peft():
     assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
     assert "not a plain Linear" in hf_minivllm.stats(served)["unsupported_reason"]
     assert_same(model, served)
+
+
+@pytest.mark.gpu
+def test_lora_on_cuda_with_graphs_token_exact_and_switching_seen():
+    """On the GPU (Triton kernels, CUDA-graph decode): the active adapter's answer equals PEFT's, and switching
+    adapters between calls is seen (the graphs are recaptured for the new weights)."""
+    oracle = lora_model().cuda()
+    served = hf_minivllm.accelerate(copy.deepcopy(oracle), max_num_seqs=8, max_model_len=256)
+    assert hf_minivllm.stats(served)["unsupported_reason"] is None
+    ids, mask = (tensor.cuda() for tensor in left_padded_batch())
+    for adapter in ("first", "second"):
+        oracle.set_adapter(adapter)
+        served.set_adapter(adapter)
+        expected = oracle.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        assert torch.equal(served.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    assert hf_minivllm.stats(served)["fallbacks"] == 0
