@@ -481,18 +481,17 @@ def figures(results: dict) -> list:
     ours, hf = servers.get("ours", {}).get("rates", {}), servers.get("hf", {}).get("rates", {})
     peer = "transformers serve, continuous batching"
     for key, row in ours.items():
-        peer_row = hf.get(key, {})
         if "output_tok_s" not in row:
             continue
+        peer_row = hf.get(key, {}) if "output_tok_s" in hf.get(key, {}) else {}
         rate = "all at once" if math.isinf(float(key)) else f"{float(key):g} req/s"
-        sustained = "" if peer_row.get("sustained", True) else " (not sustained)"
-        out.append(Figure(f"W6 (0.6b, Poisson, {rate})", "output throughput", "tok/s", row["output_tok_s"],
-                          "hf-minivllm serve", peer=peer + sustained if peer_row else None,
-                          peer_value=peer_row.get("output_tok_s")))
+        ours_name = "hf-minivllm serve" + ("" if row.get("sustained", True) else " (not sustained)")
+        peer_name = (peer + ("" if peer_row.get("sustained", True) else " (not sustained)")) if peer_row else None
+        out.append(Figure(f"W6 (0.6b, Poisson, {rate})", "output throughput", "tok/s", row["output_tok_s"], ours_name,
+                          peer=peer_name, peer_value=peer_row.get("output_tok_s")))
         if row.get("ttft_ms_p99"):
-            out.append(Figure(f"W6 (0.6b, Poisson, {rate})", "TTFT p99", "ms", row["ttft_ms_p99"], "hf-minivllm serve",
-                              higher_is_better=False, peer=peer + sustained if peer_row else None,
-                              peer_value=peer_row.get("ttft_ms_p99")))
+            out.append(Figure(f"W6 (0.6b, Poisson, {rate})", "TTFT p99", "ms", row["ttft_ms_p99"], ours_name,
+                              higher_is_better=False, peer=peer_name, peer_value=peer_row.get("ttft_ms_p99")))
     mixed = servers.get("ours", {}).get("stall", {}).get("short", {}) or servers.get("ours_stall", {}).get(
         "stall", {}).get("short", {})
     separate = next((row["stall"]["short"] for name, row in servers.items()

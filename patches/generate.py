@@ -336,7 +336,11 @@ def _run(llm: Any, calls: list[EngineCall]) -> list[Any]:
     seqs = llm.sequences(prompts, params)
     start = 0
     for call in calls:
-        call.attach(seqs[start : start + len(call.prompts)])
+        rows = seqs[start : start + len(call.prompts)]
+        longest = max(seq.num_prompt_tokens for seq in rows)
+        for seq in rows:  # LongRoPE: HF switches a whole batch's table by its longest row
+            seq.rope_length_offset = longest - seq.num_prompt_tokens
+        call.attach(rows)
         start += len(call.prompts)
     streaming = [call for call in calls if call.streamer is not None]
     for call in streaming:

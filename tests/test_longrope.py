@@ -80,6 +80,68 @@ def test_short_crossing_and_long_sequences_match_hf_with_chunks_and_prefix_cache
         assert hits[2] > 0 and hits[3] > 0  # each prompt hits its own blocks
 
 
+def test_a_drop_in_batch_switches_with_its_longest_row_as_hf_does():
+    """HF picks the table per forward pass by the batch's longest row: in a left-padded batch a short row is rotated
+    with the long table as soon as the longest row outgrows the original context (rows straddling it here; a
+    crossing during generation as well)."""
+    model = longrope_model()
+    for short, long in ((10, 40), (12, 28)):
+        rows = [prompt(short, 1), prompt(long, 2)]
+        padded = {"input_ids": torch.zeros(2, long, dtype=torch.long), "attention_mask": torch.zeros(2, long,
+                                                                                                     dtype=torch.long)}
+        for index, tokens in enumerate(rows):
+            padded["input_ids"][index, long - len(tokens):] = torch.tensor(tokens)
+            padded["attention_mask"][index, long - len(tokens):] = 1
+        settings = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+        expected = model.generate(**padded, use_cache=False, **settings)
+        assert expected[0, long:].tolist() != hf_greedy(model, rows[0], 10)  # the batch changes the short row
+        accelerated = hf_minivllm.accelerate(model, num_kvcache_blocks=64, kvcache_block_size=4)
+        try:
+            assert torch.equal(accelerated.generate(**padded, **settings), expected)
+        finally:
+            hf_minivllm.restore(model)
+
+
+def test_hf_forwards_between_calls_do_not_rebuild_and_a_rebuild_mid_sequence_keeps_the_switch():
+    """HF's module swaps its inv_freq buffer between the tables on every forward: not a weight change. A rebuild
+    (new weight tensors) while a sequence runs past the switch recomputes it with the long table."""
+    model = longrope_model()
+    tokens = prompt(30, 3)
+    expected = hf_greedy(model, tokens, 8)
+    accelerated = hf_minivllm.accelerate(model, num_kvcache_blocks=64, kvcache_block_size=4)
+    try:
+        settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        for length in (8, 40, 8):
+            with torch.no_grad():
+                model(torch.tensor([prompt(length, 4)]))
+            assert accelerated.generate(torch.tensor([tokens]), **settings)[0, 30:].tolist() == expected
+        assert hf_minivllm.stats(model)["rebuilds"] == 0
+    finally:
+        hf_minivllm.restore(model)
+
+    llm = LLM(copy.deepcopy(model), num_kvcache_blocks=64, kvcache_block_size=4)
+    with llm:
+        engine = llm.engine
+        seq = engine.add_request(tokens, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        while len(seq) <= ORIGINAL:
+            engine.step()
+        engine.reload_model(llm._build_decoder())
+        while engine.has_unfinished():
+            engine.step()
+        assert seq.completion_token_ids == expected
+
+
+def test_longrope_on_other_architectures_stays_with_hf():
+    """Only Phi-3's generate recomputes a sequence at the switch; Llama's keeps the keys it rotated with the short
+    table, a cache the engine does not reproduce: that model keeps HF's generate."""
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * HALF, "long_factor": [2.0] * HALF, "factor": 8.0,
+               "original_max_position_embeddings": ORIGINAL}
+    model = tiny_model("llama", rope_scaling=scaling, max_position_embeddings=256)
+    with pytest.warns(UserWarning, match="longrope"):
+        hf_minivllm.accelerate(model)
+    assert "longrope" in hf_minivllm.stats(model)["unsupported_reason"]
+
+
 def test_accelerated_generate_matches_hf():
     model = longrope_model()
     tokens = prompt(27, 8)
@@ -100,8 +162,9 @@ def test_on_the_gpu_with_graphs_and_async_scheduling():
     waits for that token; decode steps run as CUDA graphs with the long table's rows."""
     model = longrope_model().cuda()
     prompts = [prompt(10, 1), prompt(25, 2), prompt(ORIGINAL, 3), prompt(45, 5)]
-    expected = [hf_greedy(model, tokens, 20) for tokens in prompts]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    with LLM(model, gpu_memory_utilization=0.3, kvcache_block_size=16) as llm:
+    # Built before any HF forward (transformers 4.x moves HF's short table to the GPU only in its first forward).
+    with LLM(copy.deepcopy(model), gpu_memory_utilization=0.3, kvcache_block_size=16) as llm:
         assert llm.engine.runner.graphs is not None
-        assert [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)] == expected
+        got = [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == [hf_greedy(model, tokens, 20) for tokens in prompts]

@@ -114,11 +114,7 @@ class LLMEngine:
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         for index, (prompt, sp) in enumerate(zip(prompts, params)):
             self.validate_request(prompt, sp, index)
-        seqs = [Sequence(list(prompt), sp, self.config.kvcache_block_size) for prompt, sp in zip(prompts, params)]
-        long_after = getattr(self.model, "rope_long_after", None)
-        for seq in seqs:  # LongRoPE: a prompt past the original context is rotated with the long table throughout
-            seq.long_rope = long_after is not None and seq.num_prompt_tokens > long_after
-        return seqs
+        return [Sequence(list(prompt), sp, self.config.kvcache_block_size) for prompt, sp in zip(prompts, params)]
 
     def add_sequences(self, seqs: SequenceOf[Sequence]) -> None:
         """Queue sequences made by ``new_sequences``, in order."""

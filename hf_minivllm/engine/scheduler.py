@@ -143,6 +143,8 @@ class Scheduler:
                 # device: recomputing it now would sample that position a second time. It goes first next step.
                 break
             if not seq.block_table:
+                if self._outgrew_short_rope(seq):  # a long prompt, or a sequence preempted past the switch
+                    seq.long_rope = True  # before any prefix-cache lookup: its blocks have their own namespace
                 reserve = self.watermark_blocks if self.running or seqs else 0
                 short = manager.blocks_short(seq, reserve)
                 if short > 0 and not self._try_grow(short):
@@ -215,13 +217,18 @@ class Scheduler:
         completion = seq.num_completion_tokens + seq.num_pending_tokens
         return completion >= seq.sampling_params.max_tokens or seq.num_tokens >= self.max_model_len
 
+    def _outgrew_short_rope(self, seq: Sequence) -> bool:
+        """LongRoPE (Phi-3): whether ``seq`` must now be rotated with the long table but is not yet. HF picks the
+        table by the longest sequence of the forward pass (its batch: ``rope_length_offset``) and, once that
+        outgrows the original context, drops its cache and recomputes the whole batch with the long table."""
+        return (self.rope_long_after is not None and not seq.long_rope
+                and seq.num_tokens + seq.rope_length_offset > self.rope_long_after)
+
     def _switch_to_long_rope(self) -> None:
-        """LongRoPE (Phi-3): a sequence that outgrows the original context is rotated with the long table from then
-        on, all of it: HF's generate drops its cache at that point and recomputes the whole sequence. So does the
-        engine: such a running sequence is preempted and recomputed first (counted as a preemption)."""
-        if self.rope_long_after is None:
-            return
-        for seq in [seq for seq in self.running if not seq.long_rope and seq.num_tokens > self.rope_long_after]:
+        """Running sequences that outgrew the original context are recomputed with the long table: preempted, they
+        are recomputed first (counted as preemptions). One whose pending token finishes it needs no recompute."""
+        for seq in [seq for seq in self.running
+                    if self._outgrew_short_rope(seq) and not self._finishes_when_pending_arrive(seq)]:
             seq.long_rope = True
             self.running.remove(seq)
             self._preempt(seq)

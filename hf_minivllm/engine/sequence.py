@@ -49,6 +49,9 @@ class Sequence:
         self.error: BaseException | None = None  # why an aborted request failed, raised to its caller
         self.cache_epoch = 0  # the block manager's prefix-cache epoch when the blocks were allocated
         self.long_rope = False  # LongRoPE models: rotated with the long table (see Scheduler._switch_to_long_rope)
+        # LongRoPE: what HF adds to this sequence's length when it picks the table for its batch (its longest
+        # prompt's excess over this one in a drop-in generate call; 0 for requests served on their own).
+        self.rope_length_offset = 0
         # With SamplingParams.logprobs: per generated token, (its log-probability, {token id: log-probability}).
         self.logprobs: list[tuple[float, dict[int, float]]] | None = [] if sampling_params.logprobs is not None else None
         self.arrival_time = time.monotonic()

@@ -33,6 +33,8 @@ FUSED_PROJECTIONS = ("Phi3ForCausalLM",)
 # Architectures that mask with ``config.sliding_window`` whenever it is set (Qwen2/Qwen3 only on the layers that
 # ``config.layer_types`` marks "sliding_attention").
 WINDOW_WHENEVER_SET = ("MistralForCausalLM", "Phi3ForCausalLM")
+# Architectures whose generate recomputes a sequence with LongRoPE's long table once it outgrows the original context.
+LONGROPE_RECOMPUTED = ("Phi3ForCausalLM",)
 # Quantization methods whose loaded weights are plain floating-point tensors (GGUF files are dequantized on load).
 DEQUANTIZED_ON_LOAD = ("gguf",)
 
@@ -188,7 +190,11 @@ def _check_supported(hf_model: nn.Module) -> None:
     rotary = hf_model.model.rotary_emb
     if "dynamic" in rotary.rope_type:
         raise UnsupportedModel(f"rope type {rotary.rope_type!r} recomputes its frequencies for every sequence "
-                               "length; unsupported (default, linear, llama3, yarn and longrope are supported)")
+                               "length; unsupported (default, linear, llama3, yarn and Phi-3's longrope are supported)")
+    if rotary.rope_type == "longrope" and name not in LONGROPE_RECOMPUTED:
+        # HF's generate keeps the keys it rotated with the short table after the switch for these architectures:
+        # a cache the engine does not reproduce (Phi-3 recomputes the sequence, as the engine does).
+        raise UnsupportedModel(f"longrope on {name} (served for {', '.join(LONGROPE_RECOMPUTED)})")
     head_dim = hf_model.model.layers[0].self_attn.head_dim
     if rotary.inv_freq.numel() * 2 != head_dim:
         raise UnsupportedModel(f"partial rotary embedding ({rotary.inv_freq.numel() * 2} of {head_dim} head "
@@ -292,13 +298,16 @@ def _rope_tables(hf_model: nn.Module) -> dict:
     rotary = hf_model.model.rotary_emb
     if rotary.rope_type != "longrope":
         return {"rope_inv_freq": rotary.inv_freq}
+    # transformers 4.x keeps original_inv_freq as a plain attribute, left behind by .to(device) until HF's first
+    # forward: both tables are made where HF's own inv_freq lies.
+    device = rotary.inv_freq.device
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = hf_model.config
     rope_parameters = getattr(config, "rope_parameters", None) or {}  # transformers 5; 4.x keeps it on the config
     original = rope_parameters.get("original_max_position_embeddings") or config.original_max_position_embeddings
-    long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, rotary.original_inv_freq.device, seq_len=original + 1)
-    return {"rope_inv_freq": rotary.original_inv_freq, "rope_long_inv_freq": long_inv_freq,
+    long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, device, seq_len=original + 1)
+    return {"rope_inv_freq": rotary.original_inv_freq.to(device), "rope_long_inv_freq": long_inv_freq.to(device),
             "rope_long_after": original}
 
 
@@ -388,7 +397,10 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
         decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size), group)
     bind = _Binder(tp_size, device)
     inner = hf_model.model
-    bind.sources.append((inner.rotary_emb, "inv_freq"))  # read by _decoder_config
+    # Read by _decoder_config. LongRoPE swaps HF's inv_freq between its two tables on every forward: the short one
+    # is watched instead (the long one derives from the config).
+    longrope = decoder.config.rope_long_inv_freq is not None
+    bind.sources.append((inner.rotary_emb, "original_inv_freq" if longrope else "inv_freq"))
     bind.share(decoder.embed_tokens, "weight", inner.embed_tokens, "weight", decoder.embed_tokens.shard)
     bind.share(decoder.norm, "weight", inner.norm, "weight")
     if decoder.config.tie_word_embeddings:
