@@ -70,7 +70,7 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int,
     rank_in_expert = torch.arange(num_pairs, device=device) - start_unpadded[sorted_experts]
     destination = padded_end[sorted_experts] - padded[sorted_experts] + rank_in_expert
     sorted_pairs = torch.full((bound,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pairs[destination] = order.to(torch.int32)
+    sorted_pairs.scatter_(0, destination, order.to(torch.int32))
     block_starts = torch.arange(0, bound, block_m, device=device)
     block_experts = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
     return sorted_pairs, block_experts

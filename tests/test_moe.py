@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.layers.moe import SparseMoeBlock
-from hf_minivllm.models.adapter import build_decoder, check_tensor_parallel
+from hf_minivllm.models.adapter import UnsupportedModel, build_decoder, check_tensor_parallel
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
@@ -57,3 +57,11 @@ def test_tensor_parallel_sizes_must_divide_the_expert_width():
     check_tensor_parallel(model, 2)
     with pytest.raises(ValueError, match="expert width 30"):
         check_tensor_parallel(model, 4)
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused():
+    """Qwen3-MoE masks every layer with ``sliding_window`` once ``use_sliding_window`` sets it (the engine does not
+    window attention)."""
+    build_decoder(tiny_model("qwen3_moe", use_sliding_window=False, sliding_window=8))
+    with pytest.raises(UnsupportedModel, match="sliding-window"):
+        build_decoder(tiny_model("qwen3_moe", use_sliding_window=True, sliding_window=8))
