@@ -140,6 +140,9 @@ def _projections(hf_model: nn.Module, hf_layer: nn.Module) -> dict[str, list[nn.
 def _check_moe_block(config: object, hf_mlp: nn.Module, path: str) -> None:
     """A sparse MoE block the engine computes: HF's own experts and router modules, unwrapped, with the config's
     shapes (stacked ``[gate | up]`` experts, no biases)."""
+    if isinstance(hf_mlp.experts, nn.ModuleList):
+        raise UnsupportedModel(f"{path}.experts: one module per expert (transformers 4.x) is not supported; the "
+                               "engine serves the stacked experts of transformers 5")
     for name in ("experts", "gate"):
         module = getattr(hf_mlp, name)
         if type(module).__module__.startswith("peft.") or _is_lora_layer(module):
