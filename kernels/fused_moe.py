@@ -168,7 +168,8 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden_size = gate_up.shape[0], hidden.shape[1]
     intermediate_size = down.shape[2]
-    if gate_up.shape != (num_experts, 2 * intermediate_size, hidden_size) or down.shape[:2] != (num_experts, hidden_size):
+    expected_gate_up = (num_experts, 2 * intermediate_size, hidden_size)
+    if gate_up.shape != expected_gate_up or down.shape[:2] != (num_experts, hidden_size):
         raise ValueError(f"expert weights gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not match "
                          f"hidden size {hidden_size}")
     num_pairs = num_tokens * top_k

@@ -1,14 +1,13 @@
 """Builds the compact decoder from a loaded HF ``*ForCausalLM``, sharing its weights instead of copying them.
 
-At TP=1 the decoder uses the HF parameters themselves (embedding, norms, o_proj, down_proj, MoE routers and
-stacked experts, lm_head); the fused
-qkv and gate_up tensors are new storage and the data of the HF q/k/v and gate/up parameters is re-pointed to views
-into them, so the old separate tensors are freed and ``hf_model.forward`` keeps working on the same numbers. The HF
-parameter objects themselves stay (same identity, same ``requires_grad``), so an optimizer built before or after
-``accelerate`` trains them, and its in-place updates land in the fused storage the engine reads. At TP>1 each
-rank takes its own copy of its shard on its device; the shards of the other ranks are built as views (fused
-parts excepted) and streamed to their workers by ``hf_minivllm.tp`` one tensor at a time, so the full model is never
-gathered on one device.
+At TP=1 the decoder uses the HF parameters themselves (embedding, norms, o_proj, down_proj, MoE routers and stacked
+experts, lm_head); the fused qkv and gate_up tensors are new storage and the data of the HF q/k/v and gate/up
+parameters is re-pointed to views into them, so the old separate tensors are freed and ``hf_model.forward`` keeps
+working on the same numbers. The HF parameter objects themselves stay (same identity, same ``requires_grad``), so an
+optimizer built before or after ``accelerate`` trains them, and its in-place updates land in the fused storage the
+engine reads. At TP>1 each rank takes its own copy of its shard on its device; the shards of the other ranks are
+built as views (fused parts excepted) and streamed to their workers by ``hf_minivllm.tp`` one tensor at a time, so
+the full model is never gathered on one device.
 
 ``build_decoder`` records every HF tensor it read (``DecoderForCausalLM.weight_sources``), which
 ``hf_minivllm.models.weight_sync`` watches for changes.
@@ -149,8 +148,8 @@ def _check_moe_block(config: object, hf_mlp: nn.Module, path: str) -> None:
             raise UnsupportedModel(f"{path}.{name}: PEFT adapters on MoE experts or routers are not supported (LoRA "
                                    "on the attention and dense MLP projections is)")
         if type(module).__name__ not in MOE_MODULES:
-            raise UnsupportedModel(f"{path}.{name} is a {type(module).__name__}, not one of {', '.join(MOE_MODULES)}: "
-                                   "the engine cannot serve wrapped or quantized layers")
+            raise UnsupportedModel(f"{path}.{name} is a {type(module).__name__}, not one of "
+                                   f"{', '.join(MOE_MODULES)}: the engine cannot serve wrapped or quantized layers")
     experts, router = hf_mlp.experts, hf_mlp.gate
     experts_count, hidden, width = config.num_experts, config.hidden_size, config.moe_intermediate_size
     layout_matches = (tuple(experts.gate_up_proj.shape) == (experts_count, 2 * width, hidden)
@@ -303,11 +302,11 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
     projections = _projections(hf_model, inner.layers[0])
     sparse = [index for index, layer in enumerate(inner.layers) if _is_sparse_moe(layer)]
     dense = [layer for layer in inner.layers if not _is_sparse_moe(layer)]
-    mlp = _projections(hf_model, dense[0]) if dense else {"gate_up": [], "down": []}
+    dense_gate_up = _projections(hf_model, dense[0])["gate_up"] if dense else []
     return DecoderConfig(
         vocab_size=inner.embed_tokens.weight.shape[0],
         hidden_size=config.hidden_size,
-        intermediate_size=sum(linear.out_features for linear in mlp["gate_up"]) // 2,
+        intermediate_size=sum(linear.out_features for linear in dense_gate_up) // 2,
         num_layers=len(inner.layers),
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
@@ -319,7 +318,7 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         attention_scale=attn.scaling,
         qkv_bias=projections["qkv"][0].bias is not None,
         o_proj_bias=projections["o"][0].bias is not None,
-        mlp_bias=bool(mlp["gate_up"]) and mlp["gate_up"][0].bias is not None,
+        mlp_bias=bool(dense_gate_up) and dense_gate_up[0].bias is not None,
         qk_norm=hasattr(attn, "q_norm"),
         dtype=inner.embed_tokens.weight.dtype,
         tie_word_embeddings=hf_model.lm_head.weight is inner.embed_tokens.weight,

@@ -1,8 +1,9 @@
 """One compact pre-norm decoder for Llama, Qwen2, Qwen3, Qwen3-MoE and Mistral, on flat packed tokens.
 
 The families differ only in flags: q/k/v bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), MLP and o_proj
-bias (some Llamas), a sparse MoE block instead of the MLP on the layers ``DecoderConfig.moe`` names (Qwen3-MoE). Tokens of all sequences in a step are packed along one axis (no batch dim, no padding); where
-each token's K/V lives is told to the attention layers through ``hf_minivllm.layers.context``.
+bias (some Llamas), a sparse MoE block instead of the MLP on the layers ``DecoderConfig.moe`` names (Qwen3-MoE).
+Tokens of all sequences in a step are packed along one axis (no batch dim, no padding); where each token's K/V
+lives is told to the attention layers through ``hf_minivllm.layers.context``.
 """
 from __future__ import annotations
 
