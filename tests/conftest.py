@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -53,7 +54,9 @@ def run_under_interpreter(*test_files: Path) -> None:
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
-FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "phi3")
+# Qwen3-MoE is served with transformers 5's stacked experts (4.x keeps one module per expert: HF's generate).
+_TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "phi3") + (("qwen3_moe",) if _TRANSFORMERS_MAJOR >= 5 else ())
 # A KV cache small enough that tests exercise many blocks (and preemption when asked for).
 SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)
 
@@ -71,8 +74,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_config(family: str, **overrides):
-    """A small random-init config of the given family (head_dim 16, GQA 4:2, 2 layers)."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    """A small random-init config of the given family (head_dim 16, GQA 4:2, 2 layers; qwen3_moe: 3 layers, the
+    middle one dense, 8 experts, top-2)."""
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=320,
@@ -89,9 +93,12 @@ def tiny_config(family: str, **overrides):
         tie_word_embeddings=False,
     )
     classes = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig,
-               "phi3": Phi3Config}
+               "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig}
     if family == "qwen3":
         common.update(head_dim=16, tie_word_embeddings=True)
+    if family == "qwen3_moe":
+        common.update(head_dim=16, num_hidden_layers=3, mlp_only_layers=[1], num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True)
     if family in ("mistral", "phi3"):
         common.update(sliding_window=None)
     common.update(overrides)
@@ -99,7 +106,8 @@ def tiny_config(family: str, **overrides):
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A random-init causal LM with weights scaled up so that greedy decoding is not a flat distribution."""
+    """A random-init causal LM with weights scaled up so that greedy decoding is not a flat distribution (MoE
+    routers and stacked experts too, so routing is never a tie)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)

@@ -16,13 +16,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import KERNELS_RUN_HERE, run_under_interpreter
 
 CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if CUDA else "cpu"
-KERNEL_MODULES = ("kv_cache", "prefill_attention", "decode_attention", "rms_norm", "activation", "all_reduce")
+KERNEL_MODULES = ("kv_cache", "prefill_attention", "decode_attention", "rms_norm", "activation", "all_reduce",
+                  "fused_moe")
 # Out-of-range page ids in the unused tail of every block table: a kernel that reads them fails or goes wrong.
 PADDING_PAGE = 1 << 30
 
@@ -428,3 +430,128 @@ def test_one_shot_all_reduce_as_rank_0_of_two(kernels):
         assert torch.equal(x, ar.all_reduce_torch([mine, peers])) and (epochs == call).all()
     with pytest.raises(ValueError, match="at most 16384 bytes"):
         ar.one_shot_all_reduce(torch.zeros(4097, device=DEVICE), staging_ptrs, flag_ptrs, epochs, half_bytes, 0)
+
+
+# ---------------------------------------------------------------- fused MoE
+
+
+def _moe_case(num_tokens: int, top_k: int, num_experts: int = 8, hidden: int = 64, intermediate: int = 32,
+              dtype: torch.dtype = torch.float32, device: str = DEVICE, seed: int = 0, experts_used=None):
+    """Inputs of ``fused_moe``: random tokens and experts, routing weights renormalised over each token's top-k
+    (``experts_used``: route only to those experts, the others get no token)."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(num_tokens, hidden, generator=generator)
+    gate_up = torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) * 0.1
+    down = torch.randn(num_experts, hidden, intermediate, generator=generator) * 0.1
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    if experts_used is not None:
+        blocked = torch.ones(num_experts, dtype=torch.bool)
+        blocked[list(experts_used)] = False
+        logits[:, blocked] = float("-inf")
+    weights, ids = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    tensors = [hidden_states, gate_up, down, weights]
+    return (*(t.to(dtype).to(device) for t in tensors), ids.to(device))
+
+
+def _naive_moe(hidden_states, gate_up, down, weights, ids) -> torch.Tensor:
+    """Pair by pair in float64: sum_k w * down(silu(gate x) * up x)."""
+    out = torch.zeros(hidden_states.shape, dtype=torch.float64)
+    for token in range(ids.shape[0]):
+        x = hidden_states[token].double().cpu()
+        for slot in range(ids.shape[1]):
+            expert = int(ids[token, slot])
+            gate, up = (gate_up[expert].double().cpu() @ x).chunk(2)
+            out[token] += float(weights[token, slot]) * (down[expert].double().cpu() @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("num_tokens", [1, 5, 33])
+def test_moe_reference_matches_naive_float64(num_tokens, top_k):
+    args = _moe_case(num_tokens, top_k, device="cpu")
+    fused_moe = importlib.import_module("hf_minivllm.kernels.fused_moe")
+    torch.testing.assert_close(fused_moe.fused_moe_torch(*args).double(), _naive_moe(*args), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("num_tokens", [1, 7, 70])
+def test_fused_moe_matches_torch(kernels, num_tokens, top_k, dtype):
+    args = _moe_case(num_tokens, top_k, dtype=dtype, seed=num_tokens + top_k)
+    got = kernels.fused_moe.fused_moe(*args)
+    expected = kernels.fused_moe.fused_moe_torch(*args)
+    assert got.shape == expected.shape and got.dtype == dtype
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else _tolerance(dtype)
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+def test_fused_moe_with_idle_experts_odd_sizes_and_strided_weights(kernels):
+    """Experts that get no token, sizes that fill no block, a down projection sliced as a TP shard (strided)."""
+    hidden_states, gate_up, down, weights, ids = _moe_case(19, 2, num_experts=12, hidden=40, intermediate=24,
+                                                           experts_used=[1, 6, 7, 11])
+    shard = torch.cat([down, down], dim=2)[..., 24:]  # a column slice: strides of the unsharded tensor
+    assert not shard.is_contiguous()
+    got = kernels.fused_moe.fused_moe(hidden_states, gate_up, shard, weights, ids)
+    torch.testing.assert_close(got, kernels.fused_moe.fused_moe_torch(hidden_states, gate_up, down, weights, ids),
+                               atol=1e-5, rtol=1e-5)
+    empty = kernels.fused_moe.fused_moe(hidden_states[:0], gate_up, down, weights[:0], ids[:0])
+    assert empty.shape == (0, 40)
+
+
+def test_moe_alignment_groups_pairs_by_expert_in_shapes_known_from_the_sizes(kernels):
+    """Every pair once, each block one expert's, padding past the pairs; the same shapes whatever the routing (a
+    captured CUDA graph stays valid)."""
+    align = kernels.fused_moe.align_pairs_by_expert
+    num_tokens, top_k, num_experts, block_m = 10, 2, 8, 16
+    shapes = set()
+    for seed, used in [(0, None), (1, [3]), (2, [0, 7])]:
+        *_, ids = _moe_case(num_tokens, top_k, num_experts=num_experts, seed=seed, experts_used=used)
+        sorted_pairs, block_experts = align(ids, num_experts, block_m)
+        shapes.add((tuple(sorted_pairs.shape), tuple(block_experts.shape)))
+        pairs = sorted_pairs.view(-1, block_m).cpu()
+        flat_ids = ids.reshape(-1).cpu()
+        real = pairs[pairs < num_tokens * top_k]
+        assert sorted(real.tolist()) == list(range(num_tokens * top_k))
+        for block, expert in enumerate(block_experts.cpu().tolist()):
+            members = pairs[block][pairs[block] < num_tokens * top_k]
+            if expert == num_experts:
+                assert members.numel() == 0
+            else:
+                assert members.numel() > 0 and (flat_ids[members.long()] == expert).all()
+    assert len(shapes) == 1
+    assert shapes.pop()[0][0] == kernels.fused_moe.padded_pair_bound(num_tokens * top_k, num_experts, block_m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 16, 300, 4096])
+def test_gpu_fused_moe_matches_torch_at_qwen3_30b_a3b_shapes(kernels, num_tokens, dtype):
+    args = _moe_case(num_tokens, 8, num_experts=128, hidden=2048, intermediate=768, dtype=dtype, seed=num_tokens)
+    got = kernels.fused_moe.fused_moe(*args)
+    expected = kernels.fused_moe.fused_moe_torch(*args)
+    torch.testing.assert_close(got, expected, **_tolerance(dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_moe_replays_in_a_cuda_graph_with_new_routing(kernels):
+    hidden_states, gate_up, down, weights, ids = _moe_case(8, 2, dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        return kernels.fused_moe.fused_moe(hidden_states, gate_up, down, weights, ids)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = step()
+    _, _, _, new_weights, new_ids = _moe_case(8, 2, dtype=torch.bfloat16, seed=5, experts_used=[2, 4])
+    weights.copy_(new_weights)
+    ids.copy_(new_ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = kernels.fused_moe.fused_moe_torch(hidden_states, gate_up, down, weights, ids)
+    torch.testing.assert_close(graph_out, expected, **_tolerance(torch.bfloat16))

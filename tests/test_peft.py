@@ -20,7 +20,7 @@ GREEDY = dict(max_new_tokens=10, do_sample=False)
 def lora_model(family: str = "qwen3", dtype: torch.dtype = torch.float32, **lora_options):
     """A tiny random model with two random (non-zero) LoRA adapters, "first" active."""
     torch.manual_seed(1)
-    options = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **lora_options)
+    options = {**dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False), **lora_options}
     model = get_peft_model(tiny_model(family, dtype=dtype), LoraConfig(**options), adapter_name="first")
     torch.manual_seed(2)
     model.add_adapter("second", LoraConfig(**{**options, "r": 2, "lora_alpha": 4}))
@@ -174,3 +174,21 @@ def test_lora_on_cuda_with_graphs_token_exact_and_switching_seen():
         expected = oracle.generate(input_ids=ids, attention_mask=mask, **GREEDY)
         assert torch.equal(served.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
     assert hf_minivllm.stats(served)["fallbacks"] == 0
+
+
+def test_lora_on_moe_experts_stays_with_peft_and_lora_on_attention_in_a_moe_model_is_served():
+    """On a MoE model PEFT puts LoRA for gate/up/down_proj on the stacked expert weights (``target_parameters``):
+    not served, one warning naming it, PEFT's own answers. LoRA on the attention of the same model is served
+    token-exact."""
+    model = lora_model("qwen3_moe")
+    assert model.peft_config["first"].target_parameters, "PEFT must target the experts, or this proves nothing"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = hf_minivllm.accelerate(copy.deepcopy(model), **SMALL_ENGINE)
+    assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
+    assert "PEFT adapters on MoE experts" in hf_minivllm.stats(served)["unsupported_reason"]
+    assert_same(model, served)
+    oracle, served = both("qwen3_moe", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert_same(oracle, served)
+    stats = hf_minivllm.stats(served)
+    assert stats["unsupported_reason"] is None and stats["fallbacks"] == 0

@@ -59,7 +59,7 @@ def wait_gone(pids: list[int], timeout_s: float = 15.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen3_moe"])
 def test_tp2_matches_tp1_through_path_model_and_accelerate(family, tmp_path):
     """LLM(path), LLM(model) and accelerate(model).generate (a left-padded batch) at TP=2 equal TP=1, greedy."""
     model = tiny_model(family)
@@ -129,6 +129,21 @@ def test_training_between_calls_reaches_every_rank():
         assert llm.stats.rebuilds == 1
     finally:
         llm.close()
+
+
+def test_tp2_moe_sees_an_expert_weight_changed_in_place():
+    """Qwen3-MoE at TP=2 (each rank holds its slice of every expert): an in-place edit of one expert's stacked
+    weights reaches the ranks."""
+    model = tiny_model("qwen3_moe")
+    with LLM(model, tensor_parallel_size=2, **ENGINE) as llm:
+        first = [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+        assert first == tp1_tokens(model)
+        with torch.no_grad():
+            model.model.layers[2].mlp.experts.gate_up_proj[5].mul_(-1.5)
+        expected = tp1_tokens(model)
+        assert expected != first, "the change must matter, or the test proves nothing"
+        assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == expected
+        assert llm.stats.rebuilds == 0
 
 
 def test_two_engines_at_once_and_nothing_left_after_close():

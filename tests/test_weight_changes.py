@@ -223,3 +223,31 @@ def test_a_rebuild_with_requests_in_flight_and_in_chunked_prefill_finishes_them_
     manager = llm.engine.scheduler.block_manager
     assert all(block.ref_count == 0 for block in manager.blocks) and not llm.engine.has_unfinished()
     assert all(seq.status is not SequenceStatus.RUNNING for seq in llm.engine.scheduler.running)
+
+
+def test_moe_expert_and_router_edits_and_a_replaced_expert_parameter_are_seen():
+    """Qwen3-MoE: one expert's slice of the stacked weights and a router edited in place (storage the engine
+    shares: new values, no rebuild), then the stacked experts replaced (a rebuild); each call equals an unpatched
+    twin, and prompts cached before a change are not reused."""
+    model = hf_minivllm.accelerate(tiny_model("qwen3_moe"))
+    ids, mask = left_padded_batch(lengths=(40, 35, 21, 50))
+    first = greedy(model, ids, mask)
+    layers = model.model.layers
+    with torch.no_grad():
+        layers[0].mlp.experts.down_proj[3].mul_(-2.0)
+    got = greedy(model, ids, mask)
+    assert torch.equal(got, greedy(unpatched_twin(model, "qwen3_moe"), ids, mask))
+    assert not torch.equal(got, first), "the change must matter, or the test proves nothing"
+    with torch.no_grad():
+        layers[2].mlp.gate.weight.mul_(4.0)
+    routed = greedy(model, ids, mask)
+    assert torch.equal(routed, greedy(unpatched_twin(model, "qwen3_moe"), ids, mask))
+    assert not torch.equal(routed, got)
+    stats = hf_minivllm.stats(model)
+    assert stats["weight_updates"] == 2 and stats["rebuilds"] == 0 and stats["fallbacks"] == 0
+    experts = layers[2].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().flip(0).clone())
+    replaced = greedy(model, ids, mask)
+    assert torch.equal(replaced, greedy(unpatched_twin(model, "qwen3_moe"), ids, mask))
+    assert not torch.equal(replaced, routed)
+    assert hf_minivllm.stats(model)["rebuilds"] == 1

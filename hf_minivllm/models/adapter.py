@@ -1,13 +1,13 @@
 """Builds the compact decoder from a loaded HF ``*ForCausalLM``, sharing its weights instead of copying them.
 
-At TP=1 the decoder uses the HF parameters themselves (embedding, norms, o_proj, down_proj, lm_head); the fused
-qkv and gate_up tensors are new storage and the data of the HF q/k/v and gate/up parameters is re-pointed to views
-into them, so the old separate tensors are freed and ``hf_model.forward`` keeps working on the same numbers. The HF
-parameter objects themselves stay (same identity, same ``requires_grad``), so an optimizer built before or after
-``accelerate`` trains them, and its in-place updates land in the fused storage the engine reads. At TP>1 each
-rank takes its own copy of its shard on its device; the shards of the other ranks are built as views (fused
-parts excepted) and streamed to their workers by ``hf_minivllm.tp`` one tensor at a time, so the full model is never
-gathered on one device.
+At TP=1 the decoder uses the HF parameters themselves (embedding, norms, o_proj, down_proj, MoE routers and stacked
+experts, lm_head); the fused qkv and gate_up tensors are new storage and the data of the HF q/k/v and gate/up
+parameters is re-pointed to views into them, so the old separate tensors are freed and ``hf_model.forward`` keeps
+working on the same numbers. The HF parameter objects themselves stay (same identity, same ``requires_grad``), so an
+optimizer built before or after ``accelerate`` trains them, and its in-place updates land in the fused storage the
+engine reads. At TP>1 each rank takes its own copy of its shard on its device; the shards of the other ranks are
+built as views (fused parts excepted) and streamed to their workers by ``hf_minivllm.tp`` one tensor at a time, so
+the full model is never gathered on one device.
 
 ``build_decoder`` records every HF tensor it read (``DecoderForCausalLM.weight_sources``), which
 ``hf_minivllm.models.weight_sync`` watches for changes.
@@ -22,19 +22,22 @@ import torch
 from torch import nn
 
 from hf_minivllm.layers.linear import LoRA
+from hf_minivllm.layers.moe import MoeConfig, SparseMoeBlock
 from hf_minivllm.layers.parallel import ParallelGroup
 from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 # Architectures whose checkpoints hold q/k/v and gate/up already fused, in the engine's order ([q | k | v] and
 # [gate | up]): Phi-3 and Phi-4 (``self_attn.qkv_proj``, ``mlp.gate_up_proj``).
 FUSED_PROJECTIONS = ("Phi3ForCausalLM",)
 # Architectures that mask with ``config.sliding_window`` whenever it is set (Qwen2/Qwen3 only on the layers that
 # ``config.layer_types`` marks "sliding_attention").
-WINDOW_WHENEVER_SET = ("MistralForCausalLM", "Phi3ForCausalLM")
+WINDOW_WHENEVER_SET = ("MistralForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
 # Architectures whose generate recomputes a sequence with LongRoPE's long table once it outgrows the original context.
 LONGROPE_RECOMPUTED = ("Phi3ForCausalLM",)
+# The HF modules of a sparse MoE block the engine mirrors (``hf_minivllm.layers.moe``): experts, router.
+MOE_MODULES = ("Qwen3MoeExperts", "Qwen3MoeTopKRouter")
 # Quantization methods whose loaded weights are plain floating-point tensors (GGUF files are dequantized on load).
 DEQUANTIZED_ON_LOAD = ("gguf",)
 
@@ -110,19 +113,53 @@ def lora_state(hf_model: nn.Module) -> Hashable:
         for module in hf_model.modules() if _is_lora_layer(module))
 
 
-def _projection_paths(hf_model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """The HF linears making up each engine projection, as paths inside a decoder layer."""
+def _is_sparse_moe(hf_layer: nn.Module) -> bool:
+    """Whether the layer's MLP is a sparse MoE block (router ``gate`` and ``experts``), as HF builds on the layers
+    ``decoder_sparse_step`` and ``mlp_only_layers`` make sparse; read from the modules, not the config."""
+    return hasattr(hf_layer.mlp, "experts") and hasattr(hf_layer.mlp, "gate")
+
+
+def _projection_paths(hf_model: nn.Module, hf_layer: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The HF linears making up each engine projection, as paths inside a decoder layer (no MLP linears in a
+    sparse MoE layer)."""
     if type(hf_model).__name__ in FUSED_PROJECTIONS:
         qkv, gate_up = ("self_attn.qkv_proj",), ("mlp.gate_up_proj",)
     else:
         qkv, gate_up = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")
-    return {"qkv": qkv, "o": ("self_attn.o_proj",), "gate_up": gate_up, "down": ("mlp.down_proj",)}
+    paths = {"qkv": qkv, "o": ("self_attn.o_proj",)}
+    if not _is_sparse_moe(hf_layer):
+        paths.update(gate_up=gate_up, down=("mlp.down_proj",))
+    return paths
 
 
 def _projections(hf_model: nn.Module, hf_layer: nn.Module) -> dict[str, list[nn.Linear]]:
     """The HF linears of each engine projection (a LoRA layer's base linear in its place)."""
     return {name: [_base_linear(hf_layer.get_submodule(path)) for path in paths]
-            for name, paths in _projection_paths(hf_model).items()}
+            for name, paths in _projection_paths(hf_model, hf_layer).items()}
+
+
+def _check_moe_block(config: object, hf_mlp: nn.Module, path: str) -> None:
+    """A sparse MoE block the engine computes: HF's own experts and router modules, unwrapped, with the config's
+    shapes (stacked ``[gate | up]`` experts, no biases)."""
+    if isinstance(hf_mlp.experts, nn.ModuleList):
+        raise UnsupportedModel(f"{path}.experts: one module per expert (transformers 4.x) is not supported; the "
+                               "engine serves the stacked experts of transformers 5")
+    for name in ("experts", "gate"):
+        module = getattr(hf_mlp, name)
+        if type(module).__module__.startswith("peft.") or _is_lora_layer(module):
+            raise UnsupportedModel(f"{path}.{name}: PEFT adapters on MoE experts or routers are not supported (LoRA "
+                                   "on the attention and dense MLP projections is)")
+        if type(module).__name__ not in MOE_MODULES:
+            raise UnsupportedModel(f"{path}.{name} is a {type(module).__name__}, not one of "
+                                   f"{', '.join(MOE_MODULES)}: the engine cannot serve wrapped or quantized layers")
+    experts, router = hf_mlp.experts, hf_mlp.gate
+    experts_count, hidden, width = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    layout_matches = (tuple(experts.gate_up_proj.shape) == (experts_count, 2 * width, hidden)
+                      and tuple(experts.down_proj.shape) == (experts_count, hidden, width)
+                      and tuple(router.weight.shape) == (experts_count, hidden)
+                      and router.top_k == config.num_experts_per_tok)
+    if not layout_matches or getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+        raise UnsupportedModel(f"{path}: MoE expert weights in a layout the engine does not serve")
 
 
 def _check_plain_layers(hf_model: nn.Module) -> None:
@@ -130,9 +167,10 @@ def _check_plain_layers(hf_model: nn.Module) -> None:
     quantized layer (an adapter, bitsandbytes, ...) computes something the engine would not."""
     inner = hf_model.model
     expected = [(inner.embed_tokens, nn.Embedding, "model.embed_tokens"), (hf_model.lm_head, nn.Linear, "lm_head")]
-    paths = [path for group in _projection_paths(hf_model).values() for path in group]
     for index, layer in enumerate(inner.layers):
-        for path in paths:
+        if _is_sparse_moe(layer):
+            _check_moe_block(hf_model.config, layer.mlp, f"model.layers.{index}.mlp")
+        for path in (path for group in _projection_paths(hf_model, layer).values() for path in group):
             module, full_path = layer.get_submodule(path), f"model.layers.{index}.{path}"
             if _is_lora_layer(module):
                 _active_loras(module, full_path)
@@ -155,9 +193,10 @@ def _quantization_method(config: object) -> str | None:
 def _bind_loras(bind: "_Binder", hf_model: nn.Module, hf_layer: nn.Module, layer: nn.Module) -> None:
     """The active PEFT adapters of each projection, as updates on the engine layer computing it: rows of the fused
     output for q/k/v and gate/up parts, the whole output for o_proj and down_proj."""
-    targets = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up_proj,
-               "down": layer.mlp.down_proj}
-    for name, paths in _projection_paths(hf_model).items():
+    targets = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj}
+    if not isinstance(layer.mlp, SparseMoeBlock):
+        targets.update(gate_up=layer.mlp.gate_up_proj, down=layer.mlp.down_proj)
+    for name, paths in _projection_paths(hf_model, hf_layer).items():
         target = targets[name]
         rows = target.part_slices() if len(paths) > 1 else [None]
         for path, part_rows in zip(paths, rows):
@@ -226,10 +265,13 @@ def check_tensor_parallel(hf_model: nn.Module, tp_size: int) -> None:
         raise UnsupportedModel("PEFT adapters are served at tensor_parallel_size=1 only")
     config = hf_model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    intermediate = _decoder_config(hf_model, 0, 1).intermediate_size
-    if heads % tp_size or intermediate % tp_size:
+    decoder_config = _decoder_config(hf_model, 0, 1)
+    widths = [decoder_config.intermediate_size]
+    if decoder_config.moe is not None:
+        widths.append(decoder_config.moe.intermediate_size)
+    if heads % tp_size or any(width % tp_size for width in widths):
         raise ValueError(f"tensor_parallel_size={tp_size} must divide the attention heads ({heads}) and the MLP "
-                         f"width ({intermediate})")
+                         f"width ({' and the expert width '.join(map(str, widths))})")
     if kv_heads % tp_size and tp_size % kv_heads:
         raise ValueError(f"tensor_parallel_size={tp_size} must divide the {kv_heads} KV heads or be a multiple of "
                          "them (KV heads are then replicated)")
@@ -264,10 +306,13 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
     config, inner = hf_model.config, hf_model.model
     attn = inner.layers[0].self_attn
     projections = _projections(hf_model, inner.layers[0])
+    sparse = [index for index, layer in enumerate(inner.layers) if _is_sparse_moe(layer)]
+    dense = [layer for layer in inner.layers if not _is_sparse_moe(layer)]
+    dense_gate_up = _projections(hf_model, dense[0])["gate_up"] if dense else []
     return DecoderConfig(
         vocab_size=inner.embed_tokens.weight.shape[0],
         hidden_size=config.hidden_size,
-        intermediate_size=sum(linear.out_features for linear in projections["gate_up"]) // 2,
+        intermediate_size=sum(linear.out_features for linear in dense_gate_up) // 2,
         num_layers=len(inner.layers),
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
@@ -279,10 +324,11 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         attention_scale=attn.scaling,
         qkv_bias=projections["qkv"][0].bias is not None,
         o_proj_bias=projections["o"][0].bias is not None,
-        mlp_bias=projections["gate_up"][0].bias is not None,
+        mlp_bias=bool(dense_gate_up) and dense_gate_up[0].bias is not None,
         qk_norm=hasattr(attn, "q_norm"),
         dtype=inner.embed_tokens.weight.dtype,
         tie_word_embeddings=hf_model.lm_head.weight is inner.embed_tokens.weight,
+        moe=_moe_config(inner.layers, sparse) if sparse else None,
         tp_rank=tp_rank,
         tp_size=tp_size,
     )
@@ -309,6 +355,24 @@ def _rope_tables(hf_model: nn.Module) -> dict:
     long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, device, seq_len=original + 1)
     return {"rope_inv_freq": rotary.original_inv_freq.to(device), "rope_long_inv_freq": long_inv_freq.to(device),
             "rope_long_after": original}
+
+
+def _moe_config(hf_layers: nn.ModuleList, sparse: list[int]) -> MoeConfig:
+    """The experts' shapes and routing flags, read from the first sparse layer's modules (``_check_moe_block``
+    checked every sparse layer against the same config)."""
+    experts, router = hf_layers[sparse[0]].mlp.experts, hf_layers[sparse[0]].mlp.gate
+    return MoeConfig(num_experts=experts.gate_up_proj.shape[0], top_k=router.top_k,
+                     intermediate_size=experts.down_proj.shape[2], norm_topk_prob=bool(router.norm_topk_prob),
+                     sparse_layers=tuple(sparse))
+
+
+def _bind_moe(bind: "_Binder", block: SparseMoeBlock, hf_block: nn.Module) -> None:
+    """The router and the stacked expert weights: HF's own parameters at TP=1 (the layout is the engine's), each
+    expert's slice of the intermediate dimension at TP>1."""
+    bind.share(block.gate, "weight", hf_block.gate, "weight")
+    experts = block.experts
+    bind.share(experts, "gate_up_proj", hf_block.experts, "gate_up_proj", experts.shard_gate_up)
+    bind.share(experts, "down_proj", hf_block.experts, "down_proj", experts.shard_down)
 
 
 def _consecutive_views(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -414,15 +478,19 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
         bind.share(layer.input_layernorm, "weight", hf_layer.input_layernorm, "weight")
         bind.share(layer.post_attention_layernorm, "weight", hf_layer.post_attention_layernorm, "weight")
         bind.fuse(attn.qkv_proj, projections["qkv"])
-        hf_o_proj, hf_down_proj = projections["o"][0], projections["down"][0]
+        hf_o_proj = projections["o"][0]
         bind.share(attn.o_proj, "weight", hf_o_proj, "weight", attn.o_proj.shard)
         bind.share(attn.o_proj, "bias", hf_o_proj, "bias")
         if attn.q_norm is not None:
             bind.share(attn.q_norm, "weight", hf_attn.q_norm, "weight")
             bind.share(attn.k_norm, "weight", hf_attn.k_norm, "weight")
-        bind.fuse(mlp.gate_up_proj, projections["gate_up"])
-        bind.share(mlp.down_proj, "weight", hf_down_proj, "weight", mlp.down_proj.shard)
-        bind.share(mlp.down_proj, "bias", hf_down_proj, "bias")
+        if isinstance(mlp, SparseMoeBlock):
+            _bind_moe(bind, mlp, hf_layer.mlp)
+        else:
+            hf_down_proj = projections["down"][0]
+            bind.fuse(mlp.gate_up_proj, projections["gate_up"])
+            bind.share(mlp.down_proj, "weight", hf_down_proj, "weight", mlp.down_proj.shard)
+            bind.share(mlp.down_proj, "bias", hf_down_proj, "bias")
         _bind_loras(bind, hf_model, hf_layer, layer)
     if device is not None:
         decoder.rotary_emb.cos_sin_cache = decoder.rotary_emb.cos_sin_cache.to(device)

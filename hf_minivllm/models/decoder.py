@@ -1,8 +1,9 @@
-"""One compact pre-norm decoder for Llama, Qwen2, Qwen3 and Mistral, on flat packed tokens.
+"""One compact pre-norm decoder for Llama, Qwen2, Qwen3, Qwen3-MoE and Mistral, on flat packed tokens.
 
 The families differ only in flags: q/k/v bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), MLP and o_proj
-bias (some Llamas). Tokens of all sequences in a step are packed along one axis (no batch dim, no padding); where
-each token's K/V lives is told to the attention layers through ``hf_minivllm.layers.context``.
+bias (some Llamas), a sparse MoE block instead of the MLP on the layers ``DecoderConfig.moe`` names (Qwen3-MoE).
+Tokens of all sequences in a step are packed along one axis (no batch dim, no padding); where each token's K/V
+lives is told to the attention layers through ``hf_minivllm.layers.context``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hf_minivllm.layers.attention import Attention
 from hf_minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hf_minivllm.layers.layernorm import RMSNorm
 from hf_minivllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from hf_minivllm.layers.moe import MoeConfig, SparseMoeBlock
 from hf_minivllm.layers.parallel import ParallelGroup
 from hf_minivllm.layers.rotary import RotaryEmbedding
 
@@ -45,6 +47,7 @@ class DecoderConfig:
     qk_norm: bool = False
     dtype: torch.dtype = torch.float32
     tie_word_embeddings: bool = False
+    moe: MoeConfig | None = None
     tp_rank: int = 0
     tp_size: int = 1
 
@@ -90,10 +93,13 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried separately so each norm can fuse the preceding add."""
 
-    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding, tp: dict):
+    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding, tp: dict, index: int):
         super().__init__()
         self.self_attn = DecoderAttention(config, rotary_emb, tp)
-        self.mlp = DecoderMLP(config, tp)
+        if config.moe is not None and index in config.moe.sparse_layers:
+            self.mlp = SparseMoeBlock(config.hidden_size, config.moe, **tp)
+        else:
+            self.mlp = DecoderMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -134,7 +140,8 @@ class DecoderForCausalLM(nn.Module):
         # (see ``ModelRunner``'s rope positions); None without a long table.
         self.rope_long_after = config.rope_long_after if config.rope_long_inv_freq is not None else None
         self.rope_long_offset = self.rotary_emb.long_offset
-        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary_emb, tp) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary_emb, tp, index)
+                                    for index in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, **tp)
         self.tie_weights()
