@@ -76,7 +76,7 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int,
     return sorted_pairs, block_experts
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_silu_kernel(
     x_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr,
     num_pairs, top_k, num_experts, hidden_size, intermediate_size,
@@ -117,7 +117,7 @@ def _gate_up_silu_kernel(
              (activated * up).to(dtype), mask=valid[:, None] & col_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_weighted_kernel(
     a_ptr, w_ptr, topk_weights_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr,
     num_pairs, num_experts, hidden_size, intermediate_size,
@@ -153,9 +153,10 @@ def _down_weighted_kernel(
 
 
 def _block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per block: about the mean pairs per expert (little padding at decode), 16 to 64."""
-    mean = triton.cdiv(num_pairs, num_experts)
-    return min(64, max(16, triton.next_power_of_2(mean)))
+    """Rows per block: 16 while experts get about 16 pairs or fewer (decode: little padding), else 64 (prefill).
+    Two sizes only, and the pair count unspecialised, so the engine's warm-up (a full prefill) and its decode-graph
+    capture compile every variant a run needs: no compile stalls a request later."""
+    return 16 if num_pairs <= 16 * num_experts else 64
 
 
 def _block(size: int, largest: int) -> int:

@@ -47,13 +47,15 @@ def test_fp32_greedy_token_exact_on_cuda_with_requests_queued_behind_a_small_bat
     assert torch.equal(got, expected)
 
 
-def test_no_triton_kernel_compiles_after_start_up():
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_no_triton_kernel_compiles_after_start_up(family):
     """The engine's warm-up and graph capture compile every kernel a run needs: a compile on a request's first step
-    would stall it for seconds. Prompt lengths that change the prefill's block-table width, a prefix-cache hit, and
-    greedy, temperature-only and top-k rows must all run on what start-up compiled."""
+    would stall it for seconds. Prompt lengths that change the prefill's block-table width (and the MoE's pairs per
+    expert), a prefix-cache hit, and greedy, temperature-only and top-k rows must all run on what start-up
+    compiled."""
     from triton import knobs
 
-    model = tiny_model("qwen3", dtype=torch.bfloat16).cuda()
+    model = tiny_model(family, dtype=torch.bfloat16).cuda()
     llm = LLM(model, max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (37, 3, 260, 17, 130)]
