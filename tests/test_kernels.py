@@ -382,6 +382,45 @@ def test_fused_add_rms_norm_matches_torch(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [64, 80])
+def test_gemma_rms_norm_matches_torch(kernels, dtype, hidden):
+    """unit_offset (Gemma): alone and fused with the residual add; the output keeps the input dtype."""
+    x, residual = (torch.randn(5, hidden).to(dtype).to(DEVICE) for _ in range(2))
+    weight = (0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)  # an offset from 1
+    out = kernels.rms_norm.rms_norm(x, weight, 1e-6, unit_offset=True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, kernels.rms_norm.rms_norm_torch(x, weight, 1e-6, True), **_tolerance(dtype))
+    normed, residual_out = kernels.rms_norm.fused_add_rms_norm(x, residual, weight, 1e-6, unit_offset=True)
+    expected_normed, expected_residual = kernels.rms_norm.fused_add_rms_norm_torch(x, residual, weight, 1e-6, True)
+    torch.testing.assert_close(residual_out, expected_residual, atol=0, rtol=0)
+    torch.testing.assert_close(normed, expected_normed, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_rms_norm_torch_is_bit_exact_with_hf(dtype):
+    """The torch path (CPU, and the reference) rounds exactly as HF's Gemma2RMSNorm / Gemma3RMSNorm."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from hf_minivllm.kernels.rms_norm import rms_norm_torch
+    from hf_minivllm.layers.layernorm import RMSNorm
+
+    x = (3 * torch.randn(7, 48)).to(dtype)
+    for hf_class in (Gemma2RMSNorm, Gemma3RMSNorm):
+        hf_norm = hf_class(48, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            hf_norm.weight.normal_(0.0, 0.5)
+        ours = RMSNorm(48, 1e-6, unit_offset=True)
+        ours.weight = hf_norm.weight
+        with torch.no_grad():
+            assert torch.equal(ours(x), hf_norm(x))
+            assert torch.equal(rms_norm_torch(x, hf_norm.weight, 1e-6, unit_offset=True), hf_norm(x))
+            residual = torch.randn(7, 48).to(dtype)
+            normed, summed = ours(x, residual)
+            assert torch.equal(summed, residual + x) and torch.equal(normed, hf_norm(residual + x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("intermediate", [40, 1500])
 def test_silu_and_mul_matches_torch(kernels, dtype, intermediate):
     x = torch.randn(3, 2 * intermediate).to(dtype).to(DEVICE)
