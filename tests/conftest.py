@@ -53,7 +53,7 @@ def run_under_interpreter(*test_files: Path) -> None:
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
-FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "phi3")
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "phi3", "gemma2", "gemma3")
 # A KV cache small enough that tests exercise many blocks (and preemption when asked for).
 SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)
 
@@ -71,8 +71,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_config(family: str, **overrides):
-    """A small random-init config of the given family (head_dim 16, GQA 4:2, 2 layers)."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    """A small random-init config of the given family (head_dim 16, GQA 4:2, 2 layers).
+
+    Gemma 2 and 3: one sliding layer with an 8-token window (the tests' prompts are longer) and one full layer;
+    an attention scale not head_dim's; Gemma 2's soft-caps small enough to bite, under HF's eager attention (its
+    sdpa attention drops the attention soft-cap); Gemma 3's full layers on their own (linear-scaled) RoPE table.
+    """
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     common = dict(
         vocab_size=320,
@@ -89,11 +95,20 @@ def tiny_config(family: str, **overrides):
         tie_word_embeddings=False,
     )
     classes = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig,
-               "phi3": Phi3Config}
+               "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}
     if family == "qwen3":
         common.update(head_dim=16, tie_word_embeddings=True)
     if family in ("mistral", "phi3"):
         common.update(sliding_window=None)
+    if family in ("gemma2", "gemma3"):
+        common.update(head_dim=16, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=32,
+                      layer_types=["sliding_attention", "full_attention"])
+    if family == "gemma2":
+        common.update(attn_logit_softcapping=1.0, final_logit_softcapping=2.0, attn_implementation="eager")
+    if family == "gemma3":
+        common.update(rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}})
     common.update(overrides)
     return classes[family](**common)
 
@@ -105,9 +120,11 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.08)
+            elif family.startswith("gemma") and name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)  # Gemma's norms start at 0 (a scale of 1): tell the four apart
     return model.eval()
 
 
