@@ -106,9 +106,8 @@ def tiny_config(family: str, **overrides):
     if family == "gemma2":
         common.update(attn_logit_softcapping=1.0, final_logit_softcapping=2.0, attn_implementation="eager")
     if family == "gemma3":
-        common.update(rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}})
+        # The full layers' scaling (transformers 5 moves it into rope_parameters["full_attention"]).
+        common.update(rope_scaling={"rope_type": "linear", "factor": 2.0})
     common.update(overrides)
     return classes[family](**common)
 

@@ -271,7 +271,7 @@ def test_gemma_binds_all_four_norms_and_shares_weights():
             assert getattr(layer, name).weight is getattr(hf_layer, name).weight
             assert getattr(layer, name).unit_offset
     assert decoder.lm_head.weight is decoder.embed_tokens.weight is model.model.embed_tokens.weight
-    assert decoder.embedding_scale == 8.0  # sqrt(64)
+    assert decoder.config.embedding_scale == 8.0  # sqrt(64)
 
 
 def test_gemma_bf16_matches_hf():

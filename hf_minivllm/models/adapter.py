@@ -193,14 +193,22 @@ def _mlp_activation(config: object) -> str:
     return MLP_ACTIVATIONS[name]
 
 
-def _rope_tables(hf_model: nn.Module) -> dict[str, tuple[str, str, float]]:
-    """The HF rotary module's tables, as ``(inv_freq attribute, rope type, attention scaling)`` by the layer type
-    that uses each: Gemma 3 keeps one per type ("full_attention", "sliding_attention"), the others one ("all")."""
-    rotary = hf_model.model.rotary_emb
+def _rope_tables(hf_model: nn.Module) -> dict[str, tuple[nn.Module, str, str, float]]:
+    """The HF model's rotary tables, as ``(module, inv_freq attribute, rope type, attention scaling)`` by the layer
+    type using each. Gemma 3 keeps one per type ("full_attention", "sliding_attention"): in one module on
+    transformers 5, in ``rotary_emb`` and ``rotary_emb_local`` on 4.x; the others one table ("all")."""
+    inner = hf_model.model
+    rotary = inner.rotary_emb
     if isinstance(rotary.rope_type, dict):
-        return {layer_type: (f"{layer_type}_inv_freq", rope_type, getattr(rotary, f"{layer_type}_attention_scaling"))
+        return {layer_type: (rotary, f"{layer_type}_inv_freq", rope_type,
+                             getattr(rotary, f"{layer_type}_attention_scaling"))
                 for layer_type, rope_type in rotary.rope_type.items()}
-    return {"all": ("inv_freq", rotary.rope_type, rotary.attention_scaling)}
+    tables = {"all": (rotary, "inv_freq", rotary.rope_type, rotary.attention_scaling)}
+    local = getattr(inner, "rotary_emb_local", None)
+    if local is not None:
+        tables = {"full_attention": tables["all"],
+                  "sliding_attention": (local, "inv_freq", local.rope_type, local.attention_scaling)}
+    return tables
 
 
 def _layer_types(hf_model: nn.Module) -> tuple[str, ...]:
@@ -228,9 +236,8 @@ def _check_supported(hf_model: nn.Module) -> None:
     if not dtype.is_floating_point or dtype.itemsize < 2:  # int8 / float8 storage needs scales the engine lacks
         raise UnsupportedModel(f"weights of dtype {dtype} are not supported (16-bit and wider floats are)")
     _mlp_activation(config)
-    rotary = hf_model.model.rotary_emb
     head_dim = hf_model.model.layers[0].self_attn.head_dim
-    for inv_freq_name, rope_type, _ in _rope_tables(hf_model).values():
+    for rotary, inv_freq_name, rope_type, _ in _rope_tables(hf_model).values():
         if "dynamic" in rope_type or rope_type == "longrope":
             raise UnsupportedModel(f"rope type {rope_type!r} changes its frequencies with the sequence length; "
                                    "unsupported (static kinds such as default, linear, llama3 and yarn are supported)")
@@ -294,6 +301,18 @@ def model_devices(hf_model: nn.Module) -> list[torch.device]:
     return devices
 
 
+def _embedding_scale(hf_model: nn.Module) -> float | None:
+    """Gemma's embedding multiplier, rounded to the model dtype exactly as HF rounds it: transformers 5 casts its
+    fp32 ``embed_scale`` buffer; 4.x Gemma 2 builds ``torch.tensor(hidden_size**0.5, dtype=...)`` from the double."""
+    embedding = hf_model.model.embed_tokens
+    dtype = embedding.weight.dtype
+    if _is_scaled_embedding(embedding):
+        return float(embedding.embed_scale.to(dtype))
+    if type(hf_model).__name__ in GEMMA_ARCHITECTURES:
+        return float(torch.tensor(hf_model.config.hidden_size**0.5, dtype=dtype, device="cpu"))
+    return None
+
+
 def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderConfig:
     """Shapes and flags read from the HF modules themselves, so what HF computes is what we mirror."""
     config, inner = hf_model.config, hf_model.model
@@ -301,7 +320,7 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
     attn = inner.layers[0].self_attn
     projections = _projections(hf_model, inner.layers[0])
     norm = inner.layers[0].input_layernorm
-    rotary, tables = inner.rotary_emb, _rope_tables(hf_model)
+    tables = _rope_tables(hf_model)
     # Gemma 3 with both layer types: the full layers' table for them, the sliding layers' for those.
     main = tables.get("all") or tables.get("full_attention") or tables["sliding_attention"]
     sliding = tables.get("sliding_attention") if "full_attention" in tables else None
@@ -319,8 +338,8 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         head_dim=attn.head_dim,
         rms_norm_eps=norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps,
         max_position_embeddings=config.max_position_embeddings,
-        rope_inv_freq=getattr(rotary, main[0]),
-        rope_attention_scaling=main[2],
+        rope_inv_freq=getattr(main[0], main[1]),
+        rope_attention_scaling=main[3],
         attention_scale=attn.scaling,
         qkv_bias=projections["qkv"][0].bias is not None,
         o_proj_bias=projections["o"][0].bias is not None,
@@ -331,11 +350,11 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         mlp_activation=_mlp_activation(config),
         layer_types=_layer_types(hf_model),
         sliding_window=window,
-        sliding_rope_inv_freq=getattr(rotary, sliding[0]) if sliding else None,
-        sliding_rope_attention_scaling=sliding[2] if sliding else 1.0,
+        sliding_rope_inv_freq=getattr(sliding[0], sliding[1]) if sliding else None,
+        sliding_rope_attention_scaling=sliding[3] if sliding else 1.0,
         attn_logit_softcap=config.attn_logit_softcapping if name in ATTENTION_SOFTCAP else None,
         final_logit_softcap=getattr(config, "final_logit_softcapping", None),
-        embedding_scale=float(inner.embed_tokens.embed_scale) if _is_scaled_embedding(inner.embed_tokens) else None,
+        embedding_scale=_embedding_scale(hf_model),
         norm_unit_offset=name in GEMMA_ARCHITECTURES,
         sandwich_norms=name in GEMMA_ARCHITECTURES,
         tp_rank=tp_rank,
@@ -429,8 +448,8 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
         decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size), group)
     bind = _Binder(tp_size, device)
     inner = hf_model.model
-    for inv_freq_name, _, _ in _rope_tables(hf_model).values():
-        bind.sources.append((inner.rotary_emb, inv_freq_name))  # read by _decoder_config
+    for rotary, inv_freq_name, _, _ in _rope_tables(hf_model).values():
+        bind.sources.append((rotary, inv_freq_name))  # read by _decoder_config
     bind.share(decoder.embed_tokens, "weight", inner.embed_tokens, "weight", decoder.embed_tokens.shard)
     bind.share(decoder.norm, "weight", inner.norm, "weight")
     if decoder.config.tie_word_embeddings:

@@ -56,7 +56,7 @@ class DecoderConfig:
     sliding_rope_attention_scaling: float = 1.0
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
-    embedding_scale: float | None = None
+    embedding_scale: float | None = None  # a value of the model dtype: a Python float multiplies as HF's tensor does
     norm_unit_offset: bool = False
     sandwich_norms: bool = False
     tp_rank: int = 0
@@ -170,12 +170,6 @@ class DecoderForCausalLM(nn.Module):
         self.num_layers = config.num_layers
         self.head_dim = config.head_dim
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp)
-        # HF multiplies the embeddings by its fp32 scale cast to the model dtype; a Python float of that value
-        # rounds the same (and is a constant to CUDA graphs).
-        self.embedding_scale = None
-        if config.embedding_scale is not None:
-            scale = torch.tensor(config.embedding_scale, dtype=torch.float32, device="cpu")
-            self.embedding_scale = float(scale.to(config.dtype))
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_inv_freq, config.rope_attention_scaling,
                                           config.max_position_embeddings, config.dtype)
         self.sliding_rotary_emb = None
@@ -211,8 +205,8 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
-        if self.embedding_scale is not None:
-            hidden = hidden * self.embedding_scale
+        if self.config.embedding_scale is not None:
+            hidden = hidden * self.config.embedding_scale
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
