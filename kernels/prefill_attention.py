@@ -187,6 +187,8 @@ def _prefill_kernel(
                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
                                          DOT_PRECISION)
 
+        if HAS_WINDOW:  # a padding row past the queries may see no key at all: 0, not 0/0 (it is not stored)
+            l_i = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(out_ptr + q_tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
