@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.attention_math import check_attention_options, dense_attention, softcap_log2, window_start
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
 _LOG2_E = 1.4426950408889634
@@ -54,27 +55,42 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: 
     return max(1, min(wanted, triton.cdiv(max_context, block_n), _MAX_SPLITS))
 
 
-def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 context_lens: torch.Tensor, block_tables: torch.Tensor,
-                                 softmax_scale: float) -> torch.Tensor:
-    """Reference (and CPU path): gather each sequence's pages into a padded dense K/V, then masked SDPA.
+def window_pages(sliding_window: int, block_size: int) -> int:
+    """The most pages a window of ``sliding_window`` keys can touch (it may start anywhere in its first page)."""
+    return (sliding_window + block_size - 2) // block_size + 1
 
-    Computes in the input dtype, as HF's sdpa attention does, so fp32 matches HF to rounding.
+
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
+                                 *, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Reference (and CPU path): gather each sequence's pages into a padded dense K/V, then masked attention.
+
+    Computes in the input dtype, as HF's attention does, so fp32 matches HF to rounding. With ``sliding_window``
+    the new token sees its last ``sliding_window`` keys (itself included) and only the pages holding them are read;
+    ``softcap`` caps the scores as ``cap * tanh(score / cap)`` before the softmax.
     """
+    check_attention_options(sliding_window, softcap)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     width = block_tables.shape[1]
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         # Read no more pages than the longest context needs (a host sync, fine outside graph capture).
         width = max(1, min(width, triton.cdiv(int(context_lens.max()), block_size)))
-    pages_needed = (context_lens.to(torch.int64) + block_size - 1) // block_size
-    page_valid = torch.arange(width, device=q.device)[None, :] < pages_needed[:, None]
-    pages = torch.where(page_valid, block_tables[:, :width].to(torch.int64), 0)
-    positions = torch.arange(width * block_size, device=q.device)
+    context_lens = context_lens.to(torch.int64)
+    # The first key each row sees, and the first page read: the window's, which moves along the block table.
+    first_key = window_start(context_lens - 1, sliding_window)
+    first_page = first_key // block_size
+    if sliding_window is not None:
+        width = min(width, window_pages(sliding_window, block_size))
+    pages_needed = (context_lens + block_size - 1) // block_size
+    page_index = first_page[:, None] + torch.arange(width, device=q.device)[None, :]
+    page_valid = page_index < pages_needed[:, None]
+    pages = torch.where(page_valid, block_tables.to(torch.int64).gather(1, page_index.clamp(max=block_tables.shape[1] - 1)), 0)
+    positions = first_page[:, None] * block_size + torch.arange(width * block_size, device=q.device)[None, :]
     # An empty (padding) row still sees position 0, so that it yields finite values rather than NaN.
-    visible = positions[None, :] < context_lens.clamp(min=1).to(torch.int64)[:, None]
-    # Slots past a context hold whatever the cache memory held, possibly NaN, which would survive the mask
-    # (NaN scores, 0 * NaN values): zero them.
+    visible = (positions < context_lens.clamp(min=1)[:, None]) & (positions >= first_key[:, None])
+    # Slots outside what a row sees hold other tokens or whatever the cache memory held, possibly NaN, which would
+    # survive the mask (NaN scores, 0 * NaN values): zero them.
     hidden = ~visible[:, :, None, None]
     # index_select over whole pages is a row copy; advanced indexing (cache[pages]) was ~10x slower on CPU.
     pages = pages.reshape(-1)
@@ -84,8 +100,8 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     # GQA without copying K/V per query head: each KV head's query heads form its rows of queries.
     grouped_q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        grouped_q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :], scale=softmax_scale)
+    out = dense_attention(grouped_q, keys.to(q.dtype), values.to(q.dtype), visible[:, None, None, :], softmax_scale,
+                          softcap)
     return out.reshape(batch, num_heads, head_dim)
 
 
@@ -95,20 +111,26 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2,
+    qk_scale, sliding_window, softcap,
     q_seq_stride, q_head_stride, out_seq_stride, out_head_stride, block_table_stride,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     context_len = tl.load(context_lens_ptr + seq)
+    # The keys the new token sees: all of them, or its window's (splits then cover the window only, so pages
+    # before it are never read).
+    if HAS_WINDOW:
+        first = tl.maximum(context_len - sliding_window, 0)
+    else:
+        first = context_len * 0
     # Split lengths are whole tiles, so only a split's last tile can be partial.
-    split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    split_len = tl.cdiv(tl.cdiv(context_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, context_len)
 
     heads = tl.arange(0, BLOCK_H)
@@ -132,7 +154,9 @@ def _decode_split_kernel(
         kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            scores = softcap_log2(scores, softcap)
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -177,23 +201,29 @@ def _decode_reduce_kernel(
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
-                           *, num_splits: int | None = None) -> torch.Tensor:
+                           *, sliding_window: int | None = None, softcap: float | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
     """Triton split-KV decode attention: ``q [n, heads, head_dim]`` -> ``[n, heads, head_dim]``.
 
     ``context_lens`` [n] int32 counts each sequence's tokens (the new one included, already in the cache);
-    ``block_tables`` [n, width] int32. ``num_splits`` overrides the static heuristic (tests use it).
+    ``block_tables`` [n, width] int32. ``sliding_window``: the token sees its last ``sliding_window`` keys, and
+    only their pages are read; ``softcap``: scores become ``cap * tanh(score / cap)``. ``num_splits`` overrides the
+    static heuristic (tests use it).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_paged_attention_inputs("decode", q, k_cache, v_cache, block_tables)
+    check_attention_options(sliding_window, softcap)
     out = torch.empty_like(q)
     if batch == 0:
         return out
     config = _decode_config(q.dtype)
     block_n = config.pop("BLOCK_N")
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n,
-                                       _sm_count(q.device))
+        max_keys = block_tables.shape[1] * block_size
+        if sliding_window is not None:
+            max_keys = min(max_keys, sliding_window)
+        num_splits = choose_num_splits(batch, num_kv_heads, max_keys, block_n, _sm_count(q.device))
     group_size = num_heads // num_kv_heads
     if num_splits > 1:
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -202,11 +232,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partial_out = partial_lse = out  # unused: the single split writes the output directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
-        softmax_scale * _LOG2_E,
+        softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **config,
     )
     if num_splits > 1:

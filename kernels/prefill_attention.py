@@ -3,7 +3,7 @@
 Each sequence's queries are the last ``query_len`` tokens of its context (a cached prefix, possibly empty, comes
 first); all of its keys and values, the new ones included, are read from the cache pages, since ``store_kvcache``
 has already written this step's K/V. Query token ``i`` sits at position ``prefix_len + i`` and sees keys at
-positions ``<= prefix_len + i``.
+positions ``<= prefix_len + i`` (and, with a sliding window ``w``, ``> prefix_len + i - w``).
 """
 from __future__ import annotations
 
@@ -11,23 +11,31 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.attention_math import check_attention_options, dense_attention, softcap_log2, window_start
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
 _LOG2_E = 1.4426950408889634
 
 
-def _gather_context(cache: torch.Tensor, block_table_row: torch.Tensor, context_len: int) -> torch.Tensor:
-    """One sequence's ``[context_len, kv_heads, head_dim]`` keys (or values), read page by page."""
+def _gather_keys(cache: torch.Tensor, block_table_row: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """One sequence's keys (or values) at positions ``[first, end)``, ``[end - first, kv_heads, head_dim]``, read from
+    the pages holding them only."""
     block_size = cache.shape[1]
-    pages = block_table_row[: triton.cdiv(context_len, block_size)].to(torch.int64)
-    return cache.index_select(0, pages).flatten(0, 1)[:context_len]
+    first_page = first // block_size
+    pages = block_table_row[first_page : triton.cdiv(end, block_size)].to(torch.int64)
+    offset = first - first_page * block_size
+    return cache.index_select(0, pages).flatten(0, 1)[offset : offset + end - first]
 
 
 def paged_prefill_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                                  max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Reference (and CPU path): per sequence, gather K/V from the pages and run SDPA with a causal mask
-    shifted by the prefix length. Computes in the input dtype, as HF's sdpa attention does."""
+                                  max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float,
+                                  *, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Reference (and CPU path): per sequence, gather K/V from the pages and attend with a causal mask shifted by
+    the prefix length (and HF's sliding-window overlay, ``key > query - sliding_window``, when given; pages before
+    the first query's window are not read). Computes in the input dtype, as HF's attention does; ``softcap``
+    follows HF's eager attention (see ``dense_attention``)."""
+    check_attention_options(sliding_window, softcap)
     num_heads = q.shape[1]
     group = num_heads // k_cache.shape[2]
     out = torch.empty_like(q)
@@ -38,20 +46,21 @@ def paged_prefill_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         query_len, context_len = q_end - q_start, k_bounds[seq + 1] - k_bounds[seq]
         if query_len == 0:
             continue
-        keys = _gather_context(k_cache, block_tables[seq], context_len).to(q.dtype)
-        values = _gather_context(v_cache, block_tables[seq], context_len).to(q.dtype)
+        query_positions = torch.arange(context_len - query_len, context_len, device=q.device)
+        first = int(window_start(query_positions[:1], sliding_window))
+        keys = _gather_keys(k_cache, block_tables[seq], first, context_len).to(q.dtype)
+        values = _gather_keys(v_cache, block_tables[seq], first, context_len).to(q.dtype)
         keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)
         values = values.transpose(0, 1).repeat_interleave(group, dim=0)
         queries = q[q_start:q_end].transpose(0, 1)
-        if query_len == context_len:
+        if query_len == context_len and sliding_window is None and softcap is None:
             attended = torch.nn.functional.scaled_dot_product_attention(
                 queries, keys, values, is_causal=True, scale=softmax_scale)
         else:
-            prefix_len = context_len - query_len
-            query_positions = torch.arange(prefix_len, context_len, device=q.device)
-            visible = torch.arange(context_len, device=q.device)[None, :] <= query_positions[:, None]
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=visible, scale=softmax_scale)
+            key_positions = torch.arange(first, context_len, device=q.device)[None, :]
+            visible = ((key_positions <= query_positions[:, None])
+                       & (key_positions >= window_start(query_positions, sliding_window)[:, None]))
+            attended = dense_attention(queries, keys, values, visible, softmax_scale, softcap)
         out[q_start:q_end] = attended.transpose(0, 1)
     return out
 
@@ -71,32 +80,45 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, query_positions,
-                 context_len, scale_log2,
+                 context_len, qk_scale, sliding_window, softcap,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over keys ``[tile_start, tile_start + BLOCK_N)``, read through the block table."""
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys ``[tile_start, tile_start + BLOCK_N)``, read through the block table.
+
+    ``MASKED`` tiles apply the causal mask, the context end and the sliding window; the others are visible to every
+    query row. A window can hide a whole tile from a row: its max is then -inf and the step adds nothing.
+    """
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
-    if CAUSAL_MASK:
+    if MASKED:
         token_mask = tokens < context_len
         pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
     else:
         pages = tl.load(block_table_row + tokens // BLOCK_SIZE).to(tl.int64)
     slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
     kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
-    if CAUSAL_MASK:
+    if MASKED:
         k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
         v = tl.load(v_cache_ptr + kv_offsets)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    if CAUSAL_MASK:
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        scores = softcap_log2(scores, softcap)
+    if MASKED:
         visible = (tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
+        if HAS_WINDOW:
+            visible = visible & (tokens[None, :] > query_positions[:, None] - sliding_window)
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    if HAS_WINDOW:  # a row that has seen no key yet keeps a -inf max: subtract 0 instead (exp2(-inf) = 0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -107,10 +129,11 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_t
 @triton.jit(do_not_specialize=["block_table_stride"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_tables_ptr,
-    scale_log2,
+    qk_scale, sliding_window, softcap,
     q_token_stride, q_head_stride, out_token_stride, out_head_stride, block_table_stride,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -136,18 +159,36 @@ def _prefill_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         block_table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
-        # Keys before the tile's first query position are visible to every row: no mask needed there.
-        unmasked_end = (prefix_len + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
-        causal_end = tl.minimum(context_len, prefix_len + (m_block + 1) * BLOCK_M)
-        for tile_start in range(0, unmasked_end, BLOCK_N):
+        first_row = prefix_len + m_block * BLOCK_M  # positions of the tile's first and last query
+        causal_end = tl.minimum(context_len, first_row + BLOCK_M)
+        if HAS_WINDOW:
+            # Tiles before the first query's window are skipped; from the last query's window on, every row sees
+            # every key up to the first query.
+            window_lo = tl.maximum(first_row - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+            unmasked_start = tl.cdiv(tl.maximum(causal_end - sliding_window, 0), BLOCK_N) * BLOCK_N
+        else:
+            window_lo = first_row * 0
+            unmasked_start = first_row * 0
+        # Keys before the tile's first query position are visible to every row: no causal mask needed there.
+        unmasked_end = first_row // BLOCK_N * BLOCK_N
+        for tile_start in range(window_lo, tl.minimum(unmasked_start, causal_end), BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
-                                         kv_head, query_positions, context_len, scale_log2,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
-        for tile_start in range(unmasked_end, causal_end, BLOCK_N):
+                                         kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+                                         DOT_PRECISION)
+        for tile_start in range(unmasked_start, unmasked_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
-                                         kv_head, query_positions, context_len, scale_log2,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
+                                         kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
+                                         DOT_PRECISION)
+        for tile_start in range(tl.maximum(unmasked_start, unmasked_end), causal_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
+                                         kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+                                         DOT_PRECISION)
 
+        if HAS_WINDOW:  # a padding row past the queries may see no key at all: 0, not 0/0 (it is not stored)
+            l_i = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(out_ptr + q_tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -155,15 +196,19 @@ def _prefill_kernel(
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                            max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                            max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float,
+                            *, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Triton flash-attention prefill (online softmax, K/V tiles gathered through the block table).
 
     ``q [tokens, heads, head_dim]`` -> ``[tokens, heads, head_dim]``; ``cu_seqlens_*`` [n+1] int32.
     ``max_seqlen_k`` is accepted for API parity with flash-attn; the kernel reads each length from the device.
+    ``sliding_window``: each query sees its last ``sliding_window`` keys (tiles wholly outside every query's window
+    are not read); ``softcap``: scores become ``cap * tanh(score / cap)``.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_paged_attention_inputs("prefill", q, k_cache, v_cache, block_tables)
+    check_attention_options(sliding_window, softcap)
     out = torch.empty_like(q)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0:
@@ -173,10 +218,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     grid = (num_heads, num_seqs, triton.cdiv(max_seqlen_q, block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_tables,
-        softmax_scale * _LOG2_E,
+        softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **config,
     )
     return out

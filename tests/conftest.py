@@ -56,7 +56,8 @@ def run_under_interpreter(*test_files: Path) -> None:
 
 # Qwen3-MoE is served with transformers 5's stacked experts (4.x keeps one module per expert: HF's generate).
 _TRANSFORMERS_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
-FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "phi3") + (("qwen3_moe",) if _TRANSFORMERS_MAJOR >= 5 else ())
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral", "phi3", "gemma2", "gemma3") + (
+    ("qwen3_moe",) if _TRANSFORMERS_MAJOR >= 5 else ())
 # A KV cache small enough that tests exercise many blocks (and preemption when asked for).
 SMALL_ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4)
 
@@ -75,8 +76,14 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_config(family: str, **overrides):
     """A small random-init config of the given family (head_dim 16, GQA 4:2, 2 layers; qwen3_moe: 3 layers, the
-    middle one dense, 8 experts, top-2)."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    middle one dense, 8 experts, top-2).
+
+    Gemma 2 and 3: one sliding layer with an 8-token window (the tests' prompts are longer) and one full layer;
+    an attention scale not head_dim's; Gemma 2's soft-caps small enough to bite, under HF's eager attention (its
+    sdpa attention drops the attention soft-cap); Gemma 3's full layers on their own (linear-scaled) RoPE table.
+    """
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config, Qwen3MoeConfig)
 
     common = dict(
         vocab_size=320,
@@ -93,7 +100,7 @@ def tiny_config(family: str, **overrides):
         tie_word_embeddings=False,
     )
     classes = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig,
-               "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig}
+               "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig, "qwen3_moe": Qwen3MoeConfig}
     if family == "qwen3":
         common.update(head_dim=16, tie_word_embeddings=True)
     if family == "qwen3_moe":
@@ -101,6 +108,14 @@ def tiny_config(family: str, **overrides):
                       moe_intermediate_size=32, norm_topk_prob=True)
     if family in ("mistral", "phi3"):
         common.update(sliding_window=None)
+    if family in ("gemma2", "gemma3"):
+        common.update(head_dim=16, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=32,
+                      layer_types=["sliding_attention", "full_attention"])
+    if family == "gemma2":
+        common.update(attn_logit_softcapping=1.0, final_logit_softcapping=2.0, attn_implementation="eager")
+    if family == "gemma3":
+        # The full layers' scaling (transformers 5 moves it into rope_parameters["full_attention"]).
+        common.update(rope_scaling={"rope_type": "linear", "factor": 2.0})
     common.update(overrides)
     return classes[family](**common)
 
@@ -113,9 +128,11 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.08)
+            elif family.startswith("gemma") and name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)  # Gemma's norms start at 0 (a scale of 1): tell the four apart
     return model.eval()
 
 

@@ -93,14 +93,14 @@ class Sequences:
         for seq, (prefix_len, count) in enumerate(zip(prefix_lens, new_tokens)):
             positions = torch.arange(prefix_len, prefix_len + count)
             expected = naive_attention(q[start:start + count].view(-1, self.shape.num_heads, self.shape.head_dim), self.keys[seq],
-                                       self.values[seq], positions, layer.scale)
+                                       self.values[seq], positions, layer.scale, layer.sliding_window, layer.softcap)
             tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
             torch.testing.assert_close(out[start:start + count].double(), expected, atol=tolerance, rtol=tolerance)
             start += count
 
 
-def _layer(backend: str = "torch", shape: Shape = TINY) -> Attention:
-    layer = Attention(shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.head_dim ** -0.5)
+def _layer(backend: str = "torch", shape: Shape = TINY, **options) -> Attention:
+    layer = Attention(shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.head_dim ** -0.5, **options)
     layer.backend = backend
     return layer
 
@@ -142,6 +142,72 @@ def test_decode_without_cache_is_a_clear_error():
             layer(torch.randn(1, TINY.num_heads * TINY.head_dim), *torch.randn(2, 1, TINY.num_kv_heads * TINY.head_dim))
     finally:
         set_attention_metadata(None)
+
+
+# Windows shorter than a page (3), spanning pages (6) and longer than every context (100); a soft-cap that bites
+# (scores of these random inputs reach about 3).
+WINDOWED = [dict(sliding_window=3, softcap=1.5), dict(sliding_window=6), dict(sliding_window=100, softcap=1.5)]
+
+
+@pytest.mark.parametrize("options", WINDOWED, ids=str)
+def test_window_and_softcap_torch_backend(options):
+    """Prefill, a prefix prefill (chunked prefill) and decode far past the window, against dense attention."""
+    torch.manual_seed(5)
+    sequences, layer = Sequences(3), _layer(**options)
+    sequences.step(layer, [9, 1, 13], is_prefill=True)
+    sequences.step(layer, [3, 7, 2], is_prefill=True)
+    for _ in range(6):
+        sequences.step(layer, [1, 1, 1], is_prefill=False)
+    Sequences(2).step(_layer(**options), [7, 4], is_prefill=True, store=False)
+
+
+@pytest.mark.parametrize("options", WINDOWED, ids=str)
+def test_window_and_softcap_triton_backend_under_interpreter(kernels, options):  # noqa: F811
+    if CUDA:
+        pytest.skip("covered by test_gpu_layer_backends_match_naive")
+    torch.manual_seed(6)
+    sequences, layer = Sequences(2), _layer("triton", **options)
+    sequences.step(layer, [9, 13], is_prefill=True)
+    sequences.step(layer, [3, 2], is_prefill=True)
+    for _ in range(3):
+        sequences.step(layer, [1, 1], is_prefill=False)
+    Sequences(2).step(_layer("triton", **options), [7, 4], is_prefill=True, store=False)
+
+
+@pytest.mark.parametrize("version", [2, 4])
+def test_flash_attn_gets_the_window_and_softcap(monkeypatch, version):
+    """flash-attn is not installed here: a stand-in records the calls. A window w is ``window_size=(w - 1, 0)``
+    (keys ``[i - w + 1, i]``, causal), the soft-cap is ``softcap``; a plain layer passes neither."""
+    calls = []
+
+    def record(q, *args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros_like(q)
+
+    flash = SimpleNamespace(version=version, varlen=record, with_kvcache=record)
+    monkeypatch.setattr(attention_module, "_flash_attn", lambda: flash)
+    q, k, v = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16), torch.zeros(2, 2, 16)
+    cu_seqlens, table = torch.tensor([0, 2], dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32)
+    for options, expected in [(dict(sliding_window=8, softcap=50.0), dict(window_size=(7, 0), softcap=50.0)),
+                              (dict(sliding_window=1), dict(window_size=(0, 0))), ({}, {})]:
+        layer = _layer("flash_attn", **options)
+        calls.clear()
+        for is_prefill, has_cache in [(True, False), (True, True), (False, True)]:
+            layer.k_cache, layer.v_cache = (torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16)) if has_cache else (
+                torch.tensor([]), torch.tensor([]))
+            set_attention_metadata(AttentionMetadata(
+                is_prefill=is_prefill, slot_mapping=torch.tensor([0, 1] if is_prefill else [1]), block_tables=table,
+                context_lens=None if is_prefill else torch.tensor([2], dtype=torch.int32), cu_seqlens_q=cu_seqlens,
+                cu_seqlens_k=cu_seqlens, max_seqlen_q=2, max_seqlen_k=2))
+            try:
+                rows = 2 if is_prefill else 1
+                layer(q[:rows].reshape(rows, -1), k[:rows].reshape(rows, -1), v[:rows].reshape(rows, -1))
+            finally:
+                set_attention_metadata(None)
+        assert len(calls) == 3
+        for call in calls:
+            assert call["causal"] is True
+            assert {name: call[name] for name in ("window_size", "softcap") if name in call} == expected
 
 
 def test_triton_backend_under_interpreter(kernels):  # noqa: F811
@@ -214,8 +280,14 @@ def test_flash_attn_selection_follows_what_imports(monkeypatch):
 def test_layer_defaults():
     layer = Attention(8, 2, 64, 0.125)
     assert layer.backend == "torch" and layer.k_cache.numel() == 0 and layer.v_cache.numel() == 0
+    assert layer.sliding_window is None and layer.softcap is None
     with pytest.raises(ValueError, match="multiple"):
         Attention(6, 4, 64, 0.125)
+    with pytest.raises(ValueError, match="sliding_window"):
+        Attention(8, 2, 64, 0.125, sliding_window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        Attention(8, 2, 64, 0.125, softcap=0.0)
+    assert "sliding_window=4, softcap=30.0" in repr(Attention(8, 2, 64, 0.125, sliding_window=4, softcap=30.0))
 
 
 def test_torch_decode_ignores_nan_garbage_past_the_context():

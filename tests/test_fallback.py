@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_minivllm
-from conftest import ScaledLayer, left_padded_batch, tiny_model
+from conftest import ScaledLayer, left_padded_batch, tiny_config, tiny_model
 from hf_minivllm import LLM
 
 
@@ -57,6 +57,23 @@ def test_encoder_decoder_keeps_hf_generate():
     oracle = copy.deepcopy(model)
     _accelerate_warning_once(model, "T5ForConditionalGeneration")
     _same_as_hf(model, oracle, input_ids=torch.randint(1, 64, (2, 7)))
+
+
+def test_gemma3_multimodal_keeps_hf_generate():
+    """Gemma3ForConditionalGeneration (vision tower + Gemma 3 text model) is not served: text-only generate stays
+    HF's, with one warning."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=tiny_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=300, boi_token_index=301, eoi_token_index=302)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    oracle = copy.deepcopy(model)
+    _accelerate_warning_once(model, "Gemma3ForConditionalGeneration")
+    ids, mask = left_padded_batch()
+    _same_as_hf(model, oracle, input_ids=ids, attention_mask=mask)
 
 
 def test_quantized_model_keeps_hf_generate():

@@ -79,13 +79,19 @@ class PagedContexts:
 
 
 def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                    scale: float) -> torch.Tensor:
-    """Dense float64 attention of ``q [L, heads, d]`` at ``positions`` over ``keys [C, kv_heads, d]``."""
+                    scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Dense float64 attention of ``q [L, heads, d]`` at ``positions`` over ``keys [C, kv_heads, d]``; a sliding
+    window keeps keys ``k > q - window`` (HF's overlay), a soft-cap maps scores to ``cap * tanh(s / cap)``."""
     group = q.shape[1] // keys.shape[1]
     keys = keys.double().repeat_interleave(group, dim=1)
     values = values.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), keys) * scale
-    visible = torch.arange(keys.shape[0])[None, :] <= positions[:, None]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    key_positions = torch.arange(keys.shape[0])[None, :]
+    visible = key_positions <= positions[:, None]
+    if sliding_window is not None:
+        visible &= key_positions > positions[:, None] - sliding_window
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
@@ -236,6 +242,125 @@ def test_torch_prefill_matches_hf_eager_attention(kernels):
     torch.testing.assert_close(out, hf_out[0], atol=1e-6, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- sliding window and soft-capping
+
+# Windows: one key, shorter than a page, spanning pages, longer than every sequence.
+WINDOWS = [1, 3, 9, 200]
+
+
+def _poison_pages_before(paged: PagedContexts, seq: int, first_key: int) -> None:
+    """Fill with NaN the pages of ``seq`` that hold only keys before ``first_key``: a kernel that reads them (and
+    does not skip them) returns NaN."""
+    block_size = paged.k_cache.shape[1]
+    for page in paged.block_tables[seq, : first_key // block_size].tolist():
+        paged.k_cache[page] = float("nan")
+        paged.v_cache[page] = float("nan")
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("sliding_window", WINDOWS)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_windowed_softcapped_torch_references_match_naive_attention(kernels, block_size, sliding_window, softcap):
+    """The torch paths (the CPU engine's) against float64 attention, with the pages before each window poisoned."""
+    window = dict(sliding_window=sliding_window, softcap=softcap)
+    query_lens, prefix_lens = [4, 1, 23], [0, 30, 17]
+    paged, args = _prefill_case(query_lens, prefix_lens, block_size, 4, 2, 16, torch.float32, device="cpu")
+    for seq, prefix_len in enumerate(prefix_lens):
+        _poison_pages_before(paged, seq, max(prefix_len - sliding_window + 1, 0))
+    out = kernels.prefill_attention.paged_prefill_attention_torch(*args, **window)
+    q, scale, start = args[0], args[-1], 0
+    for seq, (query_len, prefix_len) in enumerate(zip(query_lens, prefix_lens)):
+        positions = torch.arange(prefix_len, prefix_len + query_len)
+        expected = naive_attention(q[start:start + query_len], paged.keys[seq], paged.values[seq], positions, scale,
+                                   **window)
+        torch.testing.assert_close(out[start:start + query_len].double(), expected, atol=1e-5, rtol=1e-5)
+        start += query_len
+
+    context_lens = [1, 16, 33]
+    paged, args = _decode_case(context_lens, block_size, 4, 2, 16, torch.float32, device="cpu")
+    for seq, length in enumerate(context_lens):
+        _poison_pages_before(paged, seq, max(length - sliding_window, 0))
+    out = kernels.decode_attention.paged_decode_attention_torch(*args, **window)
+    for seq, length in enumerate(context_lens):
+        expected = naive_attention(args[0][seq:seq + 1], paged.keys[seq], paged.values[seq],
+                                   torch.tensor([length - 1]), args[-1], **window)
+        torch.testing.assert_close(out[seq:seq + 1].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("sliding_window", WINDOWS)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_windowed_softcapped_decode_matches_torch(kernels, block_size, sliding_window, softcap, dtype):
+    """Split-KV decode over the window only: pages before it are NaN, splits cover the window (1 and 3 splits)."""
+    context_lens = [1, 9, 37, 70]
+    paged, args = _decode_case(context_lens, block_size, 4, 2, 16, dtype, seed=block_size + sliding_window)
+    window = dict(sliding_window=sliding_window, softcap=softcap)
+    expected = kernels.decode_attention.paged_decode_attention_torch(*_upcast(args), **window)
+    for seq, length in enumerate(context_lens):
+        _poison_pages_before(paged, seq, max(length - sliding_window, 0))
+    for num_splits in (1, 3):
+        out = kernels.decode_attention.paged_decode_attention(*args, **window, num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+    assert torch.isfinite(kernels.decode_attention.paged_decode_attention(*args, **window)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("sliding_window", WINDOWS)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_windowed_softcapped_prefill_matches_torch(kernels, block_size, sliding_window, softcap, dtype):
+    """Prefill with and without cached prefixes (chunked prefill): no prefix, a short one, and one long enough
+    that whole key tiles before the window are skipped (their pages are NaN)."""
+    query_lens, prefix_lens = [5, 1, 40, 7], [0, 8, 13, 150]
+    paged, args = _prefill_case(query_lens, prefix_lens, block_size, 4, 2, 16, dtype, seed=block_size + sliding_window)
+    window = dict(sliding_window=sliding_window, softcap=softcap)
+    expected = kernels.prefill_attention.paged_prefill_attention_torch(*_upcast(args), **window)
+    # Key tiles are at most 64 keys: those wholly before the last sequence's first window are never read.
+    _poison_pages_before(paged, 3, max(150 - sliding_window + 1, 0) // 64 * 64)
+    out = kernels.prefill_attention.paged_prefill_attention(*args, **window)
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+def test_windowed_prefill_head_dim_32_rows_that_see_no_key_of_a_tile(kernels):
+    """A 32-row query tile with a 5-key window: most rows see none of the tile's first keys (a -inf row max)."""
+    paged, args = _prefill_case([64, 33], [0, 70], 8, 4, 2, 32, torch.float32, seed=5)
+    out = kernels.prefill_attention.paged_prefill_attention(*args, sliding_window=5, softcap=30.0)
+    expected = kernels.prefill_attention.paged_prefill_attention_torch(*args, sliding_window=5, softcap=30.0)
+    torch.testing.assert_close(out, expected, **_tolerance(torch.float32))
+
+
+def test_windowed_softcapped_torch_prefill_matches_hf_eager_attention(kernels):
+    """fp32: the CPU path gives HF's eager attention (Gemma 2's) with its sliding-window mask, to rounding."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    query_len, num_heads, num_kv_heads, head_dim, window, cap = 13, 4, 2, 16, 5, 2.0
+    paged, args = _prefill_case([query_len], [0], 4, num_heads, num_kv_heads, head_dim, torch.float32, device="cpu")
+    out = kernels.prefill_attention.paged_prefill_attention_torch(*args, sliding_window=window, softcap=cap)
+    allowed = sliding_window_causal_mask_function(window)
+    positions = torch.arange(query_len)
+    mask = allowed(0, 0, positions[:, None], positions[None, :])
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)[None, None]
+    module = SimpleNamespace(num_key_value_groups=num_heads // num_kv_heads, training=False, head_dim=head_dim)
+    hf_out, _ = eager_attention_forward(
+        module, args[0].transpose(0, 1)[None], paged.keys[0].float().transpose(0, 1)[None],
+        paged.values[0].float().transpose(0, 1)[None], additive, scaling=args[-1], softcap=cap)
+    torch.testing.assert_close(out, hf_out[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(sliding_window=0), "sliding_window"), (dict(sliding_window=2.5), "sliding_window"),
+    (dict(softcap=0.0), "softcap"), (dict(softcap=-1.0), "softcap"),
+])
+def test_bad_window_or_softcap_is_a_clear_error(kernels, options, match):
+    paged, args = _decode_case([3], 4, 2, 2, 16, torch.float32)
+    for attend in (kernels.decode_attention.paged_decode_attention_torch,
+                   kernels.decode_attention.paged_decode_attention):
+        with pytest.raises(ValueError, match=match):
+            attend(*args, **options)
+
+
 # ---------------------------------------------------------------- RMSNorm and SiLU-and-mul
 
 
@@ -256,6 +381,45 @@ def test_fused_add_rms_norm_matches_torch(kernels, dtype):
     expected_normed, expected_residual = kernels.rms_norm.fused_add_rms_norm_torch(x, residual, weight, 1e-5)
     torch.testing.assert_close(residual_out, expected_residual, atol=0, rtol=0)
     torch.testing.assert_close(normed, expected_normed, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [64, 80])
+def test_gemma_rms_norm_matches_torch(kernels, dtype, hidden):
+    """unit_offset (Gemma): alone and fused with the residual add; the output keeps the input dtype."""
+    x, residual = (torch.randn(5, hidden).to(dtype).to(DEVICE) for _ in range(2))
+    weight = (0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)  # an offset from 1
+    out = kernels.rms_norm.rms_norm(x, weight, 1e-6, unit_offset=True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, kernels.rms_norm.rms_norm_torch(x, weight, 1e-6, True), **_tolerance(dtype))
+    normed, residual_out = kernels.rms_norm.fused_add_rms_norm(x, residual, weight, 1e-6, unit_offset=True)
+    expected_normed, expected_residual = kernels.rms_norm.fused_add_rms_norm_torch(x, residual, weight, 1e-6, True)
+    torch.testing.assert_close(residual_out, expected_residual, atol=0, rtol=0)
+    torch.testing.assert_close(normed, expected_normed, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_rms_norm_torch_is_bit_exact_with_hf(dtype):
+    """The torch path (CPU, and the reference) rounds exactly as HF's Gemma2RMSNorm / Gemma3RMSNorm."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from hf_minivllm.kernels.rms_norm import rms_norm_torch
+    from hf_minivllm.layers.layernorm import RMSNorm
+
+    x = (3 * torch.randn(7, 48)).to(dtype)
+    for hf_class in (Gemma2RMSNorm, Gemma3RMSNorm):
+        hf_norm = hf_class(48, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            hf_norm.weight.normal_(0.0, 0.5)
+        ours = RMSNorm(48, 1e-6, unit_offset=True)
+        ours.weight = hf_norm.weight
+        with torch.no_grad():
+            assert torch.equal(ours(x), hf_norm(x))
+            assert torch.equal(rms_norm_torch(x, hf_norm.weight, 1e-6, unit_offset=True), hf_norm(x))
+            residual = torch.randn(7, 48).to(dtype)
+            normed, summed = ours(x, residual)
+            assert torch.equal(summed, residual + x) and torch.equal(normed, hf_norm(residual + x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -241,13 +241,52 @@ def test_unsupported_architecture_raises():
         build_decoder(model)
 
 
-def test_active_sliding_window_raises_and_inactive_is_accepted():
-    with pytest.raises(ValueError, match="sliding-window"):
-        build_decoder(tiny_model("mistral", sliding_window=16))
-    build_decoder(tiny_model("mistral", sliding_window=4096))  # longer than max_position_embeddings: never bites
-    with pytest.raises(ValueError, match="sliding-window"):
-        build_decoder(tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1))
-    build_decoder(tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2))
+@pytest.mark.parametrize("family, overrides", [
+    ("mistral", dict(sliding_window=5)),
+    ("phi3", dict(sliding_window=6)),  # Phi-3-mini's 2,047-token window, scaled down
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),  # layer 1 slides, layer 0 not
+    ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
+], ids=["mistral", "phi3", "qwen2", "qwen3"])
+def test_sliding_window_layers_match_hf(family, overrides):
+    """Windows that bite (prompts of up to 18 tokens), on the layers HF masks with them."""
+    model = tiny_model(family, **overrides)
+    decoder = check_against_hf(model, lengths=[7, 1, 13, 4], new_tokens=5)
+    windows = [layer.self_attn.attn.sliding_window for layer in decoder.layers]
+    assert windows == [None if layer_type == "full_attention" else overrides["sliding_window"]
+                       for layer_type in (getattr(model.config, "layer_types", None) or ["sliding_attention"] * 2)]
+
+
+def test_window_that_never_bites_is_dropped():
+    """A window at least max_position_embeddings long (the engine's cap on a sequence) leaves full attention."""
+    decoder = build_decoder(tiny_model("mistral", sliding_window=4096))
+    assert all(layer.self_attn.attn.sliding_window is None for layer in decoder.layers)
+
+
+def test_gemma_binds_all_four_norms_and_shares_weights():
+    model = tiny_model("gemma2")
+    decoder = build_decoder(model)
+    for layer, hf_layer in zip(decoder.layers, model.model.layers):
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            assert getattr(layer, name).weight is getattr(hf_layer, name).weight
+            assert getattr(layer, name).unit_offset
+    assert decoder.lm_head.weight is decoder.embed_tokens.weight is model.model.embed_tokens.weight
+    assert decoder.config.embedding_scale == 8.0  # sqrt(64)
+
+
+def test_gemma_bf16_matches_hf():
+    check_against_hf(tiny_model("gemma3", dtype=torch.bfloat16), lengths=[7, 1, 13, 4], new_tokens=3, tol=3e-2)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_bidirectional_attention_is_unsupported(family):
+    with pytest.raises(UnsupportedModel, match="bidirectional"):
+        build_decoder(tiny_model(family, use_bidirectional_attention=True))
+
+
+def test_gelu_activation_other_than_tanh_is_unsupported():
+    with pytest.raises(UnsupportedModel, match="activation 'gelu'"):
+        build_decoder(tiny_model("gemma2", hidden_activation="gelu"))
 
 
 def test_dynamic_rope_raises():
@@ -273,10 +312,6 @@ def test_phi3_shares_its_fused_checkpoint_weights_and_sees_training():
     assert torch.equal(accelerated.generate(ids, max_new_tokens=10, do_sample=False), expected)
 
 
-@pytest.mark.parametrize("overrides, reason", [
-    (dict(sliding_window=16), "sliding-window"),  # Phi-3-mini's 2,047-token window, scaled down
-    (dict(partial_rotary_factor=0.5), "partial rotary"),  # Phi-4-mini rotates 3/4 of each head
-], ids=["sliding-window", "partial-rotary"])
-def test_phi3_variants_the_engine_cannot_compute_are_unsupported(overrides, reason):
-    with pytest.raises(UnsupportedModel, match=reason):
-        build_decoder(tiny_model("phi3", **overrides))
+def test_phi3_partial_rotary_is_unsupported():
+    with pytest.raises(UnsupportedModel, match="partial rotary"):  # Phi-4-mini rotates 3/4 of each head
+        build_decoder(tiny_model("phi3", partial_rotary_factor=0.5))

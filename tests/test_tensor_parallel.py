@@ -93,6 +93,22 @@ def _left_padded(batch: list[list[int]]) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def test_tp2_gemma2_is_token_exact_with_hf():
+    """Gemma 2 at TP=2 (heads split per rank, each with its window and soft-cap; scaled embedding and final
+    soft-cap after the gathers): accelerate(model).generate on a left-padded batch longer than the window equals
+    HF's greedy generate."""
+    model = tiny_model("gemma2")
+    batch = prompts(4, seed=5)
+    reference = model.generate(**_left_padded(batch), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    accelerated = hf_minivllm.accelerate(model, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert hf_minivllm.stats(accelerated)["unsupported_reason"] is None
+        out = accelerated.generate(**_left_padded(batch), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, reference)
+    finally:
+        hf_minivllm.restore(model)
+
+
 def test_tp4_replicates_kv_heads_and_matches_tp1():
     """4 ranks over 4 query heads and 2 KV heads (each KV head on two ranks); a vocabulary of 331 padded to 4 x 83;
     chunked prefill, mixed steps and a cache small enough to preempt."""

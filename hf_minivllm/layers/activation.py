@@ -1,4 +1,4 @@
-"""Gated activation for the fused gate_up projection."""
+"""Gated activations for the fused gate_up projection."""
 from __future__ import annotations
 
 import torch
@@ -16,3 +16,12 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """``gelu_tanh(gate) * up`` for ``x = [gate | up]`` (Gemma's ``gelu_pytorch_tanh``): torch's own tanh-approximate
+    GELU on every device, the function HF calls, so the rounding is HF's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

@@ -9,6 +9,11 @@ Backends (all read the same cache layout, ``[num_blocks, block_size, num_kv_head
   takes any page size on Hopper (4.0.0b36 on the H100: same decode bandwidth for pages of 16 to 256; it has no
   split-KV there, so batch-1 decode is several times slower than our Triton kernel). FA2 takes ``block_table``,
   whose paged path needs a block size that is a multiple of 256.
+
+A layer may have a sliding window (the query sees its last ``sliding_window`` keys, itself included: HF's
+``kv_idx > q_idx - sliding_window``) and a logit soft-cap (``cap * tanh(score / cap)`` before the softmax). Every
+backend takes both: flash-attn as ``window_size=(sliding_window - 1, 0)`` (keys ``[i - left, i + right]``) and
+``softcap``, in both versions.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from hf_minivllm.kernels.attention_math import check_attention_options
 from hf_minivllm.kernels.decode_attention import paged_decode_attention, paged_decode_attention_torch
 from hf_minivllm.kernels.kv_cache import store_kvcache, store_kvcache_torch
 from hf_minivllm.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_torch
@@ -98,33 +104,48 @@ def select_attention_backend(name: str, device: torch.device | str, *, block_siz
     raise ValueError(f"unknown attention backend {name!r}; expected 'auto' or one of {BACKENDS}")
 
 
+def _flash_options(sliding_window: int | None, softcap: float | None) -> dict:
+    """flash-attn keyword arguments for a window and a soft-cap (none when neither is set, so the plain call stays
+    as it was). With ``causal=True`` the window is bottom-right aligned, keys ``[i - left, i]``: HF's window."""
+    options = {}
+    if sliding_window is not None:
+        options["window_size"] = (sliding_window - 1, 0)
+    if softcap is not None:
+        options["softcap"] = softcap
+    return options
+
+
 def _flash_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, block_tables: torch.Tensor,
-                   softmax_scale: float) -> torch.Tensor:
+                   softmax_scale: float, *, sliding_window: int | None = None,
+                   softcap: float | None = None) -> torch.Tensor:
     flash = _flash_attn()
+    options = _flash_options(sliding_window, softcap)
     if flash.version == 4:
         # FA4 pages are addressed by page_table + per-sequence lengths (it rejects cu_seqlens_k with a page table).
         context_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
         out = flash.varlen(q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
                            max_seqlen_k=max_seqlen_k, seqused_k=context_lens, page_table=block_tables,
-                           softmax_scale=softmax_scale, causal=True)
+                           softmax_scale=softmax_scale, causal=True, **options)
         return out[0] if isinstance(out, tuple) else out
     return flash.varlen(q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=True,
-                        block_table=block_tables)
+                        block_table=block_tables, **options)
 
 
 def _flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
-                  block_tables: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                  block_tables: torch.Tensor, softmax_scale: float, *, sliding_window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
     flash = _flash_attn()
+    options = _flash_options(sliding_window, softcap)
     if flash.version == 4:
         out = flash.varlen(q.unsqueeze(1), k_cache, v_cache, seqused_k=context_lens, page_table=block_tables,
                            max_seqlen_k=block_tables.shape[1] * k_cache.shape[1], softmax_scale=softmax_scale,
-                           causal=True)
+                           causal=True, **options)
         out = out[0] if isinstance(out, tuple) else out
     else:
         out = flash.with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=context_lens,
-                                 block_table=block_tables, softmax_scale=softmax_scale, causal=True)
+                                 block_table=block_tables, softmax_scale=softmax_scale, causal=True, **options)
     return out.squeeze(1)
 
 
@@ -151,17 +172,22 @@ class Attention(nn.Module):
     layout read from ``get_attention_metadata()``. ``k_cache``/``v_cache`` are assigned by the model runner;
     while they are empty (a warm-up or memory-profiling pass before the cache exists) a prefill attends over
     this step's K/V alone and nothing is stored. ``backend`` is set by the runner (see
-    ``select_attention_backend``).
+    ``select_attention_backend``). ``sliding_window`` and ``softcap`` (None: off) are per layer (see the module
+    doc); every key stays in the cache, only attention skips those outside the window.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, softcap: float | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        check_attention_options(sliding_window, softcap)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
         self.backend = "torch"
         self.k_cache = torch.tensor([])
         self.v_cache = torch.tensor([])
@@ -182,9 +208,10 @@ class Attention(nn.Module):
         elif metadata.is_prefill:
             out = _PREFILL[self.backend](q, k_cache, v_cache, metadata.cu_seqlens_q, metadata.cu_seqlens_k,
                                          metadata.max_seqlen_q, metadata.max_seqlen_k, metadata.block_tables,
-                                         self.scale)
+                                         self.scale, **self._options())
         elif has_cache:
-            out = _DECODE[self.backend](q, k_cache, v_cache, metadata.context_lens, metadata.block_tables, self.scale)
+            out = _DECODE[self.backend](q, k_cache, v_cache, metadata.context_lens, metadata.block_tables, self.scale,
+                                        **self._options())
         else:
             raise RuntimeError("decode attention needs the KV cache: the model runner has not assigned k_cache/v_cache")
         return out.reshape(-1, self.num_heads * self.head_dim)
@@ -195,12 +222,16 @@ class Attention(nn.Module):
         if self.backend == "flash_attn":
             out = _flash_attn().varlen(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=self.scale,
-                                       causal=True)
+                                       causal=True, **_flash_options(self.sliding_window, self.softcap))
             return out[0] if isinstance(out, tuple) else out
         k_pages, v_pages, block_tables = _contiguous_as_cache(k, v, cu_seqlens_k, max_seqlen_k)
         return _PREFILL[self.backend](q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      block_tables, self.scale)
+                                      block_tables, self.scale, **self._options())
+
+    def _options(self) -> dict:
+        return dict(sliding_window=self.sliding_window, softcap=self.softcap)
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {name}={value}" for name, value in self._options().items() if value is not None)
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"scale={self.scale}, backend={self.backend}")
+                f"scale={self.scale}, backend={self.backend}{extra}")

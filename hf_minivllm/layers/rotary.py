@@ -62,10 +62,14 @@ class RotaryEmbedding(nn.Module):
                 k_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``[T, Hq*D]`` and ``k`` ``[T, Hk*D]`` (or already ``[T, H, D]``); shapes are preserved.
 
-        ``q_norm``/``k_norm`` (Qwen3; one shared eps) normalise each head first. On the CUDA kernel path ``q`` and
+        ``q_norm``/``k_norm`` (Qwen3, Gemma 3; one shared eps) normalise each head first. On the CUDA kernel path ``q`` and
         ``k`` themselves are overwritten and returned; the torch path returns new tensors.
         """
         if self.uses_kernel(q):
+            if q_norm is not None and q_norm.unit_offset:  # Gemma 3's norms: the fused kernel computes Llama's
+                q = q_norm(q.view(q.shape[0], -1, self.head_dim)).view(q.shape)
+                k = k_norm(k.view(k.shape[0], -1, self.head_dim)).view(k.shape)
+                q_norm = k_norm = None
             if q_norm is None:
                 apply_rotary_inplace(q, k, positions, self.cos_sin_cache)
             else:

@@ -26,18 +26,28 @@ from hf_minivllm.layers.moe import MoeConfig, SparseMoeBlock
 from hf_minivllm.layers.parallel import ParallelGroup
 from hf_minivllm.models.decoder import DecoderConfig, DecoderForCausalLM
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 # Architectures whose checkpoints hold q/k/v and gate/up already fused, in the engine's order ([q | k | v] and
 # [gate | up]): Phi-3 and Phi-4 (``self_attn.qkv_proj``, ``mlp.gate_up_proj``).
 FUSED_PROJECTIONS = ("Phi3ForCausalLM",)
-# Architectures that mask with ``config.sliding_window`` whenever it is set (Qwen2/Qwen3 only on the layers that
-# ``config.layer_types`` marks "sliding_attention").
+# Architectures that mask with ``config.sliding_window`` whenever it is set (Qwen2/Qwen3/Gemma only on the layers
+# that ``config.layer_types`` marks "sliding_attention").
 WINDOW_WHENEVER_SET = ("MistralForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
 # Architectures whose generate recomputes a sequence with LongRoPE's long table once it outgrows the original context.
 LONGROPE_RECOMPUTED = ("Phi3ForCausalLM",)
 # The HF modules of a sparse MoE block the engine mirrors (``hf_minivllm.layers.moe``): experts, router.
 MOE_MODULES = ("Qwen3MoeExperts", "Qwen3MoeTopKRouter")
+# Gemma's decoder: RMSNorms scaling by (1 + weight), four norms per layer, embeddings scaled by sqrt(hidden_size).
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+SCALED_EMBEDDINGS = ("Gemma2TextScaledWordEmbedding", "Gemma3TextScaledWordEmbedding")
+# Architectures whose attention soft-caps its logits with ``config.attn_logit_softcapping``. Gemma 3's config has
+# the field too, but its attention never passes it on (transformers 5.17): it is not applied there either.
+# (HF's own sdpa attention drops Gemma 2's soft-cap, which its eager, flash and flex attention apply: the engine
+# computes the model as they do.)
+ATTENTION_SOFTCAP = ("Gemma2ForCausalLM",)
+# HF activation names of the gated MLP -> the engine's.
+MLP_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # Quantization methods whose loaded weights are plain floating-point tensors (GGUF files are dequantized on load).
 DEQUANTIZED_ON_LOAD = ("gguf",)
 
@@ -162,9 +172,14 @@ def _check_moe_block(config: object, hf_mlp: nn.Module, path: str) -> None:
         raise UnsupportedModel(f"{path}: MoE expert weights in a layout the engine does not serve")
 
 
+def _is_scaled_embedding(module: nn.Module) -> bool:
+    """Gemma's embedding: an ``nn.Embedding`` whose output HF multiplies by its ``embed_scale``."""
+    return type(module).__name__ in SCALED_EMBEDDINGS and type(module).__module__.startswith("transformers.")
+
+
 def _check_plain_layers(hf_model: nn.Module) -> None:
-    """Every projection is a plain ``nn.Linear`` (and the embedding a plain ``nn.Embedding``): a wrapped or
-    quantized layer (an adapter, bitsandbytes, ...) computes something the engine would not."""
+    """Every projection is a plain ``nn.Linear`` (and the embedding a plain ``nn.Embedding``, or Gemma's scaled
+    one): a wrapped or quantized layer (an adapter, bitsandbytes, ...) computes something the engine would not."""
     inner = hf_model.model
     expected = [(inner.embed_tokens, nn.Embedding, "model.embed_tokens"), (hf_model.lm_head, nn.Linear, "lm_head")]
     for index, layer in enumerate(inner.layers):
@@ -176,7 +191,7 @@ def _check_plain_layers(hf_model: nn.Module) -> None:
                 _active_loras(module, full_path)
             expected.append((_base_linear(module), nn.Linear, full_path))
     for module, kind, path in expected:
-        if type(module) is not kind:
+        if type(module) is not kind and not (kind is nn.Embedding and _is_scaled_embedding(module)):
             raise UnsupportedModel(f"{path} is a {type(module).__name__}, not a plain {kind.__name__}: the engine "
                                    "cannot serve wrapped or quantized layers")
 
@@ -211,6 +226,43 @@ def _bind_loras(bind: "_Binder", hf_model: nn.Module, hf_layer: nn.Module, layer
                 target.loras.append(LoRA(lora_a.weight, lora_b.weight, module.scaling[adapter], part_rows))
 
 
+def _mlp_activation(config: object) -> str:
+    """The engine's name for the MLP's activation (Gemma configs call it ``hidden_activation``)."""
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if name not in MLP_ACTIVATIONS:
+        raise UnsupportedModel(f"unsupported MLP activation {name!r}; supported: {', '.join(MLP_ACTIVATIONS)}")
+    return MLP_ACTIVATIONS[name]
+
+
+def _rope_tables(hf_model: nn.Module) -> dict[str, tuple[nn.Module, str, str, float]]:
+    """The HF model's rotary tables, as ``(module, inv_freq attribute, rope type, attention scaling)`` by the layer
+    type using each. Gemma 3 keeps one per type ("full_attention", "sliding_attention"): in one module on
+    transformers 5, in ``rotary_emb`` and ``rotary_emb_local`` on 4.x; the others one table ("all")."""
+    inner = hf_model.model
+    rotary = inner.rotary_emb
+    if isinstance(rotary.rope_type, dict):
+        return {layer_type: (rotary, f"{layer_type}_inv_freq", rope_type,
+                             getattr(rotary, f"{layer_type}_attention_scaling"))
+                for layer_type, rope_type in rotary.rope_type.items()}
+    tables = {"all": (rotary, "inv_freq", rotary.rope_type, rotary.attention_scaling)}
+    local = getattr(inner, "rotary_emb_local", None)
+    if local is not None:
+        tables = {"full_attention": tables["all"],
+                  "sliding_attention": (local, "inv_freq", local.rope_type, local.attention_scaling)}
+    return tables
+
+
+def _layer_types(hf_model: nn.Module) -> tuple[str, ...]:
+    """Per layer, HF's "full_attention" or "sliding_attention", which picks its mask (and Gemma 3's rotary
+    table); empty when every layer is full."""
+    config = hf_model.config
+    if getattr(config, "sliding_window", None) is None:
+        return ()
+    if type(hf_model).__name__ in WINDOW_WHENEVER_SET:
+        return ("sliding_attention",) * config.num_hidden_layers
+    return tuple(getattr(config, "layer_types", None) or ())
+
+
 def _check_supported(hf_model: nn.Module) -> None:
     name = type(hf_model).__name__
     if name not in SUPPORTED_ARCHITECTURES:
@@ -224,30 +276,26 @@ def _check_supported(hf_model: nn.Module) -> None:
     dtype = hf_model.model.embed_tokens.weight.dtype
     if not dtype.is_floating_point or dtype.itemsize < 2:  # int8 / float8 storage needs scales the engine lacks
         raise UnsupportedModel(f"weights of dtype {dtype} are not supported (16-bit and wider floats are)")
-    if config.hidden_act not in ("silu", "swish"):
-        raise UnsupportedModel(f"unsupported hidden_act {config.hidden_act!r}; only silu-gated MLPs are supported")
-    rotary = hf_model.model.rotary_emb
-    if "dynamic" in rotary.rope_type:
-        raise UnsupportedModel(f"rope type {rotary.rope_type!r} recomputes its frequencies for every sequence "
-                               "length; unsupported (default, linear, llama3, yarn and Phi-3's longrope are supported)")
-    if rotary.rope_type == "longrope" and name not in LONGROPE_RECOMPUTED:
-        # HF's generate keeps the keys it rotated with the short table after the switch for these architectures:
-        # a cache the engine does not reproduce (Phi-3 recomputes the sequence, as the engine does).
-        raise UnsupportedModel(f"longrope on {name} (served for {', '.join(LONGROPE_RECOMPUTED)})")
+    _mlp_activation(config)
     head_dim = hf_model.model.layers[0].self_attn.head_dim
-    if rotary.inv_freq.numel() * 2 != head_dim:
-        raise UnsupportedModel(f"partial rotary embedding ({rotary.inv_freq.numel() * 2} of {head_dim} head "
-                               "dimensions rotated) is not supported")
-    # Mirror HF (see WINDOW_WHENEVER_SET). A window at least max_position_embeddings long never bites, as the engine
-    # caps sequences at that length.
-    window = getattr(config, "sliding_window", None)
-    if name in WINDOW_WHENEVER_SET:
-        active = window is not None
-    else:
-        active = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or ())
-    if active and window < config.max_position_embeddings:
-        raise UnsupportedModel(f"sliding-window attention (window {window} < max_position_embeddings "
-                               f"{config.max_position_embeddings}) is not supported")
+    for rotary, inv_freq_name, rope_type, _ in _rope_tables(hf_model).values():
+        if "dynamic" in rope_type:
+            raise UnsupportedModel(f"rope type {rope_type!r} recomputes its frequencies for every sequence length; "
+                                   "unsupported (default, linear, llama3, yarn and Phi-3's longrope are supported)")
+        if rope_type == "longrope" and name not in LONGROPE_RECOMPUTED:
+            # HF's generate keeps the keys it rotated with the short table after the switch for these
+            # architectures: a cache the engine does not reproduce (Phi-3 recomputes the sequence, as the engine does).
+            raise UnsupportedModel(f"longrope on {name} (served for {', '.join(LONGROPE_RECOMPUTED)})")
+        rotated = getattr(rotary, inv_freq_name).numel() * 2
+        if rotated != head_dim:
+            raise UnsupportedModel(f"partial rotary embedding ({rotated} of {head_dim} head dimensions rotated) is "
+                                   "not supported")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModel("bidirectional attention (use_bidirectional_attention) is not supported; the engine "
+                               "generates causally")
+    unknown = set(_layer_types(hf_model)) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise UnsupportedModel(f"unsupported layer types {sorted(unknown)}")
 
 
 def check_tensor_parallel(hf_model: nn.Module, tp_size: int) -> None:
@@ -301,14 +349,37 @@ def model_devices(hf_model: nn.Module) -> list[torch.device]:
     return devices
 
 
+def _embedding_scale(hf_model: nn.Module) -> float | None:
+    """Gemma's embedding multiplier, rounded to the model dtype exactly as HF rounds it: transformers 5 casts its
+    fp32 ``embed_scale`` buffer; 4.x Gemma 2 builds ``torch.tensor(hidden_size**0.5, dtype=...)`` from the double."""
+    embedding = hf_model.model.embed_tokens
+    dtype = embedding.weight.dtype
+    if _is_scaled_embedding(embedding):
+        return float(embedding.embed_scale.to(dtype))
+    if type(hf_model).__name__ in GEMMA_ARCHITECTURES:
+        return float(torch.tensor(hf_model.config.hidden_size**0.5, dtype=dtype, device="cpu"))
+    return None
+
+
 def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderConfig:
     """Shapes and flags read from the HF modules themselves, so what HF computes is what we mirror."""
     config, inner = hf_model.config, hf_model.model
+    name = type(hf_model).__name__
     attn = inner.layers[0].self_attn
     projections = _projections(hf_model, inner.layers[0])
     sparse = [index for index, layer in enumerate(inner.layers) if _is_sparse_moe(layer)]
     dense = [layer for layer in inner.layers if not _is_sparse_moe(layer)]
     dense_gate_up = _projections(hf_model, dense[0])["gate_up"] if dense else []
+    norm = inner.layers[0].input_layernorm
+    tables = _rope_tables(hf_model)
+    # Gemma 3 with both layer types: the full layers' table for them, the sliding layers' for those.
+    main = tables.get("all") or tables.get("full_attention") or tables["sliding_attention"]
+    sliding = tables.get("sliding_attention") if "full_attention" in tables else None
+    longrope = _longrope_tables(hf_model)
+    # A window at least max_position_embeddings long never bites, as the engine caps sequences at that length.
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window >= config.max_position_embeddings:
+        window = None
     return DecoderConfig(
         vocab_size=inner.embed_tokens.weight.shape[0],
         hidden_size=config.hidden_size,
@@ -317,10 +388,12 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
         head_dim=attn.head_dim,
-        rms_norm_eps=inner.layers[0].input_layernorm.variance_epsilon,
+        rms_norm_eps=norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps,
         max_position_embeddings=config.max_position_embeddings,
-        rope_attention_scaling=inner.rotary_emb.attention_scaling,
-        **_rope_tables(hf_model),
+        rope_inv_freq=longrope.get("rope_inv_freq", getattr(main[0], main[1])),
+        rope_attention_scaling=main[3],
+        rope_long_inv_freq=longrope.get("rope_long_inv_freq"),
+        rope_long_after=longrope.get("rope_long_after"),
         attention_scale=attn.scaling,
         qkv_bias=projections["qkv"][0].bias is not None,
         o_proj_bias=projections["o"][0].bias is not None,
@@ -329,13 +402,23 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         dtype=inner.embed_tokens.weight.dtype,
         tie_word_embeddings=hf_model.lm_head.weight is inner.embed_tokens.weight,
         moe=_moe_config(inner.layers, sparse) if sparse else None,
+        mlp_activation=_mlp_activation(config),
+        layer_types=_layer_types(hf_model),
+        sliding_window=window,
+        sliding_rope_inv_freq=getattr(sliding[0], sliding[1]) if sliding else None,
+        sliding_rope_attention_scaling=sliding[3] if sliding else 1.0,
+        attn_logit_softcap=config.attn_logit_softcapping if name in ATTENTION_SOFTCAP else None,
+        final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+        embedding_scale=_embedding_scale(hf_model),
+        norm_unit_offset=name in GEMMA_ARCHITECTURES,
+        sandwich_norms=name in GEMMA_ARCHITECTURES,
         tp_rank=tp_rank,
         tp_size=tp_size,
     )
 
 
-def _rope_tables(hf_model: nn.Module) -> dict:
-    """The rotary frequencies: HF's own, and for LongRoPE both of its tables and the length that switches them.
+def _longrope_tables(hf_model: nn.Module) -> dict:
+    """LongRoPE's two frequency tables and the length that switches them; empty for other rope types.
 
     LongRoPE rotates a forward pass with the long table when its longest position exceeds the original context
     (``original_max_position_embeddings``) and with the short one otherwise; HF's module holds whichever its last
@@ -343,7 +426,7 @@ def _rope_tables(hf_model: nn.Module) -> dict:
     """
     rotary = hf_model.model.rotary_emb
     if rotary.rope_type != "longrope":
-        return {"rope_inv_freq": rotary.inv_freq}
+        return {}
     # transformers 4.x keeps original_inv_freq as a plain attribute, left behind by .to(device) until HF's first
     # forward: both tables are made where HF's own inv_freq lies.
     device = rotary.inv_freq.device
@@ -463,8 +546,8 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
     inner = hf_model.model
     # Read by _decoder_config. LongRoPE swaps HF's inv_freq between its two tables on every forward: the short one
     # is watched instead (the long one derives from the config).
-    longrope = decoder.config.rope_long_inv_freq is not None
-    bind.sources.append((inner.rotary_emb, "original_inv_freq" if longrope else "inv_freq"))
+    for rotary, inv_freq_name, rope_type, _ in _rope_tables(hf_model).values():
+        bind.sources.append((rotary, "original_inv_freq" if rope_type == "longrope" else inv_freq_name))
     bind.share(decoder.embed_tokens, "weight", inner.embed_tokens, "weight", decoder.embed_tokens.shard)
     bind.share(decoder.norm, "weight", inner.norm, "weight")
     if decoder.config.tie_word_embeddings:
@@ -477,6 +560,9 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
         projections = _projections(hf_model, hf_layer)
         bind.share(layer.input_layernorm, "weight", hf_layer.input_layernorm, "weight")
         bind.share(layer.post_attention_layernorm, "weight", hf_layer.post_attention_layernorm, "weight")
+        if layer.sandwich_norms:
+            bind.share(layer.pre_feedforward_layernorm, "weight", hf_layer.pre_feedforward_layernorm, "weight")
+            bind.share(layer.post_feedforward_layernorm, "weight", hf_layer.post_feedforward_layernorm, "weight")
         bind.fuse(attn.qkv_proj, projections["qkv"])
         hf_o_proj = projections["o"][0]
         bind.share(attn.o_proj, "weight", hf_o_proj, "weight", attn.o_proj.shard)
@@ -493,7 +579,8 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
             bind.share(mlp.down_proj, "bias", hf_down_proj, "bias")
         _bind_loras(bind, hf_model, hf_layer, layer)
     if device is not None:
-        decoder.rotary_emb.cos_sin_cache = decoder.rotary_emb.cos_sin_cache.to(device)
+        for rotary in decoder.rotary_embeddings:
+            rotary.cos_sin_cache = rotary.cos_sin_cache.to(device)
     left = [name for name, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"build_decoder left parameters unassigned: {left[:5]}")

@@ -20,9 +20,10 @@ Manifest = list[tuple[str, tuple[int, ...], torch.dtype]]
 def portable_config(decoder: DecoderForCausalLM) -> DecoderConfig:
     """The decoder's config with its tensors on the CPU, to build the same decoder in another process."""
     config = decoder.config
-    long = config.rope_long_inv_freq
+    long, sliding = config.rope_long_inv_freq, config.sliding_rope_inv_freq
     return dataclasses.replace(config, rope_inv_freq=config.rope_inv_freq.detach().cpu(),
-                               rope_long_inv_freq=None if long is None else long.detach().cpu())
+                               rope_long_inv_freq=long.detach().cpu() if long is not None else None,
+                               sliding_rope_inv_freq=sliding.detach().cpu() if sliding is not None else None)
 
 
 def manifest(decoder: DecoderForCausalLM) -> Manifest:
@@ -51,7 +52,8 @@ def receive_decoder(group: ParallelGroup, config: DecoderConfig, expected: Manif
         module_path, _, attribute = name.rpartition(".")
         setattr(decoder.get_submodule(module_path), attribute, nn.Parameter(tensor, requires_grad=False))
     decoder.tie_weights()
-    decoder.rotary_emb.cos_sin_cache = decoder.rotary_emb.cos_sin_cache.to(group.device)
+    for rotary in decoder.rotary_embeddings:
+        rotary.cos_sin_cache = rotary.cos_sin_cache.to(group.device)
     return decoder.eval()
 
 

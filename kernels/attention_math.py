@@ -1,0 +1,52 @@
+"""Attention arithmetic shared by the paged kernels and their torch references: option checks, the sliding-window
+rule, dense attention with optional logit soft-capping, and the kernels' soft-cap."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def check_attention_options(sliding_window: int | None, softcap: float | None) -> None:
+    """Raise ValueError for a window or soft-cap no kernel can honour (None disables either)."""
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+
+
+def window_start(query_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """The first key position each query sees: HF's sliding-window overlay keeps keys ``k > q - window`` (the
+    query itself and the ``window - 1`` keys before it); 0 without a window."""
+    if sliding_window is None:
+        return torch.zeros_like(query_positions)
+    return (query_positions - sliding_window + 1).clamp(min=0)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                    softcap: float | None) -> torch.Tensor:
+    """``softmax(scores) @ v`` over the keys ``visible`` (bool, broadcast against ``[..., q_len, k_len]``).
+
+    Without a soft-cap: SDPA, as HF's sdpa attention computes. With one: HF's eager attention step by step
+    (``scores * scale``, then ``/ cap``, ``tanh``, ``* cap``, then masking and a float32 softmax rounded back to the
+    input dtype), the only HF path that soft-caps on the CPU.
+    """
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
+@triton.jit
+def softcap_log2(scores, softcap):
+    """``cap * tanh(scores / cap)`` in log2 units (times log2 e) for the kernels' ``exp2`` softmax.
+
+    tanh as ``2 * sigmoid(2x) - 1``: exact at both ends and within float32 rounding of ``cap`` in between; the
+    interpreter has no libdevice tanh.
+    """
+    capped = softcap * (2.0 * tl.sigmoid(2.0 * (scores / softcap)) - 1.0)
+    return capped * 1.4426950408889634
