@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.layers.moe import SparseMoeBlock
-from hf_minivllm.models.adapter import UnsupportedModel, build_decoder, check_tensor_parallel
+from hf_minivllm.models.adapter import build_decoder, check_tensor_parallel
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
@@ -59,9 +59,15 @@ def test_tensor_parallel_sizes_must_divide_the_expert_width():
         check_tensor_parallel(model, 4)
 
 
-def test_a_sliding_window_shorter_than_the_context_is_refused():
-    """Qwen3-MoE masks every layer with ``sliding_window`` once ``use_sliding_window`` sets it (the engine does not
-    window attention)."""
-    build_decoder(tiny_model("qwen3_moe", use_sliding_window=False, sliding_window=8))
-    with pytest.raises(UnsupportedModel, match="sliding-window"):
-        build_decoder(tiny_model("qwen3_moe", use_sliding_window=True, sliding_window=8))
+def test_a_sliding_window_is_served_token_exact():
+    """Qwen3-MoE masks every layer with ``sliding_window`` once ``use_sliding_window`` sets it: prompts longer than
+    the window, greedy, equal to HF's generate."""
+    model = tiny_model("qwen3_moe", use_sliding_window=True, sliding_window=8)
+    assert model.config.sliding_window == 8
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (20, 9, 33)]
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    with LLM(model, num_kvcache_blocks=64, kvcache_block_size=4) as llm:
+        got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert [out["token_ids"] for out in got] == expected
