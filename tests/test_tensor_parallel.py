@@ -73,6 +73,11 @@ def test_tp2_matches_tp1_through_path_model_and_accelerate(family, tmp_path):
         assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == expected
 
     batch = prompts(4, seed=3)
+    assert_accelerated_tp2_matches_hf(model, batch)
+
+
+def assert_accelerated_tp2_matches_hf(model, batch: list[list[int]]) -> None:
+    """``accelerate(model, tensor_parallel_size=2).generate`` on a left-padded batch equals HF's greedy generate."""
     reference = model.generate(**_left_padded(batch), max_new_tokens=10, do_sample=False, pad_token_id=0)
     accelerated = hf_minivllm.accelerate(model, tensor_parallel_size=2, **ENGINE)
     try:
@@ -99,14 +104,7 @@ def test_tp2_gemma2_is_token_exact_with_hf():
     HF's greedy generate."""
     model = tiny_model("gemma2")
     batch = prompts(4, seed=5)
-    reference = model.generate(**_left_padded(batch), max_new_tokens=10, do_sample=False, pad_token_id=0)
-    accelerated = hf_minivllm.accelerate(model, tensor_parallel_size=2, **ENGINE)
-    try:
-        assert hf_minivllm.stats(accelerated)["unsupported_reason"] is None
-        out = accelerated.generate(**_left_padded(batch), max_new_tokens=10, do_sample=False, pad_token_id=0)
-        assert torch.equal(out, reference)
-    finally:
-        hf_minivllm.restore(model)
+    assert_accelerated_tp2_matches_hf(model, batch)
 
 
 def test_tp4_replicates_kv_heads_and_matches_tp1():
