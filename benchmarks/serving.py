@@ -59,8 +59,10 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 # Client processes import this module: what only the parent needs (torch, through workloads) is imported there.
 
@@ -93,6 +95,8 @@ class Stream:
 async def stream(session: aiohttp.ClientSession, url: str, body: bytes, record: Stream) -> None:
     """POST one streamed chat completion and record what arrives when; a cancel (the phase's cut) leaves ``end``
     unset."""
+    import aiohttp  # the client's only (the summary's figures() must import without it)
+
     record.sent = time.perf_counter()
     try:
         async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
@@ -126,6 +130,8 @@ async def send_and_stream(url: str, jobs: list[Job], start: float, send_s: float
                           cut_s: float) -> tuple[list[Stream], float]:
     """Send each job at ``start`` + its offset while offsets stay within ``send_s``; cut what still runs at
     ``start + cut_s``. Returns the records and when the last request ended (or the cut)."""
+    import aiohttp
+
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         records, tasks = [], []
