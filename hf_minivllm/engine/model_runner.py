@@ -323,7 +323,8 @@ class ModelRunner:
         positions[:] = [seq.num_tokens - 1 for seq in seqs]
         rows[2] = tables[np.arange(len(seqs)), positions // block_size] * block_size + positions % block_size
         plan = DecodePlan(rows, (positions + 1).astype(np.int32), tables)
-        rows[1] = self._rope_positions(positions.copy(), seqs)
+        if self._rope_long_after is not None:  # after the slots and lengths, which take the plain positions
+            rows[1] = self._rope_positions(positions.copy(), seqs)
         if any(seq.num_pending_tokens for seq in seqs):
             row_of = previous.row_of_sequence()
             plan.previous_rows = np.asarray([row_of[seq.seq_id] if seq.num_pending_tokens else -1 for seq in seqs],
