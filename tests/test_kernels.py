@@ -443,6 +443,19 @@ def _assert_close_to_fp32_reference(out: torch.Tensor, expected: torch.Tensor, d
 GPU_DTYPES = [torch.bfloat16, torch.float16]
 
 
+def _captured(step):
+    """``step`` run once on a side stream (its kernels compile outside the capture), then captured: (graph, output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = step()
+    return graph, graph_out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -502,14 +515,7 @@ def test_gpu_decode_and_store_capture_in_cuda_graph(kernels):
         kernels.kv_cache.store_kvcache(new_k, new_v, k_cache, v_cache, slots)
         return kernels.decode_attention.paged_decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = step()
+    graph, graph_out = _captured(step)
     context_lens.copy_(torch.tensor([101, 480, 1999, 8], dtype=torch.int32))
     graph.replay()
     torch.cuda.synchronize()
@@ -708,14 +714,7 @@ def test_gpu_fused_moe_replays_in_a_cuda_graph_with_new_routing(kernels):
     def step() -> torch.Tensor:
         return kernels.fused_moe.fused_moe(hidden_states, gate_up, down, weights, ids)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = step()
+    graph, graph_out = _captured(step)
     _, _, _, new_weights, new_ids = _moe_case(8, 2, dtype=torch.bfloat16, seed=5, experts_used=[2, 4])
     weights.copy_(new_weights)
     ids.copy_(new_ids)
