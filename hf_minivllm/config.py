@@ -31,6 +31,10 @@ class Config:
     prepares the next step while the current one runs on the device (the host never waits for a step before
     queueing the next); steps with HF logits processors or stopping criteria always run one at a time.
     ``tensor_parallel_size``: the model is sharded over that many GPUs (processes on CPU; see ``hf_minivllm.tp``).
+    ``max_prefill_graph_tokens``: on CUDA (unless ``enforce_eager``), a step's prompt chunks totalling at most this
+    many tokens run through CUDA graphs captured at start-up, like decode steps, instead of one eager launch per
+    kernel (0: prompts always run eagerly); larger prefills run eagerly, where the device work outweighs the
+    launches.
     """
 
     model: Any = None
@@ -49,12 +53,16 @@ class Config:
     kv_cache_resident: bool | None = None
     kv_cache_memory_gib: float | None = None
     mixed_steps: bool = True
+    max_prefill_graph_tokens: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.max_prefill_graph_tokens) or self.max_prefill_graph_tokens < 0:
+            raise ValueError("Config.max_prefill_graph_tokens must be a non-negative integer (0: no prefill graphs), "
+                             f"got {self.max_prefill_graph_tokens!r}")
         size = self.kvcache_block_size
         if not _is_int(size) or size <= 0 or size & (size - 1):
             raise ValueError(f"Config.kvcache_block_size must be a power of two, got {size!r}")

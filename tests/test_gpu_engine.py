@@ -45,6 +45,31 @@ def test_fp32_greedy_token_exact_on_cuda_with_requests_queued_behind_a_small_bat
     expected = oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
     assert torch.equal(got, expected)
+    assert model._hf_minivllm.llm.engine.runner.prefill_graphs.replays > 0, "prompts ran through prefill graphs"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "qwen3_moe"])
+def test_fp32_greedy_token_exact_on_cuda_with_prefill_graphs_and_eager_prefills(family):
+    """Prompts that fit a prefill graph (alone, or several beside running requests) and prompts that do not (over
+    max_prefill_graph_tokens) give HF's tokens; a cached prefix too."""
+    if family not in FAMILIES:
+        pytest.skip(f"{family} is not served with this transformers version")
+    model = tiny_model(family).cuda()
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (5, 70, 200, 33, 140, 9, 60)]
+    prompts.append(prompts[2][:150] + [11, 12])  # a prefix-cache hit
+    llm = LLM(copy.deepcopy(model), max_num_seqs=3, max_model_len=512, max_prefill_graph_tokens=128,
+              gpu_memory_utilization=0.3)
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)  # as HF's min_new_tokens: eos banned
+    got = [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)]
+    for prompt, tokens in zip(prompts, got):
+        ids = torch.tensor([prompt], device="cuda")
+        expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                  do_sample=False, min_new_tokens=24)
+        assert tokens == expected[0, len(prompt):].tolist()
+    runner = llm.engine.runner
+    assert runner.prefill_graphs is not None and runner.prefill_graphs.replays > 0
+    assert hf_minivllm.stats(llm)["prefix_cache_hit_tokens"] > 0
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])

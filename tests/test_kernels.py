@@ -194,6 +194,30 @@ def test_prefill_matches_torch(kernels, block_size, group, with_prefix, dtype):
     torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
 
 
+def _padded_as_a_prefill_graph_runs_it(args: tuple, num_padding_tokens: int, num_padding_seqs: int,
+                                        grid_tokens: int) -> tuple:
+    """The same prefill packed as a captured prefill graph pads it: extra query rows past the last sequence, empty
+    sequences after it (their bounds repeat the last), and a grid sized for ``grid_tokens`` per sequence."""
+    q, k_cache, v_cache, cu_q, cu_k, _, max_k, block_tables, scale = args
+    q = torch.cat([q, torch.randn(num_padding_tokens, *q.shape[1:], dtype=q.dtype, device=q.device)])
+    cu_q = torch.cat([cu_q, cu_q[-1:].repeat(num_padding_seqs)])
+    cu_k = torch.cat([cu_k, cu_k[-1:].repeat(num_padding_seqs)])
+    block_tables = torch.cat([block_tables, torch.zeros(num_padding_seqs, block_tables.shape[1], dtype=block_tables.dtype,
+                                                        device=block_tables.device)])
+    return q, k_cache, v_cache, cu_q, cu_k, grid_tokens, max_k, block_tables, scale
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_prefill_padded_as_in_a_prefill_graph_matches_torch_on_real_rows(kernels, sliding_window):
+    paged, args = _prefill_case([5, 1, 23], [0, 8, 13], 4, 4, 2, 16, torch.float32, seed=5)
+    padded = _padded_as_a_prefill_graph_runs_it(args, num_padding_tokens=35, num_padding_seqs=3, grid_tokens=64)
+    out = kernels.prefill_attention.paged_prefill_attention(*padded, sliding_window=sliding_window)
+    expected = kernels.prefill_attention.paged_prefill_attention_torch(*args, sliding_window=sliding_window)
+    torch.testing.assert_close(out[: args[0].shape[0]], expected, **_tolerance(torch.float32))
+    reference = kernels.prefill_attention.paged_prefill_attention_torch(*padded, sliding_window=sliding_window)
+    torch.testing.assert_close(reference[: args[0].shape[0]], expected, atol=0, rtol=0)
+
+
 def test_prefill_head_dim_32_long_prefix(kernels):
     """Several unmasked tiles before the causal diagonal (prefix longer than a key tile)."""
     paged, args = _prefill_case([3, 20], [70, 45], 16, 4, 2, 32, torch.float32, seed=3)
@@ -521,6 +545,46 @@ def test_gpu_decode_and_store_capture_in_cuda_graph(kernels):
     torch.cuda.synchronize()
     expected = kernels.decode_attention.paged_decode_attention_torch(*_upcast(args))
     _assert_close_to_fp32_reference(graph_out, expected, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_padded_prefill_replays_in_a_cuda_graph_with_new_sequences(kernels):
+    """A captured prefill (grid sized for 256 tokens per sequence, 6 sequence slots) replays correctly when the
+    sequences' bounds, block tables and pages change in place, fewer or more of the slots holding tokens."""
+    num_heads, num_kv_heads, head_dim, block_size, tokens, slots = 16, 8, 128, 16, 256, 6
+    cases = [_prefill_case(query_lens, prefix_lens, block_size, num_heads, num_kv_heads, head_dim, torch.bfloat16,
+                           seed=seed)[1]
+             for query_lens, prefix_lens, seed in (([100, 3, 60], [0, 40, 500], 0),
+                                                  ([7, 1, 1, 90, 40], [300, 20, 0, 1000, 16], 9))]
+    num_blocks = max(case[1].shape[0] for case in cases)
+    width = max(case[7].shape[1] for case in cases)
+    q = torch.zeros(tokens, num_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache = torch.zeros(num_blocks, *cases[0][1].shape[1:], dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    cu_q = torch.zeros(slots + 1, dtype=torch.int32, device="cuda")
+    cu_k = torch.zeros_like(cu_q)
+    block_tables = torch.zeros(slots, width, dtype=torch.int32, device="cuda")
+    scale = head_dim ** -0.5
+
+    def step() -> torch.Tensor:
+        return kernels.prefill_attention.paged_prefill_attention(q, k_cache, v_cache, cu_q, cu_k, tokens, 8192,
+                                                                 block_tables, scale)
+
+    graph, graph_out = _captured(step)
+    for case in (cases[1], cases[0]):
+        padded = _padded_as_a_prefill_graph_runs_it(case, tokens - case[0].shape[0], slots + 1 - case[3].shape[0],
+                                                    tokens)
+        q.copy_(padded[0])
+        k_cache[: case[1].shape[0]].copy_(case[1])
+        v_cache[: case[2].shape[0]].copy_(case[2])
+        cu_q.copy_(padded[3])
+        cu_k.copy_(padded[4])
+        block_tables.zero_()
+        block_tables[:, : padded[7].shape[1]] = padded[7]
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = kernels.prefill_attention.paged_prefill_attention_torch(*_upcast(case))
+        _assert_close_to_fp32_reference(graph_out[: case[0].shape[0]], expected, torch.bfloat16)
 
 
 @pytest.mark.gpu

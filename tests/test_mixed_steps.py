@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hf_minivllm import LLM, SamplingParams
-from conftest import tiny_model
+from hf_minivllm.engine.cuda_graphs import PrefillGraphs
+from conftest import FAMILIES, tiny_model
 
 # Few sequences at once and a small token budget: requests wait while others run, and prompts arrive in chunks.
 ENGINE = dict(num_kvcache_blocks=256, kvcache_block_size=4, max_num_seqs=4, max_model_len=128,
@@ -49,24 +50,34 @@ class EagerDecodeGraphs:
         return self.runner.eager_decode_logits(inputs)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "decode-graph-pass"])
+def eager_prefill_graphs(runner, max_tokens: int = 64, max_seqs: int = 3) -> PrefillGraphs:
+    """The runner's prefill graphs as on a GPU (static buffers, padded tokens and sequences), run eagerly."""
+    runner.prefill_graphs = PrefillGraphs(runner, max_tokens, max_seqs, capture=False)
+    return runner.prefill_graphs
+
+
+@pytest.mark.parametrize("passes", ["one-pass", "decode-graph-pass", "both-graphs"])
 @pytest.mark.parametrize("async_scheduling", [True, False])
 @pytest.mark.parametrize("shared_prefix", [False, True])
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_mixed_steps_are_token_exact_with_separate_prefill_and_decode_steps(family, shared_prefix, async_scheduling,
-                                                                             split):
+                                                                             passes):
     model = tiny_model(family)
     batch = prompts(shared_prefix)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     settings = dict(ENGINE, async_scheduling=async_scheduling)
     separate = LLM(copy.deepcopy(model), mixed_steps=False, **settings)
     mixed = LLM(model, **settings)
-    if split:
+    if passes != "one-pass":
         mixed.engine.runner.graphs = EagerDecodeGraphs(mixed.engine.runner)
+    if passes == "both-graphs":
+        prefill_graphs = eager_prefill_graphs(mixed.engine.runner)
     steps = recorded_steps(mixed)
     expected = separate.generate(batch, params, use_tqdm=False)
     assert mixed.generate(batch, params, use_tqdm=False) == expected
     assert any(decode and prefill for decode, prefill in steps), "some steps must mix decode and prefill rows"
+    if passes == "both-graphs":
+        assert 0 < prefill_graphs.replays < sum(1 for _, prefill in steps if prefill), "some prompt passes fit, some not"
     if shared_prefix:  # cached prefixes are reused in mixed steps too
         assert mixed.stats.prefix_cache_hit_tokens > 0
         assert mixed.stats.prefix_cache_hit_tokens == separate.stats.prefix_cache_hit_tokens
@@ -134,3 +145,30 @@ def test_a_prompt_prefilled_in_chunks_gives_its_blocks_back_before_a_running_req
               num_kvcache_blocks=10, max_num_batched_tokens=8)
     assert llm.generate([running, long_prompt], params, use_tqdm=False) == expected
     assert llm.stats.preemptions > 0
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3_moe"])
+def test_prefill_graphs_pass_serves_sliding_windows_and_experts_token_exact(family):
+    """Padded tokens in a prefill graph's pass go through sliding-window attention and expert routing too."""
+    if family == "qwen3_moe" and "qwen3_moe" not in FAMILIES:
+        pytest.skip("Qwen3-MoE is served on transformers 5 only")
+    model = tiny_model(family)
+    batch = prompts(False, count=8, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    eager = LLM(copy.deepcopy(model), **ENGINE)
+    graphed = LLM(model, **ENGINE)
+    graphed.engine.runner.graphs = EagerDecodeGraphs(graphed.engine.runner)
+    prefill_graphs = eager_prefill_graphs(graphed.engine.runner)
+    assert graphed.generate(batch, params, use_tqdm=False) == eager.generate(batch, params, use_tqdm=False)
+    assert prefill_graphs.replays > 0
+
+
+def test_prefill_graph_buckets_and_setting_are_checked():
+    from hf_minivllm import Config
+    from hf_minivllm.engine.cuda_graphs import prefill_buckets
+
+    assert prefill_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert prefill_buckets(100) == [16, 32, 64, 100]
+    assert prefill_buckets(0) == []
+    with pytest.raises(ValueError, match="max_prefill_graph_tokens"):
+        Config(max_prefill_graph_tokens=-1)

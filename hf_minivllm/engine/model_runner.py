@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_minivllm.config import Config
-from hf_minivllm.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from hf_minivllm.engine.cuda_graphs import DecodeGraphs, DecodeInputs, PrefillGraphs
 from hf_minivllm.engine.cuda_vmm import virtual_memory_available
 from hf_minivllm.engine.decode_tables import DecodeBlockTables
 from hf_minivllm.engine.kv_storage import (
@@ -40,6 +40,9 @@ from hf_minivllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
+# Sequences a prefill graph takes: a step's prompts (and, without a decode graph pass, its decode rows) beyond this
+# run eagerly. The attention grid has a tile column per sequence, mostly empty, so it is kept modest.
+PREFILL_GRAPH_SEQS = 32
 
 
 class TensorParallelPeers(Protocol):
@@ -89,8 +92,13 @@ class ModelRunner:
         self.storage = self._make_storage()
         self._bind_kv_cache(self.storage.tensor)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
+            graph_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens)
+            if graph_tokens and backend == "triton":  # flash-attn's grid follows the batch: not captured
+                self.prefill_graphs = PrefillGraphs(self, graph_tokens, min(config.max_num_seqs, PREFILL_GRAPH_SEQS),
+                                                    pool=self.graphs.pool)
         if workers is not None:
             workers.wait_ready()
 
@@ -243,7 +251,7 @@ class ModelRunner:
                 torch.cuda.synchronize(self.device)
         if self.workers is not None and not self.workers.closed:
             self.workers.close_runner()
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         self._bind_kv_cache(None)
         self.storage.close()
 
@@ -476,7 +484,10 @@ class ModelRunner:
         return batch.num_decode > 0 and self.graphs is not None and self.graphs.can_run(batch.num_decode)
 
     def _prefill_logits(self, plan: PrefillPlan, previous_tokens: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits of the sampled rows of a prefill (or combined mixed) pass, None when no row samples."""
+        """Logits of the sampled rows of a prefill (or combined mixed) pass, None when no row samples: through a
+        prefill graph when one fits."""
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(plan):
+            return self.prefill_graphs.run(plan, previous_tokens)
         input_ids = self._array_to_device(plan.input_ids)
         if plan.pending_offsets is not None:
             input_ids.index_copy_(0, self._array_to_device(plan.pending_offsets),
