@@ -89,10 +89,10 @@ class ModelRunner:
         self._rope_long_offset = getattr(model, "rope_long_offset", 0)
         self.layout = KVLayout(model.num_layers, self.block_size, model.num_kv_heads, model.head_dim, self.dtype)
         self._growth_budget: Callable[[], int] | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None  # none yet: the memory profile's warm-up runs eagerly
         self.storage = self._make_storage()
         self._bind_kv_cache(self.storage.tensor)
-        self.graphs: DecodeGraphs | None = None
-        self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
             graph_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens)
