@@ -31,7 +31,8 @@ def now() -> float:
     return time.perf_counter()
 
 
-def hf_continuous_batching(model, prompts, params, window_s: float | None = None) -> tuple[int, float]:
+def hf_continuous_batching(model, prompts, params, window_s: float | None = None,
+                           use_cuda_graph: bool = True) -> tuple[int, float]:
     """HF's continuous batching on the given requests (per-request max_new_tokens, eos never stops them).
 
     With ``window_s`` it runs only that long and counts the tokens generated so far (finished requests plus the
@@ -42,7 +43,7 @@ def hf_continuous_batching(model, prompts, params, window_s: float | None = None
 
     config = GenerationConfig(do_sample=True, temperature=0.6, top_k=None, top_p=None, max_new_tokens=1024,
                               eos_token_id=-1, pad_token_id=0)
-    cb_config = ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True)
+    cb_config = ContinuousBatchingConfig(use_cuda_graph=use_cuda_graph, use_async_batching=True)
     with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb_config,
                                                    block=True, timeout=30) as manager:
         start = now()

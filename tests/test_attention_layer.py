@@ -186,6 +186,8 @@ def test_flash_attn_gets_the_window_and_softcap(monkeypatch, version):
 
     flash = SimpleNamespace(version=version, varlen=record, with_kvcache=record)
     monkeypatch.setattr(attention_module, "_flash_attn", lambda: flash)
+    # The cache is on the CPU here, where the Triton store only runs interpreted: the torch store stands in.
+    monkeypatch.setattr(attention_module, "store_kvcache", attention_module.store_kvcache_torch)
     q, k, v = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16), torch.zeros(2, 2, 16)
     cu_seqlens, table = torch.tensor([0, 2], dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32)
     for options, expected in [(dict(sliding_window=8, softcap=50.0), dict(window_size=(7, 0), softcap=50.0)),
