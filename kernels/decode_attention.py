@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import check_attention_options, dense_attention, softcap_log2, window_start
+from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
 _LOG2_E = 1.4426950408889634
@@ -62,14 +63,17 @@ def window_pages(sliding_window: int, block_size: int) -> int:
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
-                                 *, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                                 *, sliding_window: int | None = None, softcap: float | None = None,
+                                 kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (and CPU path): gather each sequence's pages into a padded dense K/V, then masked attention.
 
     Computes in the input dtype, as HF's attention does, so fp32 matches HF to rounding. With ``sliding_window``
     the new token sees its last ``sliding_window`` keys (itself included) and only the pages holding them are read;
-    ``softcap`` caps the scores as ``cap * tanh(score / cap)`` before the softmax.
+    ``softcap`` caps the scores as ``cap * tanh(score / cap)`` before the softmax. An FP8 cache is read back with
+    its ``kv_scales`` (``hf_minivllm.kernels.kv_cache``).
     """
     check_attention_options(sliding_window, softcap)
+    check_kv_scales(k_cache, kv_scales)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     width = block_tables.shape[1]
@@ -94,14 +98,16 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     hidden = ~visible[:, :, None, None]
     # index_select over whole pages is a row copy; advanced indexing (cache[pages]) was ~10x slower on CPU.
     pages = pages.reshape(-1)
-    keys = k_cache.index_select(0, pages).view(batch, width * block_size, num_kv_heads, head_dim)
-    values = v_cache.index_select(0, pages).view(batch, width * block_size, num_kv_heads, head_dim)
+    scales = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
+    keys = dequantize(k_cache.index_select(0, pages), scales[0], q.dtype).view(batch, width * block_size, num_kv_heads,
+                                                                               head_dim)
+    values = dequantize(v_cache.index_select(0, pages), scales[1], q.dtype).view(batch, width * block_size,
+                                                                                 num_kv_heads, head_dim)
     keys, values = keys.masked_fill_(hidden, 0), values.masked_fill_(hidden, 0)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     # GQA without copying K/V per query head: each KV head's query heads form its rows of queries.
     grouped_q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = dense_attention(grouped_q, keys.to(q.dtype), values.to(q.dtype), visible[:, None, None, :], softmax_scale,
-                          softcap)
+    out = dense_attention(grouped_q, keys, values, visible[:, None, None, :], softmax_scale, softcap)
     return out.reshape(batch, num_heads, head_dim)
 
 
@@ -109,13 +115,13 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 # (divisible by 16 or not) would compile the kernel again mid-run.
 @triton.jit(do_not_specialize=["block_table_stride"])
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, kv_scales_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     qk_scale, sliding_window, softcap,
     q_seq_stride, q_head_stride, out_seq_stride, out_head_stride, block_table_stride,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -140,6 +146,8 @@ def _decode_split_kernel(
     seq64 = seq.to(tl.int64)
     q = tl.load(q_ptr + seq64 * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :],
                 mask=head_mask[:, None], other=0.0)
+    if FP8:  # keys are read back as stored * key scale: the scale joins the score scale
+        qk_scale = qk_scale * tl.load(kv_scales_ptr)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -154,6 +162,8 @@ def _decode_split_kernel(
         kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        if FP8:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_SOFTCAP:
             scores = softcap_log2(scores, softcap)
@@ -168,6 +178,8 @@ def _decode_split_kernel(
     # An empty split (or an empty padding row) leaves l_i == 0: write zeros and a log-sum-exp of -inf.
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
+    if FP8:  # values likewise: the output is linear in them
+        out = out * tl.load(kv_scales_ptr + 1)
     if NUM_SPLITS == 1:
         out_offsets = seq64 * out_seq_stride + q_heads[:, None] * out_head_stride + dims[None, :]
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
@@ -202,18 +214,19 @@ def _decode_reduce_kernel(
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
                            *, sliding_window: int | None = None, softcap: float | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           kv_scales: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Triton split-KV decode attention: ``q [n, heads, head_dim]`` -> ``[n, heads, head_dim]``.
 
     ``context_lens`` [n] int32 counts each sequence's tokens (the new one included, already in the cache);
     ``block_tables`` [n, width] int32. ``sliding_window``: the token sees its last ``sliding_window`` keys, and
-    only their pages are read; ``softcap``: scores become ``cap * tanh(score / cap)``. ``num_splits`` overrides the
-    static heuristic (tests use it).
+    only their pages are read; ``softcap``: scores become ``cap * tanh(score / cap)``. ``kv_scales``: an FP8
+    cache's scales, read on the device. ``num_splits`` overrides the static heuristic (tests use it).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_paged_attention_inputs("decode", q, k_cache, v_cache, block_tables)
     check_attention_options(sliding_window, softcap)
+    check_kv_scales(k_cache, kv_scales)
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -231,13 +244,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         partial_out = partial_lse = out  # unused: the single split writes the output directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
+        q, k_cache, v_cache, block_tables, context_lens, kv_scales if kv_scales is not None else context_lens,
+        out, partial_out, partial_lse,
         softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=kv_scales is not None,
         **config,
     )
     if num_splits > 1:

@@ -3,12 +3,44 @@
 Cache layout (see ``hf_minivllm.layers.context``): ``[num_blocks, block_size, num_kv_heads, head_dim]``, so one
 token's slot is ``num_kv_heads * head_dim`` contiguous elements at ``slot * num_kv_heads * head_dim``.
 A slot of -1 marks a padding row (CUDA-graph batches are padded) whose K/V must not be written.
+
+An FP8 cache (``torch.float8_e4m3fn``) holds ``x / scale`` saturated to e4m3's range, one scale for a layer's keys
+and one for its values (``kv_scales [2]`` float32, on the cache's device): a key is read back as
+``stored * kv_scales[0]``. The attention kernels read such a cache directly, folding the key scale into the score
+scale and the value scale into the output.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` saturated to e4m3's range, as e4m3 (the torch path's store, and the tests' reference)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize(cache_values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Cache values as ``dtype``: an FP8 cache's times its scale (``scale`` None: a plain cache, just cast)."""
+    if scale is None:
+        return cache_values.to(dtype)
+    return (cache_values.float() * scale).to(dtype)
+
+
+def check_kv_scales(cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
+    """An FP8 cache needs its scales, a plain cache has none."""
+    if (cache.dtype == FP8_DTYPE) != (kv_scales is not None):
+        raise ValueError(f"kv_scales must be given for an FP8 cache and only then (cache dtype {cache.dtype}, "
+                         f"kv_scales {'given' if kv_scales is not None else 'None'})")
+    if kv_scales is not None and (kv_scales.shape != (2,) or kv_scales.dtype != torch.float32
+                                  or kv_scales.device != cache.device):
+        raise ValueError(f"kv_scales must be a float32 [2] tensor (key scale, value scale) on {cache.device}, got "
+                         f"{kv_scales.dtype} {tuple(kv_scales.shape)} on {kv_scales.device}")
 
 
 def _check_inputs(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -22,20 +54,39 @@ def _check_inputs(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 
 
 def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-    """Reference (and CPU path): scatter each token's K/V row into its slot, skipping slots of -1."""
+                        slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """Reference (and CPU path): scatter each token's K/V row into its slot, skipping slots of -1 (quantized with
+    ``kv_scales`` into an FP8 cache)."""
     _check_inputs(key, value, k_cache, v_cache, slot_mapping)
+    check_kv_scales(k_cache, kv_scales)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+    key, value = key[keep], value[keep]
+    if kv_scales is not None:
+        key, value = quantize_fp8(key, kv_scales[0]), quantize_fp8(value, kv_scales[1])
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value.to(v_cache.dtype)
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """``x`` (float32, within +-FP8_MAX) rounded to the nearest e4m3 value, ties to even, in float32 arithmetic, so
+    that the cast after it is exact: the GPU, torch and the interpreter (whose own rounding does not carry into the
+    exponent: 124.5 became 64) then store the same bytes. Normal values keep 3 of float32's 23 mantissa bits;
+    below e4m3's smallest normal (2**-6) the step is 2**-9, which adding and subtracting 1.5 * 2**14 rounds to."""
+    bits = x.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    magnitude = (tl.abs(x) + 24576.0) - 24576.0
+    subnormal = tl.where(x < 0, -magnitude, magnitude)  # a negative value that rounds to zero stays -0, as in torch
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
 @triton.jit
 def _store_kvcache_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, kv_scales_ptr,
     key_token_stride, key_head_stride, value_token_stride, value_head_stride,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    FP8: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -46,19 +97,24 @@ def _store_kvcache_kernel(
         token64 = token.to(tl.int64)
         key = tl.load(key_ptr + token64 * key_token_stride + heads * key_head_stride + dims, mask=mask)
         value = tl.load(value_ptr + token64 * value_token_stride + heads * value_head_stride + dims, mask=mask)
+        if FP8:
+            key = _round_to_e4m3(tl.clamp(key.to(tl.float32) / tl.load(kv_scales_ptr), -FP8_MAX, FP8_MAX))
+            value = _round_to_e4m3(tl.clamp(value.to(tl.float32) / tl.load(kv_scales_ptr + 1), -FP8_MAX, FP8_MAX))
         cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
         tl.store(k_cache_ptr + cache_offsets, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + cache_offsets, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Triton: one program per token writes its ``[kv_heads, head_dim]`` K and V rows into ``slot_mapping[t]``.
+                  slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """Triton: one program per token writes its ``[kv_heads, head_dim]`` K and V rows into ``slot_mapping[t]``
+    (quantized with ``kv_scales`` into an FP8 cache).
 
     ``key``/``value`` may be strided views (e.g. slices of a fused qkv projection) as long as ``head_dim`` is
     contiguous; the caches must be contiguous. Graph-capturable: no host synchronisation.
     """
     _check_inputs(key, value, k_cache, v_cache, slot_mapping)
+    check_kv_scales(k_cache, kv_scales)
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key and value must be contiguous along head_dim")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -67,8 +123,9 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     if num_tokens == 0:
         return
     _store_kvcache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_cache, v_cache, slot_mapping, kv_scales if kv_scales is not None else slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_HEADS=triton.next_power_of_2(num_kv_heads), BLOCK_DIM=triton.next_power_of_2(head_dim),
+        FP8=kv_scales is not None, FP8_MAX=FP8_MAX,
     )

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import check_attention_options, dense_attention, softcap_log2, window_start
+from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
 _LOG2_E = 1.4426950408889634
@@ -30,12 +31,15 @@ def _gather_keys(cache: torch.Tensor, block_table_row: torch.Tensor, first: int,
 def paged_prefill_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                                   max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float,
-                                  *, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                                  *, sliding_window: int | None = None, softcap: float | None = None,
+                                  kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (and CPU path): per sequence, gather K/V from the pages and attend with a causal mask shifted by
     the prefix length (and HF's sliding-window overlay, ``key > query - sliding_window``, when given; pages before
     the first query's window are not read). Computes in the input dtype, as HF's attention does; ``softcap``
-    follows HF's eager attention (see ``dense_attention``)."""
+    follows HF's eager attention (see ``dense_attention``). An FP8 cache is read back with its ``kv_scales``."""
     check_attention_options(sliding_window, softcap)
+    check_kv_scales(k_cache, kv_scales)
+    scales = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
     num_heads = q.shape[1]
     group = num_heads // k_cache.shape[2]
     out = torch.empty_like(q)
@@ -48,8 +52,8 @@ def paged_prefill_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cach
             continue
         query_positions = torch.arange(context_len - query_len, context_len, device=q.device)
         first = int(window_start(query_positions[:1], sliding_window))
-        keys = _gather_keys(k_cache, block_tables[seq], first, context_len).to(q.dtype)
-        values = _gather_keys(v_cache, block_tables[seq], first, context_len).to(q.dtype)
+        keys = dequantize(_gather_keys(k_cache, block_tables[seq], first, context_len), scales[0], q.dtype)
+        values = dequantize(_gather_keys(v_cache, block_tables[seq], first, context_len), scales[1], q.dtype)
         keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)
         values = values.transpose(0, 1).repeat_interleave(group, dim=0)
         queries = q[q_start:q_end].transpose(0, 1)
@@ -83,7 +87,7 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_t
                  context_len, qk_scale, sliding_window, softcap,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """One online-softmax step over keys ``[tile_start, tile_start + BLOCK_N)``, read through the block table.
 
     ``MASKED`` tiles apply the causal mask, the context end and the sliding window; the others are visible to every
@@ -104,6 +108,8 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_t
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
         v = tl.load(v_cache_ptr + kv_offsets)
+    if FP8:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_SOFTCAP:
         scores = softcap_log2(scores, softcap)
@@ -128,12 +134,12 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_t
 # (divisible by 16 or not) would compile the kernel again mid-run.
 @triton.jit(do_not_specialize=["block_table_stride"])
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_tables_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_tables_ptr, kv_scales_ptr,
     qk_scale, sliding_window, softcap,
     q_token_stride, q_head_stride, out_token_stride, out_head_stride, block_table_stride,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -154,6 +160,8 @@ def _prefill_kernel(
         q = tl.load(q_ptr + q_tokens[:, None] * q_token_stride + head * q_head_stride + dims[None, :],
                     mask=row_mask[:, None], other=0.0)
         query_positions = prefix_len + rows
+        if FP8:  # keys are read back as stored * key scale: the scale joins the score scale
+            qk_scale = qk_scale * tl.load(kv_scales_ptr)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -175,21 +183,23 @@ def _prefill_kernel(
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                                         DOT_PRECISION)
+                                         DOT_PRECISION, FP8)
         for tile_start in range(unmasked_start, unmasked_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
-                                         DOT_PRECISION)
+                                         DOT_PRECISION, FP8)
         for tile_start in range(tl.maximum(unmasked_start, unmasked_end), causal_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                                         DOT_PRECISION)
+                                         DOT_PRECISION, FP8)
 
         if HAS_WINDOW:  # a padding row past the queries may see no key at all: 0, not 0/0 (it is not stored)
             l_i = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_i[:, None]
+        if FP8:  # values likewise: the output is linear in them
+            out = out * tl.load(kv_scales_ptr + 1)
         tl.store(out_ptr + q_tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -197,18 +207,20 @@ def _prefill_kernel(
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                             max_seqlen_k: int, block_tables: torch.Tensor, softmax_scale: float,
-                            *, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                            *, sliding_window: int | None = None, softcap: float | None = None,
+                            kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Triton flash-attention prefill (online softmax, K/V tiles gathered through the block table).
 
     ``q [tokens, heads, head_dim]`` -> ``[tokens, heads, head_dim]``; ``cu_seqlens_*`` [n+1] int32.
     ``max_seqlen_k`` is accepted for API parity with flash-attn; the kernel reads each length from the device.
     ``sliding_window``: each query sees its last ``sliding_window`` keys (tiles wholly outside every query's window
-    are not read); ``softcap``: scores become ``cap * tanh(score / cap)``.
+    are not read); ``softcap``: scores become ``cap * tanh(score / cap)``; ``kv_scales``: an FP8 cache's scales.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_paged_attention_inputs("prefill", q, k_cache, v_cache, block_tables)
     check_attention_options(sliding_window, softcap)
+    check_kv_scales(k_cache, kv_scales)
     out = torch.empty_like(q)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0:
@@ -218,10 +230,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     grid = (num_heads, num_seqs, triton.cdiv(max_seqlen_q, block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_tables,
-        softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
+        kv_scales if kv_scales is not None else cu_seqlens_q, softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **config,
+        FP8=kv_scales is not None, **config,
     )
     return out

@@ -119,7 +119,8 @@ def _decode_case(context_lens: list[int], block_size: int, num_heads: int, num_k
 
 def _upcast(args: tuple) -> tuple:
     """The same inputs in fp32, so a reference computed from them isolates the kernel's own rounding."""
-    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float8_e4m3fn
+                 else a for a in args)
 
 
 # ---------------------------------------------------------------- KV cache store
@@ -383,6 +384,87 @@ def test_bad_window_or_softcap_is_a_clear_error(kernels, options, match):
                    kernels.decode_attention.paged_decode_attention):
         with pytest.raises(ValueError, match=match):
             attend(*args, **options)
+
+
+# ---------------------------------------------------------------- FP8 KV cache (e4m3, a key and a value scale per layer)
+
+
+KV_SCALES = (0.011, 0.0037)  # a cache of randn values spans about +-4: up to ~360 and ~1,100 (saturated) stored
+
+
+def _with_fp8_cache(args: tuple, cache_positions: tuple[int, int] = (1, 2)) -> tuple[tuple, torch.Tensor]:
+    """The same attention inputs with the caches quantized to e4m3 with ``KV_SCALES`` (and those scales)."""
+    from hf_minivllm.kernels.kv_cache import quantize_fp8
+
+    kv_scales = torch.tensor(KV_SCALES, dtype=torch.float32, device=args[0].device)
+    args = list(args)
+    for position, scale in zip(cache_positions, kv_scales):
+        args[position] = quantize_fp8(args[position], scale)
+    return tuple(args), kv_scales
+
+
+def test_store_kvcache_fp8_is_bit_exact_with_torch(kernels):
+    """Subnormal, tied, binade-crossing and saturating values alike: the Triton store writes torch's bytes."""
+    generator = torch.Generator().manual_seed(0)
+    num_kv_heads, head_dim = 2, 16
+    magnitudes = torch.logspace(-5, 1.5, 40)[:, None, None]
+    key = (torch.randn(40, num_kv_heads, head_dim, generator=generator) * magnitudes).to(DEVICE)
+    value = (torch.randn(40, num_kv_heads, head_dim, generator=generator) * magnitudes).to(DEVICE)
+    key[0, 0, :4] = torch.tensor([124.5, 31.5, -126.0, 448.0]) * KV_SCALES[0]  # rounding carries into the exponent
+    slots = torch.randperm(64, generator=generator)[:40].to(DEVICE)
+    slots[5] = -1
+    kv_scales = torch.tensor(KV_SCALES, dtype=torch.float32, device=DEVICE)
+    caches = [torch.zeros(16, 4, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(4)]
+    kernels.kv_cache.store_kvcache(key, value, caches[0], caches[1], slots, kv_scales)
+    kernels.kv_cache.store_kvcache_torch(key, value, caches[2], caches[3], slots, kv_scales)
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+    assert caches[1].float().abs().max() == kernels.kv_cache.FP8_MAX, "values past the range saturate"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("options", [{}, dict(sliding_window=9, softcap=30.0)])
+def test_fp8_decode_matches_torch(kernels, dtype, options):
+    paged, args = _decode_case([1, 17, 40, 70], 8, 4, 2, 16, dtype, seed=11)
+    args, kv_scales = _with_fp8_cache(args)
+    expected = kernels.decode_attention.paged_decode_attention_torch(*_upcast(args), **options, kv_scales=kv_scales)
+    for num_splits in (1, 3):
+        out = kernels.decode_attention.paged_decode_attention(*args, **options, kv_scales=kv_scales,
+                                                              num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("options", [{}, dict(sliding_window=9, softcap=30.0)])
+def test_fp8_prefill_matches_torch(kernels, dtype, options):
+    paged, args = _prefill_case([5, 1, 40], [0, 8, 13], 8, 4, 2, 16, dtype, seed=12)
+    args, kv_scales = _with_fp8_cache(args)
+    out = kernels.prefill_attention.paged_prefill_attention(*args, **options, kv_scales=kv_scales)
+    expected = kernels.prefill_attention.paged_prefill_attention_torch(*_upcast(args), **options, kv_scales=kv_scales)
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+def test_fp8_cache_attention_stays_close_to_full_precision(kernels):
+    """The torch reference reads an FP8 cache back as stored * scale: attention then differs from the
+    full-precision cache's by e4m3's rounding (3 mantissa bits), and a wrong scale shows."""
+    paged, args = _decode_case([20, 64], 8, 4, 2, 16, torch.float32, seed=13)
+    kv_scales = torch.full((2,), 0.02, device=args[0].device)  # randn values stay well inside e4m3's range
+    quantized = tuple(kernels.kv_cache.quantize_fp8(cache, kv_scales[0]) for cache in args[1:3])
+    fp8_args = (args[0], *quantized, *args[3:])
+    exact = kernels.decode_attention.paged_decode_attention_torch(*args)
+    approx = kernels.decode_attention.paged_decode_attention_torch(*fp8_args, kv_scales=kv_scales)
+    torch.testing.assert_close(approx, exact, atol=0.06, rtol=0.06)
+    wrong = kernels.decode_attention.paged_decode_attention_torch(*fp8_args, kv_scales=kv_scales * 2)
+    assert not torch.allclose(wrong, exact, atol=0.06, rtol=0.06)
+
+
+def test_fp8_cache_without_scales_is_a_clear_error(kernels):
+    paged, args = _decode_case([5], 8, 4, 2, 16, torch.float32)
+    args, kv_scales = _with_fp8_cache(args)
+    with pytest.raises(ValueError, match="kv_scales"):
+        kernels.decode_attention.paged_decode_attention(*args)
+    with pytest.raises(ValueError, match="kv_scales"):
+        kernels.decode_attention.paged_decode_attention_torch(*args, kv_scales=kv_scales.double())
 
 
 # ---------------------------------------------------------------- RMSNorm and SiLU-and-mul
