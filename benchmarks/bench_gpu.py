@@ -77,7 +77,7 @@ def run_llm(model, prompts, params, **engine) -> tuple[int, float, dict]:
 
 
 def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compare_sync: bool = False,
-       compare_mixed: bool = False) -> None:
+       compare_mixed: bool = False, compare_fp8_kv: bool = False) -> None:
     """W1 through LLM.generate; HF CB on a prefix of ``hf_requests`` requests or on all of them for ``hf_window_s``."""
     prompts, params = w1_requests()
     model = random_model(size)
@@ -90,6 +90,9 @@ def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compa
     if compare_mixed:
         separate_tokens, separate_seconds, _ = run_llm(model, prompts, params, mixed_steps=False)
         row.update(separate_prefill_decode_tok_s=separate_tokens / separate_seconds)
+    if compare_fp8_kv:
+        fp8_tokens, fp8_seconds, fp8_stats = run_llm(model, prompts, params, kv_cache_dtype="fp8")
+        row.update(fp8_kv_tok_s=fp8_tokens / fp8_seconds, fp8_kv_stats=fp8_stats)
     if hf_window_s:
         hf_tokens, hf_seconds = hf_continuous_batching(model, prompts, params, window_s=hf_window_s)
         row.update(hf_cb_requests=f"all {len(prompts)}, first {hf_window_s:.0f} s", hf_cb_tokens=hf_tokens,
@@ -208,6 +211,10 @@ def figures(result: dict) -> list:
             out.append(Figure(f"W1 ({size})", "output throughput", "tok/s", row["tok_s"], "LLM.generate",
                               peer=f"HF continuous batching ({row['hf_cb_requests']} requests)" if peer else None,
                               peer_value=peer))
+        if row and "fp8_kv_tok_s" in row:
+            out.append(Figure(f"W1 ({size})", "output throughput", "tok/s", row["fp8_kv_tok_s"],
+                              "LLM.generate, FP8 KV cache", peer="LLM.generate, bf16 KV cache",
+                              peer_value=row["tok_s"]))
     if "W2" in result:
         row = result["W2"]
         out.append(Figure("W2 (batch 1)", "latency", "ms/token", row["ms_per_token"], "accelerate(model).generate",
@@ -234,6 +241,7 @@ def main() -> None:
                         "--hf-cb-requests for W1)")
     parser.add_argument("--compare-sync", action="store_true", help="also run W1 with async_scheduling=False")
     parser.add_argument("--compare-mixed", action="store_true", help="also run W1 with mixed_steps=False")
+    parser.add_argument("--compare-fp8-kv", action="store_true", help="also run W1 with kv_cache_dtype='fp8'")
     parser.add_argument("--hf-subset", type=int, default=32, help="drop-in batch rows given to HF generate")
     parser.add_argument("--w5-hf-requests", type=int, default=16)
     parser.add_argument("--out", default=None)
@@ -242,7 +250,7 @@ def main() -> None:
     table: dict = {}
     jobs = {
         "w1": lambda: w1(table, "0.6b", args.hf_cb_requests, args.hf_cb_window, args.compare_sync,
-                         args.compare_mixed),
+                         args.compare_mixed, args.compare_fp8_kv),
         "w2": lambda: w2_and_drop_in(table, args.hf_subset),
         "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table)),
     }

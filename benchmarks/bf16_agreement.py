@@ -92,17 +92,21 @@ def sample_texts(held_out: torch.Tensor | None, count: int = 4, length: int = 50
     return [held_out[offset:offset + length] for offset in offsets]
 
 
-def teacher_forced_top1(model, texts: list[torch.Tensor],
-                        backends: tuple[str, ...] = ("triton", "torch")) -> tuple[dict[str, float], list[float]]:
-    """Top-1 agreement (texts up to 1,024 tokens) of every pair among HF bf16 (sdpa), HF bf16 eager, HF fp32 and ours per attention backend,
-    over all positions of ``texts``; and, where ours (first backend) and HF bf16 disagree, HF's logit gap between the
-    two tokens in units of its logits' std."""
+def teacher_forced_top1(model, texts: list[torch.Tensor], backends: tuple[str, ...] = ("triton", "torch"),
+                        fp8_kv_cache: bool = False) -> tuple[dict[str, float], list[float]]:
+    """Top-1 agreement (texts up to 1,024 tokens) of every pair among HF bf16 (sdpa), HF bf16 eager, HF fp32 and ours
+    per attention backend (and, with ``fp8_kv_cache``, ours on the first backend with an FP8 KV cache,
+    ``ours_<backend>_fp8``), over all positions of ``texts``; and, where ours (first backend) and HF bf16 disagree,
+    HF's logit gap between the two tokens in units of its logits' std."""
     device = next(model.parameters()).device
     hf_eager = copy.deepcopy(model)
     hf_eager.set_attn_implementation("eager")
     hf_models = {"hf_bf16": model, "hf_bf16_eager": hf_eager, "hf_fp32": copy.deepcopy(model).float()}
     ours = {f"ours_{backend}": LLM(copy.deepcopy(model), max_model_len=1024, enforce_eager=True, num_kvcache_blocks=64,
                                    attention_backend=backend) for backend in backends}
+    if fp8_kv_cache:
+        ours[f"ours_{backends[0]}_fp8"] = LLM(copy.deepcopy(model), max_model_len=1024, enforce_eager=True,
+                                              num_kvcache_blocks=64, attention_backend=backends[0], kv_cache_dtype="fp8")
     first_ours = f"ours_{backends[0]}"
     top1: dict[str, list[torch.Tensor]] = {}
     gaps: list[float] = []
@@ -127,6 +131,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--train-steps", type=int, default=0,
                         help="train as a byte-level LM on the standard library first (0: score the random init)")
+    parser.add_argument("--fp8-kv-cache", action="store_true", help="also ours with an FP8 KV cache")
     args = parser.parse_args()
     model = random_model("0.6b")
     held_out = None
@@ -134,7 +139,7 @@ def main() -> None:
         model = train_byte_lm(model, args.train_steps)
         held_out = stdlib_bytes(held_out=True)
     texts = sample_texts(held_out)
-    table, gaps = teacher_forced_top1(model, texts)
+    table, gaps = teacher_forced_top1(model, texts, fp8_kv_cache=args.fp8_kv_cache)
     weights = f"trained {args.train_steps} steps (byte LM), held-out text" if args.train_steps else "random init"
     print(f"{torch.cuda.get_device_name()}, commit {commit()}, {weights}, {sum(map(len, texts))} positions")
     for pair, value in table.items():
@@ -161,6 +166,11 @@ def figures(result: dict) -> list:
     if "hf_bf16 vs ours_triton" in table:
         out.append(Figure(workload, "teacher-forced top-1 agreement with HF bf16", "fraction",
                           table["hf_bf16 vs ours_triton"], "LLM bf16, Triton attention", peer="HF bf16 eager attention",
+                          peer_value=table.get("hf_bf16 vs hf_bf16_eager")))
+    if "ours_triton vs ours_triton_fp8" in table:
+        out.append(Figure(workload, "teacher-forced top-1 agreement with our bf16 KV cache", "fraction",
+                          table["ours_triton vs ours_triton_fp8"], "LLM bf16, FP8 KV cache",
+                          peer="HF bf16 eager attention vs HF bf16 (sdpa)",
                           peer_value=table.get("hf_bf16 vs hf_bf16_eager")))
     return out
 

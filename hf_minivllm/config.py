@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 # 16 tokens per KV block: the internal waste per sequence is half a block on average (8 tokens), prefix-cache
 # hits come at 16-token granularity, and our Triton kernels take any power of two, so nothing forces the
@@ -34,7 +35,9 @@ class Config:
     ``max_prefill_graph_tokens``: on CUDA (unless ``enforce_eager``), a step's prompt chunks totalling at most this
     many tokens run through CUDA graphs captured at start-up, like decode steps, instead of one eager launch per
     kernel (0: prompts always run eagerly); larger prefills run eagerly, where the device work outweighs the
-    launches.
+    launches. ``kv_cache_dtype``: ``auto`` stores keys and values in the model's dtype; ``fp8`` (``fp8_e4m3``) in
+    e4m3 with a key and a value scale per layer, calibrated on a pass over random tokens when the engine starts
+    (half the memory and bandwidth of a 16-bit cache; the ``torch`` and ``triton`` backends read it).
     """
 
     model: Any = None
@@ -54,6 +57,7 @@ class Config:
     kv_cache_memory_gib: float | None = None
     mixed_steps: bool = True
     max_prefill_graph_tokens: int = 2048
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
@@ -77,6 +81,11 @@ class Config:
         for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Config.{name} must be a boolean, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"Config.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "flash_attn":
+            raise ValueError(f"Config.kv_cache_dtype={self.kv_cache_dtype!r} needs attention_backend 'triton', 'torch' "
+                             "or 'auto': flash_attn does not read an FP8 cache")
         if self.kv_cache_resident is not None and not isinstance(self.kv_cache_resident, bool):
             raise ValueError(f"Config.kv_cache_resident must be True, False or None, got {self.kv_cache_resident!r}")
         if self.kv_cache_resident is False and self.tensor_parallel_size > 1:

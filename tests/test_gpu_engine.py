@@ -72,8 +72,26 @@ def test_fp32_greedy_token_exact_on_cuda_with_prefill_graphs_and_eager_prefills(
     assert hf_minivllm.stats(llm)["prefix_cache_hit_tokens"] > 0
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
-def test_no_triton_kernel_compiles_after_start_up(family):
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_fp8_kv_cache_on_cuda_agrees_with_the_full_precision_cache(family):
+    """The Triton kernels on an FP8 cache, through decode and prefill graphs: teacher-forced top-1 agreement with
+    the fp32 cache as on the CPU's torch path (tiny random models: flat distributions, hence 90%)."""
+    from test_fp8_kv_cache import teacher_forced_agreement
+
+    model = tiny_model(family).cuda()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (5, 30, 60, 17, 90, 44)]
+    settings = dict(max_model_len=256, max_num_seqs=64, gpu_memory_utilization=0.3)
+    reference = LLM(copy.deepcopy(model), **settings)
+    fp8 = LLM(model, kv_cache_dtype="fp8", **settings)
+    assert fp8.engine.runner.kv_cache.dtype == torch.float8_e4m3fn and fp8.engine.runner.attention_backend == "triton"
+    fp8_agreement, own_agreement = teacher_forced_agreement(reference, fp8, prompts, 24)
+    assert own_agreement == 1.0 and fp8_agreement >= 0.9, (fp8_agreement, own_agreement)
+    assert fp8.engine.runner.prefill_graphs.replays > 0
+
+
+@pytest.mark.parametrize("family, kv_cache_dtype", [("qwen3", "auto"), ("qwen3_moe", "auto"), ("qwen3", "fp8")])
+def test_no_triton_kernel_compiles_after_start_up(family, kv_cache_dtype):
     """The engine's warm-up and graph capture compile every kernel a run needs: a compile on a request's first step
     would stall it for seconds. Prompt lengths that change the prefill's block-table width (and the MoE's pairs per
     expert), a prefix-cache hit, and greedy, temperature-only and top-k rows must all run on what start-up
@@ -81,7 +99,7 @@ def test_no_triton_kernel_compiles_after_start_up(family):
     from triton import knobs
 
     model = tiny_model(family, dtype=torch.bfloat16).cuda()
-    llm = LLM(model, max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
+    llm = LLM(model, max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3, kv_cache_dtype=kv_cache_dtype)
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (37, 3, 260, 17, 130)]
     params = [SamplingParams(temperature=t, top_k=k, max_tokens=20, ignore_eos=True)
@@ -154,7 +172,8 @@ def test_bf16_qwen3_teacher_forced_top1_agreement_at_hf_noise_floor():
 
 def test_bf16_qwen3_teacher_forced_top1_agreement_on_trained_weights():
     """At least 99% over 2,000 positions once the weights are trained: the Qwen3-0.6B architecture trained for 400
-    steps (about 100 s on an H100) as a byte-level LM on the standard library's sources, scored on held-out files."""
+    steps (about 100 s on an H100) as a byte-level LM on the standard library's sources, scored on held-out files.
+    The FP8 KV cache agrees with our bf16 cache on at least 98%."""
     from bf16_agreement import sample_texts, stdlib_bytes, teacher_forced_top1, train_byte_lm
     from workloads import random_model
 
@@ -163,8 +182,9 @@ def test_bf16_qwen3_teacher_forced_top1_agreement_on_trained_weights():
     model = train_byte_lm(random_model("0.6b"), steps=400)
     texts = sample_texts(stdlib_bytes(held_out=True))
     assert sum(map(len, texts)) == 2000
-    table, _ = teacher_forced_top1(model, texts, backends=("triton",))
+    table, _ = teacher_forced_top1(model, texts, backends=("triton",), fp8_kv_cache=True)
     assert table["hf_bf16 vs ours_triton"] >= 0.99, table
+    assert table["ours_triton vs ours_triton_fp8"] >= 0.98, table  # the FP8 KV cache against the bf16 one
 
 
 GIB = 1 << 30

@@ -32,6 +32,7 @@ from hf_minivllm.engine.scheduler import ScheduledBatch
 from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.engine.step_hooks import apply_step_hooks
 from hf_minivllm.engine.step_plan import DecodePlan, PrefillPlan, StepPlan
+from hf_minivllm.kernels.kv_cache import FP8_DTYPE, FP8_MAX
 from hf_minivllm.layers.attention import select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
 from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
@@ -43,6 +44,10 @@ GIB = 1 << 30
 # Sequences a prefill graph takes: a step's prompts (and, without a decode graph pass, its decode rows) beyond this
 # run eagerly. The attention grid has a tile column per sequence, mostly empty, so it is kept modest.
 PREFILL_GRAPH_SEQS = 32
+# FP8 KV cache calibration: a pass over this many random tokens, and scales with this much room above the largest
+# key and value it saw (larger ones saturate at e4m3's largest value).
+KV_CALIBRATION_TOKENS = 512
+KV_SCALE_HEADROOM = 2.0
 
 
 class TensorParallelPeers(Protocol):
@@ -80,17 +85,22 @@ class ModelRunner:
         self.dtype = model.dtype
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
-        backend = select_attention_backend(config.attention_backend, self.device)
+        fp8_cache = config.kv_cache_dtype != "auto"
+        backend = select_attention_backend(config.attention_backend, self.device,
+                                           dtype=FP8_DTYPE if fp8_cache else None)
         for layer in model.attention_layers:
             layer.backend = backend
         self.attention_backend = backend
         self._decode_tables = DecodeBlockTables(config.max_num_seqs, self.max_blocks_per_seq)
         self._rope_long_after = getattr(model, "rope_long_after", None)
         self._rope_long_offset = getattr(model, "rope_long_offset", 0)
-        self.layout = KVLayout(model.num_layers, self.block_size, model.num_kv_heads, model.head_dim, self.dtype)
+        self.layout = KVLayout(model.num_layers, self.block_size, model.num_kv_heads, model.head_dim,
+                               FP8_DTYPE if fp8_cache else self.dtype)
         self._growth_budget: Callable[[], int] | None = None
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None  # none yet: the memory profile's warm-up runs eagerly
+        if fp8_cache:
+            self._calibrate_kv_scales()
         self.storage = self._make_storage()
         self._bind_kv_cache(self.storage.tensor)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -186,7 +196,8 @@ class ModelRunner:
         config = self.config
         seq_len = config.max_model_len
         num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
-        self._bind_kv_cache(torch.empty(self.layout.shape(self.max_blocks_per_seq), device=self.device, dtype=self.dtype))
+        self._bind_kv_cache(torch.empty(self.layout.shape(self.max_blocks_per_seq), device=self.device,
+                                        dtype=self.layout.dtype))
         table = list(range(self.max_blocks_per_seq))
         seqs = []
         for _ in range(num_seqs):
@@ -203,6 +214,30 @@ class ModelRunner:
         sample(logits.to(self.dtype), self._sampling_tensors(rows))
         self._bind_kv_cache(None)
         torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self) -> None:
+        """FP8 cache: every layer's key and value scales from the largest magnitudes that a prefill over random
+        tokens produces, with ``KV_SCALE_HEADROOM`` (larger values saturate). The pass runs before any cache exists,
+        each layer attending over the pass's own keys and values with the torch backend (no kernel compiled only
+        for it); its tokens are seeded, so every tensor-parallel rank runs the same pass."""
+        config, layers = self.config, self.model.attention_layers
+        num_tokens = min(config.max_model_len, config.max_num_batched_tokens, KV_CALIBRATION_TOKENS)
+        tokens = torch.randint(0, self.model.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(0))
+        seq = Sequence(tokens.tolist(), _WARMUP_PARAMS, self.block_size)
+        seq.block_table = list(range(-(-num_tokens // self.block_size)))
+        backends = [layer.backend for layer in layers]
+        self._bind_kv_cache(None)
+        for layer in layers:
+            layer.backend, layer.kv_scales = "torch", None
+            layer.kv_amax = torch.zeros(2, dtype=torch.float32, device=self.device)
+        try:
+            self.run_plan(self._plan(ScheduledBatch([seq], True, [num_tokens], [False]), None), None)
+            for layer in layers:
+                layer.kv_scales = (layer.kv_amax * (KV_SCALE_HEADROOM / FP8_MAX)).clamp_(min=torch.finfo(torch.float32).tiny)
+        finally:
+            for layer, backend in zip(layers, backends):
+                layer.backend, layer.kv_amax = backend, None
 
     def _bind_kv_cache(self, cache: torch.Tensor | None) -> None:
         """Point every attention layer at its key and value slabs of ``cache`` (None: no cache)."""

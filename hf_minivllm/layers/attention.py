@@ -174,6 +174,10 @@ class Attention(nn.Module):
     this step's K/V alone and nothing is stored. ``backend`` is set by the runner (see
     ``select_attention_backend``). ``sliding_window`` and ``softcap`` (None: off) are per layer (see the module
     doc); every key stays in the cache, only attention skips those outside the window.
+
+    An FP8 cache comes with ``kv_scales`` ([2] float32: the key and the value scale, set by the runner). While
+    ``kv_amax`` is a tensor, every forward raises it to the largest key and value magnitudes seen (the runner's
+    calibration of those scales; no host sync).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -191,27 +195,31 @@ class Attention(nn.Module):
         self.backend = "torch"
         self.k_cache = torch.tensor([])
         self.v_cache = torch.tensor([])
+        self.kv_scales: torch.Tensor | None = None
+        self.kv_amax: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         metadata = get_attention_metadata()
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.kv_amax is not None:
+            torch.maximum(self.kv_amax, torch.stack([k.abs().amax(), v.abs().amax()]).float(), out=self.kv_amax)
         k_cache, v_cache = self.k_cache, self.v_cache
         has_cache = k_cache.numel() > 0 and v_cache.numel() > 0
         if has_cache:
             store = store_kvcache_torch if self.backend == "torch" else store_kvcache
-            store(k, v, k_cache, v_cache, metadata.slot_mapping)
+            store(k, v, k_cache, v_cache, metadata.slot_mapping, **self._scales())
         if metadata.is_prefill and not has_cache:
             out = self._attend_uncached(q, k, v, metadata.cu_seqlens_q, metadata.cu_seqlens_k,
                                         metadata.max_seqlen_q, metadata.max_seqlen_k)
         elif metadata.is_prefill:
             out = _PREFILL[self.backend](q, k_cache, v_cache, metadata.cu_seqlens_q, metadata.cu_seqlens_k,
                                          metadata.max_seqlen_q, metadata.max_seqlen_k, metadata.block_tables,
-                                         self.scale, **self._options())
+                                         self.scale, **self._options(), **self._scales())
         elif has_cache:
             out = _DECODE[self.backend](q, k_cache, v_cache, metadata.context_lens, metadata.block_tables, self.scale,
-                                        **self._options())
+                                        **self._options(), **self._scales())
         else:
             raise RuntimeError("decode attention needs the KV cache: the model runner has not assigned k_cache/v_cache")
         return out.reshape(-1, self.num_heads * self.head_dim)
@@ -230,6 +238,11 @@ class Attention(nn.Module):
 
     def _options(self) -> dict:
         return dict(sliding_window=self.sliding_window, softcap=self.softcap)
+
+    def _scales(self) -> dict:
+        """The FP8 cache's scales for the kernels (nothing for a plain cache, so flash-attn's calls stay as they
+        were)."""
+        return {} if self.kv_scales is None else dict(kv_scales=self.kv_scales)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={value}" for name, value in self._options().items() if value is not None)
