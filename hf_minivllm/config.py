@@ -36,8 +36,10 @@ class Config:
     many tokens run through CUDA graphs captured at start-up, like decode steps, instead of one eager launch per
     kernel (0: prompts always run eagerly); larger prefills run eagerly, where the device work outweighs the
     launches. ``kv_cache_dtype``: ``auto`` stores keys and values in the model's dtype; ``fp8`` (``fp8_e4m3``) in
-    e4m3 with a key and a value scale per layer, calibrated on a pass over random tokens when the engine starts
-    (half the memory and bandwidth of a 16-bit cache; the ``torch`` and ``triton`` backends read it).
+    e4m3 with a key and a value scale per layer, calibrated on a pass over random tokens when the engine builds
+    its decoder (half the memory and bandwidth of a 16-bit cache; the ``torch`` and ``triton`` backends read it).
+    Weights changed in place later keep those scales (KV already cached was written with them); keys or values
+    past twice the calibrated range saturate.
     """
 
     model: Any = None
