@@ -77,8 +77,16 @@ def _round_to_e4m3(x):
     bits = x.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
     magnitude = (tl.abs(x) + 24576.0) - 24576.0
-    subnormal = tl.where(x < 0, -magnitude, magnitude)  # a negative value that rounds to zero stays -0, as in torch
-    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+    subnormal = tl.where(bits < 0, -magnitude, magnitude)  # the sign bit: -0 and what rounds to zero stay -0
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)  # NaN is neither: it takes the normal path, unchanged
+
+
+@triton.jit
+def _quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
+    """``x / scale`` (IEEE division, as torch's; Triton's ``/`` is approximate) saturated to e4m3's range with NaN
+    kept NaN (as torch's clamp does), rounded to an e4m3 value (see ``_round_to_e4m3``)."""
+    scaled = tl.math.div_rn(x.to(tl.float32), scale)
+    return _round_to_e4m3(tl.clamp(scaled, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -98,8 +106,8 @@ def _store_kvcache_kernel(
         key = tl.load(key_ptr + token64 * key_token_stride + heads * key_head_stride + dims, mask=mask)
         value = tl.load(value_ptr + token64 * value_token_stride + heads * value_head_stride + dims, mask=mask)
         if FP8:
-            key = _round_to_e4m3(tl.clamp(key.to(tl.float32) / tl.load(kv_scales_ptr), -FP8_MAX, FP8_MAX))
-            value = _round_to_e4m3(tl.clamp(value.to(tl.float32) / tl.load(kv_scales_ptr + 1), -FP8_MAX, FP8_MAX))
+            key = _quantize_e4m3(key, tl.load(kv_scales_ptr), FP8_MAX)
+            value = _quantize_e4m3(value, tl.load(kv_scales_ptr + 1), FP8_MAX)
         cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
         tl.store(k_cache_ptr + cache_offsets, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + cache_offsets, value.to(v_cache_ptr.dtype.element_ty), mask=mask)

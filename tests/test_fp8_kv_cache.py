@@ -44,6 +44,10 @@ def test_fp8_cache_agrees_with_the_full_precision_cache_teacher_forced(family):
     # Tiny random models have flat next-token distributions, where e4m3's 3 mantissa bits flip more ties than on
     # trained weights (the GPU test asks 98% there); measured 95-98% here.
     assert fp8_agreement >= 0.9
+    # Decode steps read the FP8 cache as prefills do: the FP8 engine's free-running (decode) continuations are what
+    # its own teacher-forced prefills predict.
+    _, decode_agreement = teacher_forced_agreement(fp8, fp8, prompts, 24)
+    assert decode_agreement >= 0.99
 
 
 def test_fp8_cache_serves_mixed_steps_prefix_hits_and_preemption():
@@ -77,3 +81,15 @@ def test_fp8_cache_holds_four_times_the_blocks_of_an_fp32_cache_in_the_same_memo
 def test_bad_kv_cache_dtype_is_a_clear_error(settings, match):
     with pytest.raises(ValueError, match=match):
         Config(**settings)
+
+
+def test_fp8_cache_on_a_gpu_without_e4m3_is_a_clear_error(monkeypatch):
+    """Triton's e4m3 needs compute capability 8.9 (Ada, Hopper): an older GPU gets a ValueError naming the way out,
+    not a kernel compile error."""
+    import hf_minivllm.engine.model_runner as model_runner
+
+    monkeypatch.setattr(model_runner, "select_attention_backend", lambda *args, **kwargs: "triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "an A100")
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        LLM(tiny_model("qwen3"), kv_cache_dtype="fp8", **ENGINE)

@@ -74,8 +74,9 @@ def test_fp32_greedy_token_exact_on_cuda_with_prefill_graphs_and_eager_prefills(
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2"])
 def test_fp8_kv_cache_on_cuda_agrees_with_the_full_precision_cache(family):
-    """The Triton kernels on an FP8 cache, through decode and prefill graphs: teacher-forced top-1 agreement with
-    the fp32 cache as on the CPU's torch path (tiny random models: flat distributions, hence 90%)."""
+    """The Triton kernels on an FP8 cache: teacher-forced top-1 agreement of prefills (prefill graphs) with the fp32
+    cache as on the CPU's torch path (tiny random models: flat distributions, hence 90%), and decode steps (decode
+    graphs) reading the FP8 cache as those prefills do."""
     from test_fp8_kv_cache import teacher_forced_agreement
 
     model = tiny_model(family).cuda()
@@ -87,6 +88,8 @@ def test_fp8_kv_cache_on_cuda_agrees_with_the_full_precision_cache(family):
     assert fp8.engine.runner.kv_cache.dtype == torch.float8_e4m3fn and fp8.engine.runner.attention_backend == "triton"
     fp8_agreement, own_agreement = teacher_forced_agreement(reference, fp8, prompts, 24)
     assert own_agreement == 1.0 and fp8_agreement >= 0.9, (fp8_agreement, own_agreement)
+    _, decode_agreement = teacher_forced_agreement(fp8, fp8, prompts, 24)
+    assert decode_agreement >= 0.99, decode_agreement
     assert fp8.engine.runner.prefill_graphs.replays > 0
 
 

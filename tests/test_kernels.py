@@ -200,11 +200,12 @@ def _padded_as_a_prefill_graph_runs_it(args: tuple, num_padding_tokens: int, num
     """The same prefill packed as a captured prefill graph pads it: extra query rows past the last sequence, empty
     sequences after it (their bounds repeat the last), and a grid sized for ``grid_tokens`` per sequence."""
     q, k_cache, v_cache, cu_q, cu_k, _, max_k, block_tables, scale = args
-    q = torch.cat([q, torch.randn(num_padding_tokens, *q.shape[1:], dtype=q.dtype, device=q.device)])
+    # Padding rows hold whatever the graph's memory held (NaN here); padding sequences' table rows are never read.
+    q = torch.cat([q, torch.full((num_padding_tokens, *q.shape[1:]), float("nan"), dtype=q.dtype, device=q.device)])
     cu_q = torch.cat([cu_q, cu_q[-1:].repeat(num_padding_seqs)])
     cu_k = torch.cat([cu_k, cu_k[-1:].repeat(num_padding_seqs)])
-    block_tables = torch.cat([block_tables, torch.zeros(num_padding_seqs, block_tables.shape[1], dtype=block_tables.dtype,
-                                                        device=block_tables.device)])
+    block_tables = torch.cat([block_tables, torch.full((num_padding_seqs, block_tables.shape[1]), PADDING_PAGE,
+                                                       dtype=block_tables.dtype, device=block_tables.device)])
     return q, k_cache, v_cache, cu_q, cu_k, grid_tokens, max_k, block_tables, scale
 
 
@@ -411,6 +412,9 @@ def test_store_kvcache_fp8_is_bit_exact_with_torch(kernels):
     key = (torch.randn(40, num_kv_heads, head_dim, generator=generator) * magnitudes).to(DEVICE)
     value = (torch.randn(40, num_kv_heads, head_dim, generator=generator) * magnitudes).to(DEVICE)
     key[0, 0, :4] = torch.tensor([124.5, 31.5, -126.0, 448.0]) * KV_SCALES[0]  # rounding carries into the exponent
+    key[0, 1, :2] = torch.tensor([-0.0, -1e-9])  # signed zeros as torch stores them
+    if CUDA:  # NaN stays NaN (the interpreter's own cast turns NaN into 384, so only the GPU can show it)
+        key[0, 1, 2] = float("nan")
     slots = torch.randperm(64, generator=generator)[:40].to(DEVICE)
     slots[5] = -1
     kv_scales = torch.tensor(KV_SCALES, dtype=torch.float32, device=DEVICE)

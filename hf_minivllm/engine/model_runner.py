@@ -88,6 +88,10 @@ class ModelRunner:
         fp8_cache = config.kv_cache_dtype != "auto"
         backend = select_attention_backend(config.attention_backend, self.device,
                                            dtype=FP8_DTYPE if fp8_cache else None)
+        if fp8_cache and backend == "triton" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} with the triton backend needs a GPU of compute "
+                             f"capability 8.9 or newer (Ada, Hopper) for e4m3; {torch.cuda.get_device_name(self.device)} "
+                             "has less: use attention_backend='torch' or kv_cache_dtype='auto'")
         for layer in model.attention_layers:
             layer.backend = backend
         self.attention_backend = backend
@@ -217,22 +221,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _calibrate_kv_scales(self) -> None:
-        """FP8 cache: every layer's key and value scales from the largest magnitudes that a prefill over random
-        tokens produces, with ``KV_SCALE_HEADROOM`` (larger values saturate). The pass runs before any cache exists,
+        """FP8 cache: every layer's key and value scales from the largest magnitudes that a prefill over
+        ``KV_CALIBRATION_TOKENS`` random tokens produces, with ``KV_SCALE_HEADROOM`` (larger values saturate). The pass runs before any cache exists,
         each layer attending over the pass's own keys and values with the torch backend (no kernel compiled only
         for it); its tokens are seeded, so every tensor-parallel rank runs the same pass."""
         config, layers = self.config, self.model.attention_layers
-        num_tokens = min(config.max_model_len, config.max_num_batched_tokens, KV_CALIBRATION_TOKENS)
-        tokens = torch.randint(0, self.model.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(0))
-        seq = Sequence(tokens.tolist(), _WARMUP_PARAMS, self.block_size)
-        seq.block_table = list(range(-(-num_tokens // self.block_size)))
+        seq_len = min(config.max_model_len, KV_CALIBRATION_TOKENS)
+        num_seqs = -(-KV_CALIBRATION_TOKENS // seq_len)  # as many tokens however short max_model_len is
+        tokens = torch.randint(0, self.model.vocab_size, (num_seqs, seq_len), generator=torch.Generator().manual_seed(0))
+        seqs = [Sequence(row, _WARMUP_PARAMS, self.block_size) for row in tokens.tolist()]
+        for seq in seqs:
+            seq.block_table = list(range(-(-seq_len // self.block_size)))
         backends = [layer.backend for layer in layers]
         self._bind_kv_cache(None)
         for layer in layers:
             layer.backend, layer.kv_scales = "torch", None
             layer.kv_amax = torch.zeros(2, dtype=torch.float32, device=self.device)
         try:
-            self.run_plan(self._plan(ScheduledBatch([seq], True, [num_tokens], [False]), None), None)
+            self.run_plan(self._plan(ScheduledBatch(seqs, True, [seq_len] * num_seqs, [False] * num_seqs), None), None)
             for layer in layers:
                 layer.kv_scales = (layer.kv_amax * (KV_SCALE_HEADROOM / FP8_MAX)).clamp_(min=torch.finfo(torch.float32).tiny)
         finally:
