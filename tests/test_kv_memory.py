@@ -105,3 +105,18 @@ def test_a_dropped_llm_frees_its_kv_cache_at_once():
         gc.collect()
         time.sleep(0.01)
     assert storage() is None, "nothing of the engine's may keep it (and its KV cache) alive"
+
+
+def test_prefill_graph_pool_is_set_aside_from_the_kv_budget_in_proportion_to_its_tokens():
+    """The prefill graphs' pool is captured after the cache is sized: the sizing sets aside the warm-up's activation
+    peak scaled to the largest graph (2,048 of the warm-up's 16,384 tokens: an eighth), and nothing without graphs."""
+    from hf_minivllm import LLM
+
+    runner = LLM(tiny_model("qwen3"), num_kvcache_blocks=64).engine.runner
+    assert runner._prefill_graph_pool_estimate(8 << 20) == 0, "no prefill graphs on the torch backend"
+    runner.attention_backend = "triton"
+    num_seqs, seq_len = runner._warm_up_shape()
+    assert num_seqs * seq_len == 16384 and seq_len == runner.config.max_model_len
+    assert runner._prefill_graph_pool_estimate(8 << 20) == 1 << 20
+    runner.config.max_prefill_graph_tokens = 0
+    assert runner._prefill_graph_pool_estimate(8 << 20) == 0

@@ -152,6 +152,7 @@ class ModelRunner:
                 return FixedKVStorage(layout, cap, device)
             return ReallocKVStorage(layout, self.max_blocks_per_seq, cap, device)
         activation_peak, used_now, total = self._profile_gpu_memory()
+        activation_peak += self._prefill_graph_pool_estimate(activation_peak)
         if resident or not (config.enforce_eager or virtual_memory_available(device)):
             if not resident:
                 logger.warning("CUDA virtual memory management is unavailable: the KV cache is allocated up front")
@@ -169,6 +170,21 @@ class ModelRunner:
         torch.cuda.empty_cache()  # the warm-up's activations go back to the driver too
         storage_type = ReallocKVStorage if config.enforce_eager and not virtual_memory_available(device) else VirtualKVStorage
         return storage_type(layout, self.max_blocks_per_seq, cap, device)
+
+    def _prefill_graph_pool_estimate(self, activation_peak: int) -> int:
+        """Bytes the prefill graphs' pool will keep once captured (after the cache is sized, so they are set aside
+        here): the warm-up's activation peak scaled to the largest graph's tokens, activations growing with them."""
+        config = self.config
+        graph_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens)
+        if config.enforce_eager or self.attention_backend != "triton" or not graph_tokens:
+            return 0
+        num_seqs, seq_len = self._warm_up_shape()
+        return activation_peak * min(graph_tokens, num_seqs * seq_len) // (num_seqs * seq_len)
+
+    def _warm_up_shape(self) -> tuple[int, int]:
+        """(sequences, tokens each) of the warm-up prefill: max_model_len tokens each, as many as the budget takes."""
+        config = self.config
+        return max(1, min(config.max_num_batched_tokens // config.max_model_len, config.max_num_seqs)), config.max_model_len
 
     def _check_fits(self, num_blocks: int, num_bytes: int) -> None:
         if num_blocks < self.max_blocks_per_seq:
@@ -198,8 +214,7 @@ class ModelRunner:
         Besides measuring peak activations, this compiles the Triton kernels a prefill and sampling need.
         """
         config = self.config
-        seq_len = config.max_model_len
-        num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
+        num_seqs, seq_len = self._warm_up_shape()
         self._bind_kv_cache(torch.empty(self.layout.shape(self.max_blocks_per_seq), device=self.device,
                                         dtype=self.layout.dtype))
         table = list(range(self.max_blocks_per_seq))
