@@ -3,8 +3,9 @@
 Flash-decoding: each (sequence, KV head) context is cut into ``num_splits`` contiguous ranges, one program per
 range, and a second kernel merges the partial results by their log-sum-exp. Splitting lets a small batch with a
 long context still occupy every SM; the split count depends only on static shapes (batch size, heads and the
-block-table width), never on ``context_lens`` values, so the launch is CUDA-graph capturable. Each program
-handles all query heads of one KV head group (GQA), so every K/V tile is read from memory once per group.
+block-table width), never on ``context_lens`` values, so the launch is CUDA-graph capturable. The count is read
+from the grid, not compiled in: the decode graphs' batch buckets (a count each) share one compiled kernel. Each
+program handles all query heads of one KV head group (GQA), so every K/V tile is read from memory once per group.
 """
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: 
     programs = batch * num_kv_heads
     wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, programs)
     return max(1, min(wanted, triton.cdiv(max_context, block_n), _MAX_SPLITS))
+
+
+def _reduce_width(num_splits: int) -> int:
+    """The merge kernel's tile of splits: two sizes, so that the batch-size buckets of the CUDA graphs (each with
+    its own split count) compile it twice rather than once per count, which cost seconds of start-up."""
+    return 8 if num_splits <= 8 else _MAX_SPLITS
 
 
 def window_pages(sliding_window: int, block_size: int) -> int:
@@ -120,7 +127,7 @@ def _decode_split_kernel(
     qk_scale, sliding_window, softcap,
     q_seq_stride, q_head_stride, out_seq_stride, out_head_stride, block_table_stride,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -135,7 +142,8 @@ def _decode_split_kernel(
     else:
         first = context_len * 0
     # Split lengths are whole tiles, so only a split's last tile can be partial.
-    split_len = tl.cdiv(tl.cdiv(context_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    num_splits = tl.num_programs(2)  # not a constant: one compiled kernel serves every split count
+    split_len = tl.cdiv(tl.cdiv(context_len - first, num_splits), BLOCK_N) * BLOCK_N
     start = first + split * split_len
     end = tl.minimum(start + split_len, context_len)
 
@@ -180,27 +188,27 @@ def _decode_split_kernel(
     out = acc / safe_l[:, None]
     if FP8:  # values likewise: the output is linear in them
         out = out * tl.load(kv_scales_ptr + 1)
-    if NUM_SPLITS == 1:
+    if SINGLE_SPLIT:
         out_offsets = seq64 * out_seq_stride + q_heads[:, None] * out_head_stride + dims[None, :]
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
-        row = (seq64 * NUM_HEADS + q_heads) * NUM_SPLITS + split
+        row = (seq64 * NUM_HEADS + q_heads) * num_splits + split
         tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(partial_lse_ptr + row, lse, mask=head_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
-    partial_out_ptr, partial_lse_ptr, out_ptr, out_seq_stride, out_head_stride,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    partial_out_ptr, partial_lse_ptr, out_ptr, out_seq_stride, out_head_stride, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_SPLITS)
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
     dims = tl.arange(0, HEAD_DIM)
-    rows = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    rows = (seq * NUM_HEADS + head) * num_splits + splits
     lse = tl.load(partial_lse_ptr + rows, mask=split_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
@@ -250,14 +258,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
+        SINGLE_SPLIT=num_splits == 1, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=kv_scales is not None,
         **config,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            partial_out, partial_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=4,
+            partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SPLITS=_reduce_width(num_splits), num_warps=4,
         )
     return out
