@@ -22,9 +22,7 @@ import traceback
 import torch
 
 from hf_minivllm import LLM
-from tp import (
-    START, Run, _guarded, _timed, batch1_ms, close, greedy, hf_batch1_ms, log, token_ids, w1_throughput, w2_prompt,
-)
+from tp import START, Run, _guarded, _timed, close, hf_batch1_ms, log, measure_w2_and_w1
 from workloads import w1_requests
 
 
@@ -47,17 +45,11 @@ def gemma3_model(run: Run):
 
 
 def ours(run: Run, model) -> None:
-    args, row = run.args, run.part("ours")
+    row = run.part("ours")
     llm = None
     try:
         llm, row["build_s"] = _timed(lambda: LLM(model, **run.engine(max_model_len=4096, max_num_seqs=256)))
-        token_ids(llm, [w2_prompt(100)], greedy(16))  # warm-up
-        times = batch1_ms(run, llm, args.w2_new_tokens)
-        row["batch1_ms_per_token"], row["batch1_runs_ms"] = min(times), times
-        log(f"ours: batch 1 {min(times):.2f} ms/token")
-        run.save()
-        row["w1"] = w1_throughput(run, llm, args.w1_requests)
-        log(f"ours: W1 {row['w1']['tok_s']:.0f} tok/s")
+        measure_w2_and_w1(run, llm, row, "ours")
     finally:
         close(llm)
         run.free()
@@ -150,12 +142,7 @@ def main() -> None:
     finally:
         print(f"\n== gemma3.py: {run.summary['device']}, commit {run.summary['commit']}, "
               f"{time.perf_counter() - START:.0f} s: " + str(run.summary["parts"])[:3000], flush=True)
-        if args.tiny or not run.cuda:
-            run.save()
-        else:
-            from results import finish_run
-
-            finish_run(args.out, run.summary, figures(run.summary), "gemma3")
+        run.finish(figures, "gemma3")
 
 
 if __name__ == "__main__":

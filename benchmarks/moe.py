@@ -28,7 +28,7 @@ import torch
 
 from bf16_agreement import engine_logits, sample_texts
 from hf_minivllm import LLM
-from tp import Run, _guarded, _timed, batch1_ms, close, greedy, hf_batch1_ms, log, token_ids, w1_throughput, w2_prompt
+from tp import Run, _guarded, _timed, close, hf_batch1_ms, log, measure_w2_and_w1
 from workloads import w1_requests
 
 
@@ -108,13 +108,8 @@ def serve(run: Run, model) -> None:
     try:
         llm, row["build_s"] = _timed(lambda: LLM(model, **run.engine(max_model_len=4096, max_num_seqs=256)))
         log(f"ours: engine built in {row['build_s']:.1f} s")
-        token_ids(llm, [w2_prompt(100)], greedy(16))  # warm-up
-        times = batch1_ms(run, llm, args.w2_new_tokens)
-        row.update(w2_new_tokens=args.w2_new_tokens, batch1_ms_per_token=min(times), batch1_runs_ms=times)
-        log(f"ours: W2 batch 1 {min(times):.2f} ms/token")
-        run.save()
-        row["w1"] = w1_throughput(run, llm, args.w1_requests)
-        log(f"ours: W1 first {row['w1']['requests']} requests {row['w1']['tok_s']:.0f} tok/s")
+        row["w2_new_tokens"] = args.w2_new_tokens
+        measure_w2_and_w1(run, llm, row, "ours")
         run.save()
         agreement = run.part("bf16_agreement")
         agreement.update(teacher_forced_agreement(run, llm, model))
@@ -240,12 +235,7 @@ def main() -> None:
     finally:
         model = None
         print_summary(run)
-        if args.tiny or not run.cuda:  # smoke tests are not results
-            run.save()
-        else:
-            from results import finish_run
-
-            finish_run(args.out, run.summary, figures(run.summary), "moe")
+        run.finish(figures, "moe")
 
 
 if __name__ == "__main__":

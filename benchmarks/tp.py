@@ -85,6 +85,16 @@ class Run:
         if self.args.out:
             Path(self.args.out).write_text(json.dumps(self.summary, indent=2, default=str))
 
+    def finish(self, figures, script: str) -> None:
+        """Write the run's JSON; a GPU run's ``figures(summary)`` also go to benchmarks/results (smoke tests are not
+        results)."""
+        if self.args.tiny or not self.cuda:
+            self.save()
+        else:
+            from results import finish_run
+
+            finish_run(self.args.out, self.summary, figures(self.summary), script)
+
     def engine(self, **config) -> dict:
         """LLM config for this device: on CPU a small KV cache (the ranks are processes of this machine)."""
         if not self.cuda:
@@ -260,6 +270,18 @@ def w1_throughput(run: Run, llm: LLM, count: int) -> dict:
     seconds = run.now() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
     return {"requests": len(prompts), "output_tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+
+
+def measure_w2_and_w1(run: Run, llm: LLM, row: dict, label: str) -> None:
+    """W2 at batch 1 (after a warm-up; best of the runs) and W1's first ``--w1-requests`` requests through ``llm``,
+    into ``row`` (``batch1_ms_per_token``, ``batch1_runs_ms``, ``w1``), the JSON saved in between."""
+    token_ids(llm, [w2_prompt(100)], greedy(16))  # warm-up
+    times = batch1_ms(run, llm, run.args.w2_new_tokens)
+    row["batch1_ms_per_token"], row["batch1_runs_ms"] = min(times), times
+    log(f"{label}: batch 1 {min(times):.2f} ms/token")
+    run.save()
+    row["w1"] = w1_throughput(run, llm, run.args.w1_requests)
+    log(f"{label}: W1 first {row['w1']['requests']} requests {row['w1']['tok_s']:.0f} tok/s")
 
 
 def part3_w5(run: Run, profile: bool) -> None:
@@ -762,12 +784,7 @@ def main() -> None:
         run.model_8b = None
         run.summary["elapsed_s"] = time.perf_counter() - START
         print_summary(run)
-        if args.tiny or not run.cuda:  # smoke tests are not results
-            run.save()
-        else:
-            from results import finish_run
-
-            finish_run(args.out, run.summary, figures(run.summary), "tp")
+        run.finish(figures, "tp")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ import traceback
 import torch
 
 from hf_minivllm import LLM
-from tp import (
-    Run, _guarded, _timed, batch1_ms, close, greedy, hf_batch1_ms, log, tiny_qwen3, token_ids, w1_throughput, w2_prompt,
-)
+from tp import Run, _guarded, _timed, close, hf_batch1_ms, log, measure_w2_and_w1, tiny_qwen3
 from workloads import random_model, w1_requests
 
 TP_SIZES = (2, 4)
@@ -58,7 +56,7 @@ def spread(model, gpus: int) -> dict[str, int]:
 
 def serve(run: Run, model, tp: int) -> None:
     """W2 and W1's first requests through ``LLM(model)`` at this tensor-parallel size."""
-    args, row = run.args, run.part(f"tp{tp}")
+    row = run.part(f"tp{tp}")
     config = run.engine(max_model_len=4096, max_num_seqs=256)
     if run.cuda:
         row["device_map"] = spread(model, tp)
@@ -70,13 +68,7 @@ def serve(run: Run, model, tp: int) -> None:
         llm, row["build_s"] = _timed(lambda: LLM(model, **config))
         row["tensor_parallel_size"] = llm.config.tensor_parallel_size
         log(f"TP={row['tensor_parallel_size']}: engine built in {row['build_s']:.1f} s")
-        token_ids(llm, [w2_prompt(100)], greedy(16))  # warm-up
-        times = batch1_ms(run, llm, args.w2_new_tokens)
-        row["batch1_ms_per_token"], row["batch1_runs_ms"] = min(times), times
-        log(f"TP={tp}: batch 1 {min(times):.2f} ms/token")
-        run.save()
-        row["w1"] = w1_throughput(run, llm, args.w1_requests)
-        log(f"TP={tp}: W1 {row['w1']['tok_s']:.0f} tok/s")
+        measure_w2_and_w1(run, llm, row, f"TP={tp}")
     finally:
         close(llm)
         llm = None
@@ -210,12 +202,7 @@ def main() -> None:
     finally:
         model = None
         print_summary(run)
-        if args.tiny or not run.cuda:  # smoke tests are not results
-            run.save()
-        else:
-            from results import finish_run
-
-            finish_run(args.out, run.summary, figures(run.summary), "w8")
+        run.finish(figures, "w8")
 
 
 if __name__ == "__main__":

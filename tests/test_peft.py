@@ -37,6 +37,16 @@ def both(family: str = "qwen3", dtype: torch.dtype = torch.float32, **lora_optio
     return oracle, served
 
 
+def assert_stays_with_peft(model, reason: str) -> None:
+    """``accelerate`` leaves ``model`` to PEFT's own generate: one warning, ``reason`` in the stats, PEFT's answers."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = hf_minivllm.accelerate(copy.deepcopy(model), **SMALL_ENGINE)
+    assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
+    assert reason in hf_minivllm.stats(served)["unsupported_reason"]
+    assert_same(model, served)
+
+
 def assert_same(oracle, served, ids=None, mask=None):
     if ids is None:
         ids, mask = left_padded_batch()
@@ -104,15 +114,7 @@ def test_llm_serves_a_peft_model():
 
 
 def test_dora_adapters_stay_with_peft_with_one_warning():
-    oracle = lora_model(use_dora=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        served = hf_minivllm.accelerate(copy.deepcopy(oracle), **SMALL_ENGINE)
-    assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
-    assert "DoRA" in hf_minivllm.stats(served)["unsupported_reason"]
-    ids, mask = left_padded_batch()
-    expected = oracle.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-    assert torch.equal(served.generate(input_ids=ids, attention_mask=mask, **GREEDY), expected)
+    assert_stays_with_peft(lora_model(use_dora=True), "DoRA")
 
 
 def test_lora_dropout_is_not_applied_in_training_mode_as_in_every_rollout_engine():
@@ -152,12 +154,7 @@ def test_other_peft_tuners_stay_with_peft():
 
     model = get_peft_model(tiny_model("qwen3"), AdaLoraConfig(r=4, target_modules=TARGETS, total_step=10,
                                                               init_lora_weights=False)).eval()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        served = hf_minivllm.accelerate(copy.deepcopy(model), **SMALL_ENGINE)
-    assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
-    assert "not a plain Linear" in hf_minivllm.stats(served)["unsupported_reason"]
-    assert_same(model, served)
+    assert_stays_with_peft(model, "not a plain Linear")
 
 
 @pytest.mark.gpu
@@ -182,12 +179,7 @@ def test_lora_on_moe_experts_stays_with_peft_and_lora_on_attention_in_a_moe_mode
     token-exact."""
     model = lora_model("qwen3_moe")
     assert model.peft_config["first"].target_parameters, "PEFT must target the experts, or this proves nothing"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        served = hf_minivllm.accelerate(copy.deepcopy(model), **SMALL_ENGINE)
-    assert len([w for w in caught if "hf-minivllm" in str(w.message)]) == 1
-    assert "PEFT adapters on MoE experts" in hf_minivllm.stats(served)["unsupported_reason"]
-    assert_same(model, served)
+    assert_stays_with_peft(model, "PEFT adapters on MoE experts")
     oracle, served = both("qwen3_moe", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert_same(oracle, served)
     stats = hf_minivllm.stats(served)
