@@ -237,9 +237,10 @@ class ModelRunner:
     @torch.inference_mode()
     def _calibrate_kv_scales(self) -> None:
         """FP8 cache: every layer's key and value scales from the largest magnitudes that a prefill over
-        ``KV_CALIBRATION_TOKENS`` random tokens produces, with ``KV_SCALE_HEADROOM`` (larger values saturate). The pass runs before any cache exists,
-        each layer attending over the pass's own keys and values with the torch backend (no kernel compiled only
-        for it); its tokens are seeded, so every tensor-parallel rank runs the same pass."""
+        ``KV_CALIBRATION_TOKENS`` random tokens produces, with ``KV_SCALE_HEADROOM`` (larger values saturate). The
+        pass runs before any cache exists, each layer attending over the pass's own keys and values with the torch
+        backend (no kernel compiled only for it); its tokens are seeded, so every tensor-parallel rank runs the same
+        pass."""
         config, layers = self.config, self.model.attention_layers
         seq_len = min(config.max_model_len, KV_CALIBRATION_TOKENS)
         num_seqs = -(-KV_CALIBRATION_TOKENS // seq_len)  # as many tokens however short max_model_len is

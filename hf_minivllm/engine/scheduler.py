@@ -227,6 +227,8 @@ class Scheduler:
     def _switch_to_long_rope(self) -> None:
         """Running sequences that outgrew the original context are recomputed with the long table: preempted, they
         are recomputed first (counted as preemptions). One whose pending token finishes it needs no recompute."""
+        if self.rope_long_after is None:  # every other model: no pass over the running sequences each step
+            return
         for seq in [seq for seq in self.running
                     if self._outgrew_short_rope(seq) and not self._finishes_when_pending_arrive(seq)]:
             seq.long_rope = True
