@@ -26,6 +26,11 @@ W1_FLOOR_TOK_S = 25_000  # DESIGN.md 3: KV reads + weights per step at ~3 TB/s o
 W2_FLOOR_MS = 0.4  # weights alone (1.2 GB) per step
 
 
+def progress(message: str) -> None:
+    """A line per finished part, so a run cut off by its time limit still shows what it measured."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def now() -> float:
     torch.cuda.synchronize()
     return time.perf_counter()
@@ -60,6 +65,7 @@ def hf_continuous_batching(model, prompts, params, window_s: float | None = None
         seconds = now() - start
         if len(done) < len(ids):
             manager.stop(block=True, timeout=30, hard_stop=True)
+    progress(f"HF continuous batching: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s")
     return tokens, seconds
 
 
@@ -70,10 +76,12 @@ def run_llm(model, prompts, params, **engine) -> tuple[int, float, dict]:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = now() - start
     stats = hf_minivllm.stats(llm)
+    tokens = sum(len(o["token_ids"]) for o in outputs)
+    progress(f"LLM.generate {engine or ''}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s")
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    return sum(len(o["token_ids"]) for o in outputs), seconds, stats
+    return tokens, seconds, stats
 
 
 def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compare_sync: bool = False,

@@ -82,7 +82,7 @@ def test_fp8_kv_cache_on_cuda_agrees_with_the_full_precision_cache(family):
     model = tiny_model(family).cuda()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (5, 30, 60, 17, 90, 44)]
-    settings = dict(max_model_len=256, max_num_seqs=64, gpu_memory_utilization=0.3)
+    settings = dict(max_model_len=256, max_num_seqs=64, kv_cache_memory_gib=0.5)  # two engines in one process
     reference = LLM(copy.deepcopy(model), **settings)
     fp8 = LLM(model, kv_cache_dtype="fp8", **settings)
     assert fp8.engine.runner.kv_cache.dtype == torch.float8_e4m3fn and fp8.engine.runner.attention_backend == "triton"
