@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import triton
 
-from hf_minivllm.kernels import activation, decode_attention, prefill_attention, rms_norm
+from hf_minivllm.kernels import activation, decode_attention, kv_cache, prefill_attention, rms_norm
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
 FA4_DECODE_TBPS, FA4_PREFILL_TFLOPS = 2.8, 340.0  # DESIGN.md yardsticks, measured on the H100
@@ -69,13 +69,18 @@ def first(result: object) -> torch.Tensor:
 class PagedCache:
     """A bf16 KV cache holding the given contexts in shuffled pages, and each sequence's block table."""
 
-    def __init__(self, context_lens: list[int], block_size: int, seed: int = 0):
+    def __init__(self, context_lens: list[int], block_size: int, seed: int = 0, fp8: bool = False):
         generator = torch.Generator(device="cuda").manual_seed(seed)
         pages = [triton.cdiv(length, block_size) for length in context_lens]
         num_blocks = sum(pages)
         shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
         self.k_cache = torch.randn(shape, generator=generator, device="cuda", dtype=DTYPE)
         self.v_cache = torch.randn(shape, generator=generator, device="cuda", dtype=DTYPE)
+        self.kv_scales = None
+        if fp8:  # e4m3 with a scale each for keys and values, as the engine's FP8 cache stores them
+            self.kv_scales = torch.tensor([0.01, 0.02], device="cuda")
+            self.k_cache = kv_cache.quantize_fp8(self.k_cache, self.kv_scales[0])
+            self.v_cache = kv_cache.quantize_fp8(self.v_cache, self.kv_scales[1])
         order = torch.randperm(num_blocks, generator=generator, device="cuda").to(torch.int32)
         self.block_tables = torch.zeros(len(context_lens), max(pages), dtype=torch.int32, device="cuda")
         start = 0
@@ -87,17 +92,19 @@ class PagedCache:
 
 
 def decode_rows(name: str, context_lens: list[int], block_size: int, fa4: Callable | None,
-                with_torch: bool, check: bool = True, num_splits: int | None = None) -> list[dict]:
-    cache = PagedCache(context_lens, block_size)
+                with_torch: bool, check: bool = True, num_splits: int | None = None, fp8: bool = False) -> list[dict]:
+    cache = PagedCache(context_lens, block_size, fp8=fp8)
     q = torch.randn(len(context_lens), NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     scale = HEAD_DIM ** -0.5
     args = (q, cache.k_cache, cache.v_cache, cache.context_lens, cache.block_tables, scale)
-    kv_bytes = sum(context_lens) * 2 * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    options = dict(kv_scales=cache.kv_scales)
+    kv_bytes = sum(context_lens) * 2 * NUM_KV_HEADS * HEAD_DIM * cache.k_cache.element_size()
     row = {"kernel": name, "metric": "TB/s"}
     if check:
-        reference = decode_attention.paged_decode_attention_torch(*args).float()
-        row["max_abs_error"] = (decode_attention.paged_decode_attention(*args).float() - reference).abs().max().item()
-    row["ms"] = bench(lambda: decode_attention.paged_decode_attention(*args, num_splits=num_splits))
+        reference = decode_attention.paged_decode_attention_torch(*args, **options).float()
+        row["max_abs_error"] = (decode_attention.paged_decode_attention(*args, **options).float()
+                                - reference).abs().max().item()
+    row["ms"] = bench(lambda: decode_attention.paged_decode_attention(*args, num_splits=num_splits, **options))
     row["value"] = kv_bytes / row["ms"] / 1e9
     if fa4 is not None:
         def call_fa4() -> torch.Tensor:
@@ -107,7 +114,7 @@ def decode_rows(name: str, context_lens: list[int], block_size: int, fa4: Callab
             row["fa4_max_abs_error"] = (call_fa4().squeeze(1).float() - reference).abs().max().item()
         row["fa4_ms"] = bench_fa4(call_fa4)
     if with_torch:
-        row["torch_ms"] = bench(lambda: decode_attention.paged_decode_attention_torch(*args), graph=False)
+        row["torch_ms"] = bench(lambda: decode_attention.paged_decode_attention_torch(*args, **options), graph=False)
     row["yardstick"] = FA4_DECODE_TBPS
     return [row]
 
@@ -193,6 +200,25 @@ def tune_rows(decode_contexts: list[int]) -> list[dict]:
     return rows
 
 
+def tune_fp8_rows(decode_contexts: list[int]) -> list[dict]:
+    """Decode on an FP8 cache (W1's batch of 256, pages of 16): the bf16 cache's timing beside the FP8 cache's
+    under each tile config. An FP8 tile carries half the bytes of a bf16 tile of the same tokens."""
+    rows = decode_rows("tune-fp8 decode b256 bs16 bf16 cache (default config)", decode_contexts, 16, None, False)
+    original = decode_attention._decode_config
+    try:
+        for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4, 5)):
+            config = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            decode_attention._decode_config = lambda *_, config=config: dict(config)
+            name = f"tune-fp8 decode b256 bs16 {config}"
+            try:
+                rows += decode_rows(name, decode_contexts, 16, None, False, fp8=True)
+            except Exception as error:  # noqa: BLE001 - some configs do not fit
+                rows.append({"kernel": name, "error": str(error)[:200]})
+    finally:
+        decode_attention._decode_config = original
+    return rows
+
+
 def split_rows(rng: random.Random) -> list[dict]:
     """Decode at W1's mid-run batch sizes (contexts 200-2000): the static split heuristic against fixed splits."""
     rows = []
@@ -244,6 +270,7 @@ def main() -> None:
     parser.add_argument("--site-dir", action="append", default=[], help="a pip --target folder to add (repeatable)")
     parser.add_argument("--tune", action="store_true", help="also sweep the attention kernels' tile configs")
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference timings")
+    parser.add_argument("--tune-fp8", action="store_true", help="sweep the decode tile configs on an FP8 cache")
     parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
     parser.add_argument("--gemv", action="store_true", help="also time batch-1 projections (cuBLAS paths)")
     args = parser.parse_args()
@@ -264,6 +291,8 @@ def main() -> None:
     rows += elementwise_rows()
     if args.tune:
         rows += tune_rows(decode_contexts)
+    if args.tune_fp8:
+        rows += tune_fp8_rows(decode_contexts)
     if args.splits:
         rows += split_rows(rng)
     if args.gemv:

@@ -42,6 +42,16 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: 
 
 
 @triton.jit
+def fp8_cache_query(q):
+    """The query for dots with an e4m3 cache's tiles, which convert to fp16 exactly in one instruction (to bf16 it
+    takes three): a 16-bit query becomes fp16, saturated to its range (a bf16 value inside it converts exactly);
+    fp32 stays fp32. Tiles are then converted with ``.to(query.dtype)``."""
+    if q.dtype != tl.float32:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
 def softcap_log2(scores, softcap):
     """``cap * tanh(scores / cap)`` in log2 units (times log2 e) for the kernels' ``exp2`` softmax.
 

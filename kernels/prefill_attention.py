@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_minivllm.kernels.attention_math import check_attention_options, dense_attention, softcap_log2, window_start
+from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
+                                                softcap_log2, window_start)
 from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
@@ -162,6 +163,7 @@ def _prefill_kernel(
         query_positions = prefix_len + rows
         if FP8:  # keys are read back as stored * key scale: the scale joins the score scale
             qk_scale = qk_scale * tl.load(kv_scales_ptr)
+            q = fp8_cache_query(q)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
