@@ -24,6 +24,8 @@ _LOG2_E = 1.4426950408889634
 _MAX_SPLITS = 64
 # Aim for about this many programs per SM, so that the grid covers the chip evenly.
 _PROGRAMS_PER_SM = 2
+# Shared memory a decode program keeps besides its pipelined K and V tiles (the query, the score tile).
+_SHARED_MEMORY_MARGIN = 16 * 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,17 +40,29 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _decode_config(dtype: torch.dtype, cache_dtype: torch.dtype) -> dict[str, int]:
+@functools.lru_cache(maxsize=None)
+def _shared_memory_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def _decode_config(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, device: torch.device) -> dict[str, int]:
     """Tile sizes swept on an H100 in bf16 (``bench_kernels.py --tune``): at batch 256, hd 128, 64-token tiles
     with 4 warps and 3 stages read 2.80 TB/s for pages of 16 and 64 (128-token tiles 2.84, 32-token 2.68).
     fp32 gets smaller tiles to fit in shared memory. An FP8 cache's tiles carry half the bytes per token: on an
     H200 (``--tune-fp8``, batch 256) 128-token tiles with 4 warps and 5 stages took 0.249 ms against 0.296 for the
-    bf16 cache (64-token tiles 0.262, 2 stages 0.280)."""
+    bf16 cache (64-token tiles 0.262, 2 stages 0.280). Fewer stages where a GPU's shared memory (Ada's 99 KB)
+    cannot hold that many K and V tiles."""
     if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    if cache_dtype == FP8_DTYPE:
-        return dict(BLOCK_N=128, num_warps=4, num_stages=5)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+        block_n, stages = 32, 2
+    elif cache_dtype == FP8_DTYPE:
+        block_n, stages = 128, 5
+    else:
+        block_n, stages = 64, 3
+    if device.type == "cuda":
+        stage_bytes = 2 * block_n * head_dim * cache_dtype.itemsize
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stages = max(1, min(stages, (_shared_memory_bytes(index) - _SHARED_MEMORY_MARGIN) // stage_bytes))
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int) -> int:
@@ -244,7 +258,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    config = _decode_config(q.dtype, k_cache.dtype)
+    config = _decode_config(q.dtype, k_cache.dtype, head_dim, q.device)
     block_n = config.pop("BLOCK_N")
     if num_splits is None:
         max_keys = block_tables.shape[1] * block_size

@@ -188,6 +188,21 @@ def test_choose_num_splits_depends_on_static_shapes_only(kernels):
     assert choose(batch=1, num_kv_heads=1, max_context=1 << 20, block_n=64, num_sms=132) == 64
 
 
+def test_decode_pipeline_stages_fit_the_gpus_shared_memory(kernels, monkeypatch):
+    """An FP8 cache's 5 stages of 128-token tiles fit a Hopper's shared memory but not an Ada's (99 KB), nor a
+    Hopper's at head_dim 256: fewer stages there, never a compile that runs out of resources."""
+    module = kernels.decode_attention
+    gpu = torch.device("cuda", 0)
+    fp8 = torch.float8_e4m3fn
+    for shared, head_dim, cache_dtype, stages in ((227 * 1024, 128, fp8, 5), (99 * 1024, 128, fp8, 2),
+                                                  (227 * 1024, 256, fp8, 3), (227 * 1024, 128, torch.bfloat16, 3),
+                                                  (99 * 1024, 256, torch.bfloat16, 1)):
+        monkeypatch.setattr(module, "_shared_memory_bytes", lambda index, shared=shared: shared)
+        assert module._decode_config(torch.bfloat16, cache_dtype, head_dim, gpu)["num_stages"] == stages
+    assert module._decode_config(torch.bfloat16, fp8, 128, torch.device("cpu")) == dict(BLOCK_N=128, num_warps=4,
+                                                                                      num_stages=5)
+
+
 # ---------------------------------------------------------------- prefill attention
 
 
