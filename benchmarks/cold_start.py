@@ -8,7 +8,7 @@ again in another fresh process with the cache the first one filled. The process 
 - ``model``: the Qwen3-0.6B architecture built on the GPU with random bf16 weights (not part of the target: the
   caller's model exists already);
 - ``engine``: ``LLM(model)`` or ``accelerate(model)``, split into the decoder build (the adapter's weight views),
-  the warm-up pass (a prefill and the samplers, compiling their Triton kernels; it also measures activation
+  the concurrent compile of the kernels that the warm-up and the decode graphs launch, the warm-up pass (a prefill and the samplers, compiling their Triton kernels; it also measures activation
   memory), the rest of the KV cache's set-up, and the decode-graph capture (with the decode kernels' compiles);
   the Triton compile (or disk-cache load) time inside all of it is counted apart, by Triton's compile hooks;
 - ``first call``: one 128-token prompt, 16 greedy tokens (``LLM.generate`` or the patched ``model.generate``).
@@ -62,10 +62,12 @@ def child(case: str) -> dict:
     lap("model_s")
 
     compiles: dict[str, float] = defaultdict(float)
+    variants: dict[str, set] = defaultdict(set)
     started: dict[object, float] = {}
 
     def before_compile(**details) -> bool:
-        started[details["key"]] = time.perf_counter()
+        started.setdefault(details["key"], time.perf_counter())
+        variants[getattr(details["fn"], "name", str(details["fn"]))].add(str(details["key"]))
         return False
 
     def after_compile(**details) -> None:
@@ -76,7 +78,8 @@ def child(case: str) -> dict:
     knobs.runtime.jit_cache_hook = before_compile
     knobs.runtime.jit_post_compile_hook = after_compile
     timer = PartTimer()
-    timer.wrap(model_runner.ModelRunner, "_warm_up", "warm_up_s")
+    timer.wrap(model_runner.ModelRunner, "_compile_kernels_ahead", "compile_ahead_s")
+    timer.wrap(model_runner.ModelRunner, "_profile_gpu_memory", "warm_up_s")  # the warm-up pass, measuring memory
     timer.wrap(model_runner.ModelRunner, "_make_storage", "kv_cache_setup_s")
     timer.wrap(cuda_graphs.DecodeGraphs, "__init__", "graph_capture_s")
     timer.wrap(llm_module, "build_decoder", "decoder_build_s")  # the name llm.py bound at import
@@ -98,6 +101,7 @@ def child(case: str) -> dict:
     parts["kv_cache_setup_s"] = parts.get("kv_cache_setup_s", 0.0) - parts.get("warm_up_s", 0.0)
     return {"case": case, "phases": phases, "engine_parts": parts,
             "triton_compile_s": sum(compiles.values()), "triton_compiles": dict(compiles),
+            "triton_variants": {name: len(keys) for name, keys in variants.items()},
             "process_s": time.perf_counter() - START}
 
 

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.launch import launch
+
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     """Reference: HF's ``act_fn(gate_proj(x)) * up_proj(x)`` on the fused ``[T, 2I]`` tensor."""
@@ -33,7 +35,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_rows == 0:
         return out
     block = min(triton.next_power_of_2(intermediate_size), 1024)
-    _silu_and_mul_kernel[(num_rows, triton.cdiv(intermediate_size, block))](
+    launch(_silu_and_mul_kernel, (num_rows, triton.cdiv(intermediate_size, block)),
         x, out, x.stride(0), out.stride(0), intermediate_size, BLOCK=block, num_warps=4,
     )
     return out

@@ -18,6 +18,7 @@ import triton.language as tl
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
                                                 softcap_log2, window_start)
 from hf_minivllm.kernels.kv_cache import FP8_DTYPE, check_kv_scales, dequantize
+from hf_minivllm.kernels.launch import launch
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
 _LOG2_E = 1.4426950408889634
@@ -271,7 +272,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = out  # unused: the single split writes the output directly
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    launch(_decode_split_kernel, (batch, num_kv_heads, num_splits),
         q, k_cache, v_cache, block_tables, context_lens, kv_scales if kv_scales is not None else context_lens,
         out, partial_out, partial_lse,
         softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
@@ -283,7 +284,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         **config,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
+        launch(_decode_reduce_kernel, (batch, num_heads),
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SPLITS=_reduce_width(num_splits), num_warps=4,
         )

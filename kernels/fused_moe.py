@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.launch import launch
+
 
 def fused_moe_torch(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,7 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
     precision = "ieee" if hidden.dtype == torch.float32 else None
     activated = hidden.new_empty(sorted_pairs.numel(), intermediate_size)
     block_n, block_k = _block(intermediate_size, 64), _block(hidden_size, 64)
-    _gate_up_silu_kernel[(num_blocks, triton.cdiv(intermediate_size, block_n))](
+    launch(_gate_up_silu_kernel, (num_blocks, triton.cdiv(intermediate_size, block_n)),
         hidden, gate_up, activated, sorted_pairs, block_experts,
         num_pairs, top_k, num_experts, hidden_size, intermediate_size,
         hidden.stride(0), hidden.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
@@ -193,7 +195,7 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
     weights = topk_weights.reshape(-1).contiguous()
     pair_out = hidden.new_empty(num_pairs, hidden_size)
     block_n, block_k = _block(hidden_size, 64), _block(intermediate_size, 64)
-    _down_weighted_kernel[(num_blocks, triton.cdiv(hidden_size, block_n))](
+    launch(_down_weighted_kernel, (num_blocks, triton.cdiv(hidden_size, block_n)),
         activated, down, weights, pair_out, sorted_pairs, block_experts,
         num_pairs, num_experts, hidden_size, intermediate_size,
         activated.stride(0), activated.stride(1), down.stride(0), down.stride(1), down.stride(2),

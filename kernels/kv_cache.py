@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.launch import launch
+
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -130,7 +132,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    _store_kvcache_kernel[(num_tokens,)](
+    launch(_store_kvcache_kernel, (num_tokens,),
         key, value, k_cache, v_cache, slot_mapping, kv_scales if kv_scales is not None else slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,

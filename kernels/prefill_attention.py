@@ -14,6 +14,7 @@ import triton.language as tl
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
                                                 softcap_log2, window_start)
 from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
+from hf_minivllm.kernels.launch import launch
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
 _LOG2_E = 1.4426950408889634
@@ -230,7 +231,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     config = _prefill_config(head_dim, q.dtype)
     block_m = config["BLOCK_M"]
     grid = (num_heads, num_seqs, triton.cdiv(max_seqlen_q, block_m))
-    _prefill_kernel[grid](
+    launch(_prefill_kernel, grid,
         q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_tables,
         kv_scales if kv_scales is not None else cu_seqlens_q, softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.launch import launch
+
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     """Reference: HF's RMSNorm forward (Gemma's with ``unit_offset``)."""
@@ -66,7 +68,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if num_rows == 0:
         return out, residual_out
     block = triton.next_power_of_2(hidden_size)
-    _rms_norm_kernel[(num_rows,)](
+    launch(_rms_norm_kernel, (num_rows,),
         x, residual if residual is not None else x, weight, out, residual_out if residual_out is not None else out,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         out.stride(0), residual_out.stride(0) if residual_out is not None else 0,

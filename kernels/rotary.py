@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.launch import launch
+
 # Elements per program: enough work per program for prefill, few enough programs to stay one wave at decode.
 _ELEMENTS_PER_PROGRAM = 1024
 
@@ -132,7 +134,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     num_q_blocks = triton.cdiv(num_q_heads, block_h)
     grid = (num_tokens, num_q_blocks + triton.cdiv(num_k_heads, block_h))
     q_weight, k_weight = weights if weights is not None else (q_heads, k_heads)
-    _qk_rotary_kernel[grid](
+    launch(_qk_rotary_kernel, grid,
         q_heads, k_heads, positions, cos_sin_cache, q_weight, k_weight,
         q_heads.stride(0), q_heads.stride(1), k_heads.stride(0), k_heads.stride(1), cos_sin_cache.stride(0),
         num_q_heads, num_k_heads, num_q_blocks, eps,

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.launch import launch
+
 
 def gumbel_max_sample_torch(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Reference: the same draw from explicit uniforms ``[rows, vocab]`` in (0, 1)."""
@@ -59,7 +61,7 @@ def gumbel_max_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: to
     if logits.shape[0] == 0:
         return out
     block = min(triton.next_power_of_2(logits.shape[1]), 4096)
-    _gumbel_max_kernel[(logits.shape[0],)](
+    launch(_gumbel_max_kernel, (logits.shape[0],),
         logits, temperatures, seed, out, logits.stride(0), logits.shape[1], BLOCK=block, num_warps=8,
     )
     return out
