@@ -53,3 +53,29 @@ def test_launches_run_again_after_an_error_inside_the_block():
             raise KeyError("a failing pass")
     launch(kernel, (1,))
     assert kernel.calls == [("run", (1,), (), {})]
+
+
+def test_each_variant_is_submitted_once():
+    """A pass launches each variant hundreds of times (every layer, every bucket); Triton's own cache key costs
+    milliseconds, so repeats are dropped first. What Triton specialises on still makes a new variant."""
+    import torch
+
+    kernel = RecordingKernel()
+    aligned = torch.zeros(64)
+    with compile_ahead(max_threads=2):
+        for _ in range(3):
+            launch(kernel, (8,), aligned, 7, BLOCK=16)
+        launch(kernel, (9,), torch.zeros(64), 9, BLOCK=16)  # another tensor, same dtype and alignment, another int
+        launch(kernel, (8,), aligned[1:], 7, BLOCK=16)  # misaligned by 4 bytes
+        launch(kernel, (8,), aligned.double(), 7, BLOCK=16)  # another dtype
+        launch(kernel, (8,), aligned, 1, BLOCK=16)  # an integer of 1
+        launch(kernel, (8,), aligned, 32, BLOCK=16)  # a multiple of 16
+        launch(kernel, (8,), aligned, 7, BLOCK=32)  # another constexpr
+    assert [call[0] for call in kernel.calls] == ["compile"] * 6
+
+
+def test_an_argument_that_cannot_be_hashed_is_still_submitted():
+    kernel = RecordingKernel()
+    with compile_ahead(max_threads=1):
+        launch(kernel, (1,), OPTIONS=[1, 2])
+    assert kernel.calls == [("compile", (1,), (), {"OPTIONS": [1, 2]})]
