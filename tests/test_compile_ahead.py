@@ -79,3 +79,33 @@ def test_an_argument_that_cannot_be_hashed_is_still_submitted():
     with compile_ahead(max_threads=1):
         launch(kernel, (1,), OPTIONS=[1, 2])
     assert kernel.calls == [("compile", (1,), (), {"OPTIONS": [1, 2]})]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_the_engines_compile_passes_leave_it_token_exact(family, monkeypatch):
+    """The runner's passes (the warm-up, one decode pass per graph bucket on a scratch cache) run at start-up on
+    CUDA; here on the CPU's torch path, which launches no Triton kernel, so that what they run besides the kernels
+    (scratch caches, metadata, the decode shapes) is checked in CI: the engine answers as one built without them."""
+    import copy
+
+    import torch
+
+    from conftest import tiny_model
+    from hf_minivllm import LLM, SamplingParams
+    from hf_minivllm.engine import model_runner
+
+    ran = []
+    original = model_runner.ModelRunner._compile_kernels_ahead
+    monkeypatch.setattr(model_runner.ModelRunner, "_compile_kernels_ahead",
+                        lambda runner: ran.append(1) or original(runner))
+    model = tiny_model(family)
+    settings = dict(max_model_len=128, max_num_seqs=20, max_num_batched_tokens=256)
+    plain = LLM(copy.deepcopy(model), **settings)
+    monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
+    compiled = LLM(model, **settings)
+    assert ran == [1]
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (5, 40, 17, 90)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [out["token_ids"] for out in plain.generate(prompts, params, use_tqdm=False)]
+    assert [out["token_ids"] for out in compiled.generate(prompts, params, use_tqdm=False)] == expected

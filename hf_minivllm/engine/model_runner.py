@@ -65,6 +65,12 @@ class TensorParallelPeers(Protocol):
     def closed(self) -> bool: ...
 
 
+def compiles_kernels_ahead(device: torch.device) -> bool:
+    """Whether start-up compiles its Triton kernels concurrently (``hf_minivllm.kernels.launch``): on CUDA, with a
+    Triton that has the asynchronous compile mode."""
+    return device.type == "cuda" and can_compile_ahead()
+
+
 class ModelRunner:
     """One model on one device: its KV cache storage, decode graphs, input preparation and sampling.
 
@@ -106,7 +112,7 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None  # none yet: the memory profile's warm-up runs eagerly
         if fp8_cache:
             self._calibrate_kv_scales()
-        if self.device.type == "cuda" and can_compile_ahead():
+        if compiles_kernels_ahead(self.device):
             self._compile_kernels_ahead()
         self.storage = self._make_storage()
         self._bind_kv_cache(self.storage.tensor)
@@ -211,6 +217,7 @@ class ModelRunner:
         activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
         return activation_peak, total - free, total
 
+    @torch.inference_mode()
     def _compile_kernels_ahead(self) -> None:
         """Compile at once, on a thread pool, the Triton kernels that the warm-up and the decode graphs launch
         (``hf_minivllm.kernels.launch``): one after another they took 7.5 of a 13 s start with an empty Triton
@@ -229,7 +236,11 @@ class ModelRunner:
                         torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32)))
             finally:
                 self._bind_kv_cache(None)
-        torch.cuda.synchronize(self.device)
+        self._synchronize()
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _warm_up(self) -> None:
         """A prefill of max_num_batched_tokens tokens and both samplers over max_num_seqs rows, on a scratch cache.
@@ -255,7 +266,7 @@ class ModelRunner:
         rows = [Sequence([0], _WARMUP_TEMPERATURE_ONLY, self.block_size) for _ in range(config.max_num_seqs)]
         sample(logits.to(self.dtype), self._sampling_tensors(rows))
         self._bind_kv_cache(None)
-        torch.cuda.synchronize(self.device)
+        self._synchronize()
 
     @torch.inference_mode()
     def _calibrate_kv_scales(self) -> None:
