@@ -24,7 +24,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,,$(subst <,,$(TORCH_SPEC)-$(TRANSFORMERS_SPEC))))
 
-.PHONY: install install-hf4 test test-hf4 demo bench-cpu results clean
+.PHONY: install test test-hf4 demo bench-cpu results clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,13 +39,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) $(TESTS)
 
-HF4_SETTINGS = VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC) EXTRAS=test-core
-
 test-hf4:
-	$(MAKE) test $(HF4_SETTINGS) TESTS="$(HF4_TESTS)"
-
-install-hf4:
-	$(MAKE) install $(HF4_SETTINGS)
+	$(MAKE) test VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC) TESTS="$(HF4_TESTS)" EXTRAS=test-core
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
