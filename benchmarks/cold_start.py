@@ -10,7 +10,9 @@ again in another fresh process with the cache the first one filled. The process 
 - ``engine``: ``LLM(model)`` or ``accelerate(model)``, split into the decoder build (the adapter's weight views),
   the concurrent compile of the kernels that the warm-up and the decode graphs launch, the warm-up pass (a prefill and the samplers, compiling their Triton kernels; it also measures activation
   memory), the rest of the KV cache's set-up, and the decode-graph capture (with the decode kernels' compiles);
-  the Triton compile (or disk-cache load) time inside all of it is counted apart, by Triton's compile hooks;
+  the Triton compile (or disk-cache load) time inside all of it is counted apart, by Triton's compile hooks,
+  from each variant's first request to its kernel (summed over variants: under the concurrent compiles these
+  overlap, so the sum exceeds the wall time they took);
 - ``first call``: one 128-token prompt, 16 greedy tokens (``LLM.generate`` or the patched ``model.generate``).
 
     python3 benchmarks/cold_start.py --out $OUT/cold_start.json

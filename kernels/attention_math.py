@@ -44,10 +44,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: 
 @triton.jit
 def fp8_cache_query(q):
     """The query for dots with an e4m3 cache's tiles, which convert to fp16 exactly in one instruction (to bf16 it
-    takes three): a 16-bit query becomes fp16, saturated to its range (a bf16 value inside it converts exactly);
-    fp32 stays fp32. Tiles are then converted with ``.to(query.dtype)``."""
+    takes three): a 16-bit query becomes fp16, saturated to its range, NaN kept NaN (a bf16 value between 2**-14
+    and 65504 converts exactly; smaller ones round to fp16's subnormals); fp32 stays fp32. Tiles are then converted
+    with ``.to(query.dtype)``."""
     if q.dtype != tl.float32:
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
     return q
 
 

@@ -25,7 +25,7 @@ _LOG2_E = 1.4426950408889634
 _MAX_SPLITS = 64
 # Aim for about this many programs per SM, so that the grid covers the chip evenly.
 _PROGRAMS_PER_SM = 2
-# Shared memory a decode program keeps besides its pipelined K and V tiles (the query, the score tile).
+# Shared memory an FP8 decode program keeps besides its pipelined tiles (the query, the converted tiles).
 _SHARED_MEMORY_MARGIN = 16 * 1024
 
 
@@ -43,7 +43,11 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _shared_memory_bytes(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    """Shared memory a block may opt in to (torch before 2.7 lacks the property: Triton's driver reports it)."""
+    shared = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
+    if shared is None:
+        shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return shared
 
 
 def _decode_config(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, device: torch.device) -> dict[str, int]:
@@ -51,16 +55,16 @@ def _decode_config(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, 
     with 4 warps and 3 stages read 2.80 TB/s for pages of 16 and 64 (128-token tiles 2.84, 32-token 2.68).
     fp32 gets smaller tiles to fit in shared memory. An FP8 cache's tiles carry half the bytes per token: on an
     H200 (``--tune-fp8``, batch 256) 128-token tiles with 4 warps and 5 stages took 0.249 ms against 0.296 for the
-    bf16 cache (64-token tiles 0.262, 2 stages 0.280). Fewer stages where a GPU's shared memory (Ada's 99 KB)
-    cannot hold that many K and V tiles."""
+    bf16 cache (64-token tiles 0.262, 2 stages 0.280). Those stages took 73 KiB of shared memory (head_dim 128)
+    and 141 KiB (head_dim 256) as Triton 3.6 compiled them, about one tile per stage; a GPU with less shared memory
+    gets fewer stages rather than a failed compile."""
     if dtype == torch.float32:
-        block_n, stages = 32, 2
-    elif cache_dtype == FP8_DTYPE:
-        block_n, stages = 128, 5
-    else:
-        block_n, stages = 64, 3
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    if cache_dtype != FP8_DTYPE:
+        return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    block_n, stages = 128, 5
     if device.type == "cuda":
-        stage_bytes = 2 * block_n * head_dim * cache_dtype.itemsize
+        stage_bytes = block_n * head_dim * cache_dtype.itemsize
         index = device.index if device.index is not None else torch.cuda.current_device()
         stages = max(1, min(stages, (_shared_memory_bytes(index) - _SHARED_MEMORY_MARGIN) // stage_bytes))
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 
 try:  # Triton 3.6 has it
+    from triton.runtime import _async_compile
     from triton.runtime._async_compile import AsyncCompileMode
 except ImportError:  # pragma: no cover - older Triton: launches compile one at a time, as before
     AsyncCompileMode = None
@@ -82,9 +83,15 @@ def compile_ahead(max_threads: int | None = None) -> Iterator[None]:
     if AsyncCompileMode is None:
         raise RuntimeError("compile_ahead needs Triton's asynchronous compile mode (Triton 3.6 has it)")
     threads = max_threads or min(MAX_COMPILE_THREADS, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads, thread_name_prefix="hf-minivllm-compile") as pool, AsyncCompileMode(pool):
-        token = _SUBMITTED.set(set())
+    with ThreadPoolExecutor(threads, thread_name_prefix="hf-minivllm-compile") as pool:
         try:
-            yield
+            with AsyncCompileMode(pool):
+                token = _SUBMITTED.set(set())
+                try:
+                    yield
+                finally:
+                    _SUBMITTED.reset(token)
         finally:
-            _SUBMITTED.reset(token)
+            # Triton 3.6 leaves its mode active when a compile fails; this thread's later compiles (a retry, another
+            # engine) would then go to the closed pool.
+            _async_compile.active_mode.set(None)

@@ -109,3 +109,29 @@ def test_the_engines_compile_passes_leave_it_token_exact(family, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     expected = [out["token_ids"] for out in plain.generate(prompts, params, use_tqdm=False)]
     assert [out["token_ids"] for out in compiled.generate(prompts, params, use_tqdm=False)] == expected
+
+
+def test_a_failed_compile_is_raised_and_leaves_the_thread_able_to_compile_again():
+    """Triton's asynchronous mode raises a compile error when the block ends; this thread must not be left in that
+    mode (its later compiles, a retry or another engine, would go to a closed pool)."""
+    import inspect
+
+    from triton.runtime import _async_compile
+
+    def failing_compile():
+        raise RuntimeError("the compiler failed")
+
+    class FailingKernel(RecordingKernel):
+        def warmup(self, *args, grid, **kwargs):
+            mode = _async_compile.active_mode.get()
+            callbacks = [lambda kernel: None] * (len(inspect.signature(mode.submit).parameters) - 2)
+            mode.submit("a variant", failing_compile, *callbacks)
+
+    with pytest.raises(RuntimeError, match="the compiler failed"):
+        with compile_ahead(max_threads=1):
+            launch(FailingKernel(), (1,))
+    assert _async_compile.active_mode.get() is None
+    kernel = RecordingKernel()
+    with compile_ahead(max_threads=1):
+        launch(kernel, (1,))
+    assert kernel.calls == [("compile", (1,), (), {})]

@@ -189,14 +189,15 @@ def test_choose_num_splits_depends_on_static_shapes_only(kernels):
 
 
 def test_decode_pipeline_stages_fit_the_gpus_shared_memory(kernels, monkeypatch):
-    """An FP8 cache's 5 stages of 128-token tiles fit a Hopper's shared memory but not an Ada's (99 KB), nor a
-    Hopper's at head_dim 256: fewer stages there, never a compile that runs out of resources."""
+    """An FP8 cache's 5 stages of 128-token tiles (Triton 3.6 compiled them into 73 KiB at head_dim 128 and
+    141 KiB at 256) fit a Hopper's and, at head_dim 128, an Ada's 99 KB; head_dim 256 on an Ada gets fewer stages,
+    never a compile that runs out of resources. The bf16 cache's tiles keep their measured config everywhere."""
     module = kernels.decode_attention
     gpu = torch.device("cuda", 0)
     fp8 = torch.float8_e4m3fn
-    for shared, head_dim, cache_dtype, stages in ((227 * 1024, 128, fp8, 5), (99 * 1024, 128, fp8, 2),
-                                                  (227 * 1024, 256, fp8, 3), (227 * 1024, 128, torch.bfloat16, 3),
-                                                  (99 * 1024, 256, torch.bfloat16, 1)):
+    for shared, head_dim, cache_dtype, stages in ((227 * 1024, 128, fp8, 5), (99 * 1024, 128, fp8, 5),
+                                                  (227 * 1024, 256, fp8, 5), (99 * 1024, 256, fp8, 2),
+                                                  (48 * 1024, 256, fp8, 1), (99 * 1024, 256, torch.bfloat16, 3)):
         monkeypatch.setattr(module, "_shared_memory_bytes", lambda index, shared=shared: shared)
         assert module._decode_config(torch.bfloat16, cache_dtype, head_dim, gpu)["num_stages"] == stages
     assert module._decode_config(torch.bfloat16, fp8, 128, torch.device("cpu")) == dict(BLOCK_N=128, num_warps=4,
@@ -451,7 +452,7 @@ def test_store_kvcache_fp8_is_bit_exact_with_torch(kernels):
     assert caches[1].float().abs().max() == kernels.kv_cache.FP8_MAX, "values past the range saturate"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("options", [{}, dict(sliding_window=9, softcap=30.0)])
 def test_fp8_decode_matches_torch(kernels, dtype, options):
     paged, args = _decode_case([1, 17, 40, 70], 8, 4, 2, 16, dtype, seed=11)
@@ -463,7 +464,18 @@ def test_fp8_decode_matches_torch(kernels, dtype, options):
         torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_decode_keeps_a_nan_query_nan(kernels):
+    """A 16-bit query is saturated to fp16's range for the FP8 cache's dots; a NaN (a model that blew up) must
+    still come out NaN, as the 16-bit cache and the torch path give it, not as a finite answer."""
+    paged, args = _decode_case([5, 17], 8, 4, 2, 16, torch.bfloat16, seed=13)
+    args, kv_scales = _with_fp8_cache(args)
+    q = args[0].clone()
+    q[1, 0, 3] = float("nan")
+    out = kernels.decode_attention.paged_decode_attention(q, *args[1:], kv_scales=kv_scales)
+    assert out[1, 0].isnan().all() and not out[0].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("options", [{}, dict(sliding_window=9, softcap=30.0)])
 def test_fp8_prefill_matches_torch(kernels, dtype, options):
     paged, args = _prefill_case([5, 1, 40], [0, 8, 13], 8, 4, 2, 16, dtype, seed=12)

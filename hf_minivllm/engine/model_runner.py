@@ -221,19 +221,30 @@ class ModelRunner:
     def _compile_kernels_ahead(self) -> None:
         """Compile at once, on a thread pool, the Triton kernels that the warm-up and the decode graphs launch
         (``hf_minivllm.kernels.launch``): one after another they took 7.5 of a 13 s start with an empty Triton
-        cache (0.6B architecture, H200). The passes below only compile: their outputs are never read. The decode
-        passes have the graphs' shapes (every bucket, block tables as wide as the graphs'), whose split counts pick
-        the decode kernel's variants."""
-        with compile_ahead():
+        cache (0.6B architecture, H200). In these passes the Triton kernels only compile and what they would write
+        is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
+        random generators' state put back afterwards. The decode passes have the graphs' shapes (every bucket,
+        separate input buffers, block tables as wide as the graphs'), whose split counts pick the decode kernel's
+        variants."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), compile_ahead():
             self._warm_up()
             self._bind_kv_cache(torch.empty(self.layout.shape(1), device=self.device, dtype=self.layout.dtype))
             try:
                 for bucket in batch_buckets(self.config.max_num_seqs):
-                    rows = torch.zeros(3, bucket, dtype=torch.int64)
-                    rows[2] = -1  # no KV written
-                    self.eager_decode_logits(DecodeInputs(
-                        rows, torch.ones(bucket, dtype=torch.int32),
-                        torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32)))
+                    set_attention_metadata(AttentionMetadata(
+                        is_prefill=False,
+                        slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=self.device),
+                        block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32,
+                                                 device=self.device),
+                        context_lens=torch.ones(bucket, dtype=torch.int32, device=self.device),
+                    ))
+                    try:
+                        token_ids = torch.zeros(bucket, dtype=torch.int64, device=self.device)
+                        positions = torch.zeros(bucket, dtype=torch.int64, device=self.device)
+                        self.model.compute_logits(self.model(token_ids, positions))
+                    finally:
+                        set_attention_metadata(None)
             finally:
                 self._bind_kv_cache(None)
         self._synchronize()
