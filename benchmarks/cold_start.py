@@ -31,6 +31,9 @@ from pathlib import Path
 
 START = time.perf_counter()
 CASES = ("llm", "accelerate")
+# With --compare-sequential: LLM(model) again with the compile-ahead passes switched off, each kernel variant
+# compiling at its first launch one after another (what the engine did before them).
+SEQUENTIAL_CASE = "llm-sequential-compiles"
 
 
 def child(case: str) -> dict:
@@ -86,7 +89,9 @@ def child(case: str) -> dict:
     timer.wrap(cuda_graphs.DecodeGraphs, "__init__", "graph_capture_s")
     timer.wrap(llm_module, "build_decoder", "decoder_build_s")  # the name llm.py bound at import
     prompt = list(range(1000, 1128))
-    if case == "llm":
+    if case == SEQUENTIAL_CASE:
+        model_runner.compiles_kernels_ahead = lambda device: False
+    if case in ("llm", SEQUENTIAL_CASE):
         engine = LLM(model)
         torch.cuda.synchronize()
         lap("engine_s")
@@ -126,6 +131,8 @@ def figures(result: dict) -> list:
     for row in result.get("runs", []):
         if "error" in row or row["cache"] != "empty Triton cache":
             continue
+        if row["case"] not in CASES:
+            continue
         name = "LLM(model)" if row["case"] == "llm" else "accelerate(model)"
         out.append(Figure("cold start (0.6b, fresh process, empty Triton cache)", f"{name} construction", "s",
                           row["phases"]["engine_s"], name, higher_is_better=False))
@@ -139,7 +146,9 @@ def figures(result: dict) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results here as JSON")
-    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--compare-sequential", action="store_true",
+                        help="also time LLM(model) without the compile-ahead passes (not recorded as a figure)")
+    parser.add_argument("--child", choices=CASES + (SEQUENTIAL_CASE,), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child)), flush=True)
@@ -149,7 +158,7 @@ def main() -> None:
     from workloads import commit
 
     summary = {"device": torch.cuda.get_device_name(0), "commit": commit(), "runs": []}
-    for case in CASES:
+    for case in CASES + ((SEQUENTIAL_CASE,) if args.compare_sequential else ()):
         with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache_dir:
             for cache in ("empty Triton cache", "warm Triton cache"):
                 row = {**run_case(case, cache_dir), "cache": cache}
