@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-init models of each supported family, and the embedded SmolLM2 (GGUF)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -160,11 +161,28 @@ def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
     return ids, mask
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Transformers parses the GGUF file anew for the config, the tokenizer and the weights (four readers) and
+    rebuilds gguf's tensor-name table once per layer: about 35 s of one CI core per load. Within one load the file
+    and the tables do not change, so share them; the weights and tokenizer come out the same."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 @functools.lru_cache(maxsize=1)
 def _smollm2():
     from hf_minivllm.models.loading import load_embedded_model
 
-    return load_embedded_model()
+    with _gguf_parsed_once():
+        return load_embedded_model()
 
 
 @pytest.fixture

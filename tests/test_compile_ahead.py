@@ -95,13 +95,14 @@ def test_the_engines_compile_passes_leave_it_token_exact(family, monkeypatch):
     from hf_minivllm.engine import model_runner
 
     ran = []
-    original = model_runner.ModelRunner._compile_kernels_ahead
-    monkeypatch.setattr(model_runner.ModelRunner, "_compile_kernels_ahead",
+    original = model_runner.ModelRunner._decode_compile_passes
+    monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes",
                         lambda runner: ran.append(1) or original(runner))
     model = tiny_model(family)
     settings = dict(max_model_len=128, max_num_seqs=20, max_num_batched_tokens=256)
     plain = LLM(copy.deepcopy(model), **settings)
     monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
+    monkeypatch.setattr(model_runner, "FROM_CACHE_S", -1.0)  # the torch path compiles nothing: run them anyway
     compiled = LLM(model, **settings)
     assert ran == [1]
     generator = torch.Generator().manual_seed(3)
@@ -146,3 +147,51 @@ def test_a_failed_compile_is_raised_and_leaves_the_thread_able_to_compile_again(
     with compile_ahead(max_threads=1):
         launch(kernel, (1,))
     assert kernel.calls == [("compile", (1,), (), {})]
+
+
+def test_decode_passes_are_skipped_when_the_warm_up_compiled_nothing(monkeypatch):
+    """Compiles of milliseconds were reads from Triton's cache: the decode graphs' variants will load from it as
+    quickly, so their passes are not worth their eager forwards."""
+    from conftest import tiny_model
+    from hf_minivllm import LLM
+    from hf_minivllm.engine import model_runner
+
+    ran = []
+    monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes", lambda runner: ran.append(1))
+    monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
+    LLM(tiny_model("qwen3"), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=128)
+    assert ran == []
+
+
+def test_the_pool_reports_its_longest_compile():
+    import time
+
+    with compile_ahead(max_threads=2) as pool:
+        for delay in (0.0, 0.15, 0.01):
+            pool.submit(time.sleep, delay)
+        assert 0.15 <= pool.wait() < 1.0
+    assert len(pool.compiled) == 3
+
+
+def test_each_launcher_is_built_once_per_signature_after_the_compiles(monkeypatch):
+    """Triton builds a compiled kernel's launcher (a C module) at its first launch, one after another; the pool
+    builds them concurrently when the block ends, one per signature and constants."""
+    import importlib
+    from types import SimpleNamespace
+
+    triton_driver = importlib.import_module("triton.runtime.driver")  # the module (triton.runtime.driver is its object)
+    built = []
+    monkeypatch.setattr(triton_driver, "driver", SimpleNamespace(
+        active=SimpleNamespace(launcher_cls=lambda src, metadata: built.append((src.name, metadata)))))
+
+    def compiled(name, signature, constants):
+        return SimpleNamespace(src=SimpleNamespace(name=name, signature=signature, constants=constants),
+                               metadata=SimpleNamespace())
+
+    kernels = [compiled("a", {"x": "*fp16"}, {}), compiled("b", {"x": "*fp16"}, {}),
+               compiled("c", {"x": "*fp16"}, {(1,): 16}), compiled("d", {"x": "*bf16"}, {})]
+    with compile_ahead(max_threads=2) as pool:
+        for kernel in kernels:
+            pool.submit(lambda kernel=kernel: kernel)
+    names = sorted(name for name, _ in built)
+    assert len(names) == 3 and names[0] in "ab" and names[1:] == ["c", "d"]

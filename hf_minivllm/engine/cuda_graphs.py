@@ -143,7 +143,9 @@ class PrefillGraphs:
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
-        self.cu_seqlens = torch.zeros(2, max_seqs + 1, dtype=torch.int32, device=device)  # query, key
+        # query, key; each row 16-byte aligned (a width of 4 int32s), so that the kernels specialise as for the
+        # warm-up's own tensors and the start-up compiles cover them
+        self.cu_seqlens = torch.zeros(2, -(-(max_seqs + 1) // 4) * 4, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_seqs, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
         self.logits_rows = torch.zeros(max_seqs, dtype=torch.int64, device=device)
         self.logits = torch.empty(max_seqs, model.vocab_size, dtype=runner.dtype, device=device)
@@ -171,8 +173,8 @@ class PrefillGraphs:
             is_prefill=True,
             slot_mapping=self.slot_mapping[:bucket],
             block_tables=self.block_tables,
-            cu_seqlens_q=self.cu_seqlens[0],
-            cu_seqlens_k=self.cu_seqlens[1],
+            cu_seqlens_q=self.cu_seqlens[0, : self.max_seqs + 1],
+            cu_seqlens_k=self.cu_seqlens[1, : self.max_seqs + 1],
             max_seqlen_q=bucket,
             max_seqlen_k=self.max_model_len,
         )
@@ -198,7 +200,7 @@ class PrefillGraphs:
         self.positions[:num_tokens].copy_(_host(plan.positions, pinned), non_blocking=True)
         self.slot_mapping[:num_tokens].copy_(_host(plan.slot_mapping, pinned), non_blocking=True)
         self.slot_mapping[num_tokens:bucket] = -1
-        cu_seqlens = np.empty((2, self.max_seqs + 1), dtype=np.int32)
+        cu_seqlens = np.empty(tuple(self.cu_seqlens.shape), dtype=np.int32)
         cu_seqlens[0, : num_seqs + 1], cu_seqlens[1, : num_seqs + 1] = plan.cu_seqlens_q, plan.cu_seqlens_k
         cu_seqlens[:, num_seqs + 1 :] = cu_seqlens[:, num_seqs : num_seqs + 1]  # padding sequences hold no tokens
         self.cu_seqlens.copy_(_host(cu_seqlens, pinned), non_blocking=True)

@@ -49,6 +49,8 @@ PREFILL_GRAPH_SEQS = 32
 # key and value it saw (larger ones saturate at e4m3's largest value).
 KV_CALIBRATION_TOKENS = 512
 KV_SCALE_HEADROOM = 2.0
+# A start-up compile shorter than this was a read from Triton's cache (milliseconds); a real compile takes longer.
+FROM_CACHE_S = 0.1
 
 
 class TensorParallelPeers(Protocol):
@@ -223,31 +225,37 @@ class ModelRunner:
         (``hf_minivllm.kernels.launch``): one after another they took 7.5 of a 13 s start with an empty Triton
         cache (0.6B architecture, H200). In these passes the Triton kernels only compile and what they would write
         is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
-        random generators' state put back afterwards. The decode passes have the graphs' shapes (every bucket,
-        separate input buffers, block tables as wide as the graphs'), whose split counts pick the decode kernel's
-        variants."""
+        random generators' state put back afterwards.
+
+        When the warm-up's variants all came from Triton's cache (or this process had them), the decode graphs'
+        will load from it at capture about as fast: their passes (a second of eager forwards) are skipped."""
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), compile_ahead():
+        with torch.random.fork_rng(devices=devices), compile_ahead() as compiles:
             self._warm_up()
-            self._bind_kv_cache(torch.empty(self.layout.shape(1), device=self.device, dtype=self.layout.dtype))
-            try:
-                for bucket in batch_buckets(self.config.max_num_seqs):
-                    set_attention_metadata(AttentionMetadata(
-                        is_prefill=False,
-                        slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=self.device),
-                        block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32,
-                                                 device=self.device),
-                        context_lens=torch.ones(bucket, dtype=torch.int32, device=self.device),
-                    ))
-                    try:
-                        token_ids = torch.zeros(bucket, dtype=torch.int64, device=self.device)
-                        positions = torch.zeros(bucket, dtype=torch.int64, device=self.device)
-                        self.model.compute_logits(self.model(token_ids, positions))
-                    finally:
-                        set_attention_metadata(None)
-            finally:
-                self._bind_kv_cache(None)
+            if compiles.wait() >= FROM_CACHE_S:
+                self._decode_compile_passes()
         self._synchronize()
+
+    def _decode_compile_passes(self) -> None:
+        """One decode pass per graph bucket, with the graphs' shapes (separate input buffers, block tables as wide as
+        the graphs'), whose split counts pick the decode kernel's variants; on a one-block scratch cache."""
+        self._bind_kv_cache(torch.empty(self.layout.shape(1), device=self.device, dtype=self.layout.dtype))
+        try:
+            for bucket in batch_buckets(self.config.max_num_seqs):
+                set_attention_metadata(AttentionMetadata(
+                    is_prefill=False,
+                    slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=self.device),
+                    block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
+                    context_lens=torch.ones(bucket, dtype=torch.int32, device=self.device),
+                ))
+                try:
+                    token_ids = torch.zeros(bucket, dtype=torch.int64, device=self.device)
+                    positions = torch.zeros(bucket, dtype=torch.int64, device=self.device)
+                    self.model.compute_logits(self.model(token_ids, positions))
+                finally:
+                    set_attention_metadata(None)
+        finally:
+            self._bind_kv_cache(None)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
