@@ -9,7 +9,8 @@ again in another fresh process with the cache the first one filled. The process 
   caller's model exists already);
 - ``engine``: ``LLM(model)`` or ``accelerate(model)``, split into the decoder build (the adapter's weight views),
   the concurrent compile of the kernels that the warm-up and the decode graphs launch, the warm-up pass (a prefill and the samplers, compiling their Triton kernels; it also measures activation
-  memory), the rest of the KV cache's set-up, and the decode-graph capture (with the decode kernels' compiles);
+  memory), the rest of the KV cache's set-up, the decode-graph capture (with the decode kernels' compiles) and the
+  prefill-graph capture;
   the Triton compile (or disk-cache load) time inside all of it is counted apart, by Triton's compile hooks,
   from each variant's first request to its kernel (summed over variants: under the concurrent compiles these
   overlap, so the sum exceeds the wall time they took);
@@ -87,6 +88,7 @@ def child(case: str) -> dict:
     timer.wrap(model_runner.ModelRunner, "_profile_gpu_memory", "warm_up_s")  # the warm-up pass, measuring memory
     timer.wrap(model_runner.ModelRunner, "_make_storage", "kv_cache_setup_s")
     timer.wrap(cuda_graphs.DecodeGraphs, "__init__", "graph_capture_s")
+    timer.wrap(cuda_graphs.PrefillGraphs, "__init__", "prefill_graph_capture_s")
     timer.wrap(llm_module, "build_decoder", "decoder_build_s")  # the name llm.py bound at import
     prompt = list(range(1000, 1128))
     if case == SEQUENTIAL_CASE:
