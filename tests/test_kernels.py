@@ -831,7 +831,10 @@ def test_moe_reference_matches_naive_float64(num_tokens, top_k):
     torch.testing.assert_close(fused_moe.fused_moe_torch(*args).double(), _naive_moe(*args), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bf16 on the GPU only: Triton's interpreter computes bf16 dots wrongly (values of 1e10 from unit inputs, 3.9).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+                                       not CUDA, reason="Triton's interpreter gets bf16 dots wrong"))])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("num_tokens", [1, 7, 70])
 def test_fused_moe_matches_torch(kernels, num_tokens, top_k, dtype):
