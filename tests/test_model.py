@@ -128,8 +128,15 @@ def test_bf16_matches_hf():
 def test_cuda_matches_hf(family, dtype, backend):
     # On CUDA, RMSNorm and SiluAndMul run as Triton kernels; Triton's fp32 dots may use TF32.
     tol = 3e-2 if dtype == torch.bfloat16 or backend == "triton" else 1e-4
-    check_against_hf(tiny_model(family, dtype=dtype).cuda(), lengths=[7, 1, 13, 4], new_tokens=5, tol=tol,
-                     backend=backend)
+    overrides = {}
+    if family == "qwen3_moe" and dtype == torch.bfloat16:
+        # A random router's top-2 of 8 has near-ties (0.0006 apart in probability): bf16 attention rounding that
+        # differs from HF's flips one, and that token's logits move by 0.16 (seen on an H200 with the reference
+        # experts as well as the fused kernel). Every expert for every token leaves no choice to flip; routing
+        # itself is checked in fp32, token-exact.
+        overrides["num_experts_per_tok"] = 8
+    check_against_hf(tiny_model(family, dtype=dtype, **overrides).cuda(), lengths=[7, 1, 13, 4], new_tokens=5,
+                     tol=tol, backend=backend)
 
 
 def test_llama_with_biases_and_llama3_rope_matches_hf():
