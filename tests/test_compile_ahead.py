@@ -5,6 +5,7 @@ after start-up and that the answers stay token-exact."""
 import threading
 
 import pytest
+import torch
 
 from hf_minivllm.kernels.launch import can_compile_ahead, compile_ahead, launch
 
@@ -58,8 +59,6 @@ def test_launches_run_again_after_an_error_inside_the_block():
 def test_each_variant_is_submitted_once():
     """A pass launches each variant hundreds of times (every layer, every bucket); Triton's own cache key costs
     milliseconds, so repeats are dropped first. What Triton specialises on still makes a new variant."""
-    import torch
-
     kernel = RecordingKernel()
     aligned = torch.zeros(64)
     with compile_ahead(max_threads=2):
@@ -87,8 +86,6 @@ def test_the_engines_compile_passes_leave_it_token_exact(family, monkeypatch):
     CUDA; here on the CPU's torch path, which launches no Triton kernel, so that what they run besides the kernels
     (scratch caches, metadata, the decode shapes) is checked in CI: the engine answers as one built without them."""
     import copy
-
-    import torch
 
     from conftest import tiny_model
     from hf_minivllm import LLM, SamplingParams
@@ -195,3 +192,22 @@ def test_each_launcher_is_built_once_per_signature_after_the_compiles(monkeypatc
             pool.submit(lambda kernel=kernel: kernel)
     names = sorted(name for name, _ in built)
     assert len(names) == 3 and names[0] in "ab" and names[1:] == ["c", "d"]
+
+
+def test_every_tensor_parallel_rank_runs_the_decode_passes_when_one_compiled(monkeypatch):
+    """The decode passes run all-reduces: a rank whose warm-up found every variant in Triton's cache must still run
+    them when another rank compiled (ranks deciding apart would wait on each other's collectives for ever)."""
+    from types import SimpleNamespace
+
+    from hf_minivllm.engine import model_runner
+
+    class OtherRankCompiled:
+        def min(self, value):
+            return 0
+
+    for group, expected in ((None, []), (OtherRankCompiled(), [1])):
+        ran = []
+        runner = SimpleNamespace(device=torch.device("cpu"), group=group, _warm_up=lambda: None,
+                                 _decode_compile_passes=lambda: ran.append(1), _synchronize=lambda: None)
+        model_runner.ModelRunner._compile_kernels_ahead(runner)
+        assert ran == expected

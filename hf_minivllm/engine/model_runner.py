@@ -227,12 +227,16 @@ class ModelRunner:
         is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
         random generators' state put back afterwards.
 
-        When the warm-up's variants all came from Triton's cache (or this process had them), the decode graphs'
-        will load from it at capture about as fast: their passes (a second of eager forwards) are skipped."""
+        When the warm-up's variants all came from Triton's cache (or this process had them) on every rank, the
+        decode graphs' will load from it at capture about as fast: their passes (a second of eager forwards) are
+        skipped."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), compile_ahead() as compiles:
             self._warm_up()
-            if compiles.wait() >= FROM_CACHE_S:
+            from_cache = compiles.wait() < FROM_CACHE_S
+            if self.group is not None:  # the passes run collectives: every rank must run them or none
+                from_cache = bool(self.group.min(int(from_cache)))
+            if not from_cache:
                 self._decode_compile_passes()
         self._synchronize()
 
