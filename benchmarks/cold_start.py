@@ -8,9 +8,9 @@ again in another fresh process with the cache the first one filled. The process 
 - ``model``: the Qwen3-0.6B architecture built on the GPU with random bf16 weights (not part of the target: the
   caller's model exists already);
 - ``engine``: ``LLM(model)`` or ``accelerate(model)``, split into the decoder build (the adapter's weight views),
-  the concurrent compile of the kernels that the warm-up and the decode graphs launch, the warm-up pass (a prefill and the samplers, compiling their Triton kernels; it also measures activation
-  memory), the rest of the KV cache's set-up, the decode-graph capture (with the decode kernels' compiles) and the
-  prefill-graph capture;
+  the concurrent compile of the kernels that the warm-up and the decode graphs launch (and of their launchers), the
+  warm-up pass (a prefill and the samplers; it also measures activation memory), the rest of the KV cache's set-up,
+  the decode-graph capture (with any decode kernel compiles left) and the prefill-graph capture;
   the Triton compile (or disk-cache load) time inside all of it is counted apart, by Triton's compile hooks,
   from each variant's first request to its kernel (summed over variants: under the concurrent compiles these
   overlap, so the sum exceeds the wall time they took);

@@ -4,8 +4,9 @@ Triton compiles a kernel variant on its first launch, one after another: with an
 an engine's start (7.5 of 13 s for the 0.6B architecture on an H200). Inside ``compile_ahead()`` the launches of
 this package's kernels only submit their compiles to a thread pool (Triton's asynchronous compile mode; its
 compiler leaves the GIL for most of the work) and leaving the block waits for all of them, so the variants a pass
-launches compile in about the time of the slowest. A pass run inside the block computes nothing its caller may
-read: the kernels' outputs are never written.
+launches compile in about the time of the slowest; then their launchers (small C modules Triton would otherwise
+build at each kernel's first launch) build on the same pool. A pass run inside the block computes nothing its caller
+may read: the kernels' outputs are never written.
 
 The state is a context variable: another thread's launches, and another engine's, are untouched.
 """
@@ -52,9 +53,9 @@ def _specialization(value: Any) -> Any:
 def _variant(kernel: Any, args: tuple, kwargs: dict) -> tuple:
     """An approximation of Triton's own cache key that costs microseconds. The passes launch each variant hundreds
     of times, and under the asynchronous mode each launch of a not yet finished variant recomputes Triton's key:
-    without this, the passes took 4.9 s with a warm Triton cache (H200, commit b093ba7). Keyword arguments, which carry our constexprs and launch options,
-    count by value. Where it errs, a variant is submitted twice (Triton merges them) or compiles at its first launch
-    as before: never a wrong kernel."""
+    without this, the passes took 4.9 s with a warm Triton cache (H200, commit b093ba7). Keyword arguments, which
+    carry our constexprs and launch options, count by value. Where it errs, a variant is submitted twice (Triton
+    merges them) or compiles at its first launch as before: never a wrong kernel."""
     return (kernel, tuple(_specialization(value) for value in args),
             tuple((name, value if not isinstance(value, torch.Tensor) else _specialization(value))
                   for name, value in kwargs.items()))
@@ -79,6 +80,13 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
 def can_compile_ahead() -> bool:
     """Whether this Triton can compile concurrently (``compile_ahead`` would otherwise run its pass for nothing)."""
     return AsyncCompileMode is not None
+
+
+def _launcher_key(kernel: Any) -> str:
+    """What a compiled kernel's launcher source depends on: its signature, constants and tensor descriptors."""
+    src = kernel.src
+    return repr((sorted(src.signature.items(), key=repr), sorted(getattr(src, "constants", {}).items(), key=repr),
+                 getattr(kernel.metadata, "tensordesc_meta", None)))
 
 
 class CompilePool(ThreadPoolExecutor):
@@ -124,13 +132,9 @@ class CompilePool(ThreadPoolExecutor):
             from triton.runtime.driver import driver
 
             build = driver.active.launcher_cls
-            launchers = {}
-            for kernel in self.compiled:
-                src = kernel.src
-                key = repr((sorted(src.signature.items(), key=repr), sorted(getattr(src, "constants", {}).items(), key=repr),
-                            getattr(kernel.metadata, "tensordesc_meta", None)))
-                launchers.setdefault(key, kernel)
-            futures = [super(CompilePool, self).submit(build, kernel.src, kernel.metadata) for kernel in launchers.values()]
+            launchers = {_launcher_key(kernel): kernel for kernel in reversed(self.compiled)}
+            futures = [ThreadPoolExecutor.submit(self, build, kernel.src, kernel.metadata)  # untimed
+                       for kernel in launchers.values()]
             for future in futures:
                 future.result()
         except Exception:  # a Triton whose internals differ: each kernel builds its launcher at its first launch
