@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 
 import pytest
 import torch
@@ -170,7 +171,6 @@ def test_smollm2_matches_hf_and_greedy_is_token_exact(smollm2):
 
 def _tensor_parallel_worker(rank: int, world_size: int, port: int, models: list) -> None:
     group = ParallelGroup.connect(rank, world_size, port, torch.device("cpu"), timeout_s=60)
-    torch.set_num_threads(1)
     for model in models:
         decoder = check_against_hf(model, lengths=[7, 1, 5], new_tokens=2, tp_rank=rank, tp_size=world_size,
                                    group=group)
@@ -186,9 +186,26 @@ def test_tensor_parallel_shards_match_hf(world_size):
     store = ParallelGroup.create_store(world_size, timeout_s=60)
     models = [tiny_model("qwen3"), tiny_model("qwen2", vocab_size=331),
               tiny_model("llama", attention_bias=True, mlp_bias=True)]
-    # fork: the children inherit the models and imported modules, which a spawn would rebuild for seconds.
-    torch.multiprocessing.start_processes(_tensor_parallel_worker, args=(world_size, store.port, models),
-                                          nprocs=world_size, start_method="fork")
+    # One thread per rank, each with its own copy of the models: gloo groups need no process of their own, and
+    # forked processes could inherit locks held by threads that earlier tests left (a child once hung in gloo's
+    # set-up under the full suite); spawned ones import for seconds. The engine's worker processes are tested in
+    # test_tensor_parallel.py.
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            _tensor_parallel_worker(rank, world_size, store.port, copy.deepcopy(models))
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            errors.append(error)
+
+    ranks = [threading.Thread(target=rank_main, args=(rank,), name=f"tp-rank-{rank}") for rank in range(world_size)]
+    for thread in ranks:
+        thread.start()
+    for thread in ranks:
+        thread.join(timeout=180)
+    assert not any(thread.is_alive() for thread in ranks), "a rank did not finish"
+    if errors:
+        raise errors[0]
 
 
 def _param_bytes(model) -> int:
