@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import subprocess
 import sys
@@ -154,3 +155,46 @@ def test_a_replica_serves_several_batches_at_once(local_ray, tiny_folder):
                                                                           **ENGINE),
                                  batch_size=4, batch_format="pandas", compute=hf_ray.replica_pool(1, 4, ENGINE))
     assert max(row["peak_batches_in_flight"] for row in result.take_all()) > 1
+
+
+def test_a_replica_whose_process_dies_is_restarted_and_its_batch_retried(local_ray, tiny_folder, tmp_path):
+    """The replica's process exits on its first batch (as an out-of-memory kill would end it): Ray restarts the
+    actor and retries the batch, and every row comes back with the answer one engine gives."""
+    died = tmp_path / "died"
+
+    class DiesOnce(hf_ray.GenerationReplica):
+        async def __call__(self, batch):
+            if not died.exists():
+                died.touch()
+                os._exit(1)
+            async for out in super().__call__(batch):
+                yield out
+
+    prompts = _prompts(8, seed=5)
+    dataset = ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+    result = dataset.map_batches(DiesOnce, fn_constructor_kwargs=dict(model=tiny_folder, sampling_params=GREEDY,
+                                                                      **ENGINE),
+                                 batch_size=4, batch_format="pandas", compute=hf_ray.replica_pool(1, 4, ENGINE),
+                                 max_restarts=1, max_task_retries=1)
+    rows = _by_id(result)
+    assert died.exists()
+    expected = [out["token_ids"] for out in LLM(tiny_folder, **ENGINE).generate(prompts, GREEDY, use_tqdm=False)]
+    assert [list(rows[i]["generated_token_ids"]) for i in range(len(prompts))] == expected
+
+
+def test_generate_bounds_replica_restarts_and_batch_retries(local_ray, tiny_folder, monkeypatch):
+    """Ray Data restarts a dead actor and retries its batch without end by default: a replica that died on every
+    batch would keep the call from ever returning. generate bounds both."""
+    seen = {}
+
+    class Recorded(Exception):
+        pass
+
+    def record(dataset, fn, **kwargs):
+        seen.update(kwargs)
+        raise Recorded  # before any replica starts
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", record)
+    with pytest.raises(Recorded):
+        hf_ray.generate(ray.data.from_items([{"prompt": [5, 6]}]), tiny_folder, use_tqdm=False, **ENGINE)
+    assert 0 < seen["max_restarts"] < 10 and 0 < seen["max_task_retries"] < 10

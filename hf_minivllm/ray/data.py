@@ -18,6 +18,11 @@ from hf_minivllm.sampling_params import SamplingParams
 # rows evenly over replicas that became ready at different times.
 DEFAULT_BATCH_SIZE = 64
 _PROGRESS_REFRESH_S = 0.5
+# Ray's fault tolerance, bounded: a replica whose process dies is restarted and its batches retried, up to these
+# counts. Ray Data's defaults are unbounded, so a replica that died on every batch (a prompt that always runs it out
+# of memory) would restart for ever and the call would never return.
+REPLICA_MAX_RESTARTS = 4
+BATCH_MAX_RETRIES = 4
 
 
 @ray.remote(num_cpus=0)
@@ -102,7 +107,9 @@ def generate(
     and of every node). Each of the ``num_replicas`` replicas is a Ray Data actor with
     one engine (``engine_config`` as for ``LLM``) and, on a cluster with GPUs, ``tensor_parallel_size`` GPUs of one
     node. Row order is not kept across batches: carry an id column to join on. A replica whose process dies is
-    restarted by Ray and its batches retried; an exception in a replica fails the call with that exception.
+    restarted by Ray and its batches retried (up to ``REPLICA_MAX_RESTARTS`` restarts per replica and
+    ``BATCH_MAX_RETRIES`` retries per batch; past them the call raises Ray's error); an exception in a replica fails
+    the call with that exception.
     """
     if not isinstance(dataset, ray.data.Dataset):
         raise ValueError(f"dataset must be a ray.data.Dataset, got {type(dataset).__name__}")
@@ -135,6 +142,8 @@ def generate(
             batch_format="pandas",
             compute=replica_pool(num_replicas, batch_size, engine_config),
             num_gpus=gpus_per_replica,
+            max_restarts=REPLICA_MAX_RESTARTS,
+            max_task_retries=BATCH_MAX_RETRIES,
         )
         if not use_tqdm:
             return generated.materialize()
