@@ -71,9 +71,14 @@ def child(case: str) -> dict:
     variants: dict[str, set] = defaultdict(set)
     started: dict[object, float] = {}
 
+    requested: list[tuple[float, str]] = []  # (when, kernel) of each variant's first compile request
+
     def before_compile(**details) -> bool:
+        name = getattr(details["fn"], "name", str(details["fn"]))
+        if details["key"] not in started:
+            requested.append((time.perf_counter(), name))
         started.setdefault(details["key"], time.perf_counter())
-        variants[getattr(details["fn"], "name", str(details["fn"]))].add(str(details["key"]))
+        variants[name].add(str(details["key"]))
         return False
 
     def after_compile(**details) -> None:
@@ -84,12 +89,16 @@ def child(case: str) -> dict:
     knobs.runtime.jit_cache_hook = before_compile
     knobs.runtime.jit_post_compile_hook = after_compile
     timer = PartTimer()
-    timer.wrap(model_runner.ModelRunner, "_compile_kernels_ahead", "compile_ahead_s")
-    timer.wrap(model_runner.ModelRunner, "_profile_gpu_memory", "warm_up_s")  # the warm-up pass, measuring memory
-    timer.wrap(model_runner.ModelRunner, "_make_storage", "kv_cache_setup_s")
-    timer.wrap(cuda_graphs.DecodeGraphs, "__init__", "graph_capture_s")
-    timer.wrap(cuda_graphs.PrefillGraphs, "__init__", "prefill_graph_capture_s")
-    timer.wrap(llm_module, "build_decoder", "decoder_build_s")  # the name llm.py bound at import
+    windows: list[tuple[str, float, float]] = []  # (part, start, end) of every call of a timed part
+    for owner, attribute, name in (
+            (model_runner.ModelRunner, "_compile_kernels_ahead", "compile_ahead_s"),
+            (model_runner.ModelRunner, "_profile_gpu_memory", "warm_up_s"),  # the warm-up pass, measuring memory
+            (model_runner.ModelRunner, "_make_storage", "kv_cache_setup_s"),
+            (cuda_graphs.DecodeGraphs, "__init__", "graph_capture_s"),
+            (cuda_graphs.PrefillGraphs, "__init__", "prefill_graph_capture_s"),
+            (llm_module, "build_decoder", "decoder_build_s")):  # the name llm.py bound at import
+        timer.wrap(owner, attribute, name)
+        _record_windows(owner, attribute, name, windows)
     prompt = list(range(1000, 1128))
     if case == SEQUENTIAL_CASE:
         model_runner.compiles_kernels_ahead = lambda device: False
@@ -109,9 +118,34 @@ def child(case: str) -> dict:
     parts = dict(timer.totals)
     parts["kv_cache_setup_s"] = parts.get("kv_cache_setup_s", 0.0) - parts.get("warm_up_s", 0.0)
     return {"case": case, "phases": phases, "engine_parts": parts,
+            "compiles_by_part": _compiles_by_part(requested, windows),
             "triton_compile_s": sum(compiles.values()), "triton_compiles": dict(compiles),
             "triton_variants": {name: len(keys) for name, keys in variants.items()},
             "process_s": time.perf_counter() - START}
+
+
+def _record_windows(owner: object, attribute: str, name: str, windows: list) -> None:
+    """Append (name, start, end) to ``windows`` for every call of ``owner.attribute``."""
+    original = getattr(owner, attribute)
+
+    def recorded(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            windows.append((name, start, time.perf_counter()))
+
+    setattr(owner, attribute, recorded)
+
+
+def _compiles_by_part(requested: list, windows: list) -> dict:
+    """For each timed part (the innermost call around each request, else "other"), how many variants of each
+    kernel were first requested in it: where compiles still happen one after another."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for when, kernel in requested:
+        around = [(end - start, name) for name, start, end in windows if start <= when <= end]
+        counts[min(around)[1] if around else "other"][kernel] += 1
+    return {part: dict(kernels) for part, kernels in counts.items()}
 
 
 def run_case(case: str, cache_dir: str) -> dict:
