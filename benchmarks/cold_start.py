@@ -75,14 +75,15 @@ def child(case: str) -> dict:
 
     def before_compile(**details) -> bool:
         name = getattr(details["fn"], "name", str(details["fn"]))
-        if details["key"] not in started:
+        variant = (name, str(details["key"]))  # Triton's key is per kernel: two kernels may share one
+        if variant not in started:
             requested.append((time.perf_counter(), name))
-        started.setdefault(details["key"], time.perf_counter())
-        variants[name].add(str(details["key"]))
+        started.setdefault(variant, time.perf_counter())
+        variants[name].add(variant[1])
         return False
 
     def after_compile(**details) -> None:
-        begun = started.pop(details["key"], None)
+        begun = started.pop((getattr(details["fn"], "name", str(details["fn"])), str(details["key"])), None)
         if begun is not None:
             compiles[getattr(details["fn"], "name", str(details["fn"]))] += time.perf_counter() - begun
 

@@ -16,7 +16,7 @@ if [ "${1:-}" = "tests" ]; then
   # in parallel (pytest-xdist); engine tests alone, since they size KV caches from free memory.
   kernel_files=(tests/test_kernels.py tests/test_sampling_kernel.py tests/test_rotary_kernel.py
                 tests/test_attention_layer.py tests/test_fp8_kv_cache.py)
-  others=("${missing[@]}" --ignore=tests/test_gpu_engine.py)
+  others=(${missing[@]+"${missing[@]}"} --ignore=tests/test_gpu_engine.py)  # an empty array under set -u, old bash
   for file in "${kernel_files[@]}"; do others+=(--ignore="$file"); done
   { python3 -m pytest -q -p no:cacheprovider -n 8 "${kernel_files[@]}"
     python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/ "${others[@]}"

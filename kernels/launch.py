@@ -83,10 +83,9 @@ def can_compile_ahead() -> bool:
 
 
 def _launcher_key(kernel: Any) -> str:
-    """What a compiled kernel's launcher source depends on: its signature, constants and tensor descriptors."""
-    src = kernel.src
-    return repr((sorted(src.signature.items(), key=repr), sorted(getattr(src, "constants", {}).items(), key=repr),
-                 getattr(kernel.metadata, "tensordesc_meta", None)))
+    """What a compiled kernel's launcher source depends on: its argument types in order (constexprs appear there
+    as "constexpr") and its tensor descriptors."""
+    return repr((tuple(kernel.src.signature.values()), getattr(kernel.metadata, "tensordesc_meta", None)))
 
 
 class CompilePool(ThreadPoolExecutor):
@@ -126,13 +125,14 @@ class CompilePool(ThreadPoolExecutor):
         module, through the host's C compiler) at the kernel's first launch, one after another: after the
         concurrent compiles that still took 1.9 s of an empty-cache start (0.6B architecture, H200, 2699d40). Built
         here, they land in Triton's cache, and the first launches load them from it. Kernels that share a launcher
-        (same signature and constants) build it once."""
+        (same argument types) build it once."""
         self.wait()
         try:
             from triton.runtime.driver import driver
 
             build = driver.active.launcher_cls
-            launchers = {_launcher_key(kernel): kernel for kernel in reversed(self.compiled)}
+            kernels = [kernel for kernel in self.compiled if hasattr(kernel, "src") and hasattr(kernel, "metadata")]
+            launchers = {_launcher_key(kernel): kernel for kernel in reversed(kernels)}
             futures = [ThreadPoolExecutor.submit(self, build, kernel.src, kernel.metadata)  # untimed
                        for kernel in launchers.values()]
             for future in futures:

@@ -94,14 +94,14 @@ def test_the_engines_compile_passes_leave_it_token_exact(family, monkeypatch):
     ran = []
     original = model_runner.ModelRunner._decode_compile_passes
     monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes",
-                        lambda runner: ran.append(1) or original(runner))
+                        lambda runner, buckets: ran.extend(buckets) or original(runner, buckets))
     model = tiny_model(family)
     settings = dict(max_model_len=128, max_num_seqs=20, max_num_batched_tokens=256)
     plain = LLM(copy.deepcopy(model), **settings)
     monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
     monkeypatch.setattr(model_runner, "FROM_CACHE_S", -1.0)  # the torch path compiles nothing: run them anyway
     compiled = LLM(model, **settings)
-    assert ran == [1]
+    assert sorted(ran) == model_runner.batch_buckets(20)
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (5, 40, 17, 90)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -147,17 +147,17 @@ def test_a_failed_compile_is_raised_and_leaves_the_thread_able_to_compile_again(
 
 
 def test_decode_passes_are_skipped_when_the_warm_up_compiled_nothing(monkeypatch):
-    """Compiles of milliseconds were reads from Triton's cache: the decode graphs' variants will load from it as
-    quickly, so their passes are not worth their eager forwards."""
+    """Compiles of milliseconds were reads from Triton's cache: the other decode buckets' variants will load from it
+    as quickly, so their passes are not worth their eager forwards."""
     from conftest import tiny_model
     from hf_minivllm import LLM
     from hf_minivllm.engine import model_runner
 
     ran = []
-    monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes", lambda runner: ran.append(1))
+    monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes", lambda runner, buckets: ran.append(buckets))
     monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
     LLM(tiny_model("qwen3"), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=128)
-    assert ran == []
+    assert ran == [[4]]  # the largest bucket only: it tells a cache filled under other settings
 
 
 def test_the_pool_reports_its_longest_compile():
@@ -172,7 +172,7 @@ def test_the_pool_reports_its_longest_compile():
 
 def test_each_launcher_is_built_once_per_signature_after_the_compiles(monkeypatch):
     """Triton builds a compiled kernel's launcher (a C module) at its first launch, one after another; the pool
-    builds them concurrently when the block ends, one per signature and constants."""
+    builds them concurrently when the block ends, one per list of argument types."""
     import importlib
     from types import SimpleNamespace
 
@@ -185,13 +185,15 @@ def test_each_launcher_is_built_once_per_signature_after_the_compiles(monkeypatc
         return SimpleNamespace(src=SimpleNamespace(name=name, signature=signature, constants=constants),
                                metadata=SimpleNamespace())
 
-    kernels = [compiled("a", {"x": "*fp16"}, {}), compiled("b", {"x": "*fp16"}, {}),
-               compiled("c", {"x": "*fp16"}, {(1,): 16}), compiled("d", {"x": "*bf16"}, {})]
+    kernels = [compiled("a", {"x": "*fp16", "n": "i32"}, {}), compiled("b", {"y": "*fp16", "m": "i32"}, {}),
+               compiled("c", {"x": "*fp16", "BLOCK": "constexpr"}, {(1,): 16}),
+               compiled("d", {"n": "i32", "x": "*fp16"}, {})]
     with compile_ahead(max_threads=2) as pool:
+        pool.submit(lambda: None)  # a job whose result is no kernel: skipped
         for kernel in kernels:
             pool.submit(lambda kernel=kernel: kernel)
     names = sorted(name for name, _ in built)
-    assert len(names) == 3 and names[0] in "ab" and names[1:] == ["c", "d"]
+    assert len(names) == 3 and names[0] in "ab" and names[1:] == ["c", "d"]  # argument order counts
 
 
 def test_every_tensor_parallel_rank_runs_the_decode_passes_when_one_compiled(monkeypatch):
@@ -205,9 +207,13 @@ def test_every_tensor_parallel_rank_runs_the_decode_passes_when_one_compiled(mon
         def min(self, value):
             return 0
 
-    for group, expected in ((None, []), (OtherRankCompiled(), [1])):
+    class EveryRankFromCache:
+        def min(self, value):
+            return value
+
+    for group, expected in ((None, [[8]]), (EveryRankFromCache(), [[8]]), (OtherRankCompiled(), [[8], [1, 2, 4]])):
         ran = []
-        runner = SimpleNamespace(device=torch.device("cpu"), group=group, _warm_up=lambda: None,
-                                 _decode_compile_passes=lambda: ran.append(1), _synchronize=lambda: None)
+        runner = SimpleNamespace(device=torch.device("cpu"), group=group, config=SimpleNamespace(max_num_seqs=8),
+                                 _warm_up=lambda: None, _decode_compile_passes=ran.append, _synchronize=lambda: None)
         model_runner.ModelRunner._compile_kernels_ahead(runner)
         assert ran == expected

@@ -227,25 +227,28 @@ class ModelRunner:
         is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
         random generators' state put back afterwards.
 
-        When the warm-up's variants all came from Triton's cache (or this process had them) on every rank, the
-        decode graphs' will load from it at capture about as fast: their passes (a second of eager forwards) are
-        skipped."""
+        When the warm-up's and the largest decode bucket's variants all came from Triton's cache (or this process
+        had them) on every rank, the other buckets' will load from it at capture about as fast: their passes (a
+        second of eager forwards) are skipped. A cache filled under other settings (another max_num_seqs or
+        max_model_len) misses on the largest bucket, and every pass runs."""
         devices = [self.device] if self.device.type == "cuda" else []
+        buckets = batch_buckets(self.config.max_num_seqs)
         with torch.random.fork_rng(devices=devices), compile_ahead() as compiles:
             self._warm_up()
+            self._decode_compile_passes(buckets[-1:])
             from_cache = compiles.wait() < FROM_CACHE_S
             if self.group is not None:  # the passes run collectives: every rank must run them or none
                 from_cache = bool(self.group.min(int(from_cache)))
             if not from_cache:
-                self._decode_compile_passes()
+                self._decode_compile_passes(buckets[:-1])
         self._synchronize()
 
-    def _decode_compile_passes(self) -> None:
-        """One decode pass per graph bucket, with the graphs' shapes (separate input buffers, block tables as wide as
-        the graphs'), whose split counts pick the decode kernel's variants; on a one-block scratch cache."""
+    def _decode_compile_passes(self, buckets: list[int]) -> None:
+        """One decode pass per graph bucket given, with the graphs' shapes (separate input buffers, block tables as
+        wide as the graphs'), whose split counts pick the decode kernel's variants; on a one-block scratch cache."""
         self._bind_kv_cache(torch.empty(self.layout.shape(1), device=self.device, dtype=self.layout.dtype))
         try:
-            for bucket in batch_buckets(self.config.max_num_seqs):
+            for bucket in buckets:
                 set_attention_metadata(AttentionMetadata(
                     is_prefill=False,
                     slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=self.device),
