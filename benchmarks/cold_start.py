@@ -89,8 +89,8 @@ def child(case: str) -> dict:
 
     knobs.runtime.jit_cache_hook = before_compile
     knobs.runtime.jit_post_compile_hook = after_compile
-    timer = PartTimer()
     windows: list[tuple[str, float, float]] = []  # (part, start, end) of every call of a timed part
+    timer = PartTimer(windows)
     for owner, attribute, name in (
             (model_runner.ModelRunner, "_compile_kernels_ahead", "compile_ahead_s"),
             (model_runner.ModelRunner, "_profile_gpu_memory", "warm_up_s"),  # the warm-up pass, measuring memory
@@ -99,7 +99,6 @@ def child(case: str) -> dict:
             (cuda_graphs.PrefillGraphs, "__init__", "prefill_graph_capture_s"),
             (llm_module, "build_decoder", "decoder_build_s")):  # the name llm.py bound at import
         timer.wrap(owner, attribute, name)
-        _record_windows(owner, attribute, name, windows)
     prompt = list(range(1000, 1128))
     if case == SEQUENTIAL_CASE:
         model_runner.compiles_kernels_ahead = lambda device: False
@@ -123,20 +122,6 @@ def child(case: str) -> dict:
             "triton_compile_s": sum(compiles.values()), "triton_compiles": dict(compiles),
             "triton_variants": {name: len(keys) for name, keys in variants.items()},
             "process_s": time.perf_counter() - START}
-
-
-def _record_windows(owner: object, attribute: str, name: str, windows: list) -> None:
-    """Append (name, start, end) to ``windows`` for every call of ``owner.attribute``."""
-    original = getattr(owner, attribute)
-
-    def recorded(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            windows.append((name, start, time.perf_counter()))
-
-    setattr(owner, attribute, recorded)
 
 
 def _compiles_by_part(requested: list, windows: list) -> dict:

@@ -19,10 +19,12 @@ from workloads import commit, random_model, write_results
 
 
 class PartTimer:
-    """Wraps named callables so every call adds its wall time to ``totals[name]``."""
+    """Wraps named callables so every call adds its wall time to ``totals[name]`` (and, given ``windows``, appends
+    its ``(name, start, end)`` there)."""
 
-    def __init__(self):
+    def __init__(self, windows: list | None = None):
         self.totals: dict[str, float] = defaultdict(float)
+        self.windows = windows
         self._restore: list[tuple[object, str, object]] = []
 
     def wrap(self, owner: object, attribute: str, name: str) -> None:
@@ -33,7 +35,10 @@ class PartTimer:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.totals[name] += time.perf_counter() - start
+                end = time.perf_counter()
+                self.totals[name] += end - start
+                if self.windows is not None:
+                    self.windows.append((name, start, end))
 
         self._restore.append((owner, attribute, original))
         setattr(owner, attribute, timed)
