@@ -73,19 +73,23 @@ def child(case: str) -> dict:
 
     requested: list[tuple[float, str]] = []  # (when, kernel) of each variant's first compile request
 
+    def variant_of(details: dict) -> tuple[str, str]:
+        """(kernel name, Triton's key): the key alone is per kernel, so two kernels may share one."""
+        return getattr(details["fn"], "name", str(details["fn"])), str(details["key"])
+
     def before_compile(**details) -> bool:
-        name = getattr(details["fn"], "name", str(details["fn"]))
-        variant = (name, str(details["key"]))  # Triton's key is per kernel: two kernels may share one
+        variant = variant_of(details)
         if variant not in started:
-            requested.append((time.perf_counter(), name))
-        started.setdefault(variant, time.perf_counter())
-        variants[name].add(variant[1])
+            started[variant] = time.perf_counter()
+            requested.append((started[variant], variant[0]))
+        variants[variant[0]].add(variant[1])
         return False
 
     def after_compile(**details) -> None:
-        begun = started.pop((getattr(details["fn"], "name", str(details["fn"])), str(details["key"])), None)
+        variant = variant_of(details)
+        begun = started.pop(variant, None)
         if begun is not None:
-            compiles[getattr(details["fn"], "name", str(details["fn"]))] += time.perf_counter() - begun
+            compiles[variant[0]] += time.perf_counter() - begun
 
     knobs.runtime.jit_cache_hook = before_compile
     knobs.runtime.jit_post_compile_hook = after_compile
