@@ -9,15 +9,18 @@ Subsets and windows are labelled as such.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import time
 import traceback
+from typing import Iterator
 
 import torch
 
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
+from hf_minivllm.layers import linear
 from hf_minivllm.patches.state import state_of
 from results import finish_run
 from workloads import commit, random_model, w1_requests
@@ -115,7 +118,28 @@ def w1(results: dict, size: str, hf_requests: int, hf_window_s: float = 0, compa
     torch.cuda.empty_cache()
 
 
-def w2_and_drop_in(results: dict, hf_subset: int) -> None:
+@contextlib.contextmanager
+def cublas_projections() -> Iterator[None]:
+    """Engines built inside run every projection on cuBLAS (the few-rows GEMV kernel off): a same-run peer."""
+    saved = linear.GEMV_MAX_ROWS
+    linear.GEMV_MAX_ROWS = 0
+    try:
+        yield
+    finally:
+        linear.GEMV_MAX_ROWS = saved
+
+
+def batch1_ms(model, prompt: torch.Tensor, new_tokens: int, **engine) -> float:
+    """ms per token of a greedy batch-1 ``generate`` through ``accelerate`` (after one warm-up call)."""
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    hf_minivllm.accelerate(model, max_model_len=4096, **engine)
+    model.generate(prompt, **settings)
+    start = now()
+    model.generate(prompt, **settings)
+    return (now() - start) * 1000 / new_tokens
+
+
+def w2_and_drop_in(results: dict, hf_subset: int, compare_cublas: bool = False) -> None:
     model = random_model("0.6b")
     oracle = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(0)
@@ -128,13 +152,12 @@ def w2_and_drop_in(results: dict, hf_subset: int) -> None:
     hf_ms = (now() - start) * 1000 / 256
 
     # Prefix caching off: the repeated prompts below would otherwise skip their prefill on later runs.
-    hf_minivllm.accelerate(model, max_model_len=4096, enable_prefix_caching=False)
-    model.generate(prompt, **settings)
-    start = now()
-    model.generate(prompt, **settings)
-    ours_ms = (now() - start) * 1000 / 256
+    ours_ms = batch1_ms(model, prompt, 256, enable_prefix_caching=False)
     results["W2"] = {"ms_per_token": ours_ms, "hf_static_ms_per_token": hf_ms, "floor_ms": W2_FLOOR_MS,
                      "fallbacks": hf_minivllm.stats(model)["fallbacks"]}
+    if compare_cublas:
+        with cublas_projections():
+            results["W2"]["cublas_ms_per_token"] = batch1_ms(oracle, prompt, 256, enable_prefix_caching=False)
 
     prompts, _ = w1_requests()
     width = max(len(p) for p in prompts)
@@ -173,18 +196,18 @@ def w2_and_drop_in(results: dict, hf_subset: int) -> None:
     torch.cuda.empty_cache()
 
 
-def w5_batch1(results: dict) -> None:
-    model = random_model("8b")
+def w5_batch1(results: dict, compare_cublas: bool = False) -> None:
     prompt = torch.randint(0, 10000, (1, 128)).cuda()
-    settings = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False)
-    hf_minivllm.accelerate(model, max_model_len=4096)
-    model.generate(prompt, **settings)
-    start = now()
-    model.generate(prompt, **settings)
-    results["W5_8b_batch1"] = {"ms_per_token": (now() - start) * 1000 / 128}
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    runs = [("ms_per_token", contextlib.nullcontext)] + ([("cublas_ms_per_token", cublas_projections)]
+                                                          if compare_cublas else [])
+    row = results["W5_8b_batch1"] = {}
+    for key, projections in runs:
+        model = random_model("8b")
+        with projections():
+            row[key] = batch1_ms(model, prompt, 128)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def print_table(results: dict) -> None:
@@ -234,15 +257,24 @@ def figures(result: dict) -> list:
         out.append(Figure("drop-in W1 batch", "output throughput", "tok/s", row["drop_in_tok_s"],
                           "accelerate(model).generate", peer=f"HF generate ({row['hf_generate_subset']})" if peer
                           else None, peer_value=peer))
+    if "W2" in result and "cublas_ms_per_token" in result["W2"]:
+        out.append(Figure("W2 (batch 1)", "latency, GEMV kernel vs cuBLAS", "ms/token", result["W2"]["ms_per_token"],
+                          "accelerate(model).generate", higher_is_better=False,
+                          peer="accelerate(model).generate, projections on cuBLAS",
+                          peer_value=result["W2"]["cublas_ms_per_token"]))
     if "W5_8b_batch1" in result:
-        out.append(Figure("W5 (8b, batch 1)", "latency", "ms/token", result["W5_8b_batch1"]["ms_per_token"],
-                          "accelerate(model).generate", higher_is_better=False))
+        row = result["W5_8b_batch1"]
+        peer = row.get("cublas_ms_per_token")
+        out.append(Figure("W5 (8b, batch 1)", "latency", "ms/token", row["ms_per_token"],
+                          "accelerate(model).generate", higher_is_better=False,
+                          peer="accelerate(model).generate, projections on cuBLAS" if peer else None,
+                          peer_value=peer))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w5")
+    parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w5 w5b1 (W5 batch 1 alone)")
     parser.add_argument("--hf-cb-requests", type=int, default=64, help="W1 requests given to HF CB (0 = skip)")
     parser.add_argument("--hf-cb-window", type=float, default=0,
                         help="give HF CB all W1 requests and count its tokens over this many seconds (overrides "
@@ -252,6 +284,8 @@ def main() -> None:
     parser.add_argument("--compare-fp8-kv", action="store_true", help="also run W1 with kv_cache_dtype='fp8'")
     parser.add_argument("--hf-subset", type=int, default=32, help="drop-in batch rows given to HF generate")
     parser.add_argument("--w5-hf-requests", type=int, default=16)
+    parser.add_argument("--compare-cublas", action="store_true",
+                        help="also run W2 and W5 batch 1 with every projection on cuBLAS (the GEMV kernel off)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "commit": commit()}
@@ -259,8 +293,9 @@ def main() -> None:
     jobs = {
         "w1": lambda: w1(table, "0.6b", args.hf_cb_requests, args.hf_cb_window, args.compare_sync,
                          args.compare_mixed, args.compare_fp8_kv),
-        "w2": lambda: w2_and_drop_in(table, args.hf_subset),
-        "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table)),
+        "w2": lambda: w2_and_drop_in(table, args.hf_subset, args.compare_cublas),
+        "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table, args.compare_cublas)),
+        "w5b1": lambda: w5_batch1(table, args.compare_cublas),
     }
     try:
         for name in args.only:

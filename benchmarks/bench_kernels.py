@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import triton
 
-from hf_minivllm.kernels import activation, decode_attention, kv_cache, prefill_attention, rms_norm
+from hf_minivllm.kernels import activation, decode_attention, gemv, kv_cache, prefill_attention, rms_norm
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
 FA4_DECODE_TBPS, FA4_PREFILL_TFLOPS = 2.8, 340.0  # DESIGN.md yardsticks, measured on the H100
@@ -231,20 +231,48 @@ def split_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
-def gemv_rows() -> list[dict]:
-    """Batch-1 decode projections of Qwen3-0.6B (most of a batch-1 step): cuBLAS through ``F.linear`` and through
-    ``torch.mv``, to size what a dedicated small-batch GEMV path could gain."""
+GEMV_SHAPES = {  # (out_features, in_features): 0.6B, and the 8B architecture whole (TP=1) and per rank at TP=2
+    "0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024), "0.6b down": (1024, 3072),
+    "0.6b lm_head": (151936, 1024), "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096),
+    "8b down": (4096, 12288), "8b/2 qkv": (3072, 4096), "8b/2 o": (4096, 2048), "8b/2 gate_up": (12288, 4096),
+    "8b/2 down": (4096, 6144), "8b/2 lm_head": (75968, 4096),
+}
+
+
+GEMV_TUNED = ("0.6b o", "0.6b gate_up", "8b gate_up", "8b/2 qkv", "8b/2 down")
+
+
+def _gemv_with_tiles(x: torch.Tensor, weight: torch.Tensor, tiles: tuple[int, int, int, int]) -> torch.Tensor:
+    block_n, block_k, num_warps = tiles[1:]
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    gemv._gemv_kernel[(triton.cdiv(weight.shape[0], block_n),)](
+        x, weight, weight, out, x.shape[0], weight.shape[0], x.shape[1], x.stride(0), weight.stride(0),
+        out.stride(0), 0, HAS_BIAS=False, GATED=False, BLOCK_M=tiles[0], BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps)
+    return out
+
+
+def gemv_rows(tune: bool) -> list[dict]:
+    """Decode projections at 1-8 rows: cuBLAS (``F.linear``) against ``kernels/gemv.py`` (its own tiles, and with
+    ``tune`` a sweep of tiles at 1 row), in TB/s of weights read."""
     rows = []
-    shapes = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
-              "lm_head": (151936, 1024)}
-    for name, (out_features, in_features) in shapes.items():
+    for name, (out_features, in_features) in GEMV_SHAPES.items():
         weight = torch.randn(out_features, in_features, device="cuda", dtype=DTYPE)
-        x = torch.randn(1, in_features, device="cuda", dtype=DTYPE)
-        for label, fn in (("F.linear", lambda: torch.nn.functional.linear(x, weight)),
-                          ("torch.mv", lambda: torch.mv(weight, x[0]))):
-            ms = bench(fn)
-            rows.append({"kernel": f"gemv b1 {name} {out_features}x{in_features} {label}", "metric": "TB/s",
-                         "ms": ms, "value": weight.numel() * weight.element_size() / ms / 1e9})
+        gigabytes = weight.numel() * weight.element_size() / 1e9
+        for num_rows in (1, 2, 4, 8):
+            x = torch.randn(num_rows, in_features, device="cuda", dtype=DTYPE)
+            cublas_ms = bench(lambda: torch.nn.functional.linear(x, weight))
+            ours_ms = bench(lambda: gemv.gemv(x, weight))
+            rows.append({"kernel": f"gemv {name} {out_features}x{in_features} rows={num_rows}", "metric": "TB/s",
+                         "ms": ours_ms, "value": gigabytes / ours_ms, "torch_ms": cublas_ms,
+                         "tiles": gemv._tiles(num_rows, out_features, in_features, False)})
+        if tune and name in GEMV_TUNED:
+            x = torch.randn(1, in_features, device="cuda", dtype=DTYPE)
+            for block_n, block_k, num_warps in itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8)):
+                tiles = (1, block_n, block_k, num_warps)
+                ms = bench(lambda: _gemv_with_tiles(x, weight, tiles))
+                rows.append({"kernel": f"gemv tune {name} rows=1 n{block_n} k{block_k} w{num_warps}",
+                             "metric": "TB/s", "ms": ms, "value": gigabytes / ms})
     return rows
 
 
@@ -272,7 +300,8 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference timings")
     parser.add_argument("--tune-fp8", action="store_true", help="sweep the decode tile configs on an FP8 cache")
     parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
-    parser.add_argument("--gemv", action="store_true", help="also time batch-1 projections (cuBLAS paths)")
+    parser.add_argument("--gemv", action="store_true", help="also time decode projections (cuBLAS against ours)")
+    parser.add_argument("--gemv-only", action="store_true", help="only the projections, with a sweep of our tiles")
     args = parser.parse_args()
     for directory in args.site_dir:
         site.addsitedir(directory)
@@ -282,6 +311,10 @@ def main() -> None:
     rng = random.Random(0)
     decode_contexts = [rng.randint(200, 2000) for _ in range(256)]
     rows = []
+    if args.gemv_only:
+        rows += gemv_rows(tune=True)
+        write(rows, fa4, args.out)
+        return
     for block_size in (16, 64):
         rows += decode_rows(f"decode b256 ctx200-2000 bs{block_size}", decode_contexts, block_size, fa4, with_torch)
     for context in (4096, 16384):
@@ -296,12 +329,15 @@ def main() -> None:
     if args.splits:
         rows += split_rows(rng)
     if args.gemv:
-        rows += gemv_rows()
+        rows += gemv_rows(tune=False)
+    write(rows, fa4, args.out)
 
+
+def write(rows: list[dict], fa4: Callable | None, out: str) -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"flash-attn 4: {'yes' if fa4 else 'no'}")
     print_table(rows)
-    with open(args.out, "w") as file:
+    with open(out, "w") as file:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "flash_attn4": fa4 is not None, "rows": rows}, file, indent=1)
 

@@ -121,7 +121,10 @@ class DecoderMLP(nn.Module):
         self.act = MLP_ACTIVATIONS[config.mlp_activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        activated = self.gate_up_proj.silu_mul(x) if isinstance(self.act, SiluAndMul) else None
+        if activated is None:
+            activated = self.act(self.gate_up_proj(x))
+        return self.down_proj(activated)
 
 
 class DecoderLayer(nn.Module):
