@@ -31,16 +31,18 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
 FA4_DECODE_TBPS, FA4_PREFILL_TFLOPS = 2.8, 340.0  # DESIGN.md yardsticks, measured on the H100
 
 
-def bench(fn: Callable[[], object], graph: bool = True) -> float:
+def bench(fn: Callable[[], object], graph: bool = True, repeat: int = 1) -> float:
     """Median milliseconds of ``fn``; with ``graph``, of its CUDA-graph replay, as the engine runs decode steps,
-    so that Python launch overhead does not hide GPU time at small sizes."""
+    so that Python launch overhead does not hide GPU time at small sizes. ``repeat`` calls captured in one graph
+    (the time divided by it) leave out the graph's own launch, which is most of a one-kernel graph's ~8 us."""
     if not graph:
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     fn()  # compile / JIT outside the capture
     cuda_graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(cuda_graph):
-        fn()
-    return triton.testing.do_bench(cuda_graph.replay, warmup=25, rep=200, return_mode="median")
+        for _ in range(repeat):
+            fn()
+    return triton.testing.do_bench(cuda_graph.replay, warmup=25, rep=200, return_mode="median") / repeat
 
 
 def bench_fa4(fn: Callable[[], object]) -> float:
@@ -239,6 +241,7 @@ GEMV_SHAPES = {  # (out_features, in_features): 0.6B, and the 8B architecture wh
 }
 
 
+GEMV_REPEAT = 20  # projections per timed graph: a decode step's graph holds hundreds back to back
 GEMV_TUNED = ("0.6b o", "0.6b gate_up", "8b gate_up", "8b/2 qkv", "8b/2 down")
 
 
@@ -261,16 +264,22 @@ def gemv_rows(tune: bool) -> list[dict]:
         gigabytes = weight.numel() * weight.element_size() / 1e9
         for num_rows in (1, 2, 4, 8):
             x = torch.randn(num_rows, in_features, device="cuda", dtype=DTYPE)
-            cublas_ms = bench(lambda: torch.nn.functional.linear(x, weight))
-            ours_ms = bench(lambda: gemv.gemv(x, weight))
+            cublas_ms = bench(lambda: torch.nn.functional.linear(x, weight), repeat=GEMV_REPEAT)
+            ours_ms = bench(lambda: gemv.gemv(x, weight), repeat=GEMV_REPEAT)
             rows.append({"kernel": f"gemv {name} {out_features}x{in_features} rows={num_rows}", "metric": "TB/s",
                          "ms": ours_ms, "value": gigabytes / ours_ms, "torch_ms": cublas_ms,
                          "tiles": gemv._tiles(num_rows, out_features, in_features, False)})
+            if "gate_up" in name:  # the fused activation against cuBLAS + silu_and_mul
+                unfused_ms = bench(lambda: activation.silu_and_mul(torch.nn.functional.linear(x, weight)),
+                                   repeat=GEMV_REPEAT)
+                fused_ms = bench(lambda: gemv.gemv_silu_mul(x, weight), repeat=GEMV_REPEAT)
+                rows.append({"kernel": f"gemv+silu {name} rows={num_rows}", "metric": "TB/s", "ms": fused_ms,
+                             "value": gigabytes / fused_ms, "torch_ms": unfused_ms})
         if tune and name in GEMV_TUNED:
             x = torch.randn(1, in_features, device="cuda", dtype=DTYPE)
-            for block_n, block_k, num_warps in itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8)):
+            for block_n, block_k, num_warps in itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4)):
                 tiles = (1, block_n, block_k, num_warps)
-                ms = bench(lambda: _gemv_with_tiles(x, weight, tiles))
+                ms = bench(lambda: _gemv_with_tiles(x, weight, tiles), repeat=GEMV_REPEAT)
                 rows.append({"kernel": f"gemv tune {name} rows=1 n{block_n} k{block_k} w{num_warps}",
                              "metric": "TB/s", "ms": ms, "value": gigabytes / ms})
     return rows
