@@ -250,7 +250,7 @@ def _gemv_with_tiles(x: torch.Tensor, weight: torch.Tensor, tiles: tuple[int, in
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     gemv._gemv_kernel[(triton.cdiv(weight.shape[0], block_n),)](
         x, weight, weight, out, x.shape[0], weight.shape[0], x.shape[1], x.stride(0), weight.stride(0),
-        out.stride(0), 0, HAS_BIAS=False, GATED=False, BLOCK_M=tiles[0], BLOCK_N=block_n, BLOCK_K=block_k,
+        out.stride(0), HAS_BIAS=False, BLOCK_M=tiles[0], BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps)
     return out
 
@@ -268,13 +268,7 @@ def gemv_rows(tune: bool) -> list[dict]:
             ours_ms = bench(lambda: gemv.gemv(x, weight), repeat=GEMV_REPEAT)
             rows.append({"kernel": f"gemv {name} {out_features}x{in_features} rows={num_rows}", "metric": "TB/s",
                          "ms": ours_ms, "value": gigabytes / ours_ms, "torch_ms": cublas_ms,
-                         "tiles": gemv._tiles(num_rows, out_features, in_features, False)})
-            if "gate_up" in name:  # the fused activation against cuBLAS + silu_and_mul
-                unfused_ms = bench(lambda: activation.silu_and_mul(torch.nn.functional.linear(x, weight)),
-                                   repeat=GEMV_REPEAT)
-                fused_ms = bench(lambda: gemv.gemv_silu_mul(x, weight), repeat=GEMV_REPEAT)
-                rows.append({"kernel": f"gemv+silu {name} rows={num_rows}", "metric": "TB/s", "ms": fused_ms,
-                             "value": gigabytes / fused_ms, "torch_ms": unfused_ms})
+                         "tiles": gemv._tiles(num_rows, out_features, in_features)})
         if tune and name in GEMV_TUNED:
             x = torch.randn(1, in_features, device="cuda", dtype=DTYPE)
             for block_n, block_k, num_warps in itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4)):

@@ -596,14 +596,6 @@ def test_gemv_matches_torch(kernels, dtype, rows, out_features, in_features, bia
                                **_tolerance(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows,intermediate,in_features,bias", [(1, 40, 64, False), (5, 300, 130, True)])
-def test_gemv_silu_mul_matches_torch(kernels, dtype, rows, intermediate, in_features, bias):
-    x, weight, b = _gemv_inputs(rows, 2 * intermediate, in_features, dtype, bias)
-    torch.testing.assert_close(kernels.gemv.gemv_silu_mul(x, weight, b), kernels.gemv.gemv_silu_mul_torch(x, weight, b),
-                               **_tolerance(dtype))
-
-
 def test_gemv_reads_a_strided_weight_and_rejects_bad_input(kernels):
     """A column slice of a wider matrix (a row-parallel shard is one) is read in place; misuse is a clear error."""
     x, wide, _ = _gemv_inputs(2, 24, 80, torch.float32, False)
@@ -615,8 +607,6 @@ def test_gemv_reads_a_strided_weight_and_rejects_bad_input(kernels):
         kernels.gemv.gemv(x[:, :40], weight.t())
     with pytest.raises(ValueError, match="one dtype"):
         kernels.gemv.gemv(x[:, :40].half(), weight)
-    with pytest.raises(ValueError, match="even rows"):
-        kernels.gemv.gemv_silu_mul(x[:, :40], weight[:23])
 
 
 # ---------------------------------------------------------------- GPU sweeps (bf16/fp16, realistic shapes)
@@ -808,9 +798,6 @@ def test_gpu_gemv_at_model_shapes_in_a_cuda_graph(kernels, dtype, rows):
         x.copy_(torch.randn_like(x))
         graph.replay()
         _assert_close_to_fp32_reference(out, F.linear(x.float(), weight.float(), bias.float()), dtype)
-    x, weight, _ = _gemv_inputs(rows, 2 * 6144, 4096, dtype, False, device="cuda")
-    expected = kernels.gemv.gemv_silu_mul_torch(x, weight)
-    torch.testing.assert_close(kernels.gemv.gemv_silu_mul(x, weight), expected, **_tolerance(dtype))
 
 
 def test_one_shot_all_reduce_as_rank_0_of_two(kernels):

@@ -340,3 +340,23 @@ def test_phi3_shares_its_fused_checkpoint_weights_and_sees_training():
 def test_phi3_partial_rotary_is_unsupported():
     with pytest.raises(UnsupportedModel, match="partial rotary"):  # Phi-4-mini rotates 3/4 of each head
         build_decoder(tiny_model("phi3", partial_rotary_factor=0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_projections_pick_gemv_only_for_one_row_onto_few_features():
+    """The layers send one bf16 row onto at most half as many features as it reads through the GEMV kernel (where
+    cuBLAS launches too few blocks), everything else through cuBLAS; both agree with ``F.linear``."""
+    from hf_minivllm.layers.linear import RowParallelLinear, project, uses_gemv
+
+    layer = RowParallelLinear(2048, 1024).to(device="cuda", dtype=torch.bfloat16)
+    layer.weight.data.normal_(0, 0.02)
+    wide = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
+    for rows, weight, expected in ((1, layer.weight, True), (2, layer.weight, False), (1, wide, False)):
+        x = torch.randn(rows, weight.shape[1], device="cuda", dtype=torch.bfloat16)
+        assert uses_gemv(x, weight) is expected
+        reference = torch.nn.functional.linear(x.float(), weight.float())
+        assert (project(x, weight).float() - reference).norm() / reference.norm() < 1e-2
+    assert not uses_gemv(torch.randn(1, 2048, device="cuda"), layer.weight.float())  # float32 stays on cuBLAS
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), atol=2e-2, rtol=2e-2)

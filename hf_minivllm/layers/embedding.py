@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_minivllm.layers.linear import project
 from hf_minivllm.layers.parallel import ParallelGroup
 
 
@@ -47,7 +46,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection onto the vocabulary; may share its weight with the embedding (tied)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = project(hidden_states, self.weight)
+        logits = F.linear(hidden_states, self.weight)
         if self.tp_size > 1:
             logits = self.group.all_gather(logits)
             if logits.shape[-1] != self.num_embeddings:

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_minivllm.kernels.gemv import MAX_ROWS, gemv, gemv_silu_mul
+from hf_minivllm.kernels.gemv import gemv
 from hf_minivllm.layers.parallel import ParallelGroup
 
-# Up to this many rows (decode at small batches) half-precision projections on CUDA run through kernels/gemv.py,
-# which reads the weights two to three times faster than cuBLAS there; above it, cuBLAS's tensor-core tiles.
-GEMV_MAX_ROWS = MAX_ROWS
+# Half-precision projections on CUDA of at most this many rows, onto at most half as many features as they read,
+# run through kernels/gemv.py; the rest through cuBLAS. Measured on an H200 (bench_kernels.py --gemv-only, 20
+# projections to a graph), one row: the 0.6B architecture's o_proj (1024 x 2048) 3.6 us against cuBLAS's 12.7,
+# its down_proj (1024 x 3072) 5.8 against 6.8, the 8B's down_proj per rank at TP=2 (4096 x 6144) 15.5 against
+# 16.8; wider outputs (qkv, gate_up, LM head) and two or more rows were as fast or faster on cuBLAS.
+GEMV_MAX_ROWS = 1
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -36,9 +39,9 @@ def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
 
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x W^T`` takes the few-rows GEMV kernel (see ``GEMV_MAX_ROWS``). float32 stays on cuBLAS."""
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in _GEMV_DTYPES
-            and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1)
+    """Whether ``x W^T`` takes the GEMV kernel (see ``GEMV_MAX_ROWS``). float32 stays on cuBLAS."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and 2 * weight.shape[0] <= weight.shape[1]
+            and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,15 +133,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         for size in self.output_sizes:
             bounds.append(bounds[-1] + size)
         return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``silu(gate) * up`` of a two-part projection in one kernel, without writing the projection; None where
-        the GEMV kernel does not apply (the caller projects, then activates)."""
-        if len(self.output_sizes) != 2 or self.loras or not uses_gemv(x, self.weight):
-            return None
-        if self.bias is not None and not self.bias.is_contiguous():
-            return None
-        return gemv_silu_mul(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):

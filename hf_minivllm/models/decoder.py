@@ -121,10 +121,7 @@ class DecoderMLP(nn.Module):
         self.act = MLP_ACTIVATIONS[config.mlp_activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = self.gate_up_proj.silu_mul(x) if isinstance(self.act, SiluAndMul) else None
-        if activated is None:
-            activated = self.act(self.gate_up_proj(x))
-        return self.down_proj(activated)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
