@@ -143,13 +143,14 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 # The block table's row stride is its width, which follows the batch's longest sequence: specialising on it
-# (divisible by 16 or not) would compile the kernel again mid-run.
-@triton.jit(do_not_specialize=["block_table_stride"])
+# (divisible by 16 or not) would compile the kernel again mid-run; the cascade's arguments likewise.
+@triton.jit(do_not_specialize=["block_table_stride", "context_start", "partial_splits", "split_offset"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, kv_scales_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     qk_scale, sliding_window, softcap,
     q_seq_stride, q_head_stride, out_seq_stride, out_head_stride, block_table_stride,
+    context_start, partial_splits, split_offset,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
@@ -160,11 +161,11 @@ def _decode_split_kernel(
 
     context_len = tl.load(context_lens_ptr + seq)
     # The keys the new token sees: all of them, or its window's (splits then cover the window only, so pages
-    # before it are never read).
+    # before it are never read); in a cascade, those past the shared prefix (``context_start``).
     if HAS_WINDOW:
         first = tl.maximum(context_len - sliding_window, 0)
     else:
-        first = context_len * 0
+        first = context_len * 0 + context_start
     # Split lengths are whole tiles, so only a split's last tile can be partial.
     num_splits = tl.num_programs(2)  # not a constant: one compiled kernel serves every split count
     split_len = tl.cdiv(tl.cdiv(context_len - first, num_splits), BLOCK_N) * BLOCK_N
@@ -217,10 +218,67 @@ def _decode_split_kernel(
         out_offsets = seq64 * out_seq_stride + q_heads[:, None] * out_head_stride + dims[None, :]
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
-        row = (seq64 * NUM_HEADS + q_heads) * num_splits + split
+        row = (seq64 * NUM_HEADS + q_heads) * partial_splits + split_offset + split
         tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+
+
+@triton.jit(do_not_specialize=["batch", "prefix_len", "partial_splits"])
+def _cascade_prefix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, partial_out_ptr, partial_lse_ptr,
+    batch, prefix_len, partial_splits, qk_scale, softcap, q_seq_stride, q_head_stride,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The shared prefix's part of a cascade: ``BLOCK_Q`` sequences' queries (all heads of one KV head group)
+    against one range of the prefix, whose pages are the first row of the block table (every row holds the same
+    there). Each K/V tile is read once for those sequences instead of once per sequence."""
+    q_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    split_len = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, prefix_len)
+
+    query_rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+    seqs = (q_tile * BLOCK_Q + query_rows // BLOCK_G).to(tl.int64)
+    group_heads = query_rows % BLOCK_G
+    row_mask = (seqs < batch) & (group_heads < GROUP_SIZE)
+    q_heads = kv_head * GROUP_SIZE + group_heads
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seqs[:, None] * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    token_offsets = tl.arange(0, BLOCK_N)
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + token_offsets
+        token_mask = tokens < end
+        pages = tl.load(block_tables_ptr + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+        slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
+        kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            scores = softcap_log2(scores, softcap)
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    row = (seqs * NUM_HEADS + q_heads) * partial_splits + split
+    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc / safe_l[:, None], mask=row_mask[:, None])
+    tl.store(partial_lse_ptr + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -280,7 +338,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, kv_scales if kv_scales is not None else context_lens,
         out, partial_out, partial_lse,
         softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), 0, num_splits, 0,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         SINGLE_SPLIT=num_splits == 1, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
@@ -292,4 +350,73 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SPLITS=_reduce_width(num_splits), num_warps=4,
         )
+    return out
+
+
+# Sequences per program of a cascade's prefix part: their queries (times the group's heads) form the rows of one
+# tensor-core tile, so each prefix K/V tile is read once per this many sequences.
+CASCADE_BLOCK_Q = 16
+
+
+def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
+                             shared_prefix_len: int, *, softcap: float | None = None) -> torch.Tensor:
+    """Decode attention for a batch whose sequences share their first ``shared_prefix_len`` tokens (the same pages,
+    as prefix caching leaves them): the prefix is attended once per ``CASCADE_BLOCK_Q`` sequences, each sequence's
+    own tokens by the split kernel, and all partial results merged by their log-sum-exp. The same result as
+    ``paged_decode_attention`` (to rounding), reading the prefix's K/V once per tile of sequences instead of once
+    per sequence.
+
+    ``shared_prefix_len``: a multiple of the block size, below every sequence's context length (each keeps at
+    least its new token); the first ``shared_prefix_len // block_size`` entries of every block-table row must be
+    equal. Not for windowed layers or an FP8 cache (``paged_decode_attention`` serves those).
+    """
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    check_paged_attention_inputs("decode", q, k_cache, v_cache, block_tables)
+    check_attention_options(None, softcap)
+    if k_cache.dtype == FP8_DTYPE:
+        raise ValueError("cascade_decode_attention does not read an FP8 cache; use paged_decode_attention")
+    if shared_prefix_len <= 0 or shared_prefix_len % block_size:
+        raise ValueError(f"shared_prefix_len must be a positive multiple of the block size {block_size}, "
+                         f"got {shared_prefix_len}")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    config = _decode_config(q.dtype, k_cache.dtype, head_dim, q.device)
+    block_n = config.pop("BLOCK_N")
+    sms = _sm_count(q.device)
+    suffix_keys = max(block_tables.shape[1] * block_size - shared_prefix_len, 1)
+    suffix_splits = choose_num_splits(batch, num_kv_heads, suffix_keys, block_n, sms)
+    q_tiles = triton.cdiv(batch, CASCADE_BLOCK_Q)
+    prefix_splits = choose_num_splits(q_tiles, num_kv_heads, shared_prefix_len, block_n, sms)
+    prefix_splits = max(1, min(prefix_splits, _MAX_SPLITS - suffix_splits))
+    total_splits = prefix_splits + suffix_splits
+    partial_out = torch.empty(batch, num_heads, total_splits, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(batch, num_heads, total_splits, dtype=torch.float32, device=q.device)
+    qk_scale = softmax_scale if softcap is not None else softmax_scale * _LOG2_E
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    group_size = num_heads // num_kv_heads
+    launch(_cascade_prefix_kernel, (q_tiles, num_kv_heads, prefix_splits),
+        q, k_cache, v_cache, block_tables, partial_out, partial_lse,
+        batch, shared_prefix_len, total_splits, qk_scale, softcap or 1.0, q.stride(0), q.stride(1),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_Q=CASCADE_BLOCK_Q, BLOCK_G=triton.next_power_of_2(group_size), BLOCK_N=block_n,
+        HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision, **config,
+    )
+    launch(_decode_split_kernel, (batch, num_kv_heads, suffix_splits),
+        q, k_cache, v_cache, block_tables, context_lens, context_lens,
+        out, partial_out, partial_lse,
+        qk_scale, 0, softcap or 1.0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        shared_prefix_len, total_splits, prefix_splits,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
+        SINGLE_SPLIT=False, HAS_WINDOW=False, HAS_SOFTCAP=softcap is not None,
+        DOT_PRECISION=dot_precision, FP8=False, **config,
+    )
+    launch(_decode_reduce_kernel, (batch, num_heads),
+        partial_out, partial_lse, out, out.stride(0), out.stride(1), total_splits,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SPLITS=_reduce_width(total_splits), num_warps=4,
+    )
     return out

@@ -181,6 +181,55 @@ def test_decode_agrees_across_split_counts_on_both_merge_widths(kernels):
         torch.testing.assert_close(out, expected, **_tolerance(torch.float32))
 
 
+def _shared_prefix_case(context_lens: list[int], shared_pages: int, block_size: int, num_heads: int,
+                        num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int) -> tuple:
+    """Decode inputs whose sequences share their first ``shared_pages`` pages (as prefix caching leaves them), the
+    rest of each table shuffled private pages, padding past each row's pages."""
+    generator = torch.Generator().manual_seed(seed)
+    own = [math.ceil(length / block_size) - shared_pages for length in context_lens]
+    num_blocks = shared_pages + sum(own) + 2
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=generator).to(dtype).to(DEVICE) for _ in range(2))
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    shared, order = order[:shared_pages], order[shared_pages:]
+    width = max(own) + shared_pages + 1
+    tables = torch.full((len(context_lens), width), PADDING_PAGE, dtype=torch.int32)
+    for row, pages in enumerate(own):
+        tables[row, : shared_pages + pages] = torch.tensor(shared + order[:pages], dtype=torch.int32)
+        order = order[pages:]
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=generator).to(dtype).to(DEVICE)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, lens, tables.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_cascade_decode_matches_torch(kernels, dtype, group):
+    """A shared prefix of 5 pages over 19 sequences (two tiles of queries, the second partly empty), each with its
+    own tokens after it (from one to several pages); with and without a soft-cap."""
+    block_size, num_kv_heads, head_dim = 8, 2, 16
+    lens = [41 + 7 * index for index in range(19)]
+    args = _shared_prefix_case(lens, 5, block_size, num_kv_heads * group, num_kv_heads, head_dim, dtype,
+                               seed=group)
+    module = kernels.decode_attention
+    for softcap in (None, 30.0):
+        expected = module.paged_decode_attention_torch(*_upcast(args), 0.25, softcap=softcap)
+        out = module.cascade_decode_attention(*args, 0.25, 5 * block_size, softcap=softcap)
+        torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+    # a prefix shorter than what the rows share is as right (the rest counts as each row's own)
+    out = module.cascade_decode_attention(*args, 0.25, 2 * block_size)
+    torch.testing.assert_close(out.float(), module.paged_decode_attention_torch(*_upcast(args), 0.25),
+                               **_tolerance(dtype))
+
+
+def test_cascade_decode_rejects_what_it_cannot_serve(kernels):
+    args = _shared_prefix_case([20, 30], 2, 8, 4, 2, 16, torch.float32, seed=3)
+    cascade = kernels.decode_attention.cascade_decode_attention
+    for bad in (0, 12):
+        with pytest.raises(ValueError, match="multiple of the block size"):
+            cascade(*args, 0.25, bad)
+
+
 def test_choose_num_splits_depends_on_static_shapes_only(kernels):
     choose = kernels.decode_attention.choose_num_splits
     assert choose(batch=256, num_kv_heads=8, max_context=4096, block_n=64, num_sms=132) == 1
