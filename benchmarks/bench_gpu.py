@@ -23,7 +23,7 @@ from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.layers import linear
 from hf_minivllm.patches.state import state_of
 from results import finish_run
-from workloads import commit, random_model, w1_requests
+from workloads import commit, random_model, w1_requests, w3_requests
 
 W1_FLOOR_TOK_S = 25_000  # DESIGN.md 3: KV reads + weights per step at ~3 TB/s on an H100
 W2_FLOOR_MS = 0.4  # weights alone (1.2 GB) per step
@@ -137,6 +137,21 @@ def batch1_ms(model, prompt: torch.Tensor, new_tokens: int, **engine) -> float:
     start = now()
     model.generate(prompt, **settings)
     return (now() - start) * 1000 / new_tokens
+
+
+def w3(results: dict) -> None:
+    """W3 with prefix caching and cascade attention (the default), then with each turned off in turn."""
+    prompts, params = w3_requests()
+    model = random_model("0.6b")
+    row = results["W3_0.6b"] = {}
+    for key, engine in (("tok_s", {}), ("no_cascade_tok_s", dict(cascade_attention=False)),
+                        ("no_prefix_caching_tok_s", dict(enable_prefix_caching=False))):
+        tokens, seconds, stats = run_llm(model, prompts, params, **engine)
+        row[key] = tokens / seconds
+        row[key.replace("tok_s", "stats")] = stats
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def w2_and_drop_in(results: dict, hf_subset: int, compare_cublas: bool = False) -> None:
@@ -257,6 +272,14 @@ def figures(result: dict) -> list:
         out.append(Figure("drop-in W1 batch", "output throughput", "tok/s", row["drop_in_tok_s"],
                           "accelerate(model).generate", peer=f"HF generate ({row['hf_generate_subset']})" if peer
                           else None, peer_value=peer))
+    if "W3_0.6b" in result:
+        row = result["W3_0.6b"]
+        out.append(Figure("W3 (0.6b, 256 requests sharing 2,048 tokens)", "output throughput", "tok/s", row["tok_s"],
+                          "LLM.generate, cascade attention", peer="LLM.generate, cascade attention off",
+                          peer_value=row["no_cascade_tok_s"]))
+        out.append(Figure("W3 (0.6b, 256 requests sharing 2,048 tokens)", "output throughput", "tok/s", row["tok_s"],
+                          "LLM.generate, prefix caching", peer="LLM.generate, prefix caching off",
+                          peer_value=row["no_prefix_caching_tok_s"]))
     if "W2" in result and "cublas_ms_per_token" in result["W2"]:
         out.append(Figure("W2 (batch 1)", "latency, GEMV kernel vs cuBLAS", "ms/token", result["W2"]["ms_per_token"],
                           "accelerate(model).generate", higher_is_better=False,
@@ -274,7 +297,7 @@ def figures(result: dict) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w5 w5b1 (W5 batch 1 alone)")
+    parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w3 w5 w5b1 (W5 batch 1 alone)")
     parser.add_argument("--hf-cb-requests", type=int, default=64, help="W1 requests given to HF CB (0 = skip)")
     parser.add_argument("--hf-cb-window", type=float, default=0,
                         help="give HF CB all W1 requests and count its tokens over this many seconds (overrides "
@@ -296,6 +319,7 @@ def main() -> None:
         "w2": lambda: w2_and_drop_in(table, args.hf_subset, args.compare_cublas),
         "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table, args.compare_cublas)),
         "w5b1": lambda: w5_batch1(table, args.compare_cublas),
+        "w3": lambda: w3(table),
     }
     try:
         for name in args.only:

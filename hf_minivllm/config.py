@@ -39,7 +39,9 @@ class Config:
     e4m3 with a key and a value scale per layer, calibrated on a pass over random tokens when the engine builds
     its decoder (half the memory and bandwidth of a 16-bit cache; the ``torch`` and ``triton`` backends read it).
     Weights changed in place later keep those scales (KV already cached was written with them); keys or values
-    past twice the calibrated range saturate.
+    past twice the calibrated range saturate. ``cascade_attention``: a decode step of many sequences sharing a long
+    prefix (prefix caching's shared pages, e.g. one system prompt) reads the prefix's keys and values once per 16
+    sequences instead of once per sequence (Triton backend, full-precision cache; see ``ModelRunner``).
     """
 
     model: Any = None
@@ -60,6 +62,7 @@ class Config:
     mixed_steps: bool = True
     max_prefill_graph_tokens: int = 2048
     kv_cache_dtype: str = "auto"
+    cascade_attention: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
@@ -80,7 +83,7 @@ class Config:
             raise ValueError(f"Config.cpu_kvcache_space_gib must be > 0, got {self.cpu_kvcache_space_gib!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"Config.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps"):
+        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling", "mixed_steps", "cascade_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Config.{name} must be a boolean, got {getattr(self, name)!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

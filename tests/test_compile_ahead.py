@@ -214,6 +214,7 @@ def test_every_tensor_parallel_rank_runs_the_decode_passes_when_one_compiled(mon
     for group, expected in ((None, [[8]]), (EveryRankFromCache(), [[8]]), (OtherRankCompiled(), [[8], [1, 2, 4]])):
         ran = []
         runner = SimpleNamespace(device=torch.device("cpu"), group=group, config=SimpleNamespace(max_num_seqs=8),
-                                 _warm_up=lambda: None, _decode_compile_passes=ran.append, _synchronize=lambda: None)
+                                 _warm_up=lambda: None, _decode_compile_passes=ran.append, _synchronize=lambda: None,
+                                 _cascade=False)
         model_runner.ModelRunner._compile_kernels_ahead(runner)
         assert ran == expected

@@ -118,6 +118,32 @@ def test_no_triton_kernel_compiles_after_start_up(family, kv_cache_dtype):
     assert compiled == []
 
 
+def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32():
+    """40 requests sharing a 600-token prefix (prefix caching shares its pages) decode through cascade steps,
+    token-exact with the same engine with cascade attention off."""
+    model = tiny_model("qwen3").cuda()
+    generator = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, 320, (600,), generator=generator).tolist()
+    prompts = [prefix + torch.randint(3, 320, (int(n),), generator=generator).tolist()
+               for n in torch.randint(1, 30, (40,), generator=generator)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = dict(max_num_seqs=64, max_model_len=1024, gpu_memory_utilization=0.3)
+    plain = LLM(copy.deepcopy(model), cascade_attention=False, **engine)
+    expected = [out["token_ids"] for out in plain.generate(prompts, params, use_tqdm=False)]
+    plain.close()
+    llm = LLM(model, **engine)
+    runner, shared = llm.engine.runner, []
+    eager = runner.eager_decode_logits
+
+    def spy(inputs, shared_prefix_len=0):
+        shared.append(shared_prefix_len)
+        return eager(inputs, shared_prefix_len)
+
+    runner.eager_decode_logits = spy
+    assert [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)] == expected
+    assert shared and min(shared) >= 512, shared
+
+
 def test_backends_and_graphs_agree_in_bf16():
     model = tiny_model("qwen3", dtype=torch.bfloat16).cuda()
     generator = torch.Generator().manual_seed(1)

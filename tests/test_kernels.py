@@ -836,6 +836,23 @@ def test_gpu_norm_and_activation_match_torch(kernels, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("batch,group", [(256, 2), (40, 4)])
+def test_gpu_cascade_decode_at_w3_shapes(kernels, dtype, batch, group):
+    """W3's shape (a 2,048-token prefix in pages of 16, then 1-200 own tokens; the 0.6B's and the 8B's head groups)
+    against the fp32 reference on the same rounded inputs, and beside the plain split kernel."""
+    generator = torch.Generator().manual_seed(batch)
+    lens = (2048 + torch.randint(1, 200, (batch,), generator=generator)).tolist()
+    args = _shared_prefix_case(lens, 128, 16, 8 * group, 8, 128, dtype, seed=batch)
+    module = kernels.decode_attention
+    expected = module.paged_decode_attention_torch(*_upcast(args), 0.088)
+    cascade = module.cascade_decode_attention(*args, 0.088, 2048)
+    _assert_close_to_fp32_reference(cascade, expected, dtype)
+    plain = module.paged_decode_attention(*args, 0.088)
+    assert (cascade.float() - plain.float()).abs().max() < (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
 def test_gpu_gemv_at_model_shapes_in_a_cuda_graph(kernels, dtype, rows):
     """The 0.6B and 8B architectures' projections (whole and halved for two ranks), replayed from a CUDA graph

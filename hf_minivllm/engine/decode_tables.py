@@ -58,3 +58,13 @@ class DecodeBlockTables:
         present = {seq.seq_id for seq in seqs}
         for seq_id in [seq_id for seq_id in self.row_of if seq_id not in present]:
             self.free_rows.append(self.row_of.pop(seq_id))
+
+
+def shared_prefix_blocks(tables: np.ndarray, context_lens: np.ndarray, block_size: int) -> int:
+    """How many leading block-table entries every row holds alike (prefix caching's shared pages), counting only
+    blocks before each row's last token, so that every row keeps at least that token of its own."""
+    limit = int(context_lens.min() - 1) // block_size
+    if limit <= 0:
+        return 0
+    same = (tables[:, :limit] == tables[0, :limit]).all(axis=0)
+    return limit if same.all() else int(same.argmin())

@@ -19,7 +19,7 @@ from torch import nn
 from hf_minivllm.config import Config
 from hf_minivllm.engine.cuda_graphs import DecodeGraphs, DecodeInputs, PrefillGraphs, batch_buckets
 from hf_minivllm.engine.cuda_vmm import virtual_memory_available
-from hf_minivllm.engine.decode_tables import DecodeBlockTables
+from hf_minivllm.engine.decode_tables import DecodeBlockTables, shared_prefix_blocks
 from hf_minivllm.engine.kv_storage import (
     FixedKVStorage,
     KVCacheStorage,
@@ -51,6 +51,11 @@ KV_CALIBRATION_TOKENS = 512
 KV_SCALE_HEADROOM = 2.0
 # A start-up compile shorter than this was a read from Triton's cache (milliseconds); a real compile takes longer.
 FROM_CACHE_S = 0.1
+# Cascade attention (Config.cascade_attention) for decode steps of at least this many sequences sharing at least this
+# many tokens' pages. Such a step runs eagerly (the shared length is not part of a graph's shapes), so it must save
+# more prefix reads than its launches cost the host.
+CASCADE_MIN_SEQS = 32
+CASCADE_MIN_PREFIX_TOKENS = 512
 
 
 class TensorParallelPeers(Protocol):
@@ -104,6 +109,8 @@ class ModelRunner:
         for layer in model.attention_layers:
             layer.backend = backend
         self.attention_backend = backend
+        self._cascade = (config.cascade_attention and backend == "triton" and not fp8_cache
+                         and config.max_num_seqs >= CASCADE_MIN_SEQS)
         self._decode_tables = DecodeBlockTables(config.max_num_seqs, self.max_blocks_per_seq)
         self._rope_long_after = getattr(model, "rope_long_after", None)
         self._rope_long_offset = getattr(model, "rope_long_offset", 0)
@@ -241,11 +248,16 @@ class ModelRunner:
                 from_cache = bool(self.group.min(int(from_cache)))
             if not from_cache:
                 self._decode_compile_passes(buckets[:-1])
+            if self._cascade:
+                # Few sequences split the prefix finely and many coarsely: both merge widths of the decode kernel.
+                self._decode_compile_passes([CASCADE_MIN_SEQS, buckets[-1]],
+                                            shared_prefix_len=(self.max_blocks_per_seq - 1) * self.block_size)
         self._synchronize()
 
-    def _decode_compile_passes(self, buckets: list[int]) -> None:
+    def _decode_compile_passes(self, buckets: list[int], shared_prefix_len: int = 0) -> None:
         """One decode pass per graph bucket given, with the graphs' shapes (separate input buffers, block tables as
-        wide as the graphs'), whose split counts pick the decode kernel's variants; on a one-block scratch cache."""
+        wide as the graphs'), whose split counts pick the decode kernel's variants; on a one-block scratch cache.
+        With ``shared_prefix_len``, the cascade's kernels (nothing runs: they only compile)."""
         self._bind_kv_cache(torch.empty(self.layout.shape(1), device=self.device, dtype=self.layout.dtype))
         try:
             for bucket in buckets:
@@ -254,6 +266,7 @@ class ModelRunner:
                     slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=self.device),
                     block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
                     context_lens=torch.ones(bucket, dtype=torch.int32, device=self.device),
+                    shared_prefix_len=shared_prefix_len,
                 ))
                 try:
                     token_ids = torch.zeros(bucket, dtype=torch.int64, device=self.device)
@@ -448,6 +461,10 @@ class ModelRunner:
         positions[:] = [seq.num_tokens - 1 for seq in seqs]
         rows[2] = tables[np.arange(len(seqs)), positions // block_size] * block_size + positions % block_size
         plan = DecodePlan(rows, (positions + 1).astype(np.int32), tables)
+        if self._cascade and len(seqs) >= CASCADE_MIN_SEQS:
+            shared = shared_prefix_blocks(tables, plan.context_lens, block_size) * block_size
+            if shared >= CASCADE_MIN_PREFIX_TOKENS:
+                plan.shared_prefix_len = shared
         if self._rope_long_after is not None:  # after the slots and lengths, which take the plain positions
             rows[1] = self._rope_positions(positions.copy(), seqs)
         if any(seq.num_pending_tokens for seq in seqs):
@@ -632,12 +649,14 @@ class ModelRunner:
         if plan.previous_rows is not None:
             inputs.previous_rows = self._pinned(plan.previous_rows)
             inputs.previous_tokens = previous_tokens
+        if plan.shared_prefix_len:
+            return self.eager_decode_logits(inputs, plan.shared_prefix_len)
         if self.graphs is not None and self.graphs.can_run(plan.rows.shape[1]):
             return self.graphs.run(inputs)
         return self.eager_decode_logits(inputs)
 
-    def eager_decode_logits(self, inputs: DecodeInputs) -> torch.Tensor:
-        """The decode forward without a graph (CPU, or more sequences than the largest graph)."""
+    def eager_decode_logits(self, inputs: DecodeInputs, shared_prefix_len: int = 0) -> torch.Tensor:
+        """The decode forward without a graph (CPU, more sequences than the largest graph, or a cascade)."""
         rows = inputs.rows.to(self.device, non_blocking=True)
         inputs.fill_pending_input_ids(rows[0])
         set_attention_metadata(AttentionMetadata(
@@ -645,6 +664,7 @@ class ModelRunner:
             slot_mapping=rows[2],
             block_tables=inputs.block_tables.to(self.device, non_blocking=True),
             context_lens=inputs.context_lens.to(self.device, non_blocking=True),
+            shared_prefix_len=shared_prefix_len,
         ))
         try:
             return self.model.compute_logits(self.model(rows[0], rows[1]))

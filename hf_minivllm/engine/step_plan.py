@@ -35,12 +35,15 @@ class PrefillPlan:
 @dataclass
 class DecodePlan:
     """One token per sequence. ``rows`` [3, n] int64: input ids, positions, KV slots; ``previous_rows`` [n] int64:
-    each row's index into the step in flight's sampled tokens, -1 where ``rows[0]`` holds the input id."""
+    each row's index into the step in flight's sampled tokens, -1 where ``rows[0]`` holds the input id.
+    ``shared_prefix_len``: tokens every row holds in the same pages, attended once per tile of rows (cascade
+    attention, an eager pass); 0 runs the step as usual."""
 
     rows: np.ndarray
     context_lens: np.ndarray  # [n] int32
     block_tables: np.ndarray  # [n, w] int32
     previous_rows: np.ndarray | None = None
+    shared_prefix_len: int = 0
 
 
 @dataclass

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from hf_minivllm.kernels.attention_math import check_attention_options
-from hf_minivllm.kernels.decode_attention import paged_decode_attention, paged_decode_attention_torch
+from hf_minivllm.kernels.decode_attention import (cascade_decode_attention, paged_decode_attention,
+                                                  paged_decode_attention_torch)
 from hf_minivllm.kernels.kv_cache import store_kvcache, store_kvcache_torch
 from hf_minivllm.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_torch
 from hf_minivllm.layers.context import get_attention_metadata
@@ -217,6 +218,9 @@ class Attention(nn.Module):
             out = _PREFILL[self.backend](q, k_cache, v_cache, metadata.cu_seqlens_q, metadata.cu_seqlens_k,
                                          metadata.max_seqlen_q, metadata.max_seqlen_k, metadata.block_tables,
                                          self.scale, **self._options(), **self._scales())
+        elif has_cache and metadata.shared_prefix_len and self._takes_cascade():
+            out = cascade_decode_attention(q, k_cache, v_cache, metadata.context_lens, metadata.block_tables,
+                                           self.scale, metadata.shared_prefix_len, softcap=self.softcap)
         elif has_cache:
             out = _DECODE[self.backend](q, k_cache, v_cache, metadata.context_lens, metadata.block_tables, self.scale,
                                         **self._options(), **self._scales())
@@ -235,6 +239,11 @@ class Attention(nn.Module):
         k_pages, v_pages, block_tables = _contiguous_as_cache(k, v, cu_seqlens_k, max_seqlen_k)
         return _PREFILL[self.backend](q, k_pages, v_pages, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       block_tables, self.scale, **self._options())
+
+    def _takes_cascade(self) -> bool:
+        """Whether a decode step's shared prefix can be read once per tile of sequences here: the Triton backend,
+        a full-precision cache, no sliding window (those layers attend as usual)."""
+        return self.backend == "triton" and self.kv_scales is None and self.sliding_window is None
 
     def _options(self) -> dict:
         return dict(sliding_window=self.sliding_window, softcap=self.softcap)
