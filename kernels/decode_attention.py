@@ -144,16 +144,17 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 # The block table's row stride is its width, which follows the batch's longest sequence: specialising on it
 # (divisible by 16 or not) would compile the kernel again mid-run; the cascade's arguments likewise.
-@triton.jit(do_not_specialize=["block_table_stride", "context_start", "partial_splits", "split_offset"])
+@triton.jit(do_not_specialize=["block_table_stride", "partial_splits", "split_offset"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, kv_scales_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     qk_scale, sliding_window, softcap,
     q_seq_stride, q_head_stride, out_seq_stride, out_head_stride, block_table_stride,
-    context_start, partial_splits, split_offset,
+    prefix_len_ptr, partial_splits, split_offset,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    CASCADE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -161,11 +162,13 @@ def _decode_split_kernel(
 
     context_len = tl.load(context_lens_ptr + seq)
     # The keys the new token sees: all of them, or its window's (splits then cover the window only, so pages
-    # before it are never read); in a cascade, those past the shared prefix (``context_start``).
+    # before it are never read); in a cascade, those past the shared prefix.
     if HAS_WINDOW:
         first = tl.maximum(context_len - sliding_window, 0)
+    elif CASCADE:
+        first = tl.load(prefix_len_ptr)
     else:
-        first = context_len * 0 + context_start
+        first = context_len * 0
     # Split lengths are whole tiles, so only a split's last tile can be partial.
     num_splits = tl.num_programs(2)  # not a constant: one compiled kernel serves every split count
     split_len = tl.cdiv(tl.cdiv(context_len - first, num_splits), BLOCK_N) * BLOCK_N
@@ -224,21 +227,23 @@ def _decode_split_kernel(
         tl.store(partial_lse_ptr + row, lse, mask=head_mask)
 
 
-@triton.jit(do_not_specialize=["batch", "prefix_len", "partial_splits"])
+@triton.jit(do_not_specialize=["batch", "partial_splits"])
 def _cascade_prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, partial_out_ptr, partial_lse_ptr,
-    batch, prefix_len, partial_splits, qk_scale, softcap, q_seq_stride, q_head_stride,
+    batch, prefix_len_ptr, partial_splits, qk_scale, softcap, q_seq_stride, q_head_stride,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The shared prefix's part of a cascade: ``BLOCK_Q`` sequences' queries (all heads of one KV head group)
     against one range of the prefix, whose pages are the first row of the block table (every row holds the same
-    there). Each K/V tile is read once for those sequences instead of once per sequence."""
+    there). Each K/V tile is read once for those sequences instead of once per sequence. The prefix's length is
+    read on the device (a CUDA graph serves every length): splits past it are empty."""
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
+    prefix_len = tl.load(prefix_len_ptr)
     split_len = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, prefix_len)
@@ -338,7 +343,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, kv_scales if kv_scales is not None else context_lens,
         out, partial_out, partial_lse,
         softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), 0, num_splits, 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), context_lens, num_splits, 0,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         SINGLE_SPLIT=num_splits == 1, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
@@ -360,16 +365,18 @@ CASCADE_BLOCK_Q = 16
 
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
-                             shared_prefix_len: int, *, softcap: float | None = None) -> torch.Tensor:
+                             shared_prefix_len: torch.Tensor, *, softcap: float | None = None) -> torch.Tensor:
     """Decode attention for a batch whose sequences share their first ``shared_prefix_len`` tokens (the same pages,
     as prefix caching leaves them): the prefix is attended once per ``CASCADE_BLOCK_Q`` sequences, each sequence's
     own tokens by the split kernel, and all partial results merged by their log-sum-exp. The same result as
     ``paged_decode_attention`` (to rounding), reading the prefix's K/V once per tile of sequences instead of once
     per sequence.
 
-    ``shared_prefix_len``: a multiple of the block size, below every sequence's context length (each keeps at
-    least its new token); the first ``shared_prefix_len // block_size`` entries of every block-table row must be
-    equal. Not for windowed layers or an FP8 cache (``paged_decode_attention`` serves those).
+    ``shared_prefix_len``: [1] int32 on the device (so a CUDA graph serves any length), a multiple of the block
+    size below every sequence's context length (each keeps at least its new token), 0 for none; the first
+    ``shared_prefix_len // block_size`` entries of every block-table row must be equal. Split counts follow the
+    block table's width, as in ``paged_decode_attention``. Not for windowed layers or an FP8 cache
+    (``paged_decode_attention`` serves those).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -377,19 +384,20 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     check_attention_options(None, softcap)
     if k_cache.dtype == FP8_DTYPE:
         raise ValueError("cascade_decode_attention does not read an FP8 cache; use paged_decode_attention")
-    if shared_prefix_len <= 0 or shared_prefix_len % block_size:
-        raise ValueError(f"shared_prefix_len must be a positive multiple of the block size {block_size}, "
-                         f"got {shared_prefix_len}")
+    if (shared_prefix_len.shape != (1,) or shared_prefix_len.dtype != torch.int32
+            or shared_prefix_len.device != q.device):
+        raise ValueError(f"shared_prefix_len must be a [1] int32 tensor on {q.device}, got "
+                         f"{tuple(shared_prefix_len.shape)} {shared_prefix_len.dtype} on {shared_prefix_len.device}")
     out = torch.empty_like(q)
     if batch == 0:
         return out
     config = _decode_config(q.dtype, k_cache.dtype, head_dim, q.device)
     block_n = config.pop("BLOCK_N")
     sms = _sm_count(q.device)
-    suffix_keys = max(block_tables.shape[1] * block_size - shared_prefix_len, 1)
-    suffix_splits = choose_num_splits(batch, num_kv_heads, suffix_keys, block_n, sms)
+    max_keys = block_tables.shape[1] * block_size
+    suffix_splits = choose_num_splits(batch, num_kv_heads, max_keys, block_n, sms)
     q_tiles = triton.cdiv(batch, CASCADE_BLOCK_Q)
-    prefix_splits = choose_num_splits(q_tiles, num_kv_heads, shared_prefix_len, block_n, sms)
+    prefix_splits = choose_num_splits(q_tiles, num_kv_heads, max_keys, block_n, sms)
     prefix_splits = max(1, min(prefix_splits, _MAX_SPLITS - suffix_splits))
     total_splits = prefix_splits + suffix_splits
     partial_out = torch.empty(batch, num_heads, total_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -413,7 +421,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         SINGLE_SPLIT=False, HAS_WINDOW=False, HAS_SOFTCAP=softcap is not None,
-        DOT_PRECISION=dot_precision, FP8=False, **config,
+        DOT_PRECISION=dot_precision, FP8=False, CASCADE=True, **config,
     )
     launch(_decode_reduce_kernel, (batch, num_heads),
         partial_out, partial_lse, out, out.stride(0), out.stride(1), total_splits,

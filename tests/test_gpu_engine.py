@@ -119,8 +119,10 @@ def test_no_triton_kernel_compiles_after_start_up(family, kv_cache_dtype):
 
 
 def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32():
-    """40 requests sharing a 600-token prefix (prefix caching shares its pages) decode through cascade steps,
-    token-exact with the same engine with cascade attention off."""
+    """40 requests sharing a 600-token prefix (prefix caching shares its pages) decode through cascade graphs,
+    captured at their first step from kernels start-up compiled, token-exact with cascade attention off."""
+    from triton import knobs
+
     model = tiny_model("qwen3").cuda()
     generator = torch.Generator().manual_seed(5)
     prefix = torch.randint(3, 320, (600,), generator=generator).tolist()
@@ -132,16 +134,23 @@ def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32():
     expected = [out["token_ids"] for out in plain.generate(prompts, params, use_tqdm=False)]
     plain.close()
     llm = LLM(model, **engine)
-    runner, shared = llm.engine.runner, []
-    eager = runner.eager_decode_logits
+    graphs, shared = llm.engine.runner.graphs, []
+    run = graphs.run
 
     def spy(inputs, shared_prefix_len=0):
         shared.append(shared_prefix_len)
-        return eager(inputs, shared_prefix_len)
+        return run(inputs, shared_prefix_len)
 
-    runner.eager_decode_logits = spy
-    assert [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)] == expected
-    assert shared and min(shared) >= 512, shared
+    graphs.run = spy
+    compiled = []
+    knobs.runtime.jit_cache_hook = lambda **details: compiled.append(details.get("repr", "?").split("(")[0])
+    try:
+        got = [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        knobs.runtime.jit_cache_hook = None
+    assert got == expected
+    assert max(shared) >= 512 and graphs.cascade_graphs, shared
+    assert compiled == []
 
 
 def test_backends_and_graphs_agree_in_bf16():

@@ -214,20 +214,25 @@ def test_cascade_decode_matches_torch(kernels, dtype, group):
     module = kernels.decode_attention
     for softcap in (None, 30.0):
         expected = module.paged_decode_attention_torch(*_upcast(args), 0.25, softcap=softcap)
-        out = module.cascade_decode_attention(*args, 0.25, 5 * block_size, softcap=softcap)
+        out = module.cascade_decode_attention(*args, 0.25, _prefix_len(5 * block_size), softcap=softcap)
         torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
-    # a prefix shorter than what the rows share is as right (the rest counts as each row's own)
-    out = module.cascade_decode_attention(*args, 0.25, 2 * block_size)
-    torch.testing.assert_close(out.float(), module.paged_decode_attention_torch(*_upcast(args), 0.25),
-                               **_tolerance(dtype))
+    # a prefix shorter than what the rows share is as right (the rest counts as each row's own), and none at all
+    expected = module.paged_decode_attention_torch(*_upcast(args), 0.25)
+    for prefix_len in (2 * block_size, 0):
+        out = module.cascade_decode_attention(*args, 0.25, _prefix_len(prefix_len))
+        torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
 
 
-def test_cascade_decode_rejects_what_it_cannot_serve(kernels):
+def _prefix_len(tokens: int) -> torch.Tensor:
+    return torch.tensor([tokens], dtype=torch.int32, device=DEVICE)
+
+
+def test_cascade_decode_rejects_a_prefix_length_that_is_not_a_device_int32(kernels):
     args = _shared_prefix_case([20, 30], 2, 8, 4, 2, 16, torch.float32, seed=3)
     cascade = kernels.decode_attention.cascade_decode_attention
-    for bad in (0, 12):
-        with pytest.raises(ValueError, match="multiple of the block size"):
-            cascade(*args, 0.25, bad)
+    for bad in (torch.tensor([16]), torch.tensor([[16]], dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"shared_prefix_len must be a \[1\] int32 tensor"):
+            cascade(*args, 0.25, bad.to(DEVICE))
 
 
 def test_choose_num_splits_depends_on_static_shapes_only(kernels):
@@ -845,7 +850,7 @@ def test_gpu_cascade_decode_at_w3_shapes(kernels, dtype, batch, group):
     args = _shared_prefix_case(lens, 128, 16, 8 * group, 8, 128, dtype, seed=batch)
     module = kernels.decode_attention
     expected = module.paged_decode_attention_torch(*_upcast(args), 0.088)
-    cascade = module.cascade_decode_attention(*args, 0.088, 2048)
+    cascade = module.cascade_decode_attention(*args, 0.088, _prefix_len(2048))
     _assert_close_to_fp32_reference(cascade, expected, dtype)
     plain = module.paged_decode_attention(*args, 0.088)
     assert (cascade.float() - plain.float()).abs().max() < (2e-2 if dtype == torch.bfloat16 else 2e-3)

@@ -45,9 +45,9 @@ class EagerDecodeGraphs:
     def can_run(self, batch_size):
         return True
 
-    def run(self, inputs):
+    def run(self, inputs, shared_prefix_len=0):
         self.decode_rows.append(inputs.rows.shape[1])
-        return self.runner.eager_decode_logits(inputs)
+        return self.runner.eager_decode_logits(inputs, shared_prefix_len)
 
 
 def eager_prefill_graphs(runner, max_tokens: int = 64, max_seqs: int = 3) -> PrefillGraphs:

@@ -60,8 +60,13 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """One decode graph per batch bucket, captured at start-up; and for the buckets a cascade step (a shared prefix,
+    see ``AttentionMetadata.shared_prefix_len``) first needs, a cascade graph captured then: most engines never
+    decode over a shared prefix, and capturing them all would lengthen every start."""
+
     def __init__(self, runner: "ModelRunner", max_num_seqs: int):
         model, device = runner.model, runner.device
+        self.model, self.device = model, device
         self.buckets = batch_buckets(max_num_seqs)
         largest = self.buckets[-1]
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
@@ -69,43 +74,48 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
         self.logits = torch.empty(largest, model.vocab_size, dtype=runner.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        pool = None
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
         with torch.inference_mode():
             for bucket in reversed(self.buckets):
-                metadata = self._metadata(bucket)
-                set_attention_metadata(metadata)
-                try:
-                    self._forward(model, bucket)  # warm-up: Triton compiles and autotuning stay out of the graph
-                    graph = torch.cuda.CUDAGraph()
-                    # thread_local: another engine's loop thread may be running CUDA work meanwhile.
-                    with torch.cuda.graph(graph, pool, capture_error_mode="thread_local"):
-                        self._forward(model, bucket)
-                finally:
-                    set_attention_metadata(None)
-                pool = graph.pool()
-                self.graphs[bucket] = graph
-        self.pool = pool
+                self.graphs[bucket] = self._capture(bucket, cascade=False)
         torch.cuda.synchronize(device)
 
-    def _metadata(self, bucket: int) -> AttentionMetadata:
+    def _capture(self, bucket: int, cascade: bool) -> torch.cuda.CUDAGraph:
+        set_attention_metadata(self._metadata(bucket, cascade))
+        try:
+            self._forward(bucket)  # warm-up: Triton compiles and autotuning stay out of the graph
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another engine's loop thread may be running CUDA work meanwhile.
+            with torch.cuda.graph(graph, self.pool, capture_error_mode="thread_local"):
+                self._forward(bucket)
+        finally:
+            set_attention_metadata(None)
+        self.pool = graph.pool()
+        return graph
+
+    def _metadata(self, bucket: int, cascade: bool) -> AttentionMetadata:
         return AttentionMetadata(
             is_prefill=False,
             slot_mapping=self.slot_mapping[:bucket],
             block_tables=self.block_tables[:bucket],
             context_lens=self.context_lens[:bucket],
+            shared_prefix_len=self.shared_prefix_len if cascade else None,
         )
 
-    def _forward(self, model, bucket: int) -> None:
-        hidden = model(self.input_ids[:bucket], self.positions[:bucket])
-        self.logits[:bucket] = model.compute_logits(hidden)
+    def _forward(self, bucket: int) -> None:
+        hidden = self.model(self.input_ids[:bucket], self.positions[:bucket])
+        self.logits[:bucket] = self.model.compute_logits(hidden)
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.buckets[-1]
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Copy the host inputs straight into the static buffers (no intermediate device tensors), then replay."""
+    def run(self, inputs: DecodeInputs, shared_prefix_len: int = 0) -> torch.Tensor:
+        """Copy the host inputs straight into the static buffers (no intermediate device tensors), then replay; with
+        ``shared_prefix_len``, the bucket's cascade graph (captured now if this is its first cascade step)."""
         n = inputs.rows.shape[1]
         bucket = next(b for b in self.buckets if b >= n)
         self.input_ids[:n].copy_(inputs.rows[0], non_blocking=True)
@@ -114,11 +124,19 @@ class DecodeGraphs:
         self.slot_mapping[:n].copy_(inputs.rows[2], non_blocking=True)
         self.slot_mapping[n:bucket] = -1
         self.context_lens[:n].copy_(inputs.context_lens, non_blocking=True)
+        # Padding rows: one token, which a cascade's shared prefix (shorter than every real row) may not cover.
         self.context_lens[n:bucket] = 1
         width = inputs.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(inputs.block_tables, non_blocking=True)
         self.block_tables[n:bucket] = 0
-        self.graphs[bucket].replay()
+        if not shared_prefix_len:
+            self.graphs[bucket].replay()
+            return self.logits[:n]
+        self.shared_prefix_len.fill_(shared_prefix_len)
+        graph = self.cascade_graphs.get(bucket)
+        if graph is None:
+            graph = self.cascade_graphs[bucket] = self._capture(bucket, cascade=True)
+        graph.replay()
         return self.logits[:n]
 
 

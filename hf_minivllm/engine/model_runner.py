@@ -52,8 +52,7 @@ KV_SCALE_HEADROOM = 2.0
 # A start-up compile shorter than this was a read from Triton's cache (milliseconds); a real compile takes longer.
 FROM_CACHE_S = 0.1
 # Cascade attention (Config.cascade_attention) for decode steps of at least this many sequences sharing at least this
-# many tokens' pages. Such a step runs eagerly (the shared length is not part of a graph's shapes), so it must save
-# more prefix reads than its launches cost the host.
+# many tokens' pages: below them the prefix's repeated reads cost less than the cascade's extra kernels.
 CASCADE_MIN_SEQS = 32
 CASCADE_MIN_PREFIX_TOKENS = 512
 
@@ -250,14 +249,13 @@ class ModelRunner:
                 self._decode_compile_passes(buckets[:-1])
             if self._cascade:
                 # Few sequences split the prefix finely and many coarsely: both merge widths of the decode kernel.
-                self._decode_compile_passes([CASCADE_MIN_SEQS, buckets[-1]],
-                                            shared_prefix_len=(self.max_blocks_per_seq - 1) * self.block_size)
+                self._decode_compile_passes([CASCADE_MIN_SEQS, buckets[-1]], cascade=True)
         self._synchronize()
 
-    def _decode_compile_passes(self, buckets: list[int], shared_prefix_len: int = 0) -> None:
+    def _decode_compile_passes(self, buckets: list[int], cascade: bool = False) -> None:
         """One decode pass per graph bucket given, with the graphs' shapes (separate input buffers, block tables as
         wide as the graphs'), whose split counts pick the decode kernel's variants; on a one-block scratch cache.
-        With ``shared_prefix_len``, the cascade's kernels (nothing runs: they only compile)."""
+        With ``cascade``, through the cascade's kernels."""
         self._bind_kv_cache(torch.empty(self.layout.shape(1), device=self.device, dtype=self.layout.dtype))
         try:
             for bucket in buckets:
@@ -266,7 +264,7 @@ class ModelRunner:
                     slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=self.device),
                     block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
                     context_lens=torch.ones(bucket, dtype=torch.int32, device=self.device),
-                    shared_prefix_len=shared_prefix_len,
+                    shared_prefix_len=torch.zeros(1, dtype=torch.int32, device=self.device) if cascade else None,
                 ))
                 try:
                     token_ids = torch.zeros(bucket, dtype=torch.int64, device=self.device)
@@ -649,11 +647,9 @@ class ModelRunner:
         if plan.previous_rows is not None:
             inputs.previous_rows = self._pinned(plan.previous_rows)
             inputs.previous_tokens = previous_tokens
-        if plan.shared_prefix_len:
-            return self.eager_decode_logits(inputs, plan.shared_prefix_len)
         if self.graphs is not None and self.graphs.can_run(plan.rows.shape[1]):
-            return self.graphs.run(inputs)
-        return self.eager_decode_logits(inputs)
+            return self.graphs.run(inputs, plan.shared_prefix_len)
+        return self.eager_decode_logits(inputs, plan.shared_prefix_len)
 
     def eager_decode_logits(self, inputs: DecodeInputs, shared_prefix_len: int = 0) -> torch.Tensor:
         """The decode forward without a graph (CPU, more sequences than the largest graph, or a cascade)."""
@@ -664,7 +660,8 @@ class ModelRunner:
             slot_mapping=rows[2],
             block_tables=inputs.block_tables.to(self.device, non_blocking=True),
             context_lens=inputs.context_lens.to(self.device, non_blocking=True),
-            shared_prefix_len=shared_prefix_len,
+            shared_prefix_len=(torch.tensor([shared_prefix_len], dtype=torch.int32).to(self.device, non_blocking=True)
+                               if shared_prefix_len else None),
         ))
         try:
             return self.model.compute_logits(self.model(rows[0], rows[1]))

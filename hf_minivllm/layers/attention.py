@@ -218,7 +218,7 @@ class Attention(nn.Module):
             out = _PREFILL[self.backend](q, k_cache, v_cache, metadata.cu_seqlens_q, metadata.cu_seqlens_k,
                                          metadata.max_seqlen_q, metadata.max_seqlen_k, metadata.block_tables,
                                          self.scale, **self._options(), **self._scales())
-        elif has_cache and metadata.shared_prefix_len and self._takes_cascade():
+        elif has_cache and metadata.shared_prefix_len is not None and self._takes_cascade():
             out = cascade_decode_attention(q, k_cache, v_cache, metadata.context_lens, metadata.block_tables,
                                            self.scale, metadata.shared_prefix_len, softcap=self.softcap)
         elif has_cache:

@@ -31,9 +31,9 @@ class AttentionMetadata:
     a captured CUDA graph). ``block_tables`` [n, width] (int32): only the first ``ceil(context_len / block_size)``
     entries of a row are meaningful; the rest are padding that kernels must not read.
 
-    ``shared_prefix_len`` (decode): every row's first ``shared_prefix_len`` tokens live in the same pages (a
-    multiple of the block size, below every context length); the Triton backend then reads them once per tile
-    of sequences (cascade attention). 0: no shared prefix is known.
+    ``shared_prefix_len`` (decode): [1] int32 on the device, a count of leading tokens every row holds in the same
+    pages (a multiple of the block size, below every context length); the Triton backend then reads them once per
+    tile of sequences (cascade attention). None: attend as usual.
     """
 
     is_prefill: bool
@@ -44,7 +44,7 @@ class AttentionMetadata:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    shared_prefix_len: int = 0
+    shared_prefix_len: torch.Tensor | None = None
 
 
 _local = threading.local()
