@@ -142,6 +142,40 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     return out.reshape(batch, num_heads, head_dim)
 
 
+@triton.jit
+def _attend_keys(q, k_cache_ptr, v_cache_ptr, block_table_row, start, end, kv_head, qk_scale, softcap,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """Online softmax of the query rows ``q [ROWS, HEAD_DIM]`` over keys ``start..end`` of one KV head, found through
+    ``block_table_row``: the running max (log2 units), sum and unnormalised output, tile by tile."""
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    dims = tl.arange(0, HEAD_DIM)
+    token_offsets = tl.arange(0, BLOCK_N)
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + token_offsets
+        token_mask = tokens < end
+        pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+        slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
+        kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        if FP8:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            scores = softcap_log2(scores, softcap)
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 # The block table's row stride is its width, which follows the batch's longest sequence: specialising on it
 # (divisible by 16 or not) would compile the kernel again mid-run; the cascade's arguments likewise.
 @triton.jit(do_not_specialize=["block_table_stride", "partial_splits", "split_offset"])
@@ -186,31 +220,9 @@ def _decode_split_kernel(
         qk_scale = qk_scale * tl.load(kv_scales_ptr)
         q = fp8_cache_query(q)
 
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    block_table_row = block_tables_ptr + seq64 * block_table_stride
-    token_offsets = tl.arange(0, BLOCK_N)
-    for tile_start in range(start, end, BLOCK_N):
-        tokens = tile_start + token_offsets
-        token_mask = tokens < end
-        pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
-        kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        if FP8:
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_SOFTCAP:
-            scores = softcap_log2(scores, softcap)
-        scores = tl.where(token_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq64 * block_table_stride,
+                                 start, end, kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_H,
+                                 BLOCK_N, HAS_SOFTCAP, DOT_PRECISION, FP8)
 
     # An empty split (or an empty padding row) leaves l_i == 0: write zeros and a log-sum-exp of -inf.
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -257,28 +269,9 @@ def _cascade_prefix_kernel(
     q = tl.load(q_ptr + seqs[:, None] * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    token_offsets = tl.arange(0, BLOCK_N)
-    for tile_start in range(start, end, BLOCK_N):
-        tokens = tile_start + token_offsets
-        token_mask = tokens < end
-        pages = tl.load(block_tables_ptr + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
-        kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_SOFTCAP:
-            scores = softcap_log2(scores, softcap)
-        scores = tl.where(token_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, start, end, kv_head, qk_scale,
+                                 softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_Q * BLOCK_G, BLOCK_N, HAS_SOFTCAP,
+                                 DOT_PRECISION, False)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     row = (seqs * NUM_HEADS + q_heads) * partial_splits + split

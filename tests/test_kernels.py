@@ -202,13 +202,12 @@ def _shared_prefix_case(context_lens: list[int], shared_pages: int, block_size: 
     return q, k_cache, v_cache, lens, tables.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("group,dtype", [(1, torch.float32), (2, torch.float16), (4, torch.float32)])
 def test_cascade_decode_matches_torch(kernels, dtype, group):
-    """A shared prefix of 5 pages over 19 sequences (two tiles of queries, the second partly empty), each with its
+    """A shared prefix of 5 pages over 17 sequences (two tiles of queries, the second nearly empty), each with its
     own tokens after it (from one to several pages); with and without a soft-cap."""
     block_size, num_kv_heads, head_dim = 8, 2, 16
-    lens = [41 + 7 * index for index in range(19)]
+    lens = [41 + 4 * index for index in range(17)]
     args = _shared_prefix_case(lens, 5, block_size, num_kv_heads * group, num_kv_heads, head_dim, dtype,
                                seed=group)
     module = kernels.decode_attention
@@ -642,7 +641,7 @@ def _gemv_inputs(rows: int, out_features: int, in_features: int, dtype: torch.dt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("out_features,in_features,bias", [(37, 100, True), (1000, 96, False), (8, 1030, True)])
+@pytest.mark.parametrize("out_features,in_features,bias", [(37, 100, True), (300, 96, False), (8, 1030, True)])
 def test_gemv_matches_torch(kernels, dtype, rows, out_features, in_features, bias):
     """Odd sizes (masked tiles in both dims, rows below the tile's) against ``F.linear`` in the same dtype."""
     x, weight, b = _gemv_inputs(rows, out_features, in_features, dtype, bias)
