@@ -14,7 +14,7 @@ if [ "${1:-}" = "tests" ]; then
   python3 -c "import fastapi, uvicorn, openai" 2>/dev/null || missing+=(--ignore=tests/test_serve.py)
   # The kernel files whole (their tests run compiled here, interpreted on CPU), then every other gpu-marked test, both
   # in parallel (pytest-xdist); engine tests alone, since they size KV caches from free memory.
-  kernel_files=(tests/test_kernels.py tests/test_sampling_kernel.py tests/test_rotary_kernel.py
+  kernel_files=(tests/test_kernels.py tests/test_gemv_kernel.py tests/test_sampling_kernel.py tests/test_rotary_kernel.py
                 tests/test_attention_layer.py tests/test_fp8_kv_cache.py)
   others=(${missing[@]+"${missing[@]}"} --ignore=tests/test_gpu_engine.py)  # an empty array under set -u, old bash
   for file in "${kernel_files[@]}"; do others+=(--ignore="$file"); done

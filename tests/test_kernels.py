@@ -25,7 +25,7 @@ CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if CUDA else "cpu"
 KERNEL_MODULES = ("kv_cache", "prefill_attention", "decode_attention", "rms_norm", "activation", "all_reduce",
-                  "fused_moe", "gemv")
+                  "fused_moe")
 # Out-of-range page ids in the unused tail of every block table: a kernel that reads them fails or goes wrong.
 PADDING_PAGE = 1 << 30
 
@@ -631,37 +631,6 @@ def test_silu_and_mul_matches_torch(kernels, dtype, intermediate):
     torch.testing.assert_close(out, kernels.activation.silu_and_mul_torch(x), **_tolerance(dtype))
 
 
-def _gemv_inputs(rows: int, out_features: int, in_features: int, dtype: torch.dtype, bias: bool,
-                 device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    generator = torch.Generator().manual_seed(rows * 7919 + out_features + in_features)
-    x = torch.randn(rows, in_features, generator=generator).to(dtype).to(device)
-    weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype).to(device)
-    return x, weight, torch.randn(out_features, generator=generator).to(dtype).to(device) if bias else None
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("out_features,in_features,bias", [(37, 100, True), (300, 96, False), (8, 1030, True)])
-def test_gemv_matches_torch(kernels, dtype, rows, out_features, in_features, bias):
-    """Odd sizes (masked tiles in both dims, rows below the tile's) against ``F.linear`` in the same dtype."""
-    x, weight, b = _gemv_inputs(rows, out_features, in_features, dtype, bias)
-    torch.testing.assert_close(kernels.gemv.gemv(x, weight, b), kernels.gemv.gemv_torch(x, weight, b),
-                               **_tolerance(dtype))
-
-
-def test_gemv_reads_a_strided_weight_and_rejects_bad_input(kernels):
-    """A column slice of a wider matrix (a row-parallel shard is one) is read in place; misuse is a clear error."""
-    x, wide, _ = _gemv_inputs(2, 24, 80, torch.float32, False)
-    weight = wide[:, 16:56]
-    torch.testing.assert_close(kernels.gemv.gemv(x[:, :40], weight), F.linear(x[:, :40], weight), **_tolerance(torch.float32))
-    with pytest.raises(ValueError, match="rows <= 8"):
-        kernels.gemv.gemv(torch.zeros(9, 40, device=DEVICE), weight)
-    with pytest.raises(ValueError, match="weight"):
-        kernels.gemv.gemv(x[:, :40], weight.t())
-    with pytest.raises(ValueError, match="one dtype"):
-        kernels.gemv.gemv(x[:, :40].half(), weight)
-
-
 # ---------------------------------------------------------------- GPU sweeps (bf16/fp16, realistic shapes)
 
 
@@ -853,21 +822,6 @@ def test_gpu_cascade_decode_at_w3_shapes(kernels, dtype, batch, group):
     _assert_close_to_fp32_reference(cascade, expected, dtype)
     plain = module.paged_decode_attention(*args, 0.088)
     assert (cascade.float() - plain.float()).abs().max() < (2e-2 if dtype == torch.bfloat16 else 2e-3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 4, 8])
-def test_gpu_gemv_at_model_shapes_in_a_cuda_graph(kernels, dtype, rows):
-    """The 0.6B and 8B architectures' projections (whole and halved for two ranks), replayed from a CUDA graph
-    with new inputs, against an fp32 reference on the same rounded inputs."""
-    for out_features, in_features in ((4096, 1024), (1024, 2048), (1024, 3072), (3072, 4096), (4096, 6144),
-                                      (151936, 1024)):
-        x, weight, bias = _gemv_inputs(rows, out_features, in_features, dtype, True, device="cuda")
-        graph, out = _captured(lambda: kernels.gemv.gemv(x, weight, bias))
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        _assert_close_to_fp32_reference(out, F.linear(x.float(), weight.float(), bias.float()), dtype)
 
 
 def test_one_shot_all_reduce_as_rank_0_of_two(kernels):
