@@ -23,10 +23,14 @@ def w1_requests(num_seqs: int = 256, max_input_len: int = 1024, max_output_len: 
     return prompts, params
 
 
-def w3_requests(num_seqs: int = 256, prefix_len: int = 2048, own_len: int = 128, new_tokens: int = 128):
-    """W3 (DESIGN.md section 3): one shared prefix, then each request's own tokens; sampled at T=0.6, eos ignored."""
+def w3_requests(num_seqs: int = 256, prefix_len: int = 2048, own_len: int = 128, new_tokens: int = 128,
+                own_seed: int = 0):
+    """W3 (DESIGN.md section 3): one shared prefix, then each request's own tokens; sampled at T=0.6, eos ignored.
+    ``own_seed`` other than 0: the same prefix with other own tokens (a warm-up of W3's shape)."""
     random.seed(0)
     prefix = [random.randint(0, 10000) for _ in range(prefix_len)]
+    if own_seed:
+        random.seed(own_seed)
     prompts = [prefix + [random.randint(0, 10000) for _ in range(own_len)] for _ in range(num_seqs)]
     return prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=new_tokens)
 
