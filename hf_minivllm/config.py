@@ -40,8 +40,9 @@ class Config:
     its decoder (half the memory and bandwidth of a 16-bit cache; the ``torch`` and ``triton`` backends read it).
     Weights changed in place later keep those scales (KV already cached was written with them); keys or values
     past twice the calibrated range saturate. ``cascade_attention``: a decode step of many sequences sharing a long
-    prefix (prefix caching's shared pages, e.g. one system prompt) reads the prefix's keys and values once per 16
-    sequences instead of once per sequence (Triton backend, full-precision cache; see ``ModelRunner``).
+    prefix (prefix caching's shared pages, e.g. one system prompt) reads the prefix's keys and values once per tile
+    of up to 16 sequences instead of once per sequence (Triton backend, full-precision cache; see ``ModelRunner``).
+    Off by default until its end-to-end GPU test has run (its kernels are checked on a GPU, its planning on CPU).
     """
 
     model: Any = None
@@ -62,7 +63,7 @@ class Config:
     mixed_steps: bool = True
     max_prefill_graph_tokens: int = 2048
     kv_cache_dtype: str = "auto"
-    cascade_attention: bool = True
+    cascade_attention: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):

@@ -352,15 +352,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 # Sequences per program of a cascade's prefix part: their queries (times the group's heads) form the rows of one
-# tensor-core tile, so each prefix K/V tile is read once per this many sequences.
+# tensor-core tile, so each prefix K/V tile is read once per this many sequences. Large head groups (or wide heads)
+# take fewer, so that a program holds at most CASCADE_MAX_ROWS query rows of head dim 128 (the accumulator is
+# float32 in registers).
 CASCADE_BLOCK_Q = 16
+CASCADE_MAX_ROWS = 64
+
+
+def cascade_sequences_per_tile(group_size: int, head_dim: int) -> int:
+    """``CASCADE_BLOCK_Q``, or fewer where the group's heads would make the tile too large (at least 16 rows)."""
+    rows = max(CASCADE_MAX_ROWS * 128 // head_dim, 16)
+    return max(1, min(CASCADE_BLOCK_Q, rows // triton.next_power_of_2(group_size)))
 
 
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
                              shared_prefix_len: torch.Tensor, *, softcap: float | None = None) -> torch.Tensor:
     """Decode attention for a batch whose sequences share their first ``shared_prefix_len`` tokens (the same pages,
-    as prefix caching leaves them): the prefix is attended once per ``CASCADE_BLOCK_Q`` sequences, each sequence's
+    as prefix caching leaves them): the prefix is attended once per tile of sequences (``CASCADE_BLOCK_Q``, fewer for
+    large head groups: ``cascade_sequences_per_tile``), each sequence's
     own tokens by the split kernel, and all partial results merged by their log-sum-exp. The same result as
     ``paged_decode_attention`` (to rounding), reading the prefix's K/V once per tile of sequences instead of once
     per sequence.
@@ -388,8 +398,11 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     block_n = config.pop("BLOCK_N")
     sms = _sm_count(q.device)
     max_keys = block_tables.shape[1] * block_size
-    suffix_splits = choose_num_splits(batch, num_kv_heads, max_keys, block_n, sms)
-    q_tiles = triton.cdiv(batch, CASCADE_BLOCK_Q)
+    # At most _MAX_SPLITS in all, the merge kernel's widest tile: the prefix keeps at least one.
+    suffix_splits = min(choose_num_splits(batch, num_kv_heads, max_keys, block_n, sms), _MAX_SPLITS - 1)
+    group_size = num_heads // num_kv_heads
+    block_q = cascade_sequences_per_tile(group_size, head_dim)
+    q_tiles = triton.cdiv(batch, block_q)
     prefix_splits = choose_num_splits(q_tiles, num_kv_heads, max_keys, block_n, sms)
     prefix_splits = max(1, min(prefix_splits, _MAX_SPLITS - suffix_splits))
     total_splits = prefix_splits + suffix_splits
@@ -397,12 +410,11 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     partial_lse = torch.empty(batch, num_heads, total_splits, dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale if softcap is not None else softmax_scale * _LOG2_E
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    group_size = num_heads // num_kv_heads
     launch(_cascade_prefix_kernel, (q_tiles, num_kv_heads, prefix_splits),
         q, k_cache, v_cache, block_tables, partial_out, partial_lse,
         batch, shared_prefix_len, total_splits, qk_scale, softcap or 1.0, q.stride(0), q.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_Q=CASCADE_BLOCK_Q, BLOCK_G=triton.next_power_of_2(group_size), BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_G=triton.next_power_of_2(group_size), BLOCK_N=block_n,
         HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision, **config,
     )
     launch(_decode_split_kernel, (batch, num_kv_heads, suffix_splits),

@@ -133,7 +133,7 @@ def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32():
     plain = LLM(copy.deepcopy(model), cascade_attention=False, **engine)
     expected = [out["token_ids"] for out in plain.generate(prompts, params, use_tqdm=False)]
     plain.close()
-    llm = LLM(model, **engine)
+    llm = LLM(model, cascade_attention=True, **engine)
     graphs, shared = llm.engine.runner.graphs, []
     run = graphs.run
 

@@ -222,6 +222,24 @@ def test_cascade_decode_matches_torch(kernels, dtype, group):
         torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
 
 
+def test_cascade_decode_keeps_every_split_when_its_own_tokens_take_the_most(kernels, monkeypatch):
+    """One sequence, one KV head, a long context on a GPU of many SMs: its own tokens would take all 64 splits, and
+    with the prefix's one the merge's 64-wide tile would leave a range out; they take 63. A group of 3 heads (not a
+    power of two) rides along."""
+    module = kernels.decode_attention
+    monkeypatch.setattr(module, "_sm_count", lambda device: 200)
+    args = _shared_prefix_case([2100], 2, 16, 3, 1, 16, torch.float32, seed=11)
+    expected = module.paged_decode_attention_torch(*args, 0.25)
+    torch.testing.assert_close(module.cascade_decode_attention(*args, 0.25, _prefix_len(32)), expected,
+                               **_tolerance(torch.float32))
+
+
+def test_cascade_tiles_shrink_for_large_head_groups(kernels):
+    tile = kernels.decode_attention.cascade_sequences_per_tile
+    assert [tile(group, 128) for group in (1, 2, 3, 4, 8, 16, 64)] == [16, 16, 16, 16, 8, 4, 1]
+    assert [tile(group, 256) for group in (1, 2, 4)] == [16, 16, 8]
+
+
 def _prefix_len(tokens: int) -> torch.Tensor:
     return torch.tensor([tokens], dtype=torch.int32, device=DEVICE)
 

@@ -15,6 +15,7 @@ sequences have no tokens and exit at once; the attention grid is sized for the b
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from hf_minivllm.engine.model_runner import ModelRunner
@@ -77,7 +80,7 @@ class DecodeGraphs:
         self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
         self.logits = torch.empty(largest, model.vocab_size, dtype=runner.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # None: its capture failed
         self.pool = None
         with torch.inference_mode():
             for bucket in reversed(self.buckets):
@@ -133,11 +136,21 @@ class DecodeGraphs:
             self.graphs[bucket].replay()
             return self.logits[:n]
         self.shared_prefix_len.fill_(shared_prefix_len)
-        graph = self.cascade_graphs.get(bucket)
-        if graph is None:
-            graph = self.cascade_graphs[bucket] = self._capture(bucket, cascade=True)
+        if bucket not in self.cascade_graphs:
+            self.cascade_graphs[bucket] = self._capture_cascade(bucket)
+        graph = self.cascade_graphs[bucket] or self.graphs[bucket]  # the plain graph attends to the prefix as well
         graph.replay()
         return self.logits[:n]
+
+    def _capture_cascade(self, bucket: int) -> torch.cuda.CUDAGraph | None:
+        """The bucket's cascade graph; None where its capture ran out of memory (the KV cache may have grown into
+        what start-up left free), so that its steps keep the plain graph rather than failing."""
+        try:
+            return self._capture(bucket, cascade=True)
+        except torch.OutOfMemoryError:
+            logger.warning("no memory to capture the cascade-attention graph for %d sequences; those steps read the "
+                           "shared prefix once per sequence", bucket, exc_info=True)
+            return None
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:

@@ -109,7 +109,8 @@ class ModelRunner:
             layer.backend = backend
         self.attention_backend = backend
         self._cascade = (config.cascade_attention and backend == "triton" and not fp8_cache
-                         and config.max_num_seqs >= CASCADE_MIN_SEQS)
+                         and config.max_num_seqs >= CASCADE_MIN_SEQS
+                         and any(layer.sliding_window is None for layer in model.attention_layers))
         self._decode_tables = DecodeBlockTables(config.max_num_seqs, self.max_blocks_per_seq)
         self._rope_long_after = getattr(model, "rope_long_after", None)
         self._rope_long_offset = getattr(model, "rope_long_offset", 0)
