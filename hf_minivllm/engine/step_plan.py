@@ -37,7 +37,7 @@ class DecodePlan:
     """One token per sequence. ``rows`` [3, n] int64: input ids, positions, KV slots; ``previous_rows`` [n] int64:
     each row's index into the step in flight's sampled tokens, -1 where ``rows[0]`` holds the input id.
     ``shared_prefix_len``: tokens every row holds in the same pages, attended once per tile of rows (cascade
-    attention, an eager pass); 0 runs the step as usual."""
+    attention); 0 runs the step as usual."""
 
     rows: np.ndarray
     context_lens: np.ndarray  # [n] int32
