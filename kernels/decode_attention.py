@@ -370,10 +370,9 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                              shared_prefix_len: torch.Tensor, *, softcap: float | None = None) -> torch.Tensor:
     """Decode attention for a batch whose sequences share their first ``shared_prefix_len`` tokens (the same pages,
     as prefix caching leaves them): the prefix is attended once per tile of sequences (``CASCADE_BLOCK_Q``, fewer for
-    large head groups: ``cascade_sequences_per_tile``), each sequence's
-    own tokens by the split kernel, and all partial results merged by their log-sum-exp. The same result as
-    ``paged_decode_attention`` (to rounding), reading the prefix's K/V once per tile of sequences instead of once
-    per sequence.
+    large head groups: ``cascade_sequences_per_tile``), each sequence's own tokens by the split kernel, and all
+    partial results merged by their log-sum-exp. The same result as ``paged_decode_attention`` (to rounding),
+    reading the prefix's K/V once per tile of sequences instead of once per sequence.
 
     ``shared_prefix_len``: [1] int32 on the device (so a CUDA graph serves any length), a multiple of the block
     size below every sequence's context length (each keeps at least its new token), 0 for none; the first

@@ -224,11 +224,12 @@ def test_cascade_decode_matches_torch(kernels, dtype, group):
 
 def test_cascade_decode_keeps_every_split_when_its_own_tokens_take_the_most(kernels, monkeypatch):
     """One sequence, one KV head, a long context on a GPU of many SMs: its own tokens would take all 64 splits, and
-    with the prefix's one the merge's 64-wide tile would leave a range out; they take 63. A group of 3 heads (not a
-    power of two) rides along."""
+    with the prefix's one the merge's 64-wide tile would leave a range out; they take 63. Its 2,040 own tokens fill
+    the 64th split of 32-key tiles (fp32), so a dropped split loses keys. A group of 3 heads (not a power of two)
+    rides along."""
     module = kernels.decode_attention
     monkeypatch.setattr(module, "_sm_count", lambda device: 200)
-    args = _shared_prefix_case([2100], 2, 16, 3, 1, 16, torch.float32, seed=11)
+    args = _shared_prefix_case([32 + 2040], 2, 16, 3, 1, 16, torch.float32, seed=11)
     expected = module.paged_decode_attention_torch(*args, 0.25)
     torch.testing.assert_close(module.cascade_decode_attention(*args, 0.25, _prefix_len(32)), expected,
                                **_tolerance(torch.float32))

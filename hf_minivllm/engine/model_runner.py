@@ -251,7 +251,7 @@ class ModelRunner:
                 self._decode_compile_passes(buckets[:-1])
             if self._cascade:
                 # Few sequences split the prefix finely and many coarsely: both merge widths of the decode kernel.
-                self._decode_compile_passes([CASCADE_MIN_SEQS, buckets[-1]], cascade=True)
+                self._decode_compile_passes(sorted({CASCADE_MIN_SEQS, buckets[-1]}), cascade=True)
         self._synchronize()
 
     def _decode_compile_passes(self, buckets: list[int], cascade: bool = False) -> None:
