@@ -42,7 +42,6 @@ class Config:
     past twice the calibrated range saturate. ``cascade_attention``: a decode step of many sequences sharing a long
     prefix (prefix caching's shared pages, e.g. one system prompt) reads the prefix's keys and values once per tile
     of up to 16 sequences instead of once per sequence (Triton backend, full-precision cache; see ``ModelRunner``).
-    Off by default until its end-to-end GPU test has run (its kernels are checked on a GPU, its planning on CPU).
     """
 
     model: Any = None
@@ -63,7 +62,7 @@ class Config:
     mixed_steps: bool = True
     max_prefill_graph_tokens: int = 2048
     kv_cache_dtype: str = "auto"
-    cascade_attention: bool = False
+    cascade_attention: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
