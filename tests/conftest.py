@@ -149,6 +149,15 @@ class ScaledLayer(torch.nn.Module):
         return self.factor * self.inner(x)
 
 
+def shared_prefix_prompts(count: int, prefix_len: int, seed: int = 0, max_own: int = 20) -> list[list[int]]:
+    """``count`` prompts that start with the same ``prefix_len`` tokens, then 1 to ``max_own - 1`` of their own
+    (prefix caching shares the prefix's pages: what cascade attention reads once per tile)."""
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 320, (prefix_len,), generator=generator).tolist()
+    return [prefix + torch.randint(3, 320, (int(n),), generator=generator).tolist()
+            for n in torch.randint(1, max_own, (count,), generator=generator)]
+
+
 def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
     """Random token rows of the given lengths, left-padded with ``pad``, and their attention mask."""
     generator = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.config import Config
 from hf_minivllm.engine import model_runner
 from hf_minivllm.engine.decode_tables import shared_prefix_blocks
-from conftest import tiny_model
+from conftest import shared_prefix_prompts, tiny_model
 
 
 def test_shared_prefix_blocks_counts_the_leading_blocks_every_row_holds():
@@ -35,13 +35,6 @@ def test_cascade_attention_is_a_validated_boolean():
         Config(cascade_attention="yes")
 
 
-def _shared_prefix_prompts(count: int, prefix_len: int, seed: int = 0) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    prefix = torch.randint(3, 320, (prefix_len,), generator=generator).tolist()
-    return [prefix + torch.randint(3, 320, (int(n),), generator=generator).tolist()
-            for n in torch.randint(1, 20, (count,), generator=generator)]
-
-
 def test_decode_steps_over_a_shared_prefix_plan_a_cascade_and_take_it_to_the_forward_pass(monkeypatch):
     """Prompts sharing 48 tokens (prefix caching shares their pages): once enough of them decode together, the
     steps carry the shared length (whole blocks before every row's last token) to the eager pass that takes it.
@@ -50,7 +43,7 @@ def test_decode_steps_over_a_shared_prefix_plan_a_cascade_and_take_it_to_the_for
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 4)
     monkeypatch.setattr(model_runner, "CASCADE_MIN_PREFIX_TOKENS", 16)
     model = tiny_model("qwen3")
-    prompts = _shared_prefix_prompts(6, 48)
+    prompts = shared_prefix_prompts(6, 48)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     engine = dict(kvcache_block_size=8, max_num_seqs=8, max_model_len=128, num_kvcache_blocks=128)
     expected = [out["token_ids"] for out in LLM(model, cascade_attention=False, **engine).generate(

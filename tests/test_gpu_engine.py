@@ -7,7 +7,7 @@ import torch
 
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, shared_prefix_prompts, tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -124,10 +124,7 @@ def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32():
     from triton import knobs
 
     model = tiny_model("qwen3").cuda()
-    generator = torch.Generator().manual_seed(5)
-    prefix = torch.randint(3, 320, (600,), generator=generator).tolist()
-    prompts = [prefix + torch.randint(3, 320, (int(n),), generator=generator).tolist()
-               for n in torch.randint(1, 30, (40,), generator=generator)]
+    prompts = shared_prefix_prompts(40, 600, seed=5, max_own=30)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     engine = dict(max_num_seqs=64, max_model_len=1024, gpu_memory_utilization=0.3)
     plain = LLM(copy.deepcopy(model), cascade_attention=False, **engine)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hf_minivllm
-from conftest import tiny_model
+from conftest import shared_prefix_prompts, tiny_model
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.engine.llm_engine import EngineClosed
 from hf_minivllm.tp import TensorParallelError, TensorParallelWorkers, tensor_parallel_devices
@@ -203,7 +203,7 @@ def test_killed_worker_raises_within_seconds():
 _EXIT_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_model
+    from conftest import shared_prefix_prompts, tiny_model
     from hf_minivllm import LLM, SamplingParams
     llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, cpu_kvcache_space_gib=0.02)
     llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
@@ -267,6 +267,22 @@ def test_tp_on_gpus_matches_tp1(tp):
         assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
         pids = llm._workers.pids
     assert wait_gone(pids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tp2_cascade_attention_gives_the_tp1_tokens():
+    """fp32, 40 requests sharing a 600-token prefix: every rank takes the cascade graphs (captured at the first
+    cascade step, on all ranks at once) and the tokens equal TP=1 without cascade attention."""
+    model = tiny_model("qwen3").cuda()
+    batch = shared_prefix_prompts(40, 600, seed=5, max_own=30)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = dict(max_num_seqs=64, max_model_len=1024, gpu_memory_utilization=0.3)
+    with LLM(copy.deepcopy(model), cascade_attention=False, **engine) as llm:
+        expected = [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)]
+    with LLM(model, tensor_parallel_size=2, **engine) as llm:
+        assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
+        assert llm.engine.runner.graphs.cascade_graphs
 
 
 @pytest.mark.gpu
