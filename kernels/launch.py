@@ -8,10 +8,6 @@ launches compile in about the time of the slowest; then their launchers (small C
 build at each kernel's first launch) build on the same pool. A pass run inside the block computes nothing its caller
 may read: the kernels' outputs are never written.
 
-Every compile, and every lookup in Triton's on-disk cache, first needs Triton's own version key: a SHA-256 of its
-installation, half a gigabyte of ``libtriton``, computed once per process behind an ``lru_cache`` that does not
-lock. Compiles started together would each hash it; the pool computes it once and its compiles wait for that.
-
 The state is a context variable: another thread's launches, and another engine's, are untouched.
 """
 from __future__ import annotations
@@ -86,17 +82,6 @@ def can_compile_ahead() -> bool:
     return AsyncCompileMode is not None
 
 
-def _compute_triton_key() -> None:
-    """Triton's version key (``triton.runtime.cache.triton_key``, looked up at call time), so that it is cached
-    before concurrent compiles ask for it. A Triton without it keys its compiles its own way."""
-    try:
-        from triton.runtime import cache
-    except ImportError:  # pragma: no cover - a Triton laid out differently
-        return
-    if callable(getattr(cache, "triton_key", None)):
-        cache.triton_key()
-
-
 def _launcher_key(kernel: Any) -> str:
     """What a compiled kernel's launcher source depends on: its argument types in order (constexprs appear there
     as "constexpr") and its tensor descriptors."""
@@ -104,8 +89,7 @@ def _launcher_key(kernel: Any) -> str:
 
 
 class CompilePool(ThreadPoolExecutor):
-    """The compile threads: each job timed, each compiled kernel kept (for its launcher, see ``compile_ahead``).
-    Jobs start once Triton's version key is cached (the pool's first job computes it)."""
+    """The compile threads: each job timed, each compiled kernel kept (for its launcher, see ``compile_ahead``)."""
 
     def __init__(self, max_workers: int):
         super().__init__(max_workers, thread_name_prefix="hf-minivllm-compile")
@@ -113,11 +97,9 @@ class CompilePool(ThreadPoolExecutor):
         self._futures: list[concurrent.futures.Future] = []
         self.longest_s = 0.0
         self.compiled: list[Any] = []
-        self._triton_key = super().submit(_compute_triton_key)
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         def timed() -> Any:
-            concurrent.futures.wait([self._triton_key])  # if computing it failed, each compile meets that itself
             start = time.perf_counter()
             result = fn(*args, **kwargs)
             with self._lock:

@@ -218,26 +218,3 @@ def test_every_tensor_parallel_rank_runs_the_decode_passes_when_one_compiled(mon
                                  _cascade=False)
         model_runner.ModelRunner._compile_kernels_ahead(runner)
         assert ran == expected
-
-
-def test_triton_version_key_is_computed_once_before_the_pools_compiles(monkeypatch):
-    """Triton hashes its installation (half a gigabyte) for the key of every compile, behind an lru_cache that does
-    not lock: compiles started together each hashed it. The pool computes it first and its jobs wait for it."""
-    import time
-
-    from triton.runtime import cache
-
-    events = []
-
-    def slow_key():
-        events.append("key started")
-        time.sleep(0.2)
-        events.append("key done")
-        return "key"
-
-    monkeypatch.setattr(cache, "triton_key", slow_key)
-    with compile_ahead(max_threads=4) as pool:
-        for job in range(6):
-            pool.submit(events.append, f"compile {job}")
-    assert events[:2] == ["key started", "key done"]
-    assert sorted(events[2:]) == [f"compile {job}" for job in range(6)]
