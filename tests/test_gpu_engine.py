@@ -118,12 +118,14 @@ def test_no_triton_kernel_compiles_after_start_up(family, kv_cache_dtype):
     assert compiled == []
 
 
-def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32():
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
+def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32(family):
     """40 requests sharing a 600-token prefix (prefix caching shares its pages) decode through cascade graphs,
-    captured at their first step from kernels start-up compiled, token-exact with cascade attention off."""
+    captured at their first step from kernels start-up compiled, token-exact with cascade attention off. Gemma 2
+    and 3: sliding-window layers (which keep the plain kernel) between the global ones; Gemma 2's logit softcap."""
     from triton import knobs
 
-    model = tiny_model("qwen3").cuda()
+    model = tiny_model(family).cuda()
     prompts = shared_prefix_prompts(40, 600, seed=5, max_own=30)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     engine = dict(max_num_seqs=64, max_model_len=1024, gpu_memory_utilization=0.3)
