@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the end-to-end benchmarks, logs and JSON under $OUT.
-# Usage: bash benchmarks/run_device.sh [tests] [profile] [host] [timeline] [bench ARGS...]
+# Usage: bash benchmarks/run_device.sh [tests] [engine-tests] [profile] [host] [timeline] [bench ARGS...]
+# tests fits one device call (10 minutes); tests/test_gpu_engine.py (engine-tests) takes about 11 minutes on an
+# H200, so split it over two calls with ENGINE_TESTS_K, a pytest -k expression: "trained_weights or cascade" (about
+# 4.5 minutes), then "not (trained_weights or cascade)".
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-/tmp/out}
@@ -12,15 +15,21 @@ if [ "${1:-}" = "tests" ]; then
   missing=()
   python3 -c "import ray" 2>/dev/null || missing+=(--ignore=tests/test_ray.py)
   python3 -c "import fastapi, uvicorn, openai" 2>/dev/null || missing+=(--ignore=tests/test_serve.py)
-  # The kernel files whole (their tests run compiled here, interpreted on CPU), then every other gpu-marked test, both
-  # in parallel (pytest-xdist); engine tests alone, since they size KV caches from free memory.
+  # The kernel files whole (their tests run compiled here, interpreted on CPU), then every other gpu-marked test but
+  # the engine's, both in parallel (pytest-xdist).
   kernel_files=(tests/test_kernels.py tests/test_gemv_kernel.py tests/test_sampling_kernel.py tests/test_rotary_kernel.py
                 tests/test_attention_layer.py tests/test_fp8_kv_cache.py)
   others=(${missing[@]+"${missing[@]}"} --ignore=tests/test_gpu_engine.py)  # an empty array under set -u, old bash
   for file in "${kernel_files[@]}"; do others+=(--ignore="$file"); done
   { python3 -m pytest -q -p no:cacheprovider -n 8 "${kernel_files[@]}"
-    python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/ "${others[@]}"
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py; } 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/ "${others[@]}"; } 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ "${1:-}" = "engine-tests" ]; then
+  shift
+  # One process: these tests size KV caches from the GPU's free memory.
+  python3 -m pytest -q -p no:cacheprovider -m gpu --durations=5 ${ENGINE_TESTS_K:+-k "$ENGINE_TESTS_K"} \
+    tests/test_gpu_engine.py 2>&1 \
+    | tee "$OUT/gpu_engine_tests.log" | tail -15
 fi
 if [ "${1:-}" = "profile" ]; then
   shift
