@@ -64,7 +64,7 @@ def shared_prefix_blocks(tables: np.ndarray, context_lens: np.ndarray, block_siz
     """How many leading block-table entries every row holds alike (prefix caching's shared pages), counting only
     blocks before each row's last token, so that every row keeps at least that token of its own."""
     limit = int(context_lens.min() - 1) // block_size
-    if limit <= 0:
+    if limit <= 0 or not (tables[:, 0] == tables[0, 0]).all():  # most batches share nothing: one column tells
         return 0
     same = (tables[:, :limit] == tables[0, :limit]).all(axis=0)
     return limit if same.all() else int(same.argmin())
