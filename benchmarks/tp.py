@@ -305,8 +305,9 @@ def part3_w5(run: Run, profile: bool) -> None:
             row[f"tp{tp}_w1"] = w1_throughput(run, llm, args.w1_requests)
             log(f"part 3: TP={tp} W1 {row[f'tp{tp}_w1']['tok_s']:.0f} tok/s")
             run.save()
-            if tp == 2 and profile:
-                _guarded(run, "5_comm_share", lambda: profile_comm(run, llm, "CUDA graphs", reused_part3=True))
+            if profile:  # TP=1 too: which kernels do not halve at TP=2
+                mode = "CUDA graphs" if tp == 2 else "TP=1, CUDA graphs"
+                _guarded(run, "5_comm_share", lambda: profile_comm(run, llm, mode, reused_part3=True))
         except Exception as error:  # noqa: BLE001 - TP=1 failing must not keep TP=2 from being measured
             traceback.print_exc()
             row[f"tp{tp}_error"] = repr(error)[:2000]
@@ -370,7 +371,7 @@ def decode_profile(run: Run, llm: LLM, batch: int, steps: int) -> dict:
     comm = [(name, t, n) for name, t, n in rows if "nccl" in name.lower() or "all_reduce" in name.lower()]
     comm_total = sum(t for _, t, _ in comm)
     layers = len(llm.model.layers) if hasattr(llm.model, "layers") else 0
-    top = sorted(rows, key=lambda r: -r[1])[:8]
+    top = sorted(rows, key=lambda r: -r[1])[:16]
     return {
         "batch": batch, "steps": steps, "wall_ms_per_step": wall_s * 1000 / steps,
         "kernel_ms_per_step": total / 1000 / steps, "comm_ms_per_step": comm_total / 1000 / steps,
@@ -387,7 +388,7 @@ def profile_comm(run: Run, llm: LLM, mode: str, reused_part3: bool = False) -> N
     row.setdefault("note", "rank 0 only; communication kernels (NCCL, peer all-reduce) include waiting for the other rank")
     results = row.setdefault(mode, {})
     if reused_part3:
-        results["engine"] = "part 3's TP=2 engine (max_num_seqs 256)"
+        results["engine"] = "part 3's engine (max_num_seqs 256)"
     for batch in (1, 64) if not run.args.tiny else (1, 4):
         results[f"batch_{batch}"] = decode_profile(run, llm, batch, run.args.profile_steps)
         share = results[f"batch_{batch}"]["comm_share"]
