@@ -20,10 +20,6 @@ chunks otherwise) can follow each other. Peers wait for flags ``>= e``, since a 
 announced ``e + 1``. Epochs are int32 and wrap after 2**31 calls (a day of decoding): the parity is taken with
 ``& 1`` and flags are compared by wrapping difference.
 
-A peer that died never raises its flags: every ``ABORT_POLLS`` polls a waiting program also reads an abort word in
-host memory, which the host sets once it knows (``PeerAllReduce.abort``), and gives up. The sums are then wrong,
-but the engine is broken already, and the caller gets its exception instead of a device that spins forever.
-
 ``all_reduce_torch`` is the reference: the same sum in float32, in rank order.
 """
 from __future__ import annotations
@@ -38,7 +34,6 @@ import triton.language as tl
 GRID = 32
 BLOCK = 1024  # elements per program and chunk of the plain all-reduce
 MAX_HIDDEN = 16384  # widest row the fused kernel normalises (one row per program pass)
-ABORT_POLLS = 1024  # flag polls between two reads of the abort word (a power of two)
 
 
 def all_reduce_torch(shards: list[torch.Tensor]) -> torch.Tensor:
@@ -55,15 +50,12 @@ class PeerBuffers:
 
     ``staging_ptrs``/``flag_ptrs``: int64 device tensors with every rank's staging buffer (two halves of ``world``
     slots of ``slot_bytes``) and flag array (``world * GRID`` int32, zeroed) as mapped in this process;
-    ``epochs``: this rank's ``GRID`` int32 call counters (zeroed once, never touched elsewhere); ``abort_ptr``: an
-    int64 device tensor with the device address of an int32 word in mapped host memory, non-zero once the waits
-    should give up.
+    ``epochs``: this rank's ``GRID`` int32 call counters (zeroed once, never touched elsewhere).
     """
 
     staging_ptrs: torch.Tensor
     flag_ptrs: torch.Tensor
     epochs: torch.Tensor
-    abort_ptr: torch.Tensor
     slot_bytes: int
     rank: int
 
@@ -74,9 +66,9 @@ class PeerBuffers:
 
 @triton.jit
 def _one_shot_all_reduce_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, n, unit_size, eps,
-                                staging_ptrs, flag_ptrs, epoch_ptr, abort_ptr, slot_elements,
+                                staging_ptrs, flag_ptrs, epoch_ptr, slot_elements,
                                 RANK: tl.constexpr, WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr,
-                                FUSE_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, ABORT_POLLS: tl.constexpr):
+                                FUSE_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr):
     program = tl.program_id(0)
     epoch = tl.load(epoch_ptr + program) + 1
     tl.store(epoch_ptr + program, epoch)
@@ -98,17 +90,11 @@ def _one_shot_all_reduce_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residu
             flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
             tl.atomic_xchg(flags + RANK * GRID + program, epoch, sem="release", scope="sys")
     own_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32))
-    abort_word = tl.load(abort_ptr).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             seen = tl.atomic_add(own_flags + peer * GRID + program, 0, sem="acquire", scope="sys")
-            polls = epoch * 0
-            aborted = epoch * 0
-            while (seen - epoch < 0) & (aborted == 0):  # wrapping int32 difference: right across the overflow
+            while seen - epoch < 0:  # wrapping int32 difference: right across the counter's overflow
                 seen = tl.atomic_add(own_flags + peer * GRID + program, 0, sem="acquire", scope="sys")
-                polls += 1
-                if (polls & (ABORT_POLLS - 1)) == 0:  # host memory is far: read it now and then
-                    aborted = tl.load(abort_word, volatile=True)
     tl.debug_barrier()  # every thread reads the peers' data after the flags were seen
     staging = tl.load(staging_ptrs + RANK).to(tl.pointer_type(dtype)) + half
     for unit in range(program, num_units, GRID):
@@ -150,9 +136,9 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers) -> None:
     _check_fits(x, buffers)
     _one_shot_all_reduce_kernel[(GRID,)](
         x, x, x, x, x, x.numel(), BLOCK, 0.0, buffers.staging_ptrs, buffers.flag_ptrs, buffers.epochs,
-        buffers.abort_ptr, buffers.slot_bytes // x.element_size(),
+        buffers.slot_bytes // x.element_size(),
         RANK=buffers.rank, WORLD=buffers.world, GRID=GRID, BLOCK=BLOCK, FUSE_NORM=False, UNIT_OFFSET=False,
-        ABORT_POLLS=ABORT_POLLS, num_warps=4,
+        num_warps=4,
     )
 
 
@@ -173,9 +159,8 @@ def one_shot_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, we
     block = triton.next_power_of_2(x.shape[1])
     _one_shot_all_reduce_kernel[(GRID,)](
         x, residual, weight, out, residual_out, x.numel(), x.shape[1], eps, buffers.staging_ptrs,
-        buffers.flag_ptrs, buffers.epochs, buffers.abort_ptr, buffers.slot_bytes // x.element_size(),
+        buffers.flag_ptrs, buffers.epochs, buffers.slot_bytes // x.element_size(),
         RANK=buffers.rank, WORLD=buffers.world, GRID=GRID, BLOCK=block, FUSE_NORM=True, UNIT_OFFSET=unit_offset,
-        ABORT_POLLS=ABORT_POLLS,
         num_warps=min(max(block // 256, 1), 16),  # rms_norm.py's: the same reduction order, the same bits
     )
     return out, residual_out

@@ -94,8 +94,6 @@ class ParallelGroup:
 
     def abort(self) -> None:
         """Tear the communicators down after a peer died (collectives in flight give up)."""
-        if self.peer_all_reduce is not None:
-            self.peer_all_reduce.abort()
         abort = getattr(self.process_group, "abort", None)
         if abort is not None:
             abort()

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 # with 32 programs the one-shot kernel moved 2 MiB slower than NCCL (W1 at TP=2 fell from 12.7k to 11.3k tok/s).
 MAX_BYTES = 512 << 10
 _LAZY_ENABLE_PEER_ACCESS = 1
-_HOST_ALLOC_PORTABLE_DEVICEMAP = 0x01 | 0x02
 _KEY = "hf_minivllm_peer_all_reduce"
 
 
@@ -53,20 +52,6 @@ class _Driver:
         self._call("cuMemsetD8_v2", ctypes.c_uint64(pointer.value), ctypes.c_ubyte(0), ctypes.c_size_t(num_bytes))
         return pointer.value
 
-    def allocate_host_word(self) -> tuple[int, int]:
-        """A zeroed int32 of page-locked host memory that the device reads: (host address, device address)."""
-        host = ctypes.c_void_p()
-        self._call("cuMemHostAlloc", ctypes.byref(host), ctypes.c_size_t(4),
-                   ctypes.c_uint(_HOST_ALLOC_PORTABLE_DEVICEMAP))
-        ctypes.c_int32.from_address(host.value).value = 0
-        device = ctypes.c_uint64()
-        try:
-            self._call("cuMemHostGetDevicePointer_v2", ctypes.byref(device), host, ctypes.c_uint(0))
-        except RuntimeError:
-            self.lib.cuMemFreeHost(host)
-            raise
-        return host.value, device.value
-
     def export(self, pointer: int) -> bytes:
         handle = _IpcHandle()
         self._call("cuIpcGetMemHandle", ctypes.byref(handle), ctypes.c_uint64(pointer))
@@ -79,37 +64,31 @@ class _Driver:
                    ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS))
         return pointer.value
 
-    def release(self, own: list[int], opened: list[int], host: list[int]) -> None:
+    def release(self, own: list[int], opened: list[int]) -> None:
         for pointer in opened:
             self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(pointer))
         for pointer in own:
             self.lib.cuMemFree_v2(ctypes.c_uint64(pointer))
-        for pointer in host:
-            self.lib.cuMemFreeHost(ctypes.c_void_p(pointer))
 
 
 class PeerAllReduce:
     """This rank's staging buffer, flags and call counters, and every rank's buffers as mapped here."""
 
     def __init__(self, rank: int, device: torch.device, staging_ptrs: list[int], flag_ptrs: list[int],
-                 own: list[int], opened: list[int], abort_word: tuple[int, int], driver: _Driver):
+                 own: list[int], opened: list[int], driver: _Driver):
         self.rank = rank
-        self._abort_host = abort_word[0]
         self._buffers = PeerBuffers(staging_ptrs=torch.tensor(staging_ptrs, dtype=torch.int64, device=device),
                                     flag_ptrs=torch.tensor(flag_ptrs, dtype=torch.int64, device=device),
                                     epochs=torch.zeros(GRID, dtype=torch.int32, device=device),
-                                    abort_ptr=torch.tensor([abort_word[1]], dtype=torch.int64, device=device),
                                     slot_bytes=MAX_BYTES, rank=rank)
         # Unmapped and freed with this object; not at interpreter exit, when the driver may be gone already.
-        self._release = weakref.finalize(self, driver.release, own, opened, [abort_word[0]])
+        self._release = weakref.finalize(self, driver.release, own, opened)
         self._release.atexit = False
 
     @classmethod
     def create(cls, rank: int, size: int, device: torch.device, store: dist.Store) -> PeerAllReduce | None:
         """Set up on every rank at once (they meet in ``store``); None on every rank when any rank cannot."""
         own: list[int] = []
-        host: list[int] = []
-        abort_word = (0, 0)
         published, driver, reason = None, None, "HF_MINIVLLM_PEER_ALL_REDUCE=0"
         if os.environ.get("HF_MINIVLLM_PEER_ALL_REDUCE", "1") != "0":
             try:
@@ -118,8 +97,6 @@ class PeerAllReduce:
                     driver = _Driver()
                     own = [driver.allocate_zeroed(2 * size * MAX_BYTES), driver.allocate_zeroed(size * GRID * 4)]
                     published = [driver.export(pointer) for pointer in own]
-                    abort_word = driver.allocate_host_word()
-                    host.append(abort_word[0])
                     torch.cuda.synchronize(device)  # the zero fill is done before any peer maps the flags
             except (OSError, RuntimeError) as error:
                 reason = f"rank {rank} cannot export device memory ({error})"
@@ -142,11 +119,11 @@ class PeerAllReduce:
         reasons = sorted({reason for peer in range(size) for reason in pickle.loads(store.get(f"{_KEY}/ok/{peer}"))})
         if reasons:
             if driver is not None:
-                driver.release(own, opened, host)
+                driver.release(own, opened)
             if reasons != ["HF_MINIVLLM_PEER_ALL_REDUCE=0"]:
                 logger.warning("tensor-parallel all-reduces stay on NCCL: %s", "; ".join(reasons))
             return None
-        return cls(rank, device, pointers[0], pointers[1], own, opened, abort_word, driver)
+        return cls(rank, device, pointers[0], pointers[1], own, opened, driver)
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """Whether this all-reduce takes ``tensor`` (the same answer on every rank for the same call)."""
@@ -157,11 +134,6 @@ class PeerAllReduce:
         """Whether ``all_reduce_add_rms_norm`` takes these (the same answer on every rank for the same call)."""
         return (self.fits(x) and x.dim() == 2 and x.shape[1] <= MAX_HIDDEN and residual.shape == x.shape
                 and residual.dtype == x.dtype and residual.is_contiguous() and weight.shape == x.shape[1:])
-
-    def abort(self) -> None:
-        """Make every wait of this rank's kernels, running or to come, give up (a peer died). For good."""
-        if self._release.alive:  # the word is still allocated
-            ctypes.c_int32.from_address(self._abort_host).value = 1
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         one_shot_all_reduce(tensor, self._buffers)

@@ -8,8 +8,7 @@ ranks' process group.
 
 Lifetime: ``close()``, garbage collection and interpreter exit stop the workers (``weakref.finalize``); a worker
 whose parent disappears exits by itself. A worker that fails reports its traceback, which rank 0 raises as
-``TensorParallelError``; one that dies is noticed within a poll interval while rank 0 waits on the device (and a
-thread makes rank 0's peer all-reduces stop waiting for it, should rank 0 be blocked in the device), so the
+``TensorParallelError``; one that dies is noticed within a poll interval while rank 0 waits on the device, so the
 caller gets an exception, never a hang.
 """
 from __future__ import annotations
@@ -24,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -36,7 +34,6 @@ import torch
 from hf_minivllm.config import Config
 from hf_minivllm.engine.step_plan import StepPlan
 from hf_minivllm.layers.parallel import NCCL_ENVIRONMENT, ParallelGroup
-from hf_minivllm.layers.peer_memory import PeerAllReduce
 from hf_minivllm.models.decoder import DecoderForCausalLM
 from hf_minivllm.tp.weights import copy_weights, manifest, portable_config, send_weights
 from hf_minivllm.tp.worker import ENV_ADDRESS, ENV_AUTHKEY, ENV_RANK, receive_message, send_message
@@ -50,8 +47,6 @@ _WORKER_ENTRY = (f"import os, sys; sys.path += [p for p in os.environ.pop({_ENV_
 DEFAULT_TIMEOUT_S = 600.0
 # How often rank 0 checks on its workers while it waits for them or for the device.
 _POLL_S = 0.005
-# How often a thread of rank 0 checks that the workers are alive while rank 0 may be blocked in the device.
-_WATCH_S = 0.1
 
 
 class TensorParallelError(RuntimeError):
@@ -95,9 +90,7 @@ class TensorParallelWorkers:
         server.listen()
         self._processes: list[subprocess.Popen] = []
         self._connections: list[Connection] = []
-        self._stopping = threading.Event()
-        self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._connections, server, directory,
-                                           self._stopping)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._connections, server, directory)
         try:
             env = {**os.environ, **NCCL_ENVIRONMENT, ENV_ADDRESS: address, ENV_AUTHKEY: authkey.hex(),
                    _ENV_SYS_PATH: os.pathsep.join(path or os.getcwd() for path in sys.path)}
@@ -111,10 +104,6 @@ class TensorParallelWorkers:
             for rank, connection in enumerate(self._connections, start=1):
                 send_message(connection, ("group", rank, self.size, store.port, str(devices[rank]), threads, timeout_s))
             self.group = ParallelGroup.connect(0, self.size, store.port, devices[0], timeout_s, store=store)
-            if self.group.peer_all_reduce is not None:
-                threading.Thread(target=_watch_workers, args=(self._processes, self.group.peer_all_reduce,
-                                                              self._stopping),
-                                 name="hf-minivllm-tp-watch", daemon=True).start()
         except BaseException:
             self.close()
             raise
@@ -255,7 +244,6 @@ class TensorParallelWorkers:
                 break
             time.sleep(_POLL_S)
         if self._failure is not None:
-            self.group.abort()  # what rank 0 still has in flight on its device gives up
             raise TensorParallelError(f"a tensor-parallel worker failed: {self._failure}") from error
 
     @staticmethod
@@ -279,19 +267,9 @@ class TensorParallelWorkers:
         self._finalizer()
 
 
-def _watch_workers(processes: list[subprocess.Popen], peer_all_reduce: PeerAllReduce, stopping: threading.Event) -> None:
-    """Make rank 0's peer all-reduces give up as soon as a worker exits unasked. Rank 0 may be blocked in the device
-    then (a synchronisation behind a kernel that waits for the dead peer), where none of its own checks run."""
-    while not stopping.wait(_WATCH_S):
-        if any(process.poll() is not None for process in processes):
-            peer_all_reduce.abort()
-            return
-
-
 def _stop_workers(processes: list[subprocess.Popen], connections: list[Connection], server: socket.socket,
-                  directory: str, stopping: threading.Event) -> None:
+                  directory: str) -> None:
     """Ask each worker to exit, then kill what is left; close the sockets and remove the socket's folder."""
-    stopping.set()
     for connection in connections:
         try:
             send_message(connection, ("shutdown",))
