@@ -843,81 +843,40 @@ def test_gpu_cascade_decode_at_w3_shapes(kernels, dtype, batch, group):
     assert (cascade.float() - plain.float()).abs().max() < (2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-def _rank0_of_two(ar, slot_elements: int):
-    """Rank 0's buffers and the view of both ranks' (rank 1 is played by hand)."""
-    slot_bytes = slot_elements * 4
-    staging = [torch.zeros(2 * 2 * slot_bytes, dtype=torch.uint8, device=DEVICE) for _ in range(2)]
-    flags = [torch.zeros(2 * ar.GRID, dtype=torch.int32, device=DEVICE) for _ in range(2)]
-    buffers = ar.PeerBuffers(torch.tensor([t.data_ptr() for t in staging], dtype=torch.int64, device=DEVICE),
-                             torch.tensor([t.data_ptr() for t in flags], dtype=torch.int64, device=DEVICE),
-                             torch.zeros(ar.GRID, dtype=torch.int32, device=DEVICE), slot_bytes, rank=0)
-    return staging, flags, buffers
-
-
-def _play_rank_1(ar, staging, flags, call: int, peers: torch.Tensor, slot_elements: int) -> int:
-    """Rank 1 pushes ``peers`` into its slot of rank 0's staging half for ``call`` and raises its flags; returns
-    where rank 0's own data must land in rank 1's buffer (slot 0 of the same half)."""
-    half = (call & 1) * 2 * slot_elements
-    flat = peers.reshape(-1)
-    staging[0].view(peers.dtype)[half + slot_elements : half + slot_elements + flat.numel()] = flat
-    flags[0][ar.GRID :] = call
-    return half
-
-
 def test_one_shot_all_reduce_as_rank_0_of_two(kernels):
-    """Rank 0's side of the peer all-reduce, rank 1 played by hand: its slot of rank 0's staging half and its flags
-    set for each call. Checks the sum (rank order, float32), what rank 0 pushed into rank 1's buffer, the flags it
-    raised there, the half by epoch parity and the counters. The cross-GPU synchronisation itself is exercised by
-    the two-GPU tests."""
+    """Rank 0's side of the peer all-reduce, rank 1 played by hand: its staging half and flags set for each call.
+    Checks the sum (rank order, float32), the announced flags, the staging half by epoch parity and the counters.
+    The cross-GPU synchronisation itself is exercised by the two-GPU tests."""
     ar = kernels.all_reduce
-    slot = 4096
-    staging, flags, buffers = _rank0_of_two(ar, slot)
+    half_bytes = 4096 * 4
+    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    flags = [torch.zeros(2 * ar.GRID, dtype=torch.int32, device=DEVICE) for _ in range(2)]
+    epochs = torch.zeros(ar.GRID, dtype=torch.int32, device=DEVICE)
+    staging_ptrs = torch.tensor([t.data_ptr() for t in staging], dtype=torch.int64, device=DEVICE)
+    flag_ptrs = torch.tensor([t.data_ptr() for t in flags], dtype=torch.int64, device=DEVICE)
     generator = torch.Generator().manual_seed(0)
     for call, n in enumerate([3000, 77, 4096, 1], start=1):
         mine, peers = (torch.randn(n, generator=generator).to(DEVICE) for _ in range(2))
-        half = _play_rank_1(ar, staging, flags, call, peers, slot)
+        half = (call % 2) * 4096
+        staging[1].view(torch.float32)[half : half + n] = peers
+        flags[0][ar.GRID :] = call  # rank 1 announced this call
         x = mine.clone()
-        ar.one_shot_all_reduce(x, buffers)
+        ar.one_shot_all_reduce(x, staging_ptrs, flag_ptrs, epochs, half_bytes, rank=0)
         assert torch.equal(x, ar.all_reduce_torch([mine, peers]))
-        assert torch.equal(staging[1].view(torch.float32)[half : half + n], mine)
-        assert (flags[1][: ar.GRID] == call).all() and (buffers.epochs == call).all()
+        assert torch.equal(staging[0].view(torch.float32)[half : half + n], mine)
+        assert (flags[1][: ar.GRID] == call).all() and (epochs == call).all()
     # Across the int32 counter's overflow: the call after 2**31 - 1 waits for its own flag and uses the other half.
-    buffers.epochs.fill_(2**31 - 2)
+    epochs.fill_(2**31 - 2)
     for call in (2**31 - 1, -(2**31), -(2**31) + 1):  # the last: `epoch % 2` would be -1, before the buffer
         mine, peers = (torch.randn(64, generator=generator).to(DEVICE) for _ in range(2))
-        _play_rank_1(ar, staging, flags, call, peers, slot)
+        half = (call & 1) * 4096
+        staging[1].view(torch.float32)[half : half + 64] = peers
+        flags[0][ar.GRID :] = call
         x = mine.clone()
-        ar.one_shot_all_reduce(x, buffers)
-        assert torch.equal(x, ar.all_reduce_torch([mine, peers])) and (buffers.epochs == call).all()
+        ar.one_shot_all_reduce(x, staging_ptrs, flag_ptrs, epochs, half_bytes, rank=0)
+        assert torch.equal(x, ar.all_reduce_torch([mine, peers])) and (epochs == call).all()
     with pytest.raises(ValueError, match="at most 16384 bytes"):
-        ar.one_shot_all_reduce(torch.zeros(4097, device=DEVICE), buffers)
-
-
-@pytest.mark.parametrize("unit_offset", [False, True])
-def test_one_shot_all_reduce_add_rms_norm_as_rank_0_of_two(kernels, unit_offset):
-    """The fused kernel gives the all-reduce followed by the fused residual add and RMSNorm (the torch reference of
-    each), leaves its input alone, and keeps the call counting of the plain kernel, which it can follow."""
-    ar = kernels.all_reduce
-    slot = 8 * 96
-    staging, flags, buffers = _rank0_of_two(ar, slot)
-    generator = torch.Generator().manual_seed(1)
-    weight = torch.randn(96, generator=generator).to(DEVICE)
-    for call, rows in enumerate([1, 3, 8], start=1):
-        mine, peers, residual = (torch.randn(rows, 96, generator=generator).to(DEVICE) for _ in range(3))
-        _play_rank_1(ar, staging, flags, call, peers, slot)
-        x = mine.clone()
-        normed, summed = ar.one_shot_all_reduce_add_rms_norm(x, residual, weight, 1e-6, unit_offset, buffers)
-        expected_normed, expected_summed = kernels.rms_norm.fused_add_rms_norm_torch(
-            ar.all_reduce_torch([mine, peers]), residual, weight, 1e-6, unit_offset)
-        assert torch.equal(summed, expected_summed) and torch.equal(x, mine)
-        torch.testing.assert_close(normed, expected_normed, rtol=1e-5, atol=1e-5)
-    plain, peers = (torch.randn(100, generator=generator).to(DEVICE) for _ in range(2))
-    _play_rank_1(ar, staging, flags, 4, peers, slot)
-    x = plain.clone()
-    ar.one_shot_all_reduce(x, buffers)
-    assert torch.equal(x, ar.all_reduce_torch([plain, peers])) and (buffers.epochs == 4).all()
-    with pytest.raises(ValueError, match="residual must be contiguous"):
-        ar.one_shot_all_reduce_add_rms_norm(x.view(4, 25), residual, weight, 1e-6, False, buffers)
+        ar.one_shot_all_reduce(torch.zeros(4097, device=DEVICE), staging_ptrs, flag_ptrs, epochs, half_bytes, 0)
 
 
 # ---------------------------------------------------------------- fused MoE

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from hf_minivllm.kernels.rms_norm import fused_add_rms_norm, rms_norm as rms_norm_triton, rms_norm_torch
-from hf_minivllm.layers.parallel import ParallelGroup
 
 
 class RMSNorm(nn.Module):
@@ -31,20 +30,6 @@ class RMSNorm(nn.Module):
             return rms_norm_torch(x, self.weight, self.eps, self.unit_offset)
         x = residual + x
         return rms_norm_torch(x, self.weight, self.eps, self.unit_offset), x
-
-    def forward_reduced(self, partial: torch.Tensor, residual: torch.Tensor,
-                        group: ParallelGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward(all_reduce(partial), residual)`` over ``group``: one kernel where the group's peer all-reduce
-        takes the shapes (decode), the all-reduce and then this norm otherwise. Same bits either way."""
-        peer = group.peer_all_reduce
-        rows = partial.reshape(-1, partial.shape[-1])
-        residual_rows = residual.reshape(rows.shape)
-        if peer is not None and peer.fits_norm(rows, residual_rows, self.weight):
-            normed, summed = peer.all_reduce_add_rms_norm(rows, residual_rows, self.weight, self.eps,
-                                                          self.unit_offset)
-            return normed.view(partial.shape), summed.view(partial.shape)
-        group.all_reduce(partial)
-        return self(partial, residual)
 
     def _forward_triton(self, x: torch.Tensor, residual: torch.Tensor | None):
         rows = x.reshape(-1, x.shape[-1])

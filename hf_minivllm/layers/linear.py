@@ -162,14 +162,12 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 class RowParallelLinear(nn.Module):
     """``y = x W^T + b`` with W's columns (inputs) split across ranks; partial sums are all-reduced over ``group``
-    (None: a rank's shard held for sending, never run), or returned as they are with ``reduce_output=False`` for the
-    caller to reduce (fused with the norm that follows, see ``RMSNorm.forward_reduced``)."""
+    (None: a rank's shard held for sending, never run)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1,
-                 group: ParallelGroup | None = None, reduce_output: bool = True):
+                 group: ParallelGroup | None = None):
         super().__init__()
         self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
-        self.reduce_output = reduce_output
         self.in_features = _divide(in_features, tp_size)
         self.out_features = out_features
         self.weight = _frozen(out_features, self.in_features)
@@ -186,6 +184,6 @@ class RowParallelLinear(nn.Module):
         y = project(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.loras:
             y = _with_loras(y, x, self.loras)
-        if self.tp_size > 1 and self.reduce_output:
+        if self.tp_size > 1:
             self.group.all_reduce(y)
         return y

@@ -80,19 +80,18 @@ class FusedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router, then the fused experts; sums the ranks' partial outputs once (or leaves that to the caller with
-    ``reduce_output=False``, as ``RowParallelLinear`` does)."""
+    """Router, then the fused experts; sums the ranks' partial outputs once."""
 
     def __init__(self, hidden_size: int, config: MoeConfig, tp_rank: int = 0, tp_size: int = 1,
-                 group: ParallelGroup | None = None, reduce_output: bool = True):
+                 group: ParallelGroup | None = None):
         super().__init__()
-        self.tp_size, self.group, self.reduce_output = tp_size, group, reduce_output
+        self.tp_size, self.group = tp_size, group
         self.gate = TopKRouter(hidden_size, config.num_experts, config.top_k, config.norm_topk_prob)
         self.experts = FusedExperts(hidden_size, config.num_experts, config.intermediate_size, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
-        if self.tp_size > 1 and self.reduce_output:
+        if self.tp_size > 1:
             self.group.all_reduce(out)
         return out

@@ -1,5 +1,5 @@
 """Buffers every rank of a group maps into its own address space (CUDA IPC), for the one-shot all-reduce of
-``hf_minivllm.kernels.all_reduce`` (alone, or fused with a decoder layer's residual add and RMSNorm).
+``hf_minivllm.kernels.all_reduce``.
 
 Each rank allocates a staging buffer and a flag array straight from the CUDA driver (so PyTorch's allocator
 settings, such as expandable segments, do not matter), publishes their CUDA IPC handles in the group's store, and
@@ -17,12 +17,11 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from hf_minivllm.kernels.all_reduce import (GRID, MAX_HIDDEN, PeerBuffers, one_shot_all_reduce,
-                                            one_shot_all_reduce_add_rms_norm)
+from hf_minivllm.kernels.all_reduce import GRID, one_shot_all_reduce
 
 logger = logging.getLogger(__name__)
 
-# Largest tensor taken (bytes; each rank's staging buffer holds two halves of one such slot per rank): decode activations up to batch 64 at hidden 4096 in bf16. Larger ones go to NCCL:
+# Largest tensor taken (bytes): decode activations up to batch 64 at hidden 4096 in bf16. Larger ones go to NCCL:
 # with 32 programs the one-shot kernel moved 2 MiB slower than NCCL (W1 at TP=2 fell from 12.7k to 11.3k tok/s).
 MAX_BYTES = 512 << 10
 _LAZY_ENABLE_PEER_ACCESS = 1
@@ -77,10 +76,9 @@ class PeerAllReduce:
     def __init__(self, rank: int, device: torch.device, staging_ptrs: list[int], flag_ptrs: list[int],
                  own: list[int], opened: list[int], driver: _Driver):
         self.rank = rank
-        self._buffers = PeerBuffers(staging_ptrs=torch.tensor(staging_ptrs, dtype=torch.int64, device=device),
-                                    flag_ptrs=torch.tensor(flag_ptrs, dtype=torch.int64, device=device),
-                                    epochs=torch.zeros(GRID, dtype=torch.int32, device=device),
-                                    slot_bytes=MAX_BYTES, rank=rank)
+        self._epochs = torch.zeros(GRID, dtype=torch.int32, device=device)
+        self._staging_ptrs = torch.tensor(staging_ptrs, dtype=torch.int64, device=device)
+        self._flag_ptrs = torch.tensor(flag_ptrs, dtype=torch.int64, device=device)
         # Unmapped and freed with this object; not at interpreter exit, when the driver may be gone already.
         self._release = weakref.finalize(self, driver.release, own, opened)
         self._release.atexit = False
@@ -95,7 +93,7 @@ class PeerAllReduce:
                 with torch.cuda.device(device):
                     torch.cuda.init()
                     driver = _Driver()
-                    own = [driver.allocate_zeroed(2 * size * MAX_BYTES), driver.allocate_zeroed(size * GRID * 4)]
+                    own = [driver.allocate_zeroed(2 * MAX_BYTES), driver.allocate_zeroed(size * GRID * 4)]
                     published = [driver.export(pointer) for pointer in own]
                     torch.cuda.synchronize(device)  # the zero fill is done before any peer maps the flags
             except (OSError, RuntimeError) as error:
@@ -130,14 +128,5 @@ class PeerAllReduce:
         return (tensor.is_contiguous() and tensor.dtype in (torch.bfloat16, torch.float16, torch.float32)
                 and tensor.numel() * tensor.element_size() <= MAX_BYTES)
 
-    def fits_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether ``all_reduce_add_rms_norm`` takes these (the same answer on every rank for the same call)."""
-        return (self.fits(x) and x.dim() == 2 and x.shape[1] <= MAX_HIDDEN and residual.shape == x.shape
-                and residual.dtype == x.dtype and residual.is_contiguous() and weight.shape == x.shape[1:])
-
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        one_shot_all_reduce(tensor, self._buffers)
-
-    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                                unit_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return one_shot_all_reduce_add_rms_norm(x, residual, weight, eps, unit_offset, self._buffers)
+        one_shot_all_reduce(tensor, self._staging_ptrs, self._flag_ptrs, self._epochs, MAX_BYTES, self.rank)

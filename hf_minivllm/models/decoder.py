@@ -83,31 +83,17 @@ class DecoderConfig:
 MLP_ACTIVATIONS = {"silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}
 
 
-def reduces_in_norms(config: DecoderConfig, group: ParallelGroup | None) -> ParallelGroup | None:
-    """The group whose all-reduces the norms do (sharded layers without sandwich norms), else None."""
-    return group if config.tp_size > 1 and not config.sandwich_norms else None
-
-
-def add_norm(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor,
-             reduce_group: ParallelGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``norm(hidden, residual)``, summing ``hidden`` over ``reduce_group`` first when it is a partial sum."""
-    if reduce_group is None:
-        return norm(hidden, residual)
-    return norm.forward_reduced(hidden, residual, reduce_group)
-
-
 class DecoderAttention(nn.Module):
     """qkv projection -> (q/k norm) -> RoPE -> paged attention -> o_proj."""
 
-    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding, tp: dict, sliding: bool = False,
-                 reduce_output: bool = True):
+    def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding, tp: dict, sliding: bool = False):
         super().__init__()
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
                                           bias=config.qkv_bias, **tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size,
-                                        bias=config.o_proj_bias, reduce_output=reduce_output, **tp)
+                                        bias=config.o_proj_bias, **tp)
         norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset)
         self.q_norm = RMSNorm(config.head_dim, **norm) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, **norm) if config.qk_norm else None
@@ -127,12 +113,11 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)) with gate and up fused into one GEMM."""
 
-    def __init__(self, config: DecoderConfig, tp: dict, reduce_output: bool = True):
+    def __init__(self, config: DecoderConfig, tp: dict):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=config.mlp_bias, **tp)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias,
-                                           reduce_output=reduce_output, **tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, **tp)
         self.act = MLP_ACTIVATIONS[config.mlp_activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,23 +130,16 @@ class DecoderLayer(nn.Module):
     With ``sandwich_norms`` (Gemma) ``post_attention_layernorm`` and ``post_feedforward_layernorm`` normalise the
     attention and MLP outputs before their residual adds, which ``pre_feedforward_layernorm`` and the next layer's
     ``input_layernorm`` fuse; otherwise ``post_attention_layernorm`` is the MLP's input norm (HF's names).
-
-    Sharded without sandwich norms, the attention and MLP outputs stay each rank's partial sums: the norm after each
-    (the next layer's ``input_layernorm``, or the model's final norm, for the MLP's) all-reduces them together with
-    its residual add and normalisation (``RMSNorm.forward_reduced``), one kernel instead of two at decode.
     """
 
     def __init__(self, config: DecoderConfig, rotary_emb: RotaryEmbedding, tp: dict, index: int,
                  sliding: bool = False):
         super().__init__()
-        # The group the inputs of this layer's residual adds still need summing over (None: they are whole).
-        self.reduce_group = reduces_in_norms(config, tp["group"])
-        reduce_output = self.reduce_group is None
-        self.self_attn = DecoderAttention(config, rotary_emb, tp, sliding, reduce_output)
+        self.self_attn = DecoderAttention(config, rotary_emb, tp, sliding)
         if config.moe is not None and index in config.moe.sparse_layers:
-            self.mlp = SparseMoeBlock(config.hidden_size, config.moe, reduce_output=reduce_output, **tp)
+            self.mlp = SparseMoeBlock(config.hidden_size, config.moe, **tp)
         else:
-            self.mlp = DecoderMLP(config, tp, reduce_output)
+            self.mlp = DecoderMLP(config, tp)
         norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
@@ -175,12 +153,12 @@ class DecoderLayer(nn.Module):
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
-            hidden, residual = add_norm(self.input_layernorm, hidden, residual, self.reduce_group)
+            hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
         if self.sandwich_norms:
             hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
             return self.post_feedforward_layernorm(self.mlp(hidden)), residual
-        hidden, residual = add_norm(self.post_attention_layernorm, hidden, residual, self.reduce_group)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
@@ -247,7 +225,7 @@ class DecoderForCausalLM(nn.Module):
             hidden = hidden * self.config.embedding_scale
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = add_norm(self.norm, hidden, residual, reduces_in_norms(self.config, self.group))
+        hidden, _ = self.norm(hidden, residual)
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
