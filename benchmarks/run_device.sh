@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the end-to-end benchmarks, logs and JSON under $OUT.
-# Usage: bash benchmarks/run_device.sh [tests] [engine-tests] [profile] [host] [timeline] [bench ARGS...]
+# Usage: bash benchmarks/run_device.sh [tests] [engine-tests] [profile] [host] [timeline] [tp TP_ARGS... | bench ARGS...]
 # tests fits one device call (10 minutes); tests/test_gpu_engine.py (engine-tests) takes about 11 minutes on an
 # H200, so split it over two calls with ENGINE_TESTS_K, a pytest -k expression: "trained_weights or cascade" (about
 # 4.5 minutes), then "not (trained_weights or cascade)".
@@ -42,6 +42,22 @@ fi
 if [ "${1:-}" = "timeline" ]; then
   shift
   python3 benchmarks/w1_timeline.py --out "$OUT/w1_timeline.json" 2>&1 | tee "$OUT/w1_timeline.log" | tail -12
+fi
+if [ "${1:-}" = "tp" ]; then
+  shift
+  # tp.py (2 GPUs); should it run past TP_LIMIT_S seconds, rank 0 and its workers print their Python stacks into the
+  # log (faulthandler on SIGABRT; the workers inherit the setting and rank 0's stderr) and end.
+  export PYTHONFAULTHANDLER=1
+  python3 benchmarks/tp.py --out "$OUT/tp.json" "$@" > "$OUT/tp.log" 2>&1 &
+  main=$!
+  ( sleep "${TP_LIMIT_S:-480}"
+    pkill -ABRT -f "hf_minivllm.tp.worker import main"
+    kill -ABRT "$main" ) 2>/dev/null &
+  watcher=$!
+  wait "$main"
+  echo "tp.py exit status $?"
+  kill "$watcher" 2>/dev/null
+  grep -v "it/s\]" "$OUT/tp.log" | tail -40
 fi
 if [ "${1:-}" = "bench" ]; then
   shift
