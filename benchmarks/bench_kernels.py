@@ -8,7 +8,8 @@ RMSNorm (plain and fused with the residual add) and SiLU-and-mul against torch e
 
 ``--site-dir`` adds a ``pip --target`` folder through ``site.addsitedir`` (flash-attn 4's CUTLASS DSL registers
 itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the attention kernels' tile configs,
-``--splits`` the decode split count at W1's mid-run batch sizes, ``--gemv`` times batch-1 projections.
+``--splits`` the decode split count at W1's mid-run batch sizes, ``--gemv`` times batch-1 projections;
+``--gemv-only [--gemv-shapes 8b/2]`` only the projections (those of one model and TP size), with a sweep of tiles.
 Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays, except the torch attention references
 (plain calls: they sync with the host).
 """
@@ -255,11 +256,14 @@ def _gemv_with_tiles(x: torch.Tensor, weight: torch.Tensor, tiles: tuple[int, in
     return out
 
 
-def gemv_rows(tune: bool) -> list[dict]:
+def gemv_rows(tune: bool, prefix: str | None = None) -> list[dict]:
     """Decode projections at 1-8 rows: cuBLAS (``F.linear``) against ``kernels/gemv.py`` (its own tiles, and with
-    ``tune`` a sweep of tiles at 1 row), in TB/s of weights read."""
+    ``tune`` a sweep of tiles at 1 row), in TB/s of weights read. ``prefix``: only the shapes whose name starts with
+    it, every one of them swept."""
     rows = []
     for name, (out_features, in_features) in GEMV_SHAPES.items():
+        if prefix is not None and not name.startswith(prefix):
+            continue
         weight = torch.randn(out_features, in_features, device="cuda", dtype=DTYPE)
         gigabytes = weight.numel() * weight.element_size() / 1e9
         for num_rows in (1, 2, 4, 8):
@@ -269,7 +273,7 @@ def gemv_rows(tune: bool) -> list[dict]:
             rows.append({"kernel": f"gemv {name} {out_features}x{in_features} rows={num_rows}", "metric": "TB/s",
                          "ms": ours_ms, "value": gigabytes / ours_ms, "torch_ms": cublas_ms,
                          "tiles": gemv._tiles(num_rows, out_features, in_features)})
-        if tune and name in GEMV_TUNED:
+        if tune and (name in GEMV_TUNED or prefix is not None):
             x = torch.randn(1, in_features, device="cuda", dtype=DTYPE)
             for block_n, block_k, num_warps in itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4)):
                 tiles = (1, block_n, block_k, num_warps)
@@ -305,6 +309,8 @@ def main() -> None:
     parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
     parser.add_argument("--gemv", action="store_true", help="also time decode projections (cuBLAS against ours)")
     parser.add_argument("--gemv-only", action="store_true", help="only the projections, with a sweep of our tiles")
+    parser.add_argument("--gemv-shapes", help="with --gemv-only: only the shapes whose name starts with this, all "
+                        "swept (e.g. 8b/2, the 8B architecture's per-rank shapes at TP=2)")
     args = parser.parse_args()
     for directory in args.site_dir:
         site.addsitedir(directory)
@@ -315,7 +321,7 @@ def main() -> None:
     decode_contexts = [rng.randint(200, 2000) for _ in range(256)]
     rows = []
     if args.gemv_only:
-        rows += gemv_rows(tune=True)
+        rows += gemv_rows(tune=True, prefix=args.gemv_shapes)
         write(rows, fa4, args.out)
         return
     for block_size in (16, 64):
