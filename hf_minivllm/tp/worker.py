@@ -8,6 +8,7 @@ and ends the process, as does losing rank 0 (its socket closing or the parent pr
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sys
@@ -23,6 +24,8 @@ from hf_minivllm.engine.model_runner import ModelRunner
 from hf_minivllm.engine.step_plan import StepPlan
 from hf_minivllm.layers.parallel import ParallelGroup
 from hf_minivllm.tp.weights import receive_decoder, receive_into
+
+logger = logging.getLogger(__name__)
 
 ENV_ADDRESS, ENV_AUTHKEY, ENV_RANK = "HF_MINIVLLM_TP_ADDRESS", "HF_MINIVLLM_TP_AUTHKEY", "HF_MINIVLLM_TP_RANK"
 
@@ -119,6 +122,9 @@ def main() -> None:
     except EOFError:  # rank 0 closed the connection: the engine is gone
         os._exit(1)
     except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it in the caller
+        # Also on this process's stderr (rank 0's): should rank 0 be blocked in its device, waiting for this rank's
+        # part of a collective, it never reads the report.
+        logger.exception("tensor-parallel worker rank %d failed", rank)
         try:
             send_message(connection, ("error", traceback.format_exc()))
         finally:
