@@ -52,10 +52,11 @@ if [ "${1:-}" = "tp" ]; then
   main=$!
   ( sleep "${TP_LIMIT_S:-480}"
     pkill -ABRT -f "hf_minivllm.tp.worker import main"
-    kill -ABRT "$main" ) 2>/dev/null &
+    kill -ABRT "$main" ) > /dev/null 2>&1 &  # holds none of this call's output open
   watcher=$!
   wait "$main"
   echo "tp.py exit status $?"
+  pkill -P "$watcher" 2>/dev/null  # its sleep, then itself
   kill "$watcher" 2>/dev/null
   grep -v "it/s\]" "$OUT/tp.log" | tail -40
 fi

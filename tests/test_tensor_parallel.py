@@ -203,7 +203,7 @@ def test_killed_worker_raises_within_seconds():
 _EXIT_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from conftest import shared_prefix_prompts, tiny_model
+    from conftest import tiny_model
     from hf_minivllm import LLM, SamplingParams
     llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, cpu_kvcache_space_gib=0.02)
     llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
