@@ -70,11 +70,9 @@ def first(result: object) -> torch.Tensor:
 
 
 class PagedCache:
-    """A bf16 KV cache holding the given contexts in shuffled pages, and each sequence's block table. ``fp8``: an
-    e4m3 cache, its values token-minor as the engine keeps them unless ``row_major_values``."""
+    """A bf16 KV cache holding the given contexts in shuffled pages, and each sequence's block table."""
 
-    def __init__(self, context_lens: list[int], block_size: int, seed: int = 0, fp8: bool = False,
-                 row_major_values: bool = False):
+    def __init__(self, context_lens: list[int], block_size: int, seed: int = 0, fp8: bool = False):
         generator = torch.Generator(device="cuda").manual_seed(seed)
         pages = [triton.cdiv(length, block_size) for length in context_lens]
         num_blocks = sum(pages)
@@ -86,9 +84,6 @@ class PagedCache:
             self.kv_scales = torch.tensor([0.01, 0.02], device="cuda")
             self.k_cache = kv_cache.quantize_fp8(self.k_cache, self.kv_scales[0])
             self.v_cache = kv_cache.quantize_fp8(self.v_cache, self.kv_scales[1])
-            if not row_major_values:
-                token_minor = kv_cache.token_minor_values(torch.empty_like(self.v_cache))
-                self.v_cache = token_minor.copy_(self.v_cache)
         order = torch.randperm(num_blocks, generator=generator, device="cuda").to(torch.int32)
         self.block_tables = torch.zeros(len(context_lens), max(pages), dtype=torch.int32, device="cuda")
         start = 0
@@ -100,9 +95,8 @@ class PagedCache:
 
 
 def decode_rows(name: str, context_lens: list[int], block_size: int, fa4: Callable | None,
-                with_torch: bool, check: bool = True, num_splits: int | None = None, fp8: bool = False,
-                row_major_values: bool = False) -> list[dict]:
-    cache = PagedCache(context_lens, block_size, fp8=fp8, row_major_values=row_major_values)
+                with_torch: bool, check: bool = True, num_splits: int | None = None, fp8: bool = False) -> list[dict]:
+    cache = PagedCache(context_lens, block_size, fp8=fp8)
     q = torch.randn(len(context_lens), NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     scale = HEAD_DIM ** -0.5
     args = (q, cache.k_cache, cache.v_cache, cache.context_lens, cache.block_tables, scale)
@@ -129,20 +123,18 @@ def decode_rows(name: str, context_lens: list[int], block_size: int, fa4: Callab
 
 
 def prefill_rows(name: str, query_lens: list[int], block_size: int, fa4: Callable | None,
-                 with_torch: bool, check: bool = True, fp8: bool = False, row_major_values: bool = False) -> list[dict]:
-    cache = PagedCache(query_lens, block_size, fp8=fp8, row_major_values=row_major_values)
+                 with_torch: bool, check: bool = True) -> list[dict]:
+    cache = PagedCache(query_lens, block_size)
     q = torch.randn(sum(query_lens), NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     cu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device="cuda")
     scale = HEAD_DIM ** -0.5
     args = (q, cache.k_cache, cache.v_cache, cu, cu, max(query_lens), max(query_lens), cache.block_tables, scale)
-    options = dict(kv_scales=cache.kv_scales)
     flops = 4 * sum(length * length / 2 for length in query_lens) * NUM_HEADS * HEAD_DIM
     row = {"kernel": name, "metric": "TFLOP/s"}
     if check:
-        reference = prefill_attention.paged_prefill_attention_torch(*args, **options).float()
-        row["max_abs_error"] = (prefill_attention.paged_prefill_attention(*args, **options).float()
-                                - reference).abs().max().item()
-    row["ms"] = bench(lambda: prefill_attention.paged_prefill_attention(*args, **options))
+        reference = prefill_attention.paged_prefill_attention_torch(*args).float()
+        row["max_abs_error"] = (prefill_attention.paged_prefill_attention(*args).float() - reference).abs().max().item()
+    row["ms"] = bench(lambda: prefill_attention.paged_prefill_attention(*args))
     row["value"] = flops / row["ms"] / 1e9
     if fa4 is not None:
         def call_fa4() -> torch.Tensor:
@@ -153,7 +145,7 @@ def prefill_rows(name: str, query_lens: list[int], block_size: int, fa4: Callabl
             row["fa4_max_abs_error"] = (call_fa4().float() - reference).abs().max().item()
         row["fa4_ms"] = bench_fa4(call_fa4)
     if with_torch:
-        row["torch_ms"] = bench(lambda: prefill_attention.paged_prefill_attention_torch(*args, **options), graph=False)
+        row["torch_ms"] = bench(lambda: prefill_attention.paged_prefill_attention_torch(*args), graph=False)
     row["yardstick"] = FA4_PREFILL_TFLOPS
     return [row]
 
@@ -213,15 +205,8 @@ def tune_rows(decode_contexts: list[int]) -> list[dict]:
 
 def tune_fp8_rows(decode_contexts: list[int]) -> list[dict]:
     """Decode on an FP8 cache (W1's batch of 256, pages of 16): the bf16 cache's timing beside the FP8 cache's
-    under each tile config. An FP8 tile carries half the bytes of a bf16 tile of the same tokens. The default
-    config also runs with the values row-major (the layout before token-minor values), and prefill with both."""
+    under each tile config. An FP8 tile carries half the bytes of a bf16 tile of the same tokens."""
     rows = decode_rows("tune-fp8 decode b256 bs16 bf16 cache (default config)", decode_contexts, 16, None, False)
-    for row_major in (False, True):
-        layout = "row-major" if row_major else "token-minor"
-        rows += decode_rows(f"tune-fp8 decode b256 bs16 fp8, {layout} values (default config)", decode_contexts, 16,
-                            None, False, fp8=True, row_major_values=row_major)
-        rows += prefill_rows(f"tune-fp8 prefill 16x1024 bs16 fp8, {layout} values", [1024] * 16, 16, None, False,
-                             fp8=True, row_major_values=row_major)
     original = decode_attention._decode_config
     try:
         for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4, 5)):

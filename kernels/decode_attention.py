@@ -17,7 +17,7 @@ import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
                                                 softcap_log2, window_start)
-from hf_minivllm.kernels.kv_cache import FP8_DTYPE, cache_tile_offsets, check_kv_scales, dequantize, is_token_minor
+from hf_minivllm.kernels.kv_cache import FP8_DTYPE, check_kv_scales, dequantize
 from hf_minivllm.kernels.launch import launch
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
@@ -132,8 +132,8 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     scales = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
     keys = dequantize(k_cache.index_select(0, pages), scales[0], q.dtype).view(batch, width * block_size, num_kv_heads,
                                                                                head_dim)
-    values = dequantize(v_cache.index_select(0, pages), scales[1], q.dtype).reshape(batch, width * block_size,
-                                                                                    num_kv_heads, head_dim)
+    values = dequantize(v_cache.index_select(0, pages), scales[1], q.dtype).view(batch, width * block_size,
+                                                                                 num_kv_heads, head_dim)
     keys, values = keys.masked_fill_(hidden, 0), values.masked_fill_(hidden, 0)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     # GQA without copying K/V per query head: each KV head's query heads form its rows of queries.
@@ -143,29 +143,27 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, tile_start, start, end, k_cache_ptr, v_cache_ptr, block_table_row, kv_head,
-                 qk_scale, softcap, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+def _attend_tile(q, m_i, l_i, acc, tile_start, end, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, qk_scale,
+                 softcap, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 FP8: tl.constexpr, V_TOKEN_MINOR: tl.constexpr):
-    """One online-softmax step over the keys ``[tile_start, tile_start + BLOCK_N)``. ``MASKED`` tiles read only the
-    keys in ``[start, end)``; the others lie wholly inside it and start on a page boundary, so their loads go
-    unmasked (and a token-minor value cache's in 16-byte runs)."""
+                 FP8: tl.constexpr):
+    """One online-softmax step over the keys ``[tile_start, tile_start + BLOCK_N)``: ``MASKED``, only those before
+    ``end``; otherwise the tile lies wholly before it and its loads go unmasked."""
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     if MASKED:
-        token_mask = (tokens >= start) & (tokens < end)
+        token_mask = tokens < end
         pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
     else:
         pages = tl.load(block_table_row + tokens // BLOCK_SIZE).to(tl.int64)
-    k_offsets = cache_tile_offsets(pages, tokens, kv_head, dims, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, False, False)
-    v_offsets = cache_tile_offsets(pages, tokens, kv_head, dims, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, V_TOKEN_MINOR,
-                                   not MASKED)
+    slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
+    kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
     if MASKED:
-        k = tl.load(k_cache_ptr + k_offsets, mask=token_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + v_offsets, mask=token_mask[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
     else:
-        k = tl.load(k_cache_ptr + k_offsets)
-        v = tl.load(v_cache_ptr + v_offsets)
+        k = tl.load(k_cache_ptr + kv_offsets)
+        v = tl.load(v_cache_ptr + kv_offsets)
     if FP8:
         k, v = k.to(q.dtype), v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -174,12 +172,8 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, start, end, k_cache_ptr, v_cache_
     if MASKED:
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    if MASKED:  # a masked tile may hold no key of the range (an empty split): subtract 0, not -inf, and add nothing
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_ref = m_new
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(scores - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -188,34 +182,23 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, start, end, k_cache_ptr, v_cache_
 @triton.jit
 def _attend_keys(q, k_cache_ptr, v_cache_ptr, block_table_row, start, end, kv_head, qk_scale, softcap,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-                 V_TOKEN_MINOR: tl.constexpr, PAGE_ALIGNED_START: tl.constexpr):
+                 BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """Online softmax of the query rows ``q [ROWS, HEAD_DIM]`` over keys ``start..end`` of one KV head, found through
-    ``block_table_row``: the running max (log2 units), sum and unnormalised output, tile by tile.
-
-    Tiles start on page boundaries (on multiples of ``BLOCK_N`` within longer pages); only a first tile holding
-    keys before ``start`` (a window's, unless ``PAGE_ALIGNED_START`` promises ``start`` is on such a boundary) and a
-    last one reaching past ``end`` are masked."""
+    ``block_table_row``: the running max (log2 units), sum and unnormalised output, tile by tile. Only the last
+    tile, when partial, is masked: the others load without masks (on sm_90 an FP8 decode step took 6% less time,
+    0.234 ms against 0.249 at W1's batch of 256)."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    align: tl.constexpr = BLOCK_SIZE if BLOCK_SIZE < BLOCK_N else BLOCK_N
-    tile_start = start // align * align
-    if not PAGE_ALIGNED_START:
-        if tile_start < start:
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, start, end, k_cache_ptr, v_cache_ptr,
-                                         block_table_row, kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM,
-                                         BLOCK_SIZE, BLOCK_N, True, HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR)
-            tile_start += BLOCK_N
-    full_end = tile_start + tl.maximum(end - tile_start, 0) // BLOCK_N * BLOCK_N
-    for whole_start in range(tile_start, full_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, whole_start, start, end, k_cache_ptr, v_cache_ptr,
-                                     block_table_row, kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
-                                     BLOCK_N, False, HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR)
-    if full_end < end:
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, full_end, start, end, k_cache_ptr, v_cache_ptr,
-                                     block_table_row, kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
-                                     BLOCK_N, True, HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR)
+    whole_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for tile_start in range(start, whole_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, end, k_cache_ptr, v_cache_ptr, block_table_row,
+                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False,
+                                     HAS_SOFTCAP, DOT_PRECISION, FP8)
+    if whole_end < end:
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, whole_end, end, k_cache_ptr, v_cache_ptr, block_table_row,
+                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True,
+                                     HAS_SOFTCAP, DOT_PRECISION, FP8)
     return m_i, l_i, acc
 
 
@@ -231,7 +214,7 @@ def _decode_split_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-    V_TOKEN_MINOR: tl.constexpr, CASCADE: tl.constexpr = False,
+    CASCADE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -265,7 +248,7 @@ def _decode_split_kernel(
 
     m_i, l_i, acc = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq64 * block_table_stride,
                                  start, end, kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_H,
-                                 BLOCK_N, HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR, not (HAS_WINDOW or CASCADE))
+                                 BLOCK_N, HAS_SOFTCAP, DOT_PRECISION, FP8)
 
     # An empty split (or an empty padding row) leaves l_i == 0: write zeros and a log-sum-exp of -inf.
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -314,7 +297,7 @@ def _cascade_prefix_kernel(
 
     m_i, l_i, acc = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, start, end, kv_head, qk_scale,
                                  softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_Q * BLOCK_G, BLOCK_N, HAS_SOFTCAP,
-                                 DOT_PRECISION, False, False, True)
+                                 DOT_PRECISION, False)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     row = (seqs * NUM_HEADS + q_heads) * partial_splits + split
@@ -384,7 +367,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         SINGLE_SPLIT=num_splits == 1, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=kv_scales is not None,
-        V_TOKEN_MINOR=is_token_minor(v_cache), **config,
+        **config,
     )
     if num_splits > 1:
         launch(_decode_reduce_kernel, (batch, num_heads),
@@ -427,9 +410,8 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_paged_attention_inputs("decode", q, k_cache, v_cache, block_tables)
     check_attention_options(None, softcap)
-    if k_cache.dtype == FP8_DTYPE or is_token_minor(v_cache):
-        raise ValueError("cascade_decode_attention reads neither an FP8 cache nor token-minor values; use "
-                         "paged_decode_attention")
+    if k_cache.dtype == FP8_DTYPE:
+        raise ValueError("cascade_decode_attention does not read an FP8 cache; use paged_decode_attention")
     if (shared_prefix_len.shape != (1,) or shared_prefix_len.dtype != torch.int32
             or shared_prefix_len.device != q.device):
         raise ValueError(f"shared_prefix_len must be a [1] int32 tensor on {q.device}, got "
@@ -469,7 +451,7 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         SINGLE_SPLIT=False, HAS_WINDOW=False, HAS_SOFTCAP=softcap is not None,
-        DOT_PRECISION=dot_precision, FP8=False, V_TOKEN_MINOR=False, CASCADE=True, **config,
+        DOT_PRECISION=dot_precision, FP8=False, CASCADE=True, **config,
     )
     launch(_decode_reduce_kernel, (batch, num_heads),
         partial_out, partial_lse, out, out.stride(0), out.stride(1), total_splits,

@@ -4,12 +4,6 @@ Cache layout (see ``hf_minivllm.layers.context``): ``[num_blocks, block_size, nu
 token's slot is ``num_kv_heads * head_dim`` contiguous elements at ``slot * num_kv_heads * head_dim``.
 A slot of -1 marks a padding row (CUDA-graph batches are padded) whose K/V must not be written.
 
-A value cache may instead keep each page token-minor (``token_minor_values``): the same memory and logical shape,
-stored as ``[num_blocks, num_kv_heads, head_dim, block_size]``. The engine keeps an FP8 cache's values that way: the
-attention kernels multiply probabilities by values along the token axis, and one-byte values reach the tensor
-cores with 16-byte loads only when consecutive tokens are adjacent (row-major pages cost a one-byte shared-memory
-load per value). Keys stay row-major: their dot runs along ``head_dim``.
-
 An FP8 cache (``torch.float8_e4m3fn``) holds ``x / scale`` saturated to e4m3's range, one scale for a layer's keys
 and one for its values (``kv_scales [2]`` float32, on the cache's device): a key is read back as
 ``stored * kv_scales[0]``. The attention kernels read such a cache directly, folding the key scale into the score
@@ -38,49 +32,6 @@ def dequantize(cache_values: torch.Tensor, scale: torch.Tensor | None, dtype: to
     if scale is None:
         return cache_values.to(dtype)
     return (cache_values.float() * scale).to(dtype)
-
-
-def token_minor_values(values: torch.Tensor) -> torch.Tensor:
-    """A contiguous value cache ``[num_blocks, block_size, num_kv_heads, head_dim]`` reinterpreted with each page
-    stored token-minor (``[num_kv_heads, head_dim, block_size]`` in memory), viewed back in the logical shape."""
-    if values.dim() != 4 or not values.is_contiguous():
-        raise ValueError(f"values must be a contiguous [num_blocks, block_size, num_kv_heads, head_dim] cache, got "
-                         f"shape {tuple(values.shape)} with strides {values.stride()}")
-    num_blocks, block_size, num_kv_heads, head_dim = values.shape
-    return values.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
-
-
-def is_token_minor(cache: torch.Tensor) -> bool:
-    """Whether ``cache`` is laid out as ``token_minor_values`` makes it (pages of one token are row-major alike)."""
-    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    return block_size > 1 and cache.stride() == (num_kv_heads * head_dim * block_size, 1, head_dim * block_size,
-                                                 block_size)
-
-
-def check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """Keys contiguous, values contiguous or token-minor: the layouts the kernels read."""
-    if not k_cache.is_contiguous() or not (v_cache.is_contiguous() or is_token_minor(v_cache)):
-        raise ValueError("k_cache must be contiguous and v_cache contiguous or token-minor (token_minor_values), got "
-                         f"strides {k_cache.stride()} and {v_cache.stride()}")
-
-
-@triton.jit
-def cache_tile_offsets(pages, tokens, kv_head, dims, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_SIZE: tl.constexpr, TOKEN_MINOR: tl.constexpr, WHOLE_RUNS: tl.constexpr):
-    """Offsets of the ``[tokens, dims]`` tile of KV head ``kv_head`` in one layer's cache, ``pages`` being each token's
-    block. ``WHOLE_RUNS``: the tile starts on a page boundary (or, for pages longer than the tile, on a multiple of
-    its length) and is read unmasked, so a token-minor cache's runs of consecutive tokens are declared to the
-    compiler, which then loads them 16 bytes at a time."""
-    in_page = tokens % BLOCK_SIZE
-    if TOKEN_MINOR:
-        offsets = (pages[:, None] * (NUM_KV_HEADS * HEAD_DIM * BLOCK_SIZE) + kv_head * (HEAD_DIM * BLOCK_SIZE)
-                   + dims[None, :] * BLOCK_SIZE + in_page[:, None])
-        if WHOLE_RUNS:
-            run: tl.constexpr = BLOCK_SIZE if BLOCK_SIZE < tokens.shape[0] else tokens.shape[0]
-            offsets = tl.multiple_of(tl.max_contiguous(offsets, [run, 1]), [run, 1])
-    else:
-        offsets = (pages * BLOCK_SIZE + in_page)[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
-    return offsets
 
 
 def check_kv_scales(cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
@@ -115,10 +66,8 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
     key, value = key[keep], value[keep]
     if kv_scales is not None:
         key, value = quantize_fp8(key, kv_scales[0]), quantize_fp8(value, kv_scales[1])
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = key.to(k_cache.dtype)
-    v_cache[blocks, offsets] = value.to(v_cache.dtype)  # indexing, not a flat view: values may be token-minor
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value.to(v_cache.dtype)
 
 
 @triton.jit
@@ -147,7 +96,7 @@ def _store_kvcache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, kv_scales_ptr,
     key_token_stride, key_head_stride, value_token_stride, value_head_stride,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, V_TOKEN_MINOR: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    FP8: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -162,13 +111,8 @@ def _store_kvcache_kernel(
             key = _quantize_e4m3(key, tl.load(kv_scales_ptr), FP8_MAX)
             value = _quantize_e4m3(value, tl.load(kv_scales_ptr + 1), FP8_MAX)
         cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
-        if V_TOKEN_MINOR:
-            value_offsets = ((slot // BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM * BLOCK_SIZE)
-                             + (heads * HEAD_DIM + dims) * BLOCK_SIZE + slot % BLOCK_SIZE)
-        else:
-            value_offsets = cache_offsets
         tl.store(k_cache_ptr + cache_offsets, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + value_offsets, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + cache_offsets, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -177,14 +121,14 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     (quantized with ``kv_scales`` into an FP8 cache).
 
     ``key``/``value`` may be strided views (e.g. slices of a fused qkv projection) as long as ``head_dim`` is
-    contiguous; the caches must be contiguous (the values may be token-minor). Graph-capturable: no host
-    synchronisation.
+    contiguous; the caches must be contiguous. Graph-capturable: no host synchronisation.
     """
     _check_inputs(key, value, k_cache, v_cache, slot_mapping)
     check_kv_scales(k_cache, kv_scales)
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key and value must be contiguous along head_dim")
-    check_cache_layout(k_cache, v_cache)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -193,5 +137,5 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_HEADS=triton.next_power_of_2(num_kv_heads), BLOCK_DIM=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], V_TOKEN_MINOR=is_token_minor(v_cache), FP8=kv_scales is not None, FP8_MAX=FP8_MAX,
+        FP8=kv_scales is not None, FP8_MAX=FP8_MAX,
     )

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from hf_minivllm.kernels.kv_cache import check_cache_layout
-
 
 def check_paged_attention_inputs(kernel: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor) -> None:
@@ -12,6 +10,5 @@ def check_paged_attention_inputs(kernel: str, q: torch.Tensor, k_cache: torch.Te
     head_dim = q.shape[-1]
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"the Triton {kernel} kernel needs a power-of-two head_dim >= 16, got {head_dim}")
-    if q.stride(-1) != 1 or block_tables.stride(1) != 1:
-        raise ValueError("q must be contiguous along head_dim and block_tables along its rows")
-    check_cache_layout(k_cache, v_cache)
+    if q.stride(-1) != 1 or block_tables.stride(1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q must be contiguous along head_dim, block_tables along its rows, the caches entirely")

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
                                                 softcap_log2, window_start)
-from hf_minivllm.kernels.kv_cache import cache_tile_offsets, check_kv_scales, dequantize, is_token_minor
+from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
 from hf_minivllm.kernels.launch import launch
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
 
@@ -88,32 +88,28 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
 def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, query_positions,
                  context_len, qk_scale, sliding_window, softcap,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LOADS_MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, V_TOKEN_MINOR: tl.constexpr):
-    """One online-softmax step over keys ``[tile_start, tile_start + BLOCK_N)`` (a multiple of ``BLOCK_N``), read
-    through the block table.
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """One online-softmax step over keys ``[tile_start, tile_start + BLOCK_N)``, read through the block table.
 
     ``MASKED`` tiles apply the causal mask, the context end and the sliding window; the others are visible to every
-    query row. ``LOADS_MASKED`` tiles may reach past the context's end and read only up to it; the others are read
-    unmasked (a token-minor value cache's in 16-byte runs). A window can hide a whole tile from a row: its max is
-    then -inf and the step adds nothing.
+    query row. A window can hide a whole tile from a row: its max is then -inf and the step adds nothing.
     """
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
-    token_mask = tokens < context_len
-    if LOADS_MASKED:
+    if MASKED:
+        token_mask = tokens < context_len
         pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
     else:
         pages = tl.load(block_table_row + tokens // BLOCK_SIZE).to(tl.int64)
-    k_offsets = cache_tile_offsets(pages, tokens, kv_head, dims, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, False, False)
-    v_offsets = cache_tile_offsets(pages, tokens, kv_head, dims, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, V_TOKEN_MINOR,
-                                   not LOADS_MASKED)
-    if LOADS_MASKED:
-        k = tl.load(k_cache_ptr + k_offsets, mask=token_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + v_offsets, mask=token_mask[:, None], other=0.0)
+    slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
+    kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
+    if MASKED:
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
     else:
-        k = tl.load(k_cache_ptr + k_offsets)
-        v = tl.load(v_cache_ptr + v_offsets)
+        k = tl.load(k_cache_ptr + kv_offsets)
+        v = tl.load(v_cache_ptr + kv_offsets)
     if FP8:
         k, v = k.to(q.dtype), v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -145,7 +141,7 @@ def _prefill_kernel(
     q_token_stride, q_head_stride, out_token_stride, out_head_stride, block_table_stride,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, V_TOKEN_MINOR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -189,28 +185,18 @@ def _prefill_kernel(
         for tile_start in range(window_lo, tl.minimum(unmasked_start, causal_end), BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, True, HAS_WINDOW,
-                                         HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR)
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+                                         DOT_PRECISION, FP8)
         for tile_start in range(unmasked_start, unmasked_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, False, HAS_WINDOW,
-                                         HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR)
-        causal_start = tl.maximum(unmasked_start, unmasked_end)
-        if V_TOKEN_MINOR:  # the causal tiles wholly inside the context are read unmasked, in 16-byte runs of values
-            whole_end = tl.minimum(causal_end, context_len // BLOCK_N * BLOCK_N)
-            for tile_start in range(causal_start, whole_end, BLOCK_N):
-                m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
-                                             kv_head, query_positions, context_len, qk_scale, sliding_window,
-                                             softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, False,
-                                             HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR)
-        else:
-            whole_end = causal_start
-        for tile_start in range(tl.maximum(causal_start, whole_end), causal_end, BLOCK_N):
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
+                                         DOT_PRECISION, FP8)
+        for tile_start in range(tl.maximum(unmasked_start, unmasked_end), causal_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, True, HAS_WINDOW,
-                                         HAS_SOFTCAP, DOT_PRECISION, FP8, V_TOKEN_MINOR)
+                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+                                         DOT_PRECISION, FP8)
 
         if HAS_WINDOW:  # a padding row past the queries may see no key at all: 0, not 0/0 (it is not stored)
             l_i = tl.where(l_i > 0, l_i, 1.0)
@@ -251,6 +237,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FP8=kv_scales is not None, V_TOKEN_MINOR=is_token_minor(v_cache), **config,
+        FP8=kv_scales is not None, **config,
     )
     return out

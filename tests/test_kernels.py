@@ -118,15 +118,6 @@ def _decode_case(context_lens: list[int], block_size: int, num_heads: int, num_k
     return paged, (q, paged.k_cache, paged.v_cache, paged.context_lens, paged.block_tables, head_dim ** -0.5)
 
 
-def _token_minor_copy(cache: torch.Tensor) -> torch.Tensor:
-    """The same values in a cache whose pages are stored token-minor (as the engine keeps an FP8 cache's values)."""
-    from hf_minivllm.kernels.kv_cache import token_minor_values
-
-    copy = token_minor_values(torch.empty_like(cache))
-    copy.copy_(cache)
-    return copy
-
-
 def _upcast(args: tuple) -> tuple:
     """The same inputs in fp32, so a reference computed from them isolates the kernel's own rounding."""
     return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float8_e4m3fn
@@ -495,43 +486,7 @@ def test_bad_window_or_softcap_is_a_clear_error(kernels, options, match):
             attend(*args, **options)
 
 
-# ---------------------------------------------------------------- token-minor values, slots outside the context
-
-
-@pytest.mark.parametrize("block_size,options", [(4, {}), (16, dict(sliding_window=9, softcap=30.0)), (64, {}),
-                                                (64, dict(sliding_window=40))])
-def test_token_minor_values_attend_like_row_major_ones(kernels, block_size, options):
-    """Decode and prefill read a token-minor value cache as they read a row-major one: pages shorter and longer
-    than a tile of keys (32 in fp32), contexts ending inside tiles, windows starting inside pages, split
-    boundaries inside pages of 64."""
-    paged, args = _decode_case([1, 9, 37, 70, 130], block_size, 4, 2, 16, torch.float32, seed=block_size)
-    minor = (args[0], args[1], _token_minor_copy(args[2]), *args[3:])
-    decode = kernels.decode_attention
-    expected = decode.paged_decode_attention_torch(*args, **options)
-    torch.testing.assert_close(decode.paged_decode_attention_torch(*minor, **options), expected, atol=0, rtol=0)
-    for num_splits in (1, 3):
-        out = decode.paged_decode_attention(*minor, **options, num_splits=num_splits)
-        torch.testing.assert_close(out, expected, **_tolerance(torch.float32))
-    paged, args = _prefill_case([5, 1, 70], [0, 8, 45], block_size, 4, 2, 16, torch.float32, seed=block_size)
-    minor = (args[0], args[1], _token_minor_copy(args[2]), *args[3:])
-    prefill = kernels.prefill_attention
-    expected = prefill.paged_prefill_attention_torch(*args, **options)
-    torch.testing.assert_close(prefill.paged_prefill_attention(*minor, **options), expected,
-                               **_tolerance(torch.float32))
-
-
-def test_store_kvcache_writes_token_minor_values_where_they_are_read(kernels):
-    """The Triton store and the torch one write a token-minor value cache's slots as the row-major cache's."""
-    key, value = (torch.randn(9, 2, 16).to(DEVICE) for _ in range(2))
-    slots = torch.tensor([5, -1, 0, 17, 3, -1, 22, 8, 31], dtype=torch.int64, device=DEVICE)
-    row_major = [torch.zeros(8, 4, 2, 16, device=DEVICE) for _ in range(2)]
-    kernels.kv_cache.store_kvcache_torch(key, value, *row_major, slots)
-    for store in (kernels.kv_cache.store_kvcache, kernels.kv_cache.store_kvcache_torch):
-        keys = torch.zeros_like(row_major[0])
-        values = kernels.kv_cache.token_minor_values(torch.zeros_like(row_major[1]))
-        store(key, value, keys, values, slots)
-        torch.testing.assert_close(keys, row_major[0], atol=0, rtol=0)
-        torch.testing.assert_close(values, row_major[1], atol=0, rtol=0)
+# ---------------------------------------------------------------- slots outside the contexts
 
 
 def _poison_outside_contexts(paged: PagedContexts, context_lens: list[int], fill: float) -> None:
@@ -578,13 +533,6 @@ def test_slots_outside_the_contexts_never_reach_the_output(kernels, fp8):
                                    **_tolerance(torch.float32))
 
 
-def test_cascade_decode_rejects_token_minor_values(kernels):
-    q, k_cache, v_cache, lens, tables = _shared_prefix_case([20, 30], 2, 8, 4, 2, 16, torch.float32, seed=3)
-    with pytest.raises(ValueError, match="token-minor"):
-        kernels.decode_attention.cascade_decode_attention(q, k_cache, _token_minor_copy(v_cache), lens, tables, 0.25,
-                                                          _prefix_len(16))
-
-
 # ---------------------------------------------------------------- FP8 KV cache (e4m3, a key and a value scale per layer)
 
 
@@ -592,15 +540,13 @@ KV_SCALES = (0.011, 0.0037)  # a cache of randn values spans about +-4: up to ~3
 
 
 def _with_fp8_cache(args: tuple, cache_positions: tuple[int, int] = (1, 2)) -> tuple[tuple, torch.Tensor]:
-    """The same attention inputs with the caches quantized to e4m3 with ``KV_SCALES`` (and those scales), the
-    values token-minor as the engine keeps them."""
+    """The same attention inputs with the caches quantized to e4m3 with ``KV_SCALES`` (and those scales)."""
     from hf_minivllm.kernels.kv_cache import quantize_fp8
 
     kv_scales = torch.tensor(KV_SCALES, dtype=torch.float32, device=args[0].device)
     args = list(args)
     for position, scale in zip(cache_positions, kv_scales):
         args[position] = quantize_fp8(args[position], scale)
-    args[cache_positions[1]] = _token_minor_copy(args[cache_positions[1]])
     return tuple(args), kv_scales
 
 

@@ -32,7 +32,7 @@ from hf_minivllm.engine.scheduler import ScheduledBatch
 from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.engine.step_hooks import apply_step_hooks
 from hf_minivllm.engine.step_plan import DecodePlan, PrefillPlan, StepPlan
-from hf_minivllm.kernels.kv_cache import FP8_DTYPE, FP8_MAX, token_minor_values
+from hf_minivllm.kernels.kv_cache import FP8_DTYPE, FP8_MAX
 from hf_minivllm.kernels.launch import can_compile_ahead, compile_ahead
 from hf_minivllm.layers.attention import select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
@@ -335,16 +335,13 @@ class ModelRunner:
                 layer.backend, layer.kv_amax = backend, None
 
     def _bind_kv_cache(self, cache: torch.Tensor | None) -> None:
-        """Point every attention layer at its key and value slabs of ``cache`` (None: no cache). An FP8 cache's
-        values are kept token-minor (``token_minor_values``: the decode kernel reads them 16 bytes at a time)."""
+        """Point every attention layer at its key and value slabs of ``cache`` (None: no cache)."""
         self.kv_cache = cache
         for index, layer in enumerate(self.model.attention_layers):
             if cache is None:
                 layer.k_cache = layer.v_cache = torch.empty(0, device=self.device, dtype=self.dtype)
             else:
-                values = cache[1, index]
-                layer.k_cache = cache[0, index]
-                layer.v_cache = token_minor_values(values) if values.dtype == FP8_DTYPE else values
+                layer.k_cache, layer.v_cache = cache[0, index], cache[1, index]
 
     def grow_kv_cache(self, min_blocks: int, wanted_blocks: int) -> int:
         """Give the cache at least ``min_blocks`` blocks (``wanted_blocks`` if memory allows); returns its size now."""

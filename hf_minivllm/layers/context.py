@@ -19,9 +19,7 @@ class AttentionMetadata:
 
     KV cache layout (every backend): per layer ``k_cache`` and ``v_cache`` of shape
     ``[num_blocks, block_size, num_kv_heads, head_dim]``; token ``t`` of a sequence lives in block
-    ``block_table[t // block_size]`` at offset ``t % block_size``, i.e. slot ``block * block_size + offset``. An FP8
-    cache's values are stored token-minor within each page (``hf_minivllm.kernels.kv_cache.token_minor_values``:
-    the same shape, other strides).
+    ``block_table[t // block_size]`` at offset ``t % block_size``, i.e. slot ``block * block_size + offset``.
 
     Prefill: the step holds ``n`` sequences' new tokens packed one after another. ``cu_seqlens_q`` [n+1] (int32)
     delimits each sequence's new (query) tokens; ``cu_seqlens_k`` [n+1] delimits each sequence's whole context
