@@ -218,3 +218,54 @@ def test_every_tensor_parallel_rank_runs_the_decode_passes_when_one_compiled(mon
                                  _cascade=False)
         model_runner.ModelRunner._compile_kernels_ahead(runner)
         assert ran == expected
+
+
+_WORKER_SCRIPT = r'''
+import inspect, json, os, sys
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from hf_minivllm.kernels import activation, process_compiles
+
+kernel = activation._silu_and_mul_kernel
+target = GPUTarget("cuda", 90, 32)
+options = make_backend(target).parse_options({"num_warps": 4})
+signature = {"x_ptr": "*bf16", "out_ptr": "*bf16", "x_row_stride": "i32", "out_row_stride": "i32",
+             "intermediate_size": "i32", "BLOCK": "constexpr"}
+constants = {(5,): 1024}
+attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+announced = {}
+hook_args = dict(hook=lambda **kwargs: announced.update(kwargs), key=("spec", list(signature.values())),
+                 signature=signature, device=0, constants=constants, options=options, configs=[attrs], is_warmup=True)
+if "target" in inspect.signature(kernel._call_hook).parameters:  # Triton 3.9 announces the target too
+    hook_args["target"] = target
+kernel._call_hook(**hook_args)
+job = process_compiles._job(announced["fn"], announced["compile"], target)
+cache = os.environ["TRITON_CACHE_DIR"]
+with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+    seconds = pool.submit(process_compiles.compile_in_worker, job).result()
+after_worker = set(os.listdir(cache))
+compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options.__dict__)
+print(json.dumps({"seconds": seconds, "worker_entries": len(after_worker),
+                  "compiled_again": sorted(set(os.listdir(cache)) - after_worker)}))
+'''
+
+
+def test_a_worker_process_compiles_into_the_cache_the_engine_then_reads(tmp_path):
+    """The job built from Triton's compile announcement compiles in a forked worker (for an sm_90 target: no GPU
+    needed) into Triton's cache, where the engine's own compile of the same variant then finds it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _WORKER_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["seconds"] > 0 and report["worker_entries"] > 0, report
+    assert report["compiled_again"] == [], report  # a compile of its own would have added its entry
