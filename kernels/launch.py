@@ -24,8 +24,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from hf_minivllm.kernels import process_compiles
-
 try:  # Triton 3.6 has it
     from triton.runtime import _async_compile
     from triton.runtime._async_compile import AsyncCompileMode
@@ -101,14 +99,11 @@ class CompilePool(ThreadPoolExecutor):
         self.compiled: list[Any] = []
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        worker_job = process_compiles.take_pending()
-
         def timed() -> Any:
-            worker_s = process_compiles.wait_for(worker_job)  # then the compile below reads Triton's cache
             start = time.perf_counter()
             result = fn(*args, **kwargs)
             with self._lock:
-                self.longest_s = max(self.longest_s, worker_s, time.perf_counter() - start)
+                self.longest_s = max(self.longest_s, time.perf_counter() - start)
                 self.compiled.append(result)
             return result
 
@@ -147,17 +142,14 @@ class CompilePool(ThreadPoolExecutor):
 
 
 @contextlib.contextmanager
-def compile_ahead(max_threads: int | None = None, processes: bool = False) -> Iterator[CompilePool]:
+def compile_ahead(max_threads: int | None = None) -> Iterator[CompilePool]:
     """Turn this thread's launches into concurrent compiles until the block ends, then wait for them all (a
     compile error is raised here) and build their launchers. Yields the pool, whose ``wait`` tells whether the
-    variants came from Triton's cache. ``processes``: each variant compiles first in a forked worker process
-    (``hf_minivllm.kernels.process_compiles``; only for a CUDA process, whose kernel modules are imported)."""
+    variants came from Triton's cache."""
     if AsyncCompileMode is None:
         raise RuntimeError("compile_ahead needs Triton's asynchronous compile mode (Triton 3.6 has it)")
     threads = max_threads or min(MAX_COMPILE_THREADS, os.cpu_count() or 1)
-    workers = process_compiles.default_workers() if processes else 0
-    routed = process_compiles.ProcessCompiles(workers).active() if workers else contextlib.nullcontext()
-    with CompilePool(threads) as pool, routed:
+    with CompilePool(threads) as pool:
         try:
             with AsyncCompileMode(pool):
                 token = _SUBMITTED.set(set())

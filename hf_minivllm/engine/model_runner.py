@@ -230,8 +230,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _compile_kernels_ahead(self) -> None:
         """Compile at once, on a thread pool, the Triton kernels that the warm-up and the decode graphs launch
-        (``hf_minivllm.kernels.launch``), each first in a forked worker process (``process_compiles``): one after
-        another they took 7.5 of a 13 s start with an empty Triton cache (0.6B architecture, H200). In these passes the Triton kernels only compile and what they would write
+        (``hf_minivllm.kernels.launch``): one after another they took 7.5 of a 13 s start with an empty Triton
+        cache (0.6B architecture, H200). In these passes the Triton kernels only compile and what they would write
         is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
         random generators' state put back afterwards.
 
@@ -241,7 +241,7 @@ class ModelRunner:
         max_model_len) misses on the largest bucket, and every pass runs."""
         devices = [self.device] if self.device.type == "cuda" else []
         buckets = batch_buckets(self.config.max_num_seqs)
-        with torch.random.fork_rng(devices=devices), compile_ahead(processes=True) as compiles:
+        with torch.random.fork_rng(devices=devices), compile_ahead() as compiles:
             self._warm_up()
             self._decode_compile_passes(buckets[-1:])
             from_cache = compiles.wait() < FROM_CACHE_S
