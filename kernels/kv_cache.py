@@ -86,9 +86,13 @@ def _round_to_e4m3(x):
 @triton.jit
 def _quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
     """``x / scale`` (IEEE division, as torch's; Triton's ``/`` is approximate) saturated to e4m3's range with NaN
-    kept NaN (as torch's clamp does), rounded to an e4m3 value (see ``_round_to_e4m3``)."""
-    scaled = tl.math.div_rn(x.to(tl.float32), scale)
-    return _round_to_e4m3(tl.clamp(scaled, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL))
+    kept NaN (as torch's clamp does), rounded to an e4m3 value (see ``_round_to_e4m3``), as e4m3. The sign bit is
+    set from the scaled value's: compiled for sm_90, a negative value rounding to zero came out +0 where torch
+    stores -0 (H200, Triton 3.6)."""
+    scaled = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    stored = _round_to_e4m3(scaled).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    sign = ((scaled.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
+    return (stored | sign).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
