@@ -79,16 +79,19 @@ def _round_to_e4m3(x):
     bits = x.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
     magnitude = (tl.abs(x) + 24576.0) - 24576.0
-    subnormal = tl.where(bits < 0, -magnitude, magnitude)  # the sign bit: -0 and what rounds to zero stay -0
-    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)  # NaN is neither: it takes the normal path, unchanged
+    subnormal = tl.where(bits < 0, -magnitude, magnitude)  # (compiled, -0 comes out +0: the caller sets the sign)
+    rounded = tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+    # NaN stays NaN: the normal path would carry a NaN's full mantissa (sm_90's min.NaN gives 0x7FFFFFFF) into the
+    # sign bit, storing -0.
+    return tl.where(x != x, x, rounded)
 
 
 @triton.jit
 def _quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
     """``x / scale`` (IEEE division, as torch's; Triton's ``/`` is approximate) saturated to e4m3's range with NaN
     kept NaN (as torch's clamp does), rounded to an e4m3 value (see ``_round_to_e4m3``), as e4m3. The sign bit is
-    set from the scaled value's: compiled for sm_90, a negative value rounding to zero came out +0 where torch
-    stores -0 (H200, Triton 3.6)."""
+    set from the scaled value's: compiled for sm_90 (Triton 3.6), negation is ``0 - x``, so a negative value
+    rounding to zero came out +0 where torch stores -0."""
     scaled = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     stored = _round_to_e4m3(scaled).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     sign = ((scaled.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
