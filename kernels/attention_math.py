@@ -42,6 +42,31 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: 
 
 
 @triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, end, kv_head, NUM_KV_HEADS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The keys and values at positions ``[tile_start, tile_start + BLOCK_N)`` of KV head ``kv_head``, found through
+    ``block_table_row`` in a paged cache ``[num_blocks, block_size, num_kv_heads, head_dim]``; with the positions and
+    which of them lie before ``end``. ``MASKED`` reads only those (the others come back 0, and padding entries of the
+    block table are never read); otherwise the whole tile must lie before ``end``, and its loads go unmasked."""
+    tokens = tile_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    token_mask = tokens < end
+    if MASKED:
+        pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+    else:
+        pages = tl.load(block_table_row + tokens // BLOCK_SIZE).to(tl.int64)
+    slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
+    kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
+    if MASKED:
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_offsets)
+        v = tl.load(v_cache_ptr + kv_offsets)
+    return tokens, token_mask, k, v
+
+
+@triton.jit
 def fp8_cache_query(q):
     """The query for dots with an e4m3 cache's tiles, which convert to fp16 exactly in one instruction (to bf16 it
     takes three): a 16-bit query becomes fp16, saturated to its range, NaN kept NaN (a bf16 value between 2**-14

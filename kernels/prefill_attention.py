@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
-                                                softcap_log2, window_start)
+                                                load_kv_tile, softcap_log2, window_start)
 from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
 from hf_minivllm.kernels.launch import launch
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
@@ -95,21 +95,8 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_t
     ``MASKED`` tiles apply the causal mask, the context end and the sliding window; the others are visible to every
     query row. A window can hide a whole tile from a row: its max is then -inf and the step adds nothing.
     """
-    tokens = tile_start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
-    if MASKED:
-        token_mask = tokens < context_len
-        pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-    else:
-        pages = tl.load(block_table_row + tokens // BLOCK_SIZE).to(tl.int64)
-    slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
-    kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
-    if MASKED:
-        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + kv_offsets)
-        v = tl.load(v_cache_ptr + kv_offsets)
+    tokens, token_mask, k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, context_len,
+                                            kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED)
     if FP8:
         k, v = k.to(q.dtype), v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
