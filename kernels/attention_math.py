@@ -67,6 +67,19 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, end, kv_
 
 
 @triton.jit
+def tile_scores(q, k, v, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                FP8: tl.constexpr):
+    """A tile's scores in log2 units (``q @ k^T`` times ``qk_scale``, soft-capped with ``HAS_SOFTCAP``) and its values
+    ready for ``p @ v``; an FP8 cache's tiles are converted to the query's dtype first."""
+    if FP8:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        scores = softcap_log2(scores, softcap)
+    return scores, v
+
+
+@triton.jit
 def fp8_cache_query(q):
     """The query for dots with an e4m3 cache's tiles, which convert to fp16 exactly in one instruction (to bf16 it
     takes three): a 16-bit query becomes fp16, saturated to its range, NaN kept NaN (a bf16 value between 2**-14

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
-                                                load_kv_tile, softcap_log2, window_start)
+                                                load_kv_tile, tile_scores, window_start)
 from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
 from hf_minivllm.kernels.launch import launch
 from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
@@ -97,11 +97,7 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_t
     """
     tokens, token_mask, k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, context_len,
                                             kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED)
-    if FP8:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_SOFTCAP:
-        scores = softcap_log2(scores, softcap)
+    scores, v = tile_scores(q, k, v, qk_scale, softcap, HAS_SOFTCAP, DOT_PRECISION, FP8)
     if MASKED:
         visible = (tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
         if HAS_WINDOW:
