@@ -173,15 +173,16 @@ def _attend_keys(q, k_cache_ptr, v_cache_ptr, block_table_row, start, end, kv_he
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    # (The maximum matters: a negative range's division rounds toward zero compiled but floors interpreted.)
     whole_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     for tile_start in range(start, whole_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, end, k_cache_ptr, v_cache_ptr, block_table_row,
-                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False,
-                                     HAS_SOFTCAP, DOT_PRECISION, FP8)
+                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                     MASKED=False, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION, FP8=FP8)
     if whole_end < end:
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, whole_end, end, k_cache_ptr, v_cache_ptr, block_table_row,
-                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True,
-                                     HAS_SOFTCAP, DOT_PRECISION, FP8)
+                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                     MASKED=True, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION, FP8=FP8)
     return m_i, l_i, acc
 
 

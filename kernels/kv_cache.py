@@ -71,30 +71,29 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
 
 
 @triton.jit
-def _round_to_e4m3(x):
-    """``x`` (float32, within +-FP8_MAX) rounded to the nearest e4m3 value, ties to even, in float32 arithmetic, so
-    that the cast after it is exact: the GPU, torch and the interpreter (whose own rounding does not carry into the
-    exponent: 124.5 became 64) then store the same bytes. Normal values keep 3 of float32's 23 mantissa bits;
-    below e4m3's smallest normal (2**-6) the step is 2**-9, which adding and subtracting 1.5 * 2**14 rounds to."""
-    bits = x.to(tl.int32, bitcast=True)
+def _round_to_e4m3_magnitude(magnitude):
+    """``magnitude`` (float32, 0 to FP8_MAX, or NaN) rounded to the nearest e4m3 value, ties to even, in float32
+    arithmetic, so that the cast after it is exact: the GPU, torch and the interpreter (whose own rounding does not
+    carry into the exponent: 124.5 became 64) then store the same bytes. Normal values keep 3 of float32's 23
+    mantissa bits; below e4m3's smallest normal (2**-6) the step is 2**-9, which adding and subtracting 1.5 * 2**14
+    rounds to. NaN stays NaN: the normal path would carry a NaN's mantissa (sm_90's canonical NaN is 0x7FFFFFFF)
+    into the exponent and beyond."""
+    bits = magnitude.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-    magnitude = (tl.abs(x) + 24576.0) - 24576.0
-    subnormal = tl.where(bits < 0, -magnitude, magnitude)  # (compiled, -0 comes out +0: the caller sets the sign)
-    rounded = tl.where(tl.abs(x) < 0.015625, subnormal, normal)
-    # NaN stays NaN: the normal path would carry a NaN's full mantissa (sm_90's min.NaN gives 0x7FFFFFFF) into the
-    # sign bit, storing -0.
-    return tl.where(x != x, x, rounded)
+    subnormal = (magnitude + 24576.0) - 24576.0
+    rounded = tl.where(magnitude < 0.015625, subnormal, normal)
+    return tl.where(magnitude != magnitude, magnitude, rounded)
 
 
 @triton.jit
 def _quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
     """``x / scale`` (IEEE division, as torch's; Triton's ``/`` is approximate) saturated to e4m3's range with NaN
-    kept NaN (as torch's clamp does), rounded to an e4m3 value (see ``_round_to_e4m3``), as e4m3. The sign bit is
-    set from the scaled value's: compiled for sm_90 (Triton 3.6), negation is ``0 - x``, so a negative value
-    rounding to zero came out +0 where torch stores -0."""
+    kept NaN (as torch's clamp does) and rounded (``_round_to_e4m3_magnitude``), as e4m3. The magnitude is rounded
+    and the sign bit set on the byte: negating a float compiled for sm_90 as ``0 - x`` (Triton 3.6), which turned
+    -0 (what a small negative value rounds to, and what torch stores) into +0."""
     scaled = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    stored = _round_to_e4m3(scaled).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    sign = ((scaled.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
+    stored = _round_to_e4m3_magnitude(tl.abs(scaled)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    sign = tl.where(scaled.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
     return (stored | sign).to(tl.float8e4nv, bitcast=True)
 
 

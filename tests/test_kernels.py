@@ -489,26 +489,34 @@ def test_bad_window_or_softcap_is_a_clear_error(kernels, options, match):
 # ---------------------------------------------------------------- slots outside the contexts
 
 
-def _poison_outside_contexts(paged: PagedContexts, context_lens: list[int], fill: float) -> None:
-    """Every cache slot no sequence's context holds (page tails, spare pages) set to ``fill`` (NaN: what a
-    reused page may hold after a model that blew up)."""
+def _poison_outside_contexts(paged: PagedContexts, context_lens: list[int]) -> None:
+    """NaN in every cache slot no sequence's context holds (page tails, spare pages): what a reused page may hold
+    after a model that blew up. Page 0 is first moved to a spare page, so that it is NaN too: a kernel's masked
+    lanes read page 0 (their block-table load's fill), and must still not let 0 * NaN through."""
     block_size = paged.k_cache.shape[1]
-    used = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
     tables = paged.block_tables.cpu()
+    used = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
     for row, length in enumerate(context_lens):
         positions = torch.arange(length)
         used[tables[row, positions // block_size].long(), positions % block_size] = True
+    spare = int((~used.any(dim=1)).nonzero()[0])
     for cache in (paged.k_cache, paged.v_cache):
-        cache[~used.to(cache.device)] = fill
+        cache[spare] = cache[0]
+    used[spare], used[0] = used[0].clone(), False
+    tables[tables == 0] = spare
+    paged.block_tables.copy_(tables.to(paged.block_tables.device))
+    for cache in (paged.k_cache, paged.v_cache):
+        cache[~used.to(cache.device)] = float("nan")
 
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_slots_outside_the_contexts_never_reach_the_output(kernels, fp8):
-    """NaN in every slot outside the sequences' contexts: unmasked tiles must never cover one (tiles past a
-    context's end, before a window's start, in a split's neighbour) and masked ones must not let 0 * NaN through."""
+    """NaN in every slot outside the sequences' contexts, page 0 included: unmasked tiles must never cover one (past
+    a context's end) and masked lanes must not let 0 * NaN through, in decode (splits, a window) and prefill. The
+    interpreter reads an e4m3 NaN back as 480, so the FP8 case checks NaN only on a GPU (and values everywhere)."""
     lens = [3, 17, 37, 70]
     paged, args = _decode_case(lens, 8, 4, 2, 16, torch.float32, seed=5)
-    _poison_outside_contexts(paged, lens, float("nan"))
+    _poison_outside_contexts(paged, lens)
     scales = {}
     if fp8:
         args, kv_scales = _with_fp8_cache(args)
@@ -522,9 +530,11 @@ def test_slots_outside_the_contexts_never_reach_the_output(kernels, fp8):
             torch.testing.assert_close(out, expected, **_tolerance(torch.float32))
     query_lens, prefix_lens = [5, 1, 40], [0, 16, 13]
     paged, args = _prefill_case(query_lens, prefix_lens, 8, 4, 2, 16, torch.float32, seed=6)
-    _poison_outside_contexts(paged, [q + p for q, p in zip(query_lens, prefix_lens)], float("nan"))
+    _poison_outside_contexts(paged, [q + p for q, p in zip(query_lens, prefix_lens)])
+    scales = {}
     if fp8:
         args, kv_scales = _with_fp8_cache(args)
+        scales = dict(kv_scales=kv_scales)
     prefill = kernels.prefill_attention
     for options in ({}, dict(sliding_window=9)):
         expected = prefill.paged_prefill_attention_torch(*args, **options, **scales)
@@ -559,6 +569,7 @@ def test_store_kvcache_fp8_is_bit_exact_with_torch(kernels):
     value = (torch.randn(40, num_kv_heads, head_dim, generator=generator) * magnitudes).to(DEVICE)
     key[0, 0, :4] = torch.tensor([124.5, 31.5, -126.0, 448.0]) * KV_SCALES[0]  # rounding carries into the exponent
     key[0, 1, :2] = torch.tensor([-0.0, -1e-9])  # signed zeros as torch stores them
+    key[0, 1, 3:5] = torch.tensor([float("inf"), float("-inf")])  # saturate to +-448
     if CUDA:  # NaN stays NaN (the interpreter's own cast turns NaN into 384, so only the GPU can show it)
         key[0, 1, 2] = float("nan")
     slots = torch.randperm(64, generator=generator)[:40].to(DEVICE)
