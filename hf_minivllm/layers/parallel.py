@@ -91,9 +91,3 @@ class ParallelGroup:
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
         self.process_group.recv([tensor], src, 0).wait()
-
-    def abort(self) -> None:
-        """Tear the communicators down after a peer died (collectives in flight give up)."""
-        abort = getattr(self.process_group, "abort", None)
-        if abort is not None:
-            abort()
