@@ -89,8 +89,8 @@ def _round_to_e4m3_magnitude(magnitude):
 def _quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
     """``x / scale`` (IEEE division, as torch's; Triton's ``/`` is approximate) saturated to e4m3's range with NaN
     kept NaN (as torch's clamp does) and rounded (``_round_to_e4m3_magnitude``), as e4m3. The magnitude is rounded
-    and the sign bit set on the byte: negating a float compiled for sm_90 as ``0 - x`` (Triton 3.6), which turned
-    -0 (what a small negative value rounds to, and what torch stores) into +0."""
+    and the sign bit set on the byte: Triton 3.6 compiles a negation for sm_90 as ``0 - x``, which turns -0 (what a
+    small negative value rounds to, and what torch stores) into +0."""
     scaled = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     stored = _round_to_e4m3_magnitude(tl.abs(scaled)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     sign = tl.where(scaled.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)

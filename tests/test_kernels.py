@@ -509,18 +509,23 @@ def _poison_outside_contexts(paged: PagedContexts, context_lens: list[int]) -> N
         cache[~used.to(cache.device)] = float("nan")
 
 
+def _poisoned_case(paged: PagedContexts, args: tuple, context_lens: list[int], fp8: bool) -> tuple[tuple, dict]:
+    """The attention inputs with NaN outside the contexts (``_poison_outside_contexts``), quantized to e4m3 when
+    ``fp8``; with the keyword arguments (the scales) the attention functions then take."""
+    _poison_outside_contexts(paged, context_lens)
+    if not fp8:
+        return args, {}
+    args, kv_scales = _with_fp8_cache(args)
+    return args, dict(kv_scales=kv_scales)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_slots_outside_the_contexts_never_reach_the_output(kernels, fp8):
     """NaN in every slot outside the sequences' contexts, page 0 included: unmasked tiles must never cover one (past
     a context's end) and masked lanes must not let 0 * NaN through, in decode (splits, a window) and prefill. The
     interpreter reads an e4m3 NaN back as 480, so the FP8 case checks NaN only on a GPU (and values everywhere)."""
     lens = [3, 17, 37, 70]
-    paged, args = _decode_case(lens, 8, 4, 2, 16, torch.float32, seed=5)
-    _poison_outside_contexts(paged, lens)
-    scales = {}
-    if fp8:
-        args, kv_scales = _with_fp8_cache(args)
-        scales = dict(kv_scales=kv_scales)
+    args, scales = _poisoned_case(*_decode_case(lens, 8, 4, 2, 16, torch.float32, seed=5), lens, fp8)
     decode = kernels.decode_attention
     for options in ({}, dict(sliding_window=9)):
         expected = decode.paged_decode_attention_torch(*args, **options, **scales)
@@ -529,12 +534,9 @@ def test_slots_outside_the_contexts_never_reach_the_output(kernels, fp8):
             out = decode.paged_decode_attention(*args, **options, **scales, num_splits=num_splits)
             torch.testing.assert_close(out, expected, **_tolerance(torch.float32))
     query_lens, prefix_lens = [5, 1, 40], [0, 16, 13]
-    paged, args = _prefill_case(query_lens, prefix_lens, 8, 4, 2, 16, torch.float32, seed=6)
-    _poison_outside_contexts(paged, [q + p for q, p in zip(query_lens, prefix_lens)])
-    scales = {}
-    if fp8:
-        args, kv_scales = _with_fp8_cache(args)
-        scales = dict(kv_scales=kv_scales)
+    lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    args, scales = _poisoned_case(*_prefill_case(query_lens, prefix_lens, 8, 4, 2, 16, torch.float32, seed=6), lens,
+                                  fp8)
     prefill = kernels.prefill_attention
     for options in ({}, dict(sliding_window=9)):
         expected = prefill.paged_prefill_attention_torch(*args, **options, **scales)
