@@ -2,7 +2,9 @@
 host spent waiting for the device (device-bound) and how much working (host-bound where the wait is near zero).
 
 Runs W1 once through ``LLM.generate`` after a warm-up, with each engine step, each wait for a step's tokens and each
-decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well. Every Triton kernel
+decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well. ``--kv-cache-dtype
+fp8`` runs it on the FP8 cache; ``--kernels`` runs W1 a second time under the torch profiler and lists the GPU time
+of the heaviest kernels (CUDA-graph replays included), to say where a cache's time goes. Every Triton kernel
 specialisation first needed during the run (a compile, or a load from Triton's disk cache) is listed with its step:
 after the engine's warm-up there should be none.
 """
@@ -69,12 +71,28 @@ def timeline(llm: LLM, prompts, params) -> tuple[dict[str, dict[str, float]], fl
     return rows, time.perf_counter() - start, engine.stats.generated_tokens - tokens_before
 
 
+def kernel_times(llm: LLM, prompts, params, top: int = 25) -> list[dict[str, float | str]]:
+    """GPU milliseconds per kernel name over one run of the requests, the heaviest ``top`` first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name][0] += event.device_time / 1000
+            totals[event.name][1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return [{"kernel": name[:90], "ms": round(ms, 2), "calls": calls} for name, (ms, calls) in ranked[:top]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    parser.add_argument("--kernels", action="store_true", help="also list the heaviest kernels of a profiled run")
     args = parser.parse_args()
     prompts, params = w1_requests()
-    llm = LLM(random_model("0.6b"), max_model_len=4096)
+    llm = LLM(random_model("0.6b"), max_model_len=4096, kv_cache_dtype=args.kv_cache_dtype)
     llm.generate([[1, 2, 3]], SamplingParams(), use_tqdm=False)  # warm-up
     rows, seconds, tokens = timeline(llm, prompts, params)
     print(f"{torch.cuda.get_device_name()}, commit {commit()}: W1 {seconds:.2f} s, {tokens} tokens, "
@@ -84,7 +102,11 @@ def main() -> None:
         row = rows[name]
         print(f"{name:28s} {row['steps']:6.0f} {row['wall_s']:8.3f} {row['wait_s']:8.3f} "
               f"{row['wall_s'] - row['wait_s']:8.3f} {row['graph_launch_s']:15.3f}")
-    write_results(args.out, device=torch.cuda.get_device_name(), seconds=seconds, tokens=tokens, phases=rows)
+    kernels = kernel_times(llm, prompts, params) if args.kernels else []
+    for row in kernels:
+        print(f"{row['ms']:10.1f} ms {row['calls']:8d} calls  {row['kernel']}")
+    write_results(args.out, device=torch.cuda.get_device_name(), seconds=seconds, tokens=tokens, phases=rows,
+                  kv_cache_dtype=args.kv_cache_dtype, kernels=kernels)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ _LOG2_E = 1.4426950408889634
 _MAX_SPLITS = 64
 # Aim for about this many programs per SM, so that the grid covers the chip evenly.
 _PROGRAMS_PER_SM = 2
+# Registers per thread of the FP8 decode kernel: three programs of 4 warps per SM (``_decode_config``).
+_FP8_MAX_REGISTERS = 160
 # Shared memory an FP8 decode program keeps besides its pipelined tiles (the query, the converted tiles).
 _SHARED_MEMORY_MARGIN = 16 * 1024
 
@@ -53,21 +55,31 @@ def _shared_memory_bytes(device_index: int) -> int:
 def _decode_config(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, device: torch.device) -> dict[str, int]:
     """Tile sizes swept on an H100 in bf16 (``bench_kernels.py --tune``): at batch 256, hd 128, 64-token tiles
     with 4 warps and 3 stages read 2.80 TB/s for pages of 16 and 64 (128-token tiles 2.84, 32-token 2.68).
-    fp32 gets smaller tiles to fit in shared memory. An FP8 cache's tiles carry half the bytes per token: on an
-    H200 (``--tune-fp8``, batch 256) 128-token tiles with 4 warps and 5 stages took 0.249 ms against 0.296 for the
-    bf16 cache (64-token tiles 0.262, 2 stages 0.280). Those stages took 73 KiB of shared memory (head_dim 128)
-    and 141 KiB (head_dim 256) as Triton 3.6 compiled them, about one tile per stage; a GPU with less shared memory
-    gets fewer stages rather than a failed compile."""
+    fp32 gets smaller tiles to fit in shared memory.
+
+    An FP8 cache's tiles carry half the bytes per token, and its kernel is latency-bound rather than
+    bandwidth-bound: compiled freely at head_dim 128 it took 189 registers a thread, so two programs (8 warps)
+    shared an SM and the schedulers idled 55% of cycles (Nsight Compute, H200, W1's batch of 256). Capped at
+    ``_FP8_MAX_REGISTERS``, three programs fit (a few registers spill): 128-token tiles, 4 warps, 2 stages took
+    0.224 ms against 0.233 uncapped at 5 stages and 0.300 for the bf16 cache (a cap of 128 spilled more: 0.239;
+    64-token tiles 0.238 at best). Wider heads keep the uncapped 5 stages (twice the registers per tile would spill
+    heavily). A GPU with too little shared memory for the stages (one tile each, as Triton 3.6 compiles them) gets
+    fewer rather than a failed compile."""
     if dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
     if cache_dtype != FP8_DTYPE:
         return dict(BLOCK_N=64, num_warps=4, num_stages=3)
-    block_n, stages = 128, 5
-    if device.type == "cuda":
-        stage_bytes = block_n * head_dim * cache_dtype.itemsize
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stages = max(1, min(stages, (_shared_memory_bytes(index) - _SHARED_MEMORY_MARGIN) // stage_bytes))
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages)
+    block_n, capped = 128, head_dim <= 128
+    stages = 2 if capped else 5
+    if device.type != "cuda":
+        return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages)
+    stage_bytes = block_n * head_dim * cache_dtype.itemsize
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stages = max(1, min(stages, (_shared_memory_bytes(index) - _SHARED_MEMORY_MARGIN) // stage_bytes))
+    config = dict(BLOCK_N=block_n, num_warps=4, num_stages=stages)
+    if capped and torch.version.hip is None:  # a register cap is an NVIDIA (ptxas) option
+        config["maxnreg"] = _FP8_MAX_REGISTERS
+    return config
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int) -> int:

@@ -262,19 +262,23 @@ def test_choose_num_splits_depends_on_static_shapes_only(kernels):
 
 
 def test_decode_pipeline_stages_fit_the_gpus_shared_memory(kernels, monkeypatch):
-    """An FP8 cache's 5 stages of 128-token tiles (Triton 3.6 compiled them into 73 KiB at head_dim 128 and
-    141 KiB at 256) fit a Hopper's and, at head_dim 128, an Ada's 99 KB; head_dim 256 on an Ada gets fewer stages,
-    never a compile that runs out of resources. The bf16 cache's tiles keep their measured config everywhere."""
+    """An FP8 cache's stages of 128-token tiles (one tile each as Triton 3.6 compiles them: 2 at head_dim 128 with
+    the register cap, 5 of 141 KiB in all at 256) fit a Hopper's shared memory; an Ada's 99 KB gets fewer at
+    head_dim 256, never a compile that runs out of resources. The register cap applies to head_dim 128 on CUDA
+    only. The bf16 cache's tiles keep their measured config everywhere."""
     module = kernels.decode_attention
     gpu = torch.device("cuda", 0)
     fp8 = torch.float8_e4m3fn
-    for shared, head_dim, cache_dtype, stages in ((227 * 1024, 128, fp8, 5), (99 * 1024, 128, fp8, 5),
+    for shared, head_dim, cache_dtype, stages in ((227 * 1024, 128, fp8, 2), (99 * 1024, 128, fp8, 2),
                                                   (227 * 1024, 256, fp8, 5), (99 * 1024, 256, fp8, 2),
                                                   (48 * 1024, 256, fp8, 1), (99 * 1024, 256, torch.bfloat16, 3)):
         monkeypatch.setattr(module, "_shared_memory_bytes", lambda index, shared=shared: shared)
-        assert module._decode_config(torch.bfloat16, cache_dtype, head_dim, gpu)["num_stages"] == stages
+        config = module._decode_config(torch.bfloat16, cache_dtype, head_dim, gpu)
+        assert config["num_stages"] == stages
+        capped = cache_dtype == fp8 and head_dim == 128 and torch.version.hip is None
+        assert config.get("maxnreg") == (module._FP8_MAX_REGISTERS if capped else None)
     assert module._decode_config(torch.bfloat16, fp8, 128, torch.device("cpu")) == dict(BLOCK_N=128, num_warps=4,
-                                                                                      num_stages=5)
+                                                                                      num_stages=2)
 
 
 # ---------------------------------------------------------------- prefill attention
