@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from hf_minivllm.kernels.launch import launch
+
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def gumbel_max_sample_torch(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -23,29 +26,52 @@ def gumbel_max_sample_torch(logits: torch.Tensor, temperatures: torch.Tensor, un
 
 
 @triton.jit
+def _log2(x, FAST_LOG: tl.constexpr):
+    """log2; with ``FAST_LOG`` the hardware's approximation (one instruction, relative error about 2**-22, far below
+    what moves a sample; libdevice's exact form is a polynomial of a dozen instructions, which the interpreter
+    runs instead)."""
+    if FAST_LOG:
+        return libdevice.fast_log2f(x)
+    return tl.log2(x)
+
+
+@triton.jit
 def _gumbel_max_kernel(logits_ptr, temperatures_ptr, seed_ptr, out_ptr, row_stride, vocab_size,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
+    """One row per program, ``BLOCK`` columns per step as four contiguous quarters. Each lane keeps its own best
+    score over the steps and the lanes meet once at the end; one Philox draw gives the four quarters' uniforms at
+    once (``tl.rand4x``). Drawing a uniform per column and reducing every block across the program (0.21 ms at
+    W1's 256 rows of 151,936 on an H200) spent most of the time on Philox's rounds and the reductions."""
     row = tl.program_id(0).to(tl.int64)
     temperature = tl.load(temperatures_ptr + row)
     greedy = temperature == 0.0
     inverse_temperature = 1.0 / tl.where(greedy, 1.0, temperature)
     seed = tl.load(seed_ptr)
-    best_score = tl.full((), float("-inf"), tl.float32)
-    best_index = tl.full((), 0, tl.int64)
+    logits_row = logits_ptr + row * row_stride
+    QUARTER: tl.constexpr = BLOCK // 4
+    quarter = tl.arange(0, QUARTER)
+    # Each (row, step, position in the quarter) gets its own Philox counter.
+    first_counter = row * tl.cdiv(vocab_size, BLOCK) * QUARTER
+    best_score = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_col = tl.zeros([QUARTER], tl.int32)
     for start in range(0, vocab_size, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab_size
-        x = tl.load(logits_ptr + row * row_stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        uniform = tl.rand(seed, row * vocab_size + cols)
-        gumbel = -tl.log(-tl.log(tl.maximum(uniform, 1e-20)))
-        score = tl.where(greedy, x, x * inverse_temperature + gumbel)
-        score = tl.where(mask, score, float("-inf"))
-        block_best = tl.max(score, axis=0)
-        block_index = tl.argmax(score, axis=0).to(tl.int64) + start
-        take = block_best > best_score
-        best_index = tl.where(take, block_index, best_index)
-        best_score = tl.where(take, block_best, best_score)
-    tl.store(out_ptr + row, best_index)
+        uniforms = tl.rand4x(seed, first_counter + start // 4 + quarter)
+        # Columns in increasing order per lane, a later one taken only when strictly better: each lane keeps its
+        # first best column.
+        for part in tl.static_range(4):
+            cols = start + part * QUARTER + quarter
+            mask = cols < vocab_size
+            x = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            # The Gumbel noise -ln(-ln u) in base 2: -ln2 * log2(-log2 u) - ln(ln 2); the constant moves no argmax.
+            gumbel = -_LN2 * _log2(-_log2(tl.maximum(uniforms[part], 1e-20), FAST_LOG), FAST_LOG)
+            score = tl.where(greedy, x, x * inverse_temperature + gumbel)
+            take = mask & (score > best_score)
+            best_col = tl.where(take, cols, best_col)
+            best_score = tl.where(take, score, best_score)
+    best = tl.max(best_score, axis=0)
+    # The first column among the lanes holding the best score, as argmax picks it (a row of -inf or NaN gives 0).
+    first = tl.min(tl.where(best_score == best, best_col, vocab_size), axis=0)
+    tl.store(out_ptr + row, tl.where(first < vocab_size, first, 0).to(tl.int64))
 
 
 def gumbel_max_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -60,8 +86,9 @@ def gumbel_max_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: to
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     if logits.shape[0] == 0:
         return out
-    block = min(triton.next_power_of_2(logits.shape[1]), 4096)
+    block = max(4, min(triton.next_power_of_2(logits.shape[1]), 4096))
     launch(_gumbel_max_kernel, (logits.shape[0],),
-        logits, temperatures, seed, out, logits.stride(0), logits.shape[1], BLOCK=block, num_warps=8,
+        logits, temperatures, seed, out, logits.stride(0), logits.shape[1], BLOCK=block,
+        FAST_LOG=logits.is_cuda and torch.version.hip is None, num_warps=8,
     )
     return out

@@ -46,6 +46,21 @@ def test_draws_follow_softmax_over_temperature(sampling):
     assert not (tokens == 6).any(), "a -inf logit is never sampled"
 
 
+def test_draws_follow_softmax_across_quarters_and_blocks(sampling):
+    """The likely tokens sit at one lane's column in each quarter of the first 4096-column block and of the second
+    block (each lane keeps its own best across steps), and at another lane: a uniform shared between quarters, or
+    a lane that forgets a step, skews the frequencies."""
+    vocab = 5000
+    likely = torch.tensor([7, 1031, 2055, 3079, 4103, 4500])
+    logits = torch.full((vocab,), -30.0)
+    logits[likely] = torch.tensor([1.0, 0.2, 0.8, 0.5, 0.0, 1.2])
+    rows = 20_000 if CUDA else 600
+    tokens = sampling.gumbel_max_sample(logits.to(DEVICE).expand(rows, -1).contiguous(),
+                                        torch.full((rows,), 0.7, device=DEVICE), seed(21))
+    expected = torch.softmax(logits / 0.7, -1)[likely]
+    assert (empirical(tokens, vocab)[likely] - expected).abs().max() < (0.01 if CUDA else 0.05)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_zero_temperature_rows_take_the_argmax_across_blocks(sampling, dtype):
     generator = torch.Generator().manual_seed(0)
