@@ -4,7 +4,9 @@ host spent waiting for the device (device-bound) and how much working (host-boun
 Runs W1 once through ``LLM.generate`` after a warm-up, with each engine step, each wait for a step's tokens and each
 decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well. ``--kv-cache-dtype
 fp8`` runs it on the FP8 cache; ``--kernels`` runs W1 a second time under the torch profiler and lists the GPU time
-of the heaviest kernels (CUDA-graph replays included), to say where a cache's time goes. Every Triton kernel
+of the heaviest kernels (CUDA-graph replays included), to say where a cache's time goes; ``--busy-after N`` runs it
+again and profiles 30 steps after the first N, giving the share of that window the GPU was busy (below 100%: the
+host kept it waiting). Every Triton kernel
 specialisation first needed during the run (a compile, or a load from Triton's disk cache) is listed with its step:
 after the engine's warm-up there should be none.
 """
@@ -85,11 +87,37 @@ def kernel_times(llm: LLM, prompts, params, top: int = 25) -> list[dict[str, flo
     return [{"kernel": name[:90], "ms": round(ms, 2), "calls": calls} for name, (ms, calls) in ranked[:top]]
 
 
+def gpu_busy_share(llm: LLM, prompts, params, skip_steps: int, window_steps: int = 30) -> dict[str, float]:
+    """Share of ``window_steps`` engine steps, after the first ``skip_steps`` of a run of the requests, in which
+    the GPU ran a kernel or a copy (torch profiler, intervals merged), and the batch size then."""
+    engine = llm.engine
+    engine.add_requests(prompts, params)
+    for _ in range(skip_steps):
+        engine.step()
+    batch = len(engine.scheduler.running)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(window_steps):
+            engine.step()
+        torch.cuda.synchronize()
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in profiler.events()
+                       if event.device_type == torch.autograd.DeviceType.CUDA)
+    busy, covered_until = 0.0, intervals[0][0]
+    for start, end in intervals:
+        busy += max(0.0, end - max(start, covered_until))
+        covered_until = max(covered_until, end)
+    while engine.has_unfinished():
+        engine.step()
+    window_ms = (covered_until - intervals[0][0]) / 1000
+    return {"batch": batch, "window_ms": window_ms, "busy_share": busy / 1000 / window_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     parser.add_argument("--kernels", action="store_true", help="also list the heaviest kernels of a profiled run")
+    parser.add_argument("--busy-after", type=int, help="also profile 30 steps after this many: GPU busy share")
     args = parser.parse_args()
     prompts, params = w1_requests()
     llm = LLM(random_model("0.6b"), max_model_len=4096, kv_cache_dtype=args.kv_cache_dtype)
@@ -105,8 +133,12 @@ def main() -> None:
     kernels = kernel_times(llm, prompts, params) if args.kernels else []
     for row in kernels:
         print(f"{row['ms']:10.1f} ms {row['calls']:8d} calls  {row['kernel']}")
+    busy = gpu_busy_share(llm, prompts, params, args.busy_after) if args.busy_after is not None else None
+    if busy is not None:
+        print(f"30 steps after step {args.busy_after} (batch {busy['batch']}): {busy['window_ms']:.1f} ms, GPU busy "
+              f"{busy['busy_share']:.1%}")
     write_results(args.out, device=torch.cuda.get_device_name(), seconds=seconds, tokens=tokens, phases=rows,
-                  kv_cache_dtype=args.kv_cache_dtype, kernels=kernels)
+                  kv_cache_dtype=args.kv_cache_dtype, kernels=kernels, gpu_busy=busy)
 
 
 if __name__ == "__main__":
