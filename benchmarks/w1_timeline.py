@@ -88,28 +88,34 @@ def kernel_times(llm: LLM, prompts, params, top: int = 25) -> list[dict[str, flo
 
 
 def gpu_busy_share(llm: LLM, prompts, params, skip_steps: int, window_steps: int = 30) -> dict[str, float]:
-    """Share of ``window_steps`` engine steps, after the first ``skip_steps`` of a run of the requests, in which
-    the GPU ran a kernel or a copy (torch profiler, intervals merged), and the batch size then."""
+    """Share of the wall time of ``window_steps`` engine steps, after the first ``skip_steps`` of a run of the
+    requests, in which the GPU ran a kernel or a copy (torch profiler, intervals merged), and the batch size then.
+    The window starts from a drained GPU (one step's host preparation counts as idle) and ends with a sync."""
     engine = llm.engine
     engine.add_requests(prompts, params)
     for _ in range(skip_steps):
+        if not engine.has_unfinished():
+            raise ValueError(f"--busy-after {skip_steps}: the run has fewer steps")
         engine.step()
     batch = len(engine.scheduler.running)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(window_steps):
+        start = time.perf_counter()
+        steps = 0
+        while steps < window_steps and engine.has_unfinished():
             engine.step()
+            steps += 1
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1000
     intervals = sorted((event.time_range.start, event.time_range.end) for event in profiler.events()
                        if event.device_type == torch.autograd.DeviceType.CUDA)
-    busy, covered_until = 0.0, intervals[0][0]
-    for start, end in intervals:
-        busy += max(0.0, end - max(start, covered_until))
-        covered_until = max(covered_until, end)
+    busy_us, covered_until = 0.0, intervals[0][0] if intervals else 0.0
+    for interval_start, interval_end in intervals:
+        busy_us += max(0.0, interval_end - max(interval_start, covered_until))
+        covered_until = max(covered_until, interval_end)
     while engine.has_unfinished():
         engine.step()
-    window_ms = (covered_until - intervals[0][0]) / 1000
-    return {"batch": batch, "window_ms": window_ms, "busy_share": busy / 1000 / window_ms}
+    return {"batch": batch, "steps": steps, "window_ms": wall_ms, "busy_share": busy_us / 1000 / wall_ms}
 
 
 def main() -> None:
@@ -135,8 +141,8 @@ def main() -> None:
         print(f"{row['ms']:10.1f} ms {row['calls']:8d} calls  {row['kernel']}")
     busy = gpu_busy_share(llm, prompts, params, args.busy_after) if args.busy_after is not None else None
     if busy is not None:
-        print(f"30 steps after step {args.busy_after} (batch {busy['batch']}): {busy['window_ms']:.1f} ms, GPU busy "
-              f"{busy['busy_share']:.1%}")
+        print(f"{busy['steps']} steps after step {args.busy_after} (batch {busy['batch']}): {busy['window_ms']:.1f} ms, "
+              f"GPU busy {busy['busy_share']:.1%}")
     write_results(args.out, device=torch.cuda.get_device_name(), seconds=seconds, tokens=tokens, phases=rows,
                   kv_cache_dtype=args.kv_cache_dtype, kernels=kernels, gpu_busy=busy)
 

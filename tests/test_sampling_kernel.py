@@ -76,6 +76,20 @@ def test_zero_temperature_rows_take_the_argmax_across_blocks(sampling, dtype):
     assert ((tokens >= 0) & (tokens < vocab)).all()
 
 
+@pytest.mark.parametrize("vocab", [1, 3, 5, 4100])
+def test_zero_temperature_ties_take_the_first_column(sampling, vocab):
+    """Ties between lanes (columns 9 and 1025 are lanes 9 and 1 of a 4096-column block) and a flat row take the
+    first column, as torch's argmax does, at sizes below one quarter of a block, and above a block."""
+    logits = torch.zeros(3, vocab, device=DEVICE)
+    if vocab > 1025:
+        logits[1, 9] = logits[1, 1025] = 2.0
+        logits[2, 1025] = logits[2, 4099] = 2.0
+    else:
+        logits[1, -1] = logits[2, 0] = 2.0
+    tokens = sampling.gumbel_max_sample(logits, torch.zeros(3, device=DEVICE), seed(1))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
 def test_repeatable_from_the_seed(sampling):
     logits = torch.zeros(64, 16, device=DEVICE)
     temperatures = torch.ones(64, device=DEVICE)

@@ -499,6 +499,7 @@ class ModelRunner:
             use_top_p=min(top_ps) < 1.0,
             use_min_p=max(min_ps) > 0.0,
             generators=generators,
+            max_top_k=max(k for k, temperature in zip(top_ks, temperatures) if temperature > 0),
         )
 
     def _generator(self, seq: Sequence) -> torch.Generator:

@@ -4,7 +4,10 @@ Everything is tensor work on the whole batch; only the host-side flags (is any r
 device-to-host sync happens per request. Sampling uses the exponential-race form of the Gumbel-max trick:
 ``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p``; a seeded request draws its ``E`` from its own generator.
 On CUDA a batch with temperatures only (no top-k/top-p/min-p, no seeded request: W1's case) samples in one Triton
-pass over the logits (``hf_minivllm.kernels.sampling``) instead of the ten or so passes of the torch form.
+pass over the logits (``hf_minivllm.kernels.sampling``) instead of the ten or so passes of the torch form. A batch
+whose sampled rows all keep at most ``CANDIDATES_MAX`` tokens by top-k (HF's default of 50 and the top_k of most
+models' generation configs) draws from those candidates only: the top-k first, then top-p and min-p among them,
+which is the same distribution as the full-vocabulary form without sorting the vocabulary.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class SamplingTensors:
     use_top_p: bool
     use_min_p: bool
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator of a seeded request
+    max_top_k: int | None = None  # the largest top_k of the sampled rows (vocab size where disabled); None: unknown
 
 
 GREEDY = SamplingTensors(
@@ -37,45 +41,80 @@ GREEDY = SamplingTensors(
 )  # an all-greedy step needs no per-row tensors
 
 
+# The most candidates a row's top_k may keep for sampling from the top-k alone (one torch.topk, no sort of the
+# vocabulary): at 256 rows of Qwen3's 151,936 tokens, top-k 20 with top-p 0.95 took 4.9 ms through the sort on an
+# H200, against 0.08 ms for temperature alone.
+CANDIDATES_MAX = 1024
+
+
+def _mask_sorted(sorted_logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Top-k, then top-p, masked (to -inf) in logits sorted in descending order along the last dimension."""
+    if params.use_top_k:
+        ranks = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
+        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= params.top_ks[:, None], float("-inf"))
+    if params.use_top_p:
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_ps[:, None], float("-inf"))
+    return sorted_logits
+
+
+def _mask_min_p(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Mask the tokens whose probability is under ``min_p`` times the row's largest (no-op without min-p)."""
+    if not params.use_min_p:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = params.min_ps[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
 def apply_top_k_top_p_min_p(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Mask (to -inf) what top-k, then top-p, then min-p remove, in the order HF's warpers apply them."""
     if params.use_top_k or params.use_top_p:
         sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-        if params.use_top_k:
-            ranks = torch.arange(logits.shape[-1], device=logits.device)
-            sorted_logits.masked_fill_(ranks[None, :] >= params.top_ks[:, None], float("-inf"))
-        if params.use_top_p:
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            sorted_logits.masked_fill_(mass_before >= params.top_ps[:, None], float("-inf"))
+        sorted_logits = _mask_sorted(sorted_logits, params)
         logits = torch.full_like(logits, float("-inf")).scatter_(-1, sorted_index, sorted_logits)
-    if params.use_min_p:
-        probs = logits.softmax(dim=-1)
-        threshold = params.min_ps[:, None] * probs.amax(dim=-1, keepdim=True)
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
-    return logits
+    return _mask_min_p(logits, params)
+
+
+def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Per row, the index of ``argmax(probs / E)`` with ``E ~ Exp(1)``: a draw from ``probs``; a seeded row's ``E``
+    comes from its own generator."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in params.generators.items():
+        noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """A draw from each row's top-k candidates (``params.max_top_k`` of them, the rest masked by the row's own
+    top_k), with top-p and min-p applied among them."""
+    values, columns = logits.topk(min(params.max_top_k, logits.shape[-1]), dim=-1)
+    candidates = _mask_min_p(_mask_sorted(values.float() / temperatures[:, None], params), params)
+    picked = _race(candidates.softmax(dim=-1), params)
+    return columns.gather(1, picked[:, None]).squeeze(1)
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Next token id per row of ``logits`` [n, vocab], in the model's dtype or float32.
 
-    Greedy rows and the one-pass kernel read the logits as they are (an argmax is the same in either dtype); the
-    torch form works on a float32 copy.
+    Greedy rows, the one-pass kernel and the top-k candidates' selection read the logits as they are (an argmax or
+    a top-k is the same in either dtype); the rest works in float32.
     """
     if params.all_greedy:
         return logits.argmax(dim=-1)
     if logits.is_cuda and not (params.use_top_k or params.use_top_p or params.use_min_p or params.generators):
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=logits.device)
         return gumbel_max_sample(logits, params.temperatures, seed)
-    logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
     temperatures = params.temperatures.clamp_min(1e-6) if params.any_greedy else params.temperatures
-    scaled = apply_top_k_top_p_min_p(logits / temperatures[:, None], params)
-    probs = scaled.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for row, generator in params.generators.items():
-        noise[row].exponential_(generator=generator)
-    sampled = (probs / noise).argmax(dim=-1)
+    # Seeded rows keep the full-vocabulary draw, so that a seed gives the same tokens whatever the batch around it.
+    if (params.use_top_k and not params.generators and params.max_top_k is not None
+            and params.max_top_k <= CANDIDATES_MAX):
+        sampled = _sample_top_k_candidates(logits, temperatures, params)
+    else:
+        scaled = logits.float() / temperatures[:, None]
+        sampled = _race(apply_top_k_top_p_min_p(scaled, params).softmax(dim=-1), params)
     if greedy_tokens is None:
         return sampled
     return torch.where(params.temperatures == 0, greedy_tokens, sampled)

@@ -1,0 +1,79 @@
+"""The engine's torch sampler (``hf_minivllm.layers.sampler``): top-k, top-p and min-p draw what HF's warpers keep,
+whether a batch samples from its top-k candidates alone or from the whole vocabulary."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from hf_minivllm.layers import sampler
+from hf_minivllm.layers.sampler import SamplingTensors, sample
+
+VOCAB = 300
+# (temperature, top_k, top_p, min_p): top-p alone, min-p alone, and top-k alone, side by side in one batch.
+SETTINGS = [(0.7, 20, 0.9, 0.0), (1.3, 50, 1.0, 0.05), (0.5, 5, 1.0, 0.0)]
+
+
+def hf_probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """What HF's sampling keeps of ``logits``: its warpers in generate's order, then a softmax."""
+    scores = logits[None].clone()
+    warpers = [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k)]
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p > 0.0:
+        warpers.append(MinPLogitsWarper(min_p))
+    for warper in warpers:
+        scores = warper(None, scores)
+    return scores.softmax(-1)[0]
+
+
+def batch(rows_per_setting: int, max_top_k: int | None, greedy_rows: int = 0) -> tuple[torch.Tensor, SamplingTensors]:
+    """One logits row per setting repeated ``rows_per_setting`` times (then ``greedy_rows`` rows at temperature 0 and
+    top-k off), with the engine's per-row tensors."""
+    logits = torch.randn(len(SETTINGS), VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    rows = [setting for setting in SETTINGS for _ in range(rows_per_setting)] + [(0.0, VOCAB, 1.0, 0.0)] * greedy_rows
+    row_logits = torch.cat([logits.repeat_interleave(rows_per_setting, 0), logits[:1].expand(greedy_rows, -1)])
+    temperatures, top_ks, top_ps, min_ps = (torch.tensor(column) for column in zip(*rows))
+    params = SamplingTensors(temperatures=temperatures.float(), top_ks=top_ks, top_ps=top_ps.float(),
+                             min_ps=min_ps.float(), all_greedy=False, any_greedy=greedy_rows > 0, use_top_k=True,
+                             use_top_p=True, use_min_p=True, max_top_k=max_top_k)
+    return row_logits, params
+
+
+@pytest.mark.parametrize("path", ["top-k candidates", "whole vocabulary"])
+def test_draws_follow_hf_warpers(path, monkeypatch):
+    if path == "top-k candidates":
+        def no_vocabulary_sort(*args, **kwargs):
+            raise AssertionError("the batch should have sampled from its top-k candidates")
+        monkeypatch.setattr(sampler, "apply_top_k_top_p_min_p", no_vocabulary_sort)
+    rows = 6000
+    logits, params = batch(rows, max_top_k=50 if path == "top-k candidates" else None, greedy_rows=3)
+    torch.manual_seed(1)
+    tokens = sample(logits, params)
+    assert torch.equal(tokens[-3:], logits[-3:].argmax(-1)), "greedy rows take the argmax"
+    for index, (temperature, top_k, top_p, min_p) in enumerate(SETTINGS):
+        drawn = tokens[index * rows:(index + 1) * rows]
+        expected = hf_probabilities(logits[index * rows], temperature, top_k, top_p, min_p)
+        assert expected[drawn].min() > 0, "a token HF's warpers remove was drawn"
+        frequencies = torch.bincount(drawn, minlength=VOCAB).float() / rows
+        assert (frequencies - expected).abs().max() < 0.025
+
+
+def test_candidates_only_up_to_their_limit_and_never_for_seeded_rows(monkeypatch):
+    """Many candidates (or none known), or a seeded row, keep the whole-vocabulary draw: a seed then gives the same
+    tokens whatever the batch around it."""
+    calls = []
+    original = sampler._sample_top_k_candidates
+    monkeypatch.setattr(sampler, "_sample_top_k_candidates", lambda *args: calls.append(1) or original(*args))
+    logits, params = batch(4, max_top_k=sampler.CANDIDATES_MAX + 1)
+    sample(logits, params)
+    logits, params = batch(4, max_top_k=None)
+    sample(logits, params)
+    logits, params = batch(4, max_top_k=50)
+    params.generators = {0: torch.Generator().manual_seed(3)}
+    sample(logits, params)
+    assert not calls
+    params.generators = {}
+    sample(logits, params)
+    assert calls == [1]
