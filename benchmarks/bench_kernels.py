@@ -9,7 +9,9 @@ RMSNorm (plain and fused with the residual add) and SiLU-and-mul against torch e
 ``--site-dir`` adds a ``pip --target`` folder through ``site.addsitedir`` (flash-attn 4's CUTLASS DSL registers
 itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the attention kernels' tile configs,
 ``--splits`` the decode split count at W1's mid-run batch sizes, ``--gemv`` times batch-1 projections;
-``--gemv-only [--gemv-shapes 8b/2]`` only the projections (those of one model and TP size), with a sweep of tiles.
+``--gemv-only [--gemv-shapes 8b/2]`` only the projections (those of one model and TP size), with a sweep of tiles;
+``--sampling`` times the engine's sampler at 1, 32 and 256 rows of Qwen3's vocabulary: argmax, temperature only
+(the one-pass kernel) and HF-style top-k 20 with top-p 0.95.
 Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays, except the torch attention references
 (plain calls: they sync with the host).
 """
@@ -283,6 +285,27 @@ def gemv_rows(tune: bool, prefix: str | None = None) -> list[dict]:
     return rows
 
 
+def sampling_rows() -> list[dict]:
+    """The engine's sampler (``layers.sampler.sample``) on bf16 logits of 151,936 columns, plain calls (it runs
+    outside the decode graphs): greedy, temperature 0.6 alone, and with Qwen3's top-k 20 and top-p 0.95."""
+    from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
+
+    vocab, rows = 151936, []
+    for batch in (1, 32, 256):
+        logits = torch.randn(batch, vocab, device="cuda", dtype=DTYPE)
+        temperatures = torch.full((batch,), 0.6, device="cuda")
+        plain = SamplingTensors(temperatures=temperatures, top_ks=None, top_ps=None, min_ps=None, all_greedy=False,
+                                any_greedy=False, use_top_k=False, use_top_p=False, use_min_p=False)
+        hf_style = SamplingTensors(temperatures=temperatures, top_ks=torch.full((batch,), 20, device="cuda"),
+                                   top_ps=torch.full((batch,), 0.95, device="cuda"), min_ps=None, all_greedy=False,
+                                   any_greedy=False, use_top_k=True, use_top_p=True, use_min_p=False, max_top_k=20)
+        for name, params in (("greedy", GREEDY), ("temperature", plain), ("top-k 20, top-p 0.95", hf_style)):
+            ms = bench(lambda: sample(logits, params), graph=False)
+            rows.append({"kernel": f"sampling {name} rows={batch}", "metric": "GB/s", "ms": ms,
+                         "value": logits.numel() * logits.element_size() / ms / 1e6})
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'kernel':<58} {'ms':>9} {'value':>9} {'metric':<8} {'vs yardstick':>12} {'FA4 ms':>9} {'ours/FA4':>8} {'torch ms':>9}"
     print(header)
@@ -309,6 +332,7 @@ def main() -> None:
     parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
     parser.add_argument("--gemv", action="store_true", help="also time decode projections (cuBLAS against ours)")
     parser.add_argument("--gemv-only", action="store_true", help="only the projections, with a sweep of our tiles")
+    parser.add_argument("--sampling", action="store_true", help="only the sampler: greedy, temperature, top-k/top-p")
     parser.add_argument("--gemv-shapes", help="with --gemv-only: only the shapes whose name starts with this, all "
                         "swept (e.g. 8b/2, the 8B architecture's per-rank shapes at TP=2)")
     args = parser.parse_args()
@@ -320,8 +344,8 @@ def main() -> None:
     rng = random.Random(0)
     decode_contexts = [rng.randint(200, 2000) for _ in range(256)]
     rows = []
-    if args.gemv_only:
-        rows += gemv_rows(tune=True, prefix=args.gemv_shapes)
+    if args.gemv_only or args.sampling:
+        rows += gemv_rows(tune=True, prefix=args.gemv_shapes) if args.gemv_only else sampling_rows()
         write(rows, fa4, args.out)
         return
     for block_size in (16, 64):
