@@ -2,13 +2,14 @@
 host spent waiting for the device (device-bound) and how much working (host-bound where the wait is near zero).
 
 Runs W1 once through ``LLM.generate`` after a warm-up, with each engine step, each wait for a step's tokens and each
-decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well. ``--kv-cache-dtype
-fp8`` runs it on the FP8 cache; ``--kernels`` runs W1 a second time under the torch profiler and lists the GPU time
-of the heaviest kernels (CUDA-graph replays included), to say where a cache's time goes; ``--busy-after N`` runs it
-again and profiles 30 steps after the first N, giving the share of that window the GPU was busy (below 100%: the
-host kept it waiting). Every Triton kernel
+decode-graph launch timed on the host. Prints one table and writes it to --out as JSON as well. Every Triton kernel
 specialisation first needed during the run (a compile, or a load from Triton's disk cache) is listed with its step:
 after the engine's warm-up there should be none.
+
+``--kv-cache-dtype fp8`` runs it on the FP8 cache; ``--kernels`` runs W1 a second time under the torch profiler and
+lists the GPU time of the heaviest kernels (CUDA-graph replays included), to say where a cache's time goes;
+``--busy-after N`` runs it again and profiles 30 steps after the first N, giving the share of that window the GPU
+was busy (below 100%: the host kept it waiting).
 """
 from __future__ import annotations
 

@@ -47,15 +47,16 @@ GREEDY = SamplingTensors(
 CANDIDATES_MAX = 1024
 
 
-def _mask_sorted(sorted_logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Top-k, then top-p, masked (to -inf) in logits sorted in descending order along the last dimension."""
+def _mask_sorted_(sorted_logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Top-k, then top-p, masked (to -inf, in place) in logits sorted in descending order along the last dimension;
+    returns them."""
     if params.use_top_k:
         ranks = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
-        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= params.top_ks[:, None], float("-inf"))
+        sorted_logits.masked_fill_(ranks[None, :] >= params.top_ks[:, None], float("-inf"))
     if params.use_top_p:
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_ps[:, None], float("-inf"))
+        sorted_logits.masked_fill_(mass_before >= params.top_ps[:, None], float("-inf"))
     return sorted_logits
 
 
@@ -72,7 +73,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, params: SamplingTensors) -> to
     """Mask (to -inf) what top-k, then top-p, then min-p remove, in the order HF's warpers apply them."""
     if params.use_top_k or params.use_top_p:
         sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-        sorted_logits = _mask_sorted(sorted_logits, params)
+        _mask_sorted_(sorted_logits, params)
         logits = torch.full_like(logits, float("-inf")).scatter_(-1, sorted_index, sorted_logits)
     return _mask_min_p(logits, params)
 
@@ -90,7 +91,7 @@ def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, p
     """A draw from each row's top-k candidates (``params.max_top_k`` of them, the rest masked by the row's own
     top_k), with top-p and min-p applied among them."""
     values, columns = logits.topk(min(params.max_top_k, logits.shape[-1]), dim=-1)
-    candidates = _mask_min_p(_mask_sorted(values.float() / temperatures[:, None], params), params)
+    candidates = _mask_min_p(_mask_sorted_(values.float() / temperatures[:, None], params), params)
     picked = _race(candidates.softmax(dim=-1), params)
     return columns.gather(1, picked[:, None]).squeeze(1)
 
