@@ -18,7 +18,6 @@ import contextvars
 import logging
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -89,63 +88,46 @@ def _launcher_key(kernel: Any) -> str:
 
 
 class CompilePool(ThreadPoolExecutor):
-    """The compile threads: each job timed, each compiled kernel kept (for its launcher, see ``compile_ahead``)."""
+    """The compile threads. Each job builds its kernel's launcher right after the compile (see ``_build_launcher``),
+    so that the launchers' C compiles overlap the other kernels' compiles instead of following them all."""
 
     def __init__(self, max_workers: int):
         super().__init__(max_workers, thread_name_prefix="hf-minivllm-compile")
         self._lock = threading.Lock()
-        self._futures: list[concurrent.futures.Future] = []
-        self.longest_s = 0.0
-        self.compiled: list[Any] = []
+        self._launchers: set[str] = set()
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        def timed() -> Any:
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            with self._lock:
-                self.longest_s = max(self.longest_s, time.perf_counter() - start)
-                self.compiled.append(result)
-            return result
+        def compile_and_build() -> Any:
+            kernel = fn(*args, **kwargs)
+            self._build_launcher(kernel)
+            return kernel
 
-        future = super().submit(timed)
-        with self._lock:
-            self._futures.append(future)
-        return future
+        return super().submit(compile_and_build)
 
-    def wait(self) -> float:
-        """Wait for the compiles submitted so far; the longest one's seconds. A Triton cache that held every variant
-        gives milliseconds (each is a file read), a compile a tenth of a second or more."""
-        with self._lock:
-            futures = list(self._futures)
-        concurrent.futures.wait(futures)
-        return self.longest_s
-
-    def build_launchers(self) -> None:
-        """Build the compiled kernels' launchers here, concurrently. Triton builds a kernel's launcher (a small C
-        module, through the host's C compiler) at the kernel's first launch, one after another: after the
-        concurrent compiles that still took 1.9 s of an empty-cache start (0.6B architecture, H200, 2699d40). Built
-        here, they land in Triton's cache, and the first launches load them from it. Kernels that share a launcher
-        (same argument types) build it once."""
-        self.wait()
+    def _build_launcher(self, kernel: Any) -> None:
+        """Build a compiled kernel's launcher into Triton's cache, once per list of argument types. Triton builds a
+        kernel's launcher (a small C module, through the host's C compiler) at the kernel's first launch, one after
+        another: that took 1.9 s of an empty-cache start (0.6B architecture, H200, 2699d40). Built here, the first
+        launches load them from the cache."""
+        if not (hasattr(kernel, "src") and hasattr(kernel, "metadata")):
+            return
         try:
+            key = _launcher_key(kernel)
+            with self._lock:
+                if key in self._launchers:
+                    return
+                self._launchers.add(key)
             from triton.runtime.driver import driver
 
-            build = driver.active.launcher_cls
-            kernels = [kernel for kernel in self.compiled if hasattr(kernel, "src") and hasattr(kernel, "metadata")]
-            launchers = {_launcher_key(kernel): kernel for kernel in reversed(kernels)}
-            futures = [ThreadPoolExecutor.submit(self, build, kernel.src, kernel.metadata)  # untimed
-                       for kernel in launchers.values()]
-            for future in futures:
-                future.result()
-        except Exception:  # a Triton whose internals differ: each kernel builds its launcher at its first launch
-            logger.debug("building Triton launchers ahead failed; they build at first launch", exc_info=True)
+            driver.active.launcher_cls(kernel.src, kernel.metadata)
+        except Exception:  # a Triton whose internals differ: the kernel builds its launcher at its first launch
+            logger.debug("building a Triton launcher ahead failed; it builds at first launch", exc_info=True)
 
 
 @contextlib.contextmanager
 def compile_ahead(max_threads: int | None = None) -> Iterator[CompilePool]:
-    """Turn this thread's launches into concurrent compiles until the block ends, then wait for them all (a
-    compile error is raised here) and build their launchers. Yields the pool, whose ``wait`` tells whether the
-    variants came from Triton's cache."""
+    """Turn this thread's launches into concurrent compiles until the block ends, then wait for them all and for
+    their launchers (a compile error is raised here)."""
     if AsyncCompileMode is None:
         raise RuntimeError("compile_ahead needs Triton's asynchronous compile mode (Triton 3.6 has it)")
     threads = max_threads or min(MAX_COMPILE_THREADS, os.cpu_count() or 1)
@@ -161,4 +143,3 @@ def compile_ahead(max_threads: int | None = None) -> Iterator[CompilePool]:
             # Triton 3.6 leaves its mode active when a compile fails; this thread's later compiles (a retry, another
             # engine) would then go to the closed pool.
             _async_compile.active_mode.set(None)
-        pool.build_launchers()

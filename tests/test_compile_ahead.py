@@ -93,13 +93,17 @@ def test_the_engines_compile_passes_leave_it_token_exact(family, monkeypatch):
 
     ran = []
     original = model_runner.ModelRunner._decode_compile_passes
-    monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes",
-                        lambda runner, buckets: ran.extend(buckets) or original(runner, buckets))
+
+    def recorded(runner, buckets, cascade=False):
+        if not cascade:
+            ran.extend(buckets)
+        original(runner, buckets, cascade)
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes", recorded)
     model = tiny_model(family)
     settings = dict(max_model_len=128, max_num_seqs=20, max_num_batched_tokens=256)
     plain = LLM(copy.deepcopy(model), **settings)
     monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
-    monkeypatch.setattr(model_runner, "FROM_CACHE_S", -1.0)  # the torch path compiles nothing: run them anyway
     compiled = LLM(model, **settings)
     assert sorted(ran) == model_runner.batch_buckets(20)
     generator = torch.Generator().manual_seed(3)
@@ -146,33 +150,75 @@ def test_a_failed_compile_is_raised_and_leaves_the_thread_able_to_compile_again(
     assert kernel.calls == [("compile", (1,), (), {})]
 
 
-def test_decode_passes_are_skipped_when_the_warm_up_compiled_nothing(monkeypatch):
-    """Compiles of milliseconds were reads from Triton's cache: the other decode buckets' variants will load from it
-    as quickly, so their passes are not worth their eager forwards."""
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "qwen3_moe"])
+def test_the_compile_passes_run_one_layer_of_each_kind(family):
+    """Each kind of layer launches its own kernel variants: the first layer (no residual to add yet), the second
+    (the add fused into its norm), and the first sliding, full, dense or MoE layer after them."""
     from conftest import tiny_model
-    from hf_minivllm import LLM
+    from hf_minivllm.models.adapter import build_decoder
+
+    many = dict(num_hidden_layers=8)
+    if family == "gemma3":
+        kinds = dict(layer_types=["sliding_attention"] * 5 + ["full_attention"] * 3)
+    elif family == "qwen3_moe":
+        kinds = dict(mlp_only_layers=[0, 1, 2])
+    else:
+        kinds = {}
+    expected = {"qwen3": [0, 1], "gemma3": [0, 1, 5], "qwen3_moe": [0, 1, 3]}[family]
+    assert build_decoder(tiny_model(family, **many, **kinds)).variant_layers() == expected
+
+
+def test_only_layers_runs_those_layers_inside_the_block_and_all_after_it():
+    from conftest import tiny_model
+    from hf_minivllm.models.adapter import build_decoder
+
+    decoder = build_decoder(tiny_model("qwen3", num_hidden_layers=4))
+    ran = []
+    for index, layer in enumerate(decoder.layers):  # stand-ins: a layer alone needs a runner step's attention inputs
+        layer.forward = lambda positions, hidden, residual, index=index: ran.append(index) or (hidden, hidden)
+    tokens, positions = torch.tensor([5, 6, 7]), torch.arange(3)
+    with pytest.raises(KeyError):
+        with decoder.only_layers([0, 2]):
+            decoder(tokens, positions)
+            raise KeyError("a failing pass")
+    assert ran == [0, 2]
+    ran.clear()
+    decoder(tokens, positions)
+    assert ran == [0, 1, 2, 3]
+
+
+def test_the_runner_submits_the_slow_compiles_first_and_every_decode_bucket_without_waiting():
+    """The warm-up's prefill kernel and the cascade kernel compile longest: they are submitted first; every graph
+    bucket's decode pass follows at once (no wait for the compiles in between), through the variant layers only."""
+    import contextlib
+    from types import SimpleNamespace
+
     from hf_minivllm.engine import model_runner
 
-    ran = []
-    monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes", lambda runner, buckets: ran.append(buckets))
-    monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
-    LLM(tiny_model("qwen3"), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=128)
-    assert ran == [[4]]  # the largest bucket only: it tells a cache filled under other settings
+    events = []
+
+    @contextlib.contextmanager
+    def only_layers(indices):
+        events.append(("layers", indices))
+        yield
+        events.append(("all layers",))
+
+    model = SimpleNamespace(variant_layers=lambda: [0, 1], only_layers=only_layers)
+    for cascade, expected_cascade in ((False, []), (True, [("decode", [model_runner.CASCADE_MIN_SEQS, 64], True)])):
+        events.clear()
+        runner = SimpleNamespace(device=torch.device("cpu"), config=SimpleNamespace(max_num_seqs=64), model=model,
+                                 _warm_up=lambda: events.append(("warm-up",)), _cascade=cascade,
+                                 _decode_compile_passes=lambda buckets, cascade=False: events.append(
+                                     ("decode", buckets, cascade)),
+                                 _synchronize=lambda: None)
+        model_runner.ModelRunner._compile_kernels_ahead(runner)
+        assert events == [("layers", [0, 1]), ("warm-up",), *expected_cascade,
+                          ("decode", [64, 48, 32, 16, 8, 4, 2, 1], False), ("all layers",)]
 
 
-def test_the_pool_reports_its_longest_compile():
-    import time
-
-    with compile_ahead(max_threads=2) as pool:
-        for delay in (0.0, 0.15, 0.01):
-            pool.submit(time.sleep, delay)
-        assert 0.15 <= pool.wait() < 1.0
-    assert len(pool.compiled) == 3
-
-
-def test_each_launcher_is_built_once_per_signature_after_the_compiles(monkeypatch):
-    """Triton builds a compiled kernel's launcher (a C module) at its first launch, one after another; the pool
-    builds them concurrently when the block ends, one per list of argument types."""
+def test_each_launcher_is_built_once_per_signature_beside_the_compiles(monkeypatch):
+    """Triton builds a compiled kernel's launcher (a C module) at its first launch, one after another; each pool job
+    builds its kernel's right after the compile, once per list of argument types."""
     import importlib
     from types import SimpleNamespace
 
@@ -194,27 +240,3 @@ def test_each_launcher_is_built_once_per_signature_after_the_compiles(monkeypatc
             pool.submit(lambda kernel=kernel: kernel)
     names = sorted(name for name, _ in built)
     assert len(names) == 3 and names[0] in "ab" and names[1:] == ["c", "d"]  # argument order counts
-
-
-def test_every_tensor_parallel_rank_runs_the_decode_passes_when_one_compiled(monkeypatch):
-    """The decode passes run all-reduces: a rank whose warm-up found every variant in Triton's cache must still run
-    them when another rank compiled (ranks deciding apart would wait on each other's collectives for ever)."""
-    from types import SimpleNamespace
-
-    from hf_minivllm.engine import model_runner
-
-    class OtherRankCompiled:
-        def min(self, value):
-            return 0
-
-    class EveryRankFromCache:
-        def min(self, value):
-            return value
-
-    for group, expected in ((None, [[8]]), (EveryRankFromCache(), [[8]]), (OtherRankCompiled(), [[8], [1, 2, 4]])):
-        ran = []
-        runner = SimpleNamespace(device=torch.device("cpu"), group=group, config=SimpleNamespace(max_num_seqs=8),
-                                 _warm_up=lambda: None, _decode_compile_passes=ran.append, _synchronize=lambda: None,
-                                 _cascade=False)
-        model_runner.ModelRunner._compile_kernels_ahead(runner)
-        assert ran == expected

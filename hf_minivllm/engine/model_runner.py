@@ -49,8 +49,6 @@ PREFILL_GRAPH_SEQS = 32
 # key and value it saw (larger ones saturate at e4m3's largest value).
 KV_CALIBRATION_TOKENS = 512
 KV_SCALE_HEADROOM = 2.0
-# A start-up compile shorter than this was a read from Triton's cache (milliseconds); a real compile takes longer.
-FROM_CACHE_S = 0.1
 # Cascade attention (Config.cascade_attention) for decode steps of at least this many sequences sharing at least this
 # many tokens' pages, where the repeated prefix reads it saves clearly outweigh its two extra kernels per layer (not
 # tuned: W3, 256 sequences sharing 2,048 tokens, is the one shape measured).
@@ -235,23 +233,19 @@ class ModelRunner:
         is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
         random generators' state put back afterwards.
 
-        When the warm-up's and the largest decode bucket's variants all came from Triton's cache (or this process
-        had them) on every rank, the other buckets' will load from it at capture about as fast: their passes (a
-        second of eager forwards) are skipped. A cache filled under other settings (another max_num_seqs or
-        max_model_len) misses on the largest bucket, and every pass runs."""
+        The passes run only ``variant_layers`` (two or three layers, not all) and nothing waits between them, so
+        that every variant is submitted within a fraction of a second and the block lasts about as long as the
+        slowest compile. The slow ones go first: the warm-up's prefill kernel, then the cascade kernel. With a warm
+        Triton cache the passes cost tens of milliseconds, so they always run, on every rank alike."""
         devices = [self.device] if self.device.type == "cuda" else []
         buckets = batch_buckets(self.config.max_num_seqs)
-        with torch.random.fork_rng(devices=devices), compile_ahead() as compiles:
+        with torch.random.fork_rng(devices=devices), compile_ahead(), \
+                self.model.only_layers(self.model.variant_layers()):
             self._warm_up()
-            self._decode_compile_passes(buckets[-1:])
-            from_cache = compiles.wait() < FROM_CACHE_S
-            if self.group is not None:  # the passes run collectives: every rank must run them or none
-                from_cache = bool(self.group.min(int(from_cache)))
-            if not from_cache:
-                self._decode_compile_passes(buckets[:-1])
             if self._cascade:
                 # Few sequences split the prefix finely and many coarsely: both merge widths of the decode kernel.
                 self._decode_compile_passes(sorted({CASCADE_MIN_SEQS, buckets[-1]}), cascade=True)
+            self._decode_compile_passes(buckets[::-1])
         self._synchronize()
 
     def _decode_compile_passes(self, buckets: list[int], cascade: bool = False) -> None:

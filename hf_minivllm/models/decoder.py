@@ -11,7 +11,9 @@ lives is told to the attention layers through ``hf_minivllm.layers.context``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -202,6 +204,29 @@ class DecoderForCausalLM(nn.Module):
         self.tie_weights()
         self.num_kv_heads = self.layers[0].self_attn.num_kv_heads
         self.attention_layers: list[Attention] = [layer.self_attn.attn for layer in self.layers]
+        self._layer_subset: list[int] | None = None  # see only_layers
+
+    def variant_layers(self) -> list[int]:
+        """Layers whose kernel launches cover every layer's kernel variants: the first (its norm has no residual to
+        add yet), the second (the add fused into its norm), and the first of each other kind (a sliding window, a MoE
+        block). Another layer of a kind launches the same kernels on the same shapes."""
+        chosen, kinds = [], set()
+        for index, layer in enumerate(self.layers):
+            kind = (self.config.is_sliding(index), type(layer.mlp))
+            if index < 2 or kind not in kinds:
+                chosen.append(index)
+                kinds.add(kind)
+        return chosen
+
+    @contextlib.contextmanager
+    def only_layers(self, indices: list[int]) -> Iterator[None]:
+        """Forward passes inside the block run only these layers: start-up's compile passes, whose outputs nobody
+        reads, need each kernel variant once, not 28 times over."""
+        self._layer_subset = list(indices)
+        try:
+            yield
+        finally:
+            self._layer_subset = None
 
     def _rotary_for(self, sliding: bool) -> RotaryEmbedding:
         return self.sliding_rotary_emb if sliding and self.sliding_rotary_emb is not None else self.rotary_emb
@@ -223,7 +248,8 @@ class DecoderForCausalLM(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         if self.config.embedding_scale is not None:
             hidden = hidden * self.config.embedding_scale
-        for layer in self.layers:
+        layers = self.layers if self._layer_subset is None else [self.layers[index] for index in self._layer_subset]
+        for layer in layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
