@@ -124,6 +124,26 @@ class CompilePool(ThreadPoolExecutor):
             logger.debug("building a Triton launcher ahead failed; it builds at first launch", exc_info=True)
 
 
+def _hash_triton_ahead() -> None:
+    """Start Triton's hash of its own files (about 0.4 s, once per process) on a thread of its own. The first compile
+    needs it before it can go to the pool; hashed beside the warm-up's first steps, it leaves the start's critical
+    path (the first compile request then finds it done)."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # pragma: no cover - a Triton without it: the first compile hashes, as before
+        return
+    if triton_key.cache_info().currsize:
+        return
+
+    def hash_quietly() -> None:
+        try:
+            triton_key()
+        except Exception:  # noqa: BLE001 - the first compile computes it again and raises there
+            logger.debug("hashing Triton ahead failed", exc_info=True)
+
+    threading.Thread(target=hash_quietly, name="hf-minivllm-triton-key", daemon=True).start()
+
+
 @contextlib.contextmanager
 def compile_ahead(max_threads: int | None = None) -> Iterator[CompilePool]:
     """Turn this thread's launches into concurrent compiles until the block ends, then wait for them all and for
@@ -131,6 +151,7 @@ def compile_ahead(max_threads: int | None = None) -> Iterator[CompilePool]:
     if AsyncCompileMode is None:
         raise RuntimeError("compile_ahead needs Triton's asynchronous compile mode (Triton 3.6 has it)")
     threads = max_threads or min(MAX_COMPILE_THREADS, os.cpu_count() or 1)
+    _hash_triton_ahead()
     with CompilePool(threads) as pool:
         try:
             with AsyncCompileMode(pool):

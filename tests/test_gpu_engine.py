@@ -118,6 +118,44 @@ def test_no_triton_kernel_compiles_after_start_up(family, kv_cache_dtype):
     assert compiled == []
 
 
+@pytest.mark.parametrize("family, layers", [
+    ("qwen3", {}), ("qwen3_moe", dict(num_hidden_layers=5, mlp_only_layers=[0, 1, 3])),
+    ("gemma3", dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 3 + ["full_attention",
+                                                                                 "sliding_attention", "full_attention"]))])
+def test_start_up_compiles_every_variant_in_its_compile_passes(family, layers):
+    """The compile passes run only the model's variant layers; every variant that the warm-up, the graph captures
+    and the first requests launch must have come from them: one left to a capture's warm-up compiles alone, for
+    seconds."""
+    import importlib
+    import pkgutil
+
+    import triton
+    from triton import knobs
+
+    import hf_minivllm.kernels
+    from hf_minivllm.kernels import launch
+
+    for module in pkgutil.iter_modules(hf_minivllm.kernels.__path__):  # forget the variants earlier tests loaded
+        for value in vars(importlib.import_module(f"hf_minivllm.kernels.{module.name}")).values():
+            if isinstance(value, triton.runtime.JITFunction):
+                value.device_caches.clear()
+    model = tiny_model(family, dtype=torch.bfloat16, seed=7, **layers).cuda()
+    outside = []
+
+    def record(**details):
+        if launch._SUBMITTED.get() is None:  # not a compile pass's
+            outside.append(details.get("repr", "?").split("(")[0])
+
+    knobs.runtime.jit_cache_hook = record
+    try:
+        llm = LLM(model, max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
+        llm.generate([[5] * 40, [7] * 3], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                     use_tqdm=False)
+    finally:
+        knobs.runtime.jit_cache_hook = None
+    assert outside == []
+
+
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
 def test_cascade_attention_on_cuda_gives_the_plain_tokens_in_fp32(family):
     """40 requests sharing a 600-token prefix (prefix caching shares its pages) decode through cascade graphs,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -55,6 +55,30 @@ class DecodeInputs:
         input_ids.copy_(torch.where(rows >= 0, from_previous, input_ids))
 
 
+def capture_graph(model: torch.nn.Module, forward: Callable[[], None], pool, stream: torch.cuda.Stream
+                  ) -> torch.cuda.CUDAGraph:
+    """Run ``forward`` once through the model's ``variant_layers``, then capture the whole of it on ``stream``.
+
+    The pass before the capture loads each Triton kernel variant the capture launches (a module load is not allowed
+    while a stream captures), and another layer of a kind launches the same variants: a whole forward would cost
+    each bucket its Python launches twice. The capture is ``torch.cuda.graph``'s without the ``empty_cache`` it runs
+    per graph, which handed every cached block back to the driver for the next bucket to allocate again; callers
+    empty the cache once before their captures."""
+    with model.only_layers(model.variant_layers()):
+        forward()
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # thread_local: another engine's loop thread may be running CUDA work meanwhile.
+        graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
+        try:
+            forward()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
 def batch_buckets(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (and max_num_seqs itself)."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -82,6 +106,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # None: its capture failed
         self.pool = None
+        self.capture_stream = torch.cuda.Stream(device)
+        torch.cuda.empty_cache()
         with torch.inference_mode():
             for bucket in reversed(self.buckets):
                 self.graphs[bucket] = self._capture(bucket, cascade=False)
@@ -90,11 +116,7 @@ class DecodeGraphs:
     def _capture(self, bucket: int, cascade: bool) -> torch.cuda.CUDAGraph:
         set_attention_metadata(self._metadata(bucket, cascade))
         try:
-            self._forward(bucket)  # warm-up: Triton compiles and autotuning stay out of the graph
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: another engine's loop thread may be running CUDA work meanwhile.
-            with torch.cuda.graph(graph, self.pool, capture_error_mode="thread_local"):
-                self._forward(bucket)
+            graph = capture_graph(self.model, lambda: self._forward(bucket), self.pool, self.capture_stream)
         finally:
             set_attention_metadata(None)
         self.pool = graph.pool()
@@ -184,14 +206,12 @@ class PrefillGraphs:
         self.replays = 0
         if not capture:
             return
+        stream = torch.cuda.Stream(device)
         with torch.inference_mode():
             for bucket in reversed(self.buckets):
                 set_attention_metadata(self._metadata(bucket))
                 try:
-                    self._forward(bucket)  # warm-up outside the graph (allocator, any lazy initialisation)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool, capture_error_mode="thread_local"):
-                        self._forward(bucket)
+                    graph = capture_graph(model, lambda bucket=bucket: self._forward(bucket), pool, stream)
                 finally:
                     set_attention_metadata(None)
                 pool = graph.pool()
