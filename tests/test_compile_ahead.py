@@ -203,10 +203,11 @@ def test_the_runner_submits_the_slow_compiles_first_and_every_decode_bucket_with
         yield
         events.append(("all layers",))
 
-    model = SimpleNamespace(variant_layers=lambda: [0, 1], only_layers=only_layers)
+    model = SimpleNamespace(only_layers=only_layers)
     for cascade, expected_cascade in ((False, []), (True, [("decode", [model_runner.CASCADE_MIN_SEQS, 64], True)])):
         events.clear()
         runner = SimpleNamespace(device=torch.device("cpu"), config=SimpleNamespace(max_num_seqs=64), model=model,
+                                 variant_layers=[0, 1],
                                  _warm_up=lambda: events.append(("warm-up",)), _cascade=cascade,
                                  _decode_compile_passes=lambda buckets, cascade=False: events.append(
                                      ("decode", buckets, cascade)),
@@ -240,3 +241,21 @@ def test_each_launcher_is_built_once_per_signature_beside_the_compiles(monkeypat
             pool.submit(lambda kernel=kernel: kernel)
     names = sorted(name for name, _ in built)
     assert len(names) == 3 and names[0] in "ab" and names[1:] == ["c", "d"]  # argument order counts
+
+
+def test_tensor_parallel_ranks_run_the_variant_layers_any_of_them_chose():
+    """The passes and the warm-ups before captures run collectives layer by layer: a rank whose weights differ in
+    alignment may choose another layer, and every rank must then run it too (ranks running apart would wait on
+    each other for ever)."""
+    from types import SimpleNamespace
+
+    from hf_minivllm.engine import model_runner
+
+    class OtherRankChoseLayer5:
+        def all_reduce(self, votes):
+            votes[5] += 1
+
+    model = SimpleNamespace(variant_layers=lambda: [0, 1], num_layers=8)
+    for group, expected in ((None, [0, 1]), (OtherRankChoseLayer5(), [0, 1, 5])):
+        runner = SimpleNamespace(model=model, group=group, device=torch.device("cpu"))
+        assert model_runner.ModelRunner._agreed_variant_layers(runner) == expected

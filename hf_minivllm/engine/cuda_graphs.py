@@ -55,16 +55,17 @@ class DecodeInputs:
         input_ids.copy_(torch.where(rows >= 0, from_previous, input_ids))
 
 
-def capture_graph(model: torch.nn.Module, forward: Callable[[], None], pool, stream: torch.cuda.Stream
-                  ) -> torch.cuda.CUDAGraph:
-    """Run ``forward`` once through the model's ``variant_layers``, then capture the whole of it on ``stream``.
+def capture_graph(model: torch.nn.Module, variant_layers: list[int], forward: Callable[[], None], pool,
+                  stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """Run ``forward`` once through the model's variant layers (``ModelRunner.variant_layers``), then capture the
+    whole of it on ``stream``.
 
     The pass before the capture loads each Triton kernel variant the capture launches (a module load is not allowed
     while a stream captures), and another layer of a kind launches the same variants: a whole forward would cost
     each bucket its Python launches twice. The capture is ``torch.cuda.graph``'s without the ``empty_cache`` it runs
     per graph, which handed every cached block back to the driver for the next bucket to allocate again; callers
     empty the cache once before their captures."""
-    with model.only_layers(model.variant_layers()):
+    with model.only_layers(variant_layers):
         forward()
     graph = torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
@@ -106,6 +107,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph | None] = {}  # None: its capture failed
         self.pool = None
+        self.variant_layers = runner.variant_layers
         self.capture_stream = torch.cuda.Stream(device)
         torch.cuda.empty_cache()
         with torch.inference_mode():
@@ -116,7 +118,8 @@ class DecodeGraphs:
     def _capture(self, bucket: int, cascade: bool) -> torch.cuda.CUDAGraph:
         set_attention_metadata(self._metadata(bucket, cascade))
         try:
-            graph = capture_graph(self.model, lambda: self._forward(bucket), self.pool, self.capture_stream)
+            graph = capture_graph(self.model, self.variant_layers, lambda: self._forward(bucket), self.pool,
+                                  self.capture_stream)
         finally:
             set_attention_metadata(None)
         self.pool = graph.pool()
@@ -211,7 +214,8 @@ class PrefillGraphs:
             for bucket in reversed(self.buckets):
                 set_attention_metadata(self._metadata(bucket))
                 try:
-                    graph = capture_graph(model, lambda bucket=bucket: self._forward(bucket), pool, stream)
+                    graph = capture_graph(model, runner.variant_layers, lambda bucket=bucket: self._forward(bucket),
+                                          pool, stream)
                 finally:
                     set_attention_metadata(None)
                 pool = graph.pool()

@@ -118,6 +118,7 @@ class ModelRunner:
         self._growth_budget: Callable[[], int] | None = None
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None  # none yet: the memory profile's warm-up runs eagerly
+        self.variant_layers = self._agreed_variant_layers()
         if fp8_cache:
             self._calibrate_kv_scales()
         if compiles_kernels_ahead(self.device):
@@ -226,6 +227,18 @@ class ModelRunner:
         return activation_peak, total - free, total
 
     @torch.inference_mode()
+    def _agreed_variant_layers(self) -> list[int]:
+        """The model's ``variant_layers``, the same on every rank: the compile passes and the warm-ups before graph
+        captures run only these, and they run collectives layer by layer (ranks whose weights differ in alignment
+        could choose apart, and would wait on each other for ever). Each rank's choice counts."""
+        chosen = self.model.variant_layers()
+        if self.group is None:
+            return chosen
+        votes = torch.zeros(self.model.num_layers, dtype=torch.int64, device=self.device)
+        votes[chosen] = 1
+        self.group.all_reduce(votes)
+        return torch.nonzero(votes).flatten().tolist()
+
     def _compile_kernels_ahead(self) -> None:
         """Compile at once, on a thread pool, the Triton kernels that the warm-up and the decode graphs launch
         (``hf_minivllm.kernels.launch``): one after another they took 7.5 of a 13 s start with an empty Triton
@@ -233,14 +246,13 @@ class ModelRunner:
         is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
         random generators' state put back afterwards.
 
-        The passes run only ``variant_layers`` (two or three layers, not all) and nothing waits between them, so
+        The passes run only the variant layers (two or three layers, not all) and nothing waits between them, so
         that every variant is submitted within a fraction of a second and the block lasts about as long as the
         slowest compile. The slow ones go first: the warm-up's prefill kernel, then the cascade kernel. With a warm
         Triton cache the passes cost tens of milliseconds, so they always run, on every rank alike."""
         devices = [self.device] if self.device.type == "cuda" else []
         buckets = batch_buckets(self.config.max_num_seqs)
-        with torch.random.fork_rng(devices=devices), compile_ahead(), \
-                self.model.only_layers(self.model.variant_layers()):
+        with torch.random.fork_rng(devices=devices), compile_ahead(), self.model.only_layers(self.variant_layers):
             self._warm_up()
             if self._cascade:
                 # Few sequences split the prefix finely and many coarsely: both merge widths of the decode kernel.
