@@ -126,8 +126,9 @@ class CompilePool(ThreadPoolExecutor):
 
 def _hash_triton_ahead() -> None:
     """Start Triton's hash of its own files (about 0.4 s, once per process) on a thread of its own. The first compile
-    needs it before it can go to the pool; hashed beside the warm-up's first steps, it leaves the start's critical
-    path (the first compile request then finds it done)."""
+    needs it before it can go to the pool. With an empty Triton cache, Triton first builds its driver module (about
+    0.5 s) before that request, and the hash is done by then; from a warm cache the two may race, and both hash
+    (``lru_cache`` does not merge first calls), which costs no more than before."""
     try:
         from triton.runtime.cache import triton_key
     except ImportError:  # pragma: no cover - a Triton without it: the first compile hashes, as before

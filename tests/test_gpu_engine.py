@@ -118,14 +118,19 @@ def test_no_triton_kernel_compiles_after_start_up(family, kv_cache_dtype):
     assert compiled == []
 
 
-@pytest.mark.parametrize("family, layers", [
-    ("qwen3", {}), ("qwen3_moe", dict(num_hidden_layers=5, mlp_only_layers=[0, 1, 3])),
+@pytest.mark.parametrize("family, layers, kv_cache_dtype, cascade", [
+    ("qwen3", dict(num_hidden_layers=4), "auto", False),
+    ("qwen3", dict(num_hidden_layers=4), "fp8", False),
+    ("qwen3", dict(num_hidden_layers=4), "auto", True),
+    ("qwen3_moe", dict(num_hidden_layers=5, mlp_only_layers=[0, 1, 3]), "auto", False),
     ("gemma3", dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 3 + ["full_attention",
-                                                                                 "sliding_attention", "full_attention"]))])
-def test_start_up_compiles_every_variant_in_its_compile_passes(family, layers):
-    """The compile passes run only the model's variant layers; every variant that the warm-up, the graph captures
-    and the first requests launch must have come from them: one left to a capture's warm-up compiles alone, for
-    seconds."""
+                                                                                 "sliding_attention", "full_attention"]),
+     "auto", False)])
+def test_start_up_compiles_every_variant_in_its_compile_passes(family, layers, kv_cache_dtype, cascade):
+    """The compile passes, and the warm-ups before graph captures, run only the model's variant layers. Every variant
+    that the warm-up, the graph captures (the cascade's too, captured at its first step) and the first requests
+    launch must have come from the passes: one left to a capture's warm-up would fail it (a kernel module may not be
+    loaded while a stream captures)."""
     import importlib
     import pkgutil
 
@@ -148,12 +153,20 @@ def test_start_up_compiles_every_variant_in_its_compile_passes(family, layers):
 
     knobs.runtime.jit_cache_hook = record
     try:
-        llm = LLM(model, max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
-        llm.generate([[5] * 40, [7] * 3], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                     use_tqdm=False)
+        if cascade:  # 40 sequences sharing 600 tokens decode in cascade steps (see CASCADE_MIN_*)
+            llm = LLM(model, max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.3)
+            prompts = shared_prefix_prompts(40, 600, seed=5, max_own=30)
+        else:
+            llm = LLM(model, max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3,
+                      kv_cache_dtype=kv_cache_dtype)
+            prompts = [[5] * 40, [7] * 3]
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     finally:
         knobs.runtime.jit_cache_hook = None
     assert outside == []
+    if cascade:
+        captured = llm.engine.runner.graphs.cascade_graphs
+        assert captured and all(graph is not None for graph in captured.values())
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])

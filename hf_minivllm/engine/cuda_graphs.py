@@ -64,7 +64,9 @@ def capture_graph(model: torch.nn.Module, variant_layers: list[int], forward: Ca
     while a stream captures), and another layer of a kind launches the same variants: a whole forward would cost
     each bucket its Python launches twice. The capture is ``torch.cuda.graph``'s without the ``empty_cache`` it runs
     per graph, which handed every cached block back to the driver for the next bucket to allocate again; callers
-    empty the cache once before their captures."""
+    empty the cache once before a series of captures (while a stream captures, the allocator cannot hand cached
+    blocks back to make room). Captures that share a ``pool`` must share the ``stream`` too: the allocator reuses a
+    freed block only on the stream that allocated it."""
     with model.only_layers(variant_layers):
         forward()
     graph = torch.cuda.CUDAGraph()
@@ -171,6 +173,7 @@ class DecodeGraphs:
         """The bucket's cascade graph; None where its capture ran out of memory (the KV cache may have grown into
         what start-up left free), so that its steps keep the plain graph rather than failing."""
         try:
+            torch.cuda.empty_cache()  # see capture_graph: the KV cache or other work may hold what it needs
             return self._capture(bucket, cascade=True)
         except torch.OutOfMemoryError:
             logger.warning("no memory to capture the cascade-attention graph for %d sequences; those steps read the "
@@ -189,7 +192,8 @@ class PrefillGraphs:
     """Prefill passes of up to ``max_tokens`` tokens over up to ``max_seqs`` sequences, one CUDA graph per token
     bucket (see the module doc). ``capture=False`` runs the same padded pass eagerly (the CPU tests' stand-in)."""
 
-    def __init__(self, runner: "ModelRunner", max_tokens: int, max_seqs: int, pool=None, capture: bool = True):
+    def __init__(self, runner: "ModelRunner", max_tokens: int, max_seqs: int, pool=None,
+                 stream: torch.cuda.Stream | None = None, capture: bool = True):
         model, device = runner.model, runner.device
         self.model = model
         self.buckets = prefill_buckets(max_tokens)
@@ -209,7 +213,8 @@ class PrefillGraphs:
         self.replays = 0
         if not capture:
             return
-        stream = torch.cuda.Stream(device)
+        stream = stream or torch.cuda.Stream(device)  # the decode graphs' with their pool (see capture_graph)
+        torch.cuda.empty_cache()
         with torch.inference_mode():
             for bucket in reversed(self.buckets):
                 set_attention_metadata(self._metadata(bucket))

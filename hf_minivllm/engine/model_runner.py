@@ -130,7 +130,7 @@ class ModelRunner:
             graph_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens)
             if graph_tokens and backend == "triton":  # flash-attn's grid follows the batch: not captured
                 self.prefill_graphs = PrefillGraphs(self, graph_tokens, min(config.max_num_seqs, PREFILL_GRAPH_SEQS),
-                                                    pool=self.graphs.pool)
+                                                    pool=self.graphs.pool, stream=self.graphs.capture_stream)
         if workers is not None:
             workers.wait_ready()
 
@@ -226,7 +226,6 @@ class ModelRunner:
         activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
         return activation_peak, total - free, total
 
-    @torch.inference_mode()
     def _agreed_variant_layers(self) -> list[int]:
         """The model's ``variant_layers``, the same on every rank: the compile passes and the warm-ups before graph
         captures run only these, and they run collectives layer by layer (ranks whose weights differ in alignment
@@ -239,6 +238,7 @@ class ModelRunner:
         self.group.all_reduce(votes)
         return torch.nonzero(votes).flatten().tolist()
 
+    @torch.inference_mode()
     def _compile_kernels_ahead(self) -> None:
         """Compile at once, on a thread pool, the Triton kernels that the warm-up and the decode graphs launch
         (``hf_minivllm.kernels.launch``): one after another they took 7.5 of a 13 s start with an empty Triton

@@ -209,11 +209,11 @@ class DecoderForCausalLM(nn.Module):
     def variant_layers(self) -> list[int]:
         """Layers whose kernel launches cover every layer's kernel variants: the first (its norm has no residual to
         add yet), the second (the add fused into its norm), and the first of each other kind (a sliding window, a MoE
-        block, weights of another dtype or 16-byte alignment, which Triton specialises on). Another layer of a kind
-        launches the same kernels on the same shapes."""
+        block, weights of another dtype, 16-byte alignment or strides, which Triton specialises on). Another layer of
+        a kind launches the same kernels on the same shapes."""
         chosen, kinds = [], set()
         for index, layer in enumerate(self.layers):
-            weights = tuple((param.dtype, param.data_ptr() % 16 == 0) for param in layer.parameters())
+            weights = tuple((param.dtype, param.data_ptr() % 16 == 0, param.stride()) for param in layer.parameters())
             kind = (self.config.is_sliding(index), type(layer.mlp), weights)
             if index < 2 or kind not in kinds:
                 chosen.append(index)
