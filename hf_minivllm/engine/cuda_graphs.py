@@ -213,7 +213,8 @@ class PrefillGraphs:
         self.replays = 0
         if not capture:
             return
-        stream = stream or torch.cuda.Stream(device)  # the decode graphs' with their pool (see capture_graph)
+        # The decode graphs' stream with their pool (see capture_graph).
+        stream = stream if stream is not None else torch.cuda.Stream(device)
         torch.cuda.empty_cache()
         with torch.inference_mode():
             for bucket in reversed(self.buckets):
