@@ -4,8 +4,8 @@ Triton compiles a kernel variant on its first launch, one after another: with an
 an engine's start (7.5 of 13 s for the 0.6B architecture on an H200). Inside ``compile_ahead()`` the launches of
 this package's kernels only submit their compiles to a thread pool (Triton's asynchronous compile mode; its
 compiler leaves the GIL for most of the work) and leaving the block waits for all of them, so the variants a pass
-launches compile in about the time of the slowest; then their launchers (small C modules Triton would otherwise
-build at each kernel's first launch) build on the same pool. A pass run inside the block computes nothing its caller
+launches compile in about the time of the slowest, each followed on its thread by its launcher (a small C module
+Triton would otherwise build at the kernel's first launch). A pass run inside the block computes nothing its caller
 may read: the kernels' outputs are never written.
 
 The state is a context variable: another thread's launches, and another engine's, are untouched.

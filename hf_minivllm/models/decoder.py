@@ -222,8 +222,8 @@ class DecoderForCausalLM(nn.Module):
 
     @contextlib.contextmanager
     def only_layers(self, indices: list[int]) -> Iterator[None]:
-        """Forward passes inside the block run only these layers: start-up's compile passes, whose outputs nobody
-        reads, need each kernel variant once, not 28 times over."""
+        """Forward passes inside the block run only these layers: start-up's compile passes and the warm-ups before
+        graph captures, whose outputs nobody reads, need each kernel variant once, not 28 times over."""
         self._layer_subset = list(indices)
         try:
             yield
