@@ -210,10 +210,17 @@ def tune_fp8_rows(decode_contexts: list[int]) -> list[dict]:
     """Decode on an FP8 cache (W1's batch of 256, pages of 16): the bf16 cache's timing beside the FP8 cache's
     under each tile config. An FP8 tile carries half the bytes of a bf16 tile of the same tokens."""
     rows = decode_rows("tune-fp8 decode b256 bs16 bf16 cache (default config)", decode_contexts, 16, None, False)
+    rows += decode_rows("tune-fp8 decode b256 bs16 FP8 cache (default config)", decode_contexts, 16, None, False,
+                        fp8=True)
     original = decode_attention._decode_config
     try:
-        for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4, 5)):
+        # 1- and 2-warp programs keep a tile's softmax inside fewer warps (fewer cross-warp exchanges), and more
+        # of them fit on an SM; the register cap trades spills for programs per SM.
+        for block_n, warps, stages, max_registers in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (2, 3, 4),
+                                                                     (None, 160)):
             config = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            if max_registers is not None:
+                config["maxnreg"] = max_registers
             decode_attention._decode_config = lambda *_, config=config: dict(config)
             name = f"tune-fp8 decode b256 bs16 {config}"
             try:
