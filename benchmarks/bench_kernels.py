@@ -216,8 +216,7 @@ def tune_fp8_rows(decode_contexts: list[int]) -> list[dict]:
     try:
         # 1- and 2-warp programs keep a tile's softmax inside fewer warps (fewer cross-warp exchanges), and more
         # of them fit on an SM; the register cap trades spills for programs per SM.
-        for block_n, warps, stages, max_registers in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (2, 3, 4),
-                                                                     (None, 160)):
+        for block_n, warps, stages, max_registers in itertools.product((32, 64, 128), (1, 2, 4), (2, 3), (None, 160)):
             config = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
             if max_registers is not None:
                 config["maxnreg"] = max_registers
@@ -341,7 +340,7 @@ def main() -> None:
     parser.add_argument("--site-dir", action="append", default=[], help="a pip --target folder to add (repeatable)")
     parser.add_argument("--tune", action="store_true", help="also sweep the attention kernels' tile configs")
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference timings")
-    parser.add_argument("--tune-fp8", action="store_true", help="sweep the decode tile configs on an FP8 cache")
+    parser.add_argument("--tune-fp8", action="store_true", help="only sweep the decode tile configs on an FP8 cache")
     parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
     parser.add_argument("--gemv", action="store_true", help="also time decode projections (cuBLAS against ours)")
     parser.add_argument("--gemv-only", action="store_true", help="only the projections, with a sweep of our tiles")
@@ -357,8 +356,11 @@ def main() -> None:
     rng = random.Random(0)
     decode_contexts = [rng.randint(200, 2000) for _ in range(256)]
     rows = []
-    if args.gemv_only or args.sampling:
-        rows += gemv_rows(tune=True, prefix=args.gemv_shapes) if args.gemv_only else sampling_rows()
+    if args.gemv_only or args.sampling or args.tune_fp8:
+        if args.gemv_only:
+            rows += gemv_rows(tune=True, prefix=args.gemv_shapes)
+        else:
+            rows += sampling_rows() if args.sampling else tune_fp8_rows(decode_contexts)
         write(rows, fa4, args.out)
         return
     for block_size in (16, 64):
@@ -370,8 +372,6 @@ def main() -> None:
     rows += elementwise_rows()
     if args.tune:
         rows += tune_rows(decode_contexts)
-    if args.tune_fp8:
-        rows += tune_fp8_rows(decode_contexts)
     if args.splits:
         rows += split_rows(rng)
     if args.gemv:

@@ -119,10 +119,13 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None  # none yet: the memory profile's warm-up runs eagerly
         self.variant_layers = self._agreed_variant_layers()
-        if fp8_cache:
-            self._calibrate_kv_scales()
+        if fp8_cache:  # the compile passes launch the FP8 kernels, which take scales; what they write is never read
+            for layer in model.attention_layers:
+                layer.kv_scales = torch.ones(2, dtype=torch.float32, device=self.device)
         if compiles_kernels_ahead(self.device):
             self._compile_kernels_ahead()
+        if fp8_cache:  # after the passes: its forward runs every layer, and would compile their kernels one by one
+            self._calibrate_kv_scales()
         self.storage = self._make_storage()
         self._bind_kv_cache(self.storage.tensor)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -319,7 +322,7 @@ class ModelRunner:
         ``KV_CALIBRATION_TOKENS`` random tokens produces, with ``KV_SCALE_HEADROOM`` (larger values saturate). The
         pass runs before any cache exists, each layer attending over the pass's own keys and values with the torch
         backend (no kernel compiled only for it); its tokens are seeded, so every tensor-parallel rank runs the same
-        pass."""
+        pass. The other kernels it launches are the warm-up prefill's, compiled by then."""
         config, layers = self.config, self.model.attention_layers
         seq_len = min(config.max_model_len, KV_CALIBRATION_TOKENS)
         num_seqs = -(-KV_CALIBRATION_TOKENS // seq_len)  # as many tokens however short max_model_len is
