@@ -226,6 +226,7 @@ def tune_fp8_rows(decode_contexts: list[int]) -> list[dict]:
                 rows += decode_rows(name, decode_contexts, 16, None, False, fp8=True)
             except Exception as error:  # noqa: BLE001 - some configs do not fit
                 rows.append({"kernel": name, "error": str(error)[:200]})
+            print(rows[-1], flush=True)  # a sweep cut short by a time limit still tells what it measured
     finally:
         decode_attention._decode_config = original
     return rows
