@@ -77,3 +77,21 @@ def test_candidates_only_up_to_their_limit_and_never_for_seeded_rows(monkeypatch
     params.generators = {}
     sample(logits, params)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("max_top_k", [3, None], ids=["top-k candidates", "whole vocabulary"])
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_hf_does(max_top_k):
+    """16-bit logits tie often. HF's top-k keeps every token scoring at least the k-th: here top_k=3 keeps six."""
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(4)) * 0.5
+    logits[[7, 40, 41, 90, 200, 299]] = torch.tensor([4.0, 3.5, 3.0, 3.0, 3.0, 3.0])
+    rows = 8000
+    params = SamplingTensors(temperatures=torch.ones(rows), top_ks=torch.full((rows,), 3), top_ps=torch.ones(rows),
+                             min_ps=torch.zeros(rows), all_greedy=False, any_greedy=False, use_top_k=True,
+                             use_top_p=False, use_min_p=False, max_top_k=max_top_k)
+    torch.manual_seed(2)
+    drawn = sample(logits.expand(rows, -1).contiguous(), params)
+    expected = hf_probabilities(logits, 1.0, 3, 1.0, 0.0)
+    assert int((expected > 0).sum()) == 6
+    assert expected[drawn].min() > 0
+    frequencies = torch.bincount(drawn, minlength=VOCAB).float() / rows
+    assert (frequencies - expected).abs().max() < 0.02

@@ -45,14 +45,18 @@ GREEDY = SamplingTensors(
 # vocabulary): at 256 rows of Qwen3's 151,936 tokens, top-k 20 with top-p 0.95 took 4.9 ms through the sort on an
 # H200, against 0.08 ms for temperature alone.
 CANDIDATES_MAX = 1024
+# Candidates drawn beyond the largest top_k, so that tokens tied with a row's k-th keep their chance (HF keeps them
+# all); only a row with more ties than this at its k-th loses some.
+TIE_MARGIN = 64
 
 
 def _mask_sorted_(sorted_logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Top-k, then top-p, masked (to -inf, in place) in logits sorted in descending order along the last dimension;
-    returns them."""
+    returns them. Top-k keeps every token at least as likely as the k-th, as HF's warper does: with logits from a
+    16-bit model, tokens tied with the k-th are common, and cutting at rank k would drop some of them."""
     if params.use_top_k:
-        ranks = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
-        sorted_logits.masked_fill_(ranks[None, :] >= params.top_ks[:, None], float("-inf"))
+        kth = params.top_ks.clamp(1, sorted_logits.shape[-1]) - 1
+        sorted_logits.masked_fill_(sorted_logits < sorted_logits.gather(1, kth[:, None]), float("-inf"))
     if params.use_top_p:
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -88,9 +92,9 @@ def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
 
 
 def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """A draw from each row's top-k candidates (``params.max_top_k`` of them, the rest masked by the row's own
-    top_k), with top-p and min-p applied among them."""
-    values, columns = logits.topk(min(params.max_top_k, logits.shape[-1]), dim=-1)
+    """A draw from each row's top-k candidates (``params.max_top_k`` of them and ``TIE_MARGIN`` more, masked by the
+    row's own top_k), with top-p and min-p applied among them."""
+    values, columns = logits.topk(min(params.max_top_k + TIE_MARGIN, logits.shape[-1]), dim=-1)
     candidates = _mask_min_p(_mask_sorted_(values.float() / temperatures[:, None], params), params)
     picked = _race(candidates.softmax(dim=-1), params)
     return columns.gather(1, picked[:, None]).squeeze(1)
