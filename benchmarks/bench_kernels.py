@@ -11,8 +11,8 @@ itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the at
 ``--splits`` the decode split count at W1's mid-run batch sizes, ``--gemv`` times batch-1 projections;
 ``--gemv-only [--gemv-shapes 8b/2]`` only the projections (those of one model and TP size), with a sweep of tiles;
 ``--sampling`` times the engine's sampler at 1, 32 and 256 rows of Qwen3's vocabulary: argmax, temperature only
-(the one-pass kernel), HF-style top-k 20 with top-p 0.95, and ``torch.topk`` alone (that path's one
-vocabulary-wide step).
+(the one-pass kernel), HF-style top-k 20 with top-p 0.95 (also replayed from a CUDA graph: its GPU time), and
+that path's one vocabulary-wide step alone (``torch.topk`` against the grouped top-k).
 Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays, except the torch attention references
 (plain calls: they sync with the host).
 """
@@ -296,7 +296,7 @@ def gemv_rows(tune: bool, prefix: str | None = None) -> list[dict]:
 def sampling_rows() -> list[dict]:
     """The engine's sampler (``layers.sampler.sample``) on bf16 logits of 151,936 columns, plain calls (it runs
     outside the decode graphs): greedy, temperature 0.6 alone, and with Qwen3's top-k 20 and top-p 0.95."""
-    from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
+    from hf_minivllm.layers.sampler import GREEDY, TIE_MARGIN, SamplingTensors, grouped_topk, sample
 
     vocab, rows = 151936, []
     for batch in (1, 32, 256):
@@ -311,11 +311,19 @@ def sampling_rows() -> list[dict]:
                  for name, params in (("greedy", GREEDY), ("temperature", plain), ("top-k 20, top-p 0.95", hf_style))]
         # The top-k path's one vocabulary-wide step alone: the rest of it is small tensors, so what the path takes
         # beyond this is launches (host time).
-        calls.append(("torch.topk 20 alone", lambda: logits.topk(20, dim=-1)))
+        window = 20 + TIE_MARGIN  # the candidates a top-k of 20 takes
+        calls.append((f"torch.topk {window} alone", lambda: logits.topk(window, dim=-1)))
+        calls.append((f"grouped top-k {window} alone", lambda: grouped_topk(logits, window)))
         for name, call in calls:
             ms = bench(call, graph=False)
             rows.append({"kernel": f"sampling {name} rows={batch}", "metric": "GB/s", "ms": ms,
                          "value": logits.numel() * logits.element_size() / ms / 1e6})
+        try:  # the GPU's share of the top-k path: replays leave out the launches' host time
+            ms = bench(calls[2][1], graph=True)
+            rows.append({"kernel": f"sampling top-k 20, top-p 0.95 rows={batch} (CUDA graph)", "metric": "GB/s",
+                         "ms": ms, "value": logits.numel() * logits.element_size() / ms / 1e6})
+        except Exception as error:  # noqa: BLE001 - a capture that fails says so in the table
+            rows.append({"kernel": f"sampling top-k 20, top-p 0.95 rows={batch} (CUDA graph)", "error": str(error)[:200]})
     return rows
 
 
