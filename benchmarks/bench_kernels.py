@@ -12,7 +12,7 @@ itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the at
 ``--gemv-only [--gemv-shapes 8b/2]`` only the projections (those of one model and TP size), with a sweep of tiles;
 ``--sampling`` times the engine's sampler at 1, 32 and 256 rows of Qwen3's vocabulary: argmax, temperature only
 (the one-pass kernel), HF-style top-k 20 with top-p 0.95 (also replayed from a CUDA graph: its GPU time), and
-that path's one vocabulary-wide step alone (``torch.topk`` against the grouped top-k).
+that path's one vocabulary-wide step alone (``torch.topk``).
 Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays, except the torch attention references
 (plain calls: they sync with the host).
 """
@@ -296,7 +296,7 @@ def gemv_rows(tune: bool, prefix: str | None = None) -> list[dict]:
 def sampling_rows() -> list[dict]:
     """The engine's sampler (``layers.sampler.sample``) on bf16 logits of 151,936 columns, plain calls (it runs
     outside the decode graphs): greedy, temperature 0.6 alone, and with Qwen3's top-k 20 and top-p 0.95."""
-    from hf_minivllm.layers.sampler import GREEDY, TIE_MARGIN, SamplingTensors, grouped_topk, sample
+    from hf_minivllm.layers.sampler import GREEDY, TIE_MARGIN, SamplingTensors, sample
 
     vocab, rows = 151936, []
     for batch in (1, 32, 256):
@@ -313,7 +313,6 @@ def sampling_rows() -> list[dict]:
         # beyond this is launches (host time).
         window = 20 + TIE_MARGIN  # the candidates a top-k of 20 takes
         calls.append((f"torch.topk {window} alone", lambda: logits.topk(window, dim=-1)))
-        calls.append((f"grouped top-k {window} alone", lambda: grouped_topk(logits, window)))
         for name, call in calls:
             ms = bench(call, graph=False)
             rows.append({"kernel": f"sampling {name} rows={batch}", "metric": "GB/s", "ms": ms,

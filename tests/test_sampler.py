@@ -96,30 +96,3 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_as_hf_does(max_top_k):
     frequencies = torch.bincount(drawn, minlength=VOCAB).float() / rows
     assert (frequencies - expected).abs().max() < 0.02
 
-
-@pytest.mark.parametrize("vocab, k", [(4096, 84), (1000, 20), (333, 5), (64, 2), (100, 5), (20, 3)])
-@pytest.mark.parametrize("ties", [False, True])
-def test_grouped_topk_finds_torch_topk_values(vocab, k, ties):
-    """The group route gives ``torch.topk``'s values, with their columns, whatever the tail and however many ties
-    (logits on a coarse grid tie in dozens)."""
-    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab + k))
-    if ties:
-        logits = (logits * 4).round() / 4
-    logits[1, :] = logits[1, 0]  # a flat row
-    logits[2, vocab - 3:] = 50.0  # the best columns in the last, partial group
-    values, columns = sampler.grouped_topk(logits, k)
-    assert torch.equal(values, logits.topk(k, dim=-1).values)
-    assert torch.equal(logits.gather(1, columns), values)
-    assert all(len(set(row)) == k for row in columns.tolist())
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_candidates_take_the_group_route_on_a_gpu_with_topk_values(monkeypatch):
-    calls, original = [], sampler.grouped_topk
-    monkeypatch.setattr(sampler, "grouped_topk", lambda *args: calls.append(1) or original(*args))
-    logits = torch.randn(64, 151936, device="cuda").to(torch.bfloat16)
-    values, columns = sampler._candidates_topk(logits, 84)
-    assert calls == [1]
-    assert torch.equal(values, logits.topk(84, dim=-1).values)
-    assert torch.equal(logits.gather(1, columns), values)

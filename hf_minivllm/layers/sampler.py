@@ -48,7 +48,6 @@ CANDIDATES_MAX = 1024
 # Candidates drawn beyond the largest top_k, so that tokens tied with a row's k-th keep their chance (HF keeps them
 # all); only a row with more ties than this at its k-th loses some.
 TIE_MARGIN = 64
-TOPK_GROUP = 32  # columns per group of ``grouped_topk``
 
 
 def _mask_sorted_(sorted_logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
@@ -92,36 +91,10 @@ def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
-def grouped_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logits.topk(k, dim=-1)`` of ``[rows, vocab]`` (the same values; which of tied columns, as arbitrary) by way
-    of ``TOPK_GROUP``-column groups: the row's top k lie in the k groups of largest maxima (a column beaten by k
-    other groups' maxima is beaten by k columns), so one pass takes every group's maximum and the top-k runs over
-    the maxima, then over those groups' columns. ``torch.topk`` over a whole 151,936-column row took 0.40 ms at 256
-    rows on an H200: one block per row."""
-    rows, vocab = logits.shape
-    whole = vocab // TOPK_GROUP * TOPK_GROUP
-    grouped = logits[:, :whole].unflatten(1, (-1, TOPK_GROUP))
-    groups = grouped.amax(dim=-1).topk(min(k, whole // TOPK_GROUP), dim=-1).indices  # [rows, k] (all, if fewer)
-    columns = (groups[:, :, None] * TOPK_GROUP + torch.arange(TOPK_GROUP, device=logits.device)).flatten(1)
-    if whole < vocab:  # the last, partial group's columns are always candidates
-        tail = torch.arange(whole, vocab, device=logits.device).expand(rows, -1)
-        columns = torch.cat([columns, tail], dim=1)
-    values, picked = logits.gather(1, columns).topk(k, dim=-1)
-    return values, columns.gather(1, picked)
-
-
-def _candidates_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top ``k`` of each row: through groups on a GPU when they are few enough to pay (their columns under a
-    sixteenth of the row), else ``torch.topk``."""
-    if logits.is_cuda and k * TOPK_GROUP * 16 <= logits.shape[-1]:
-        return grouped_topk(logits, k)
-    return logits.topk(k, dim=-1)
-
-
 def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """A draw from each row's top-k candidates (``params.max_top_k`` of them and ``TIE_MARGIN`` more, masked by the
     row's own top_k), with top-p and min-p applied among them."""
-    values, columns = _candidates_topk(logits, min(params.max_top_k + TIE_MARGIN, logits.shape[-1]))
+    values, columns = logits.topk(min(params.max_top_k + TIE_MARGIN, logits.shape[-1]), dim=-1)
     candidates = _mask_min_p(_mask_sorted_(values.float() / temperatures[:, None], params), params)
     picked = _race(candidates.softmax(dim=-1), params)
     return columns.gather(1, picked[:, None]).squeeze(1)
