@@ -35,6 +35,8 @@ CASES = ("llm", "accelerate")
 # With --compare-sequential: LLM(model) again with the compile-ahead passes switched off, each kernel variant
 # compiling at its first launch one after another (what the engine did before them).
 SEQUENTIAL_CASE = "llm-sequential-compiles"
+# With --compare-fp8: LLM(model, kv_cache_dtype="fp8"), whose scale calibration runs a forward of its own.
+FP8_CASE = "llm-fp8"
 
 
 def child(case: str) -> dict:
@@ -106,8 +108,8 @@ def child(case: str) -> dict:
     prompt = list(range(1000, 1128))
     if case == SEQUENTIAL_CASE:
         model_runner.compiles_kernels_ahead = lambda device: False
-    if case in ("llm", SEQUENTIAL_CASE):
-        engine = LLM(model)
+    if case in ("llm", SEQUENTIAL_CASE, FP8_CASE):
+        engine = LLM(model, kv_cache_dtype="fp8" if case == FP8_CASE else "auto")
         torch.cuda.synchronize()
         lap("engine_s")
         engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
@@ -174,7 +176,10 @@ def main() -> None:
     parser.add_argument("--out", help="write the results here as JSON")
     parser.add_argument("--compare-sequential", action="store_true",
                         help="also time LLM(model) without the compile-ahead passes (not recorded as a figure)")
-    parser.add_argument("--child", choices=CASES + (SEQUENTIAL_CASE,), help=argparse.SUPPRESS)
+    parser.add_argument("--compare-fp8", action="store_true",
+                        help="also time LLM(model) with the FP8 KV cache (not recorded as a figure)")
+    parser.add_argument("--only-llm", action="store_true", help="leave out the accelerate(model) case")
+    parser.add_argument("--child", choices=CASES + (SEQUENTIAL_CASE, FP8_CASE), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child)), flush=True)
@@ -184,7 +189,8 @@ def main() -> None:
     from workloads import commit
 
     summary = {"device": torch.cuda.get_device_name(0), "commit": commit(), "runs": []}
-    for case in CASES + ((SEQUENTIAL_CASE,) if args.compare_sequential else ()):
+    cases = (("llm",) if args.only_llm else CASES) + ((SEQUENTIAL_CASE,) if args.compare_sequential else ())
+    for case in cases + ((FP8_CASE,) if args.compare_fp8 else ()):
         with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache_dir:
             for cache in ("empty Triton cache", "warm Triton cache"):
                 row = {**run_case(case, cache_dir), "cache": cache}
