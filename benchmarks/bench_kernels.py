@@ -296,7 +296,7 @@ def gemv_rows(tune: bool, prefix: str | None = None) -> list[dict]:
 def sampling_rows() -> list[dict]:
     """The engine's sampler (``layers.sampler.sample``) on bf16 logits of 151,936 columns, plain calls (it runs
     outside the decode graphs): greedy, temperature 0.6 alone, and with Qwen3's top-k 20 and top-p 0.95."""
-    from hf_minivllm.layers.sampler import GREEDY, TIE_MARGIN, SamplingTensors, sample
+    from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample, tie_margin
 
     vocab, rows = 151936, []
     for batch in (1, 32, 256):
@@ -311,7 +311,7 @@ def sampling_rows() -> list[dict]:
                  for name, params in (("greedy", GREEDY), ("temperature", plain), ("top-k 20, top-p 0.95", hf_style))]
         # The top-k path's one vocabulary-wide step alone: the rest of it is small tensors, so what the path takes
         # beyond this is launches (host time).
-        window = 20 + TIE_MARGIN  # the candidates a top-k of 20 takes
+        window = 20 + tie_margin(20)  # the candidates a top-k of 20 takes
         calls.append((f"torch.topk {window} alone", lambda: logits.topk(window, dim=-1)))
         for name, call in calls:
             ms = bench(call, graph=False)
@@ -345,17 +345,21 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_kernels.json", help="where to write the JSON results")
+    only = parser.add_mutually_exclusive_group()  # each of these runs alone
     parser.add_argument("--site-dir", action="append", default=[], help="a pip --target folder to add (repeatable)")
     parser.add_argument("--tune", action="store_true", help="also sweep the attention kernels' tile configs")
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference timings")
-    parser.add_argument("--tune-fp8", action="store_true", help="only sweep the decode tile configs on an FP8 cache")
+    only.add_argument("--tune-fp8", action="store_true", help="only sweep the decode tile configs on an FP8 cache")
     parser.add_argument("--splits", action="store_true", help="also sweep decode split counts at W1's batch sizes")
     parser.add_argument("--gemv", action="store_true", help="also time decode projections (cuBLAS against ours)")
-    parser.add_argument("--gemv-only", action="store_true", help="only the projections, with a sweep of our tiles")
-    parser.add_argument("--sampling", action="store_true", help="only the sampler: greedy, temperature, top-k/top-p")
+    only.add_argument("--gemv-only", action="store_true", help="only the projections, with a sweep of our tiles")
+    only.add_argument("--sampling", action="store_true", help="only the sampler: greedy, temperature, top-k/top-p")
     parser.add_argument("--gemv-shapes", help="with --gemv-only: only the shapes whose name starts with this, all "
                         "swept (e.g. 8b/2, the 8B architecture's per-rank shapes at TP=2)")
     args = parser.parse_args()
+    if (args.tune_fp8 or args.gemv_only or args.sampling) and (args.tune or args.splits or args.gemv):
+        parser.error("--tune, --splits and --gemv add to the default rows; --tune-fp8, --gemv-only and --sampling "
+                     "run alone")
     for directory in args.site_dir:
         site.addsitedir(directory)
     fa4 = load_flash_attn4()

@@ -101,6 +101,7 @@ def child(case: str) -> dict:
             (model_runner.ModelRunner, "_compile_kernels_ahead", "compile_ahead_s"),
             (model_runner.ModelRunner, "_profile_gpu_memory", "warm_up_s"),  # the warm-up pass, measuring memory
             (model_runner.ModelRunner, "_make_storage", "kv_cache_setup_s"),
+            (model_runner.ModelRunner, "_calibrate_kv_scales", "kv_calibration_s"),  # an FP8 cache's
             (cuda_graphs.DecodeGraphs, "__init__", "graph_capture_s"),
             (cuda_graphs.PrefillGraphs, "__init__", "prefill_graph_capture_s"),
             (llm_module, "build_decoder", "decoder_build_s")):  # the name llm.py bound at import

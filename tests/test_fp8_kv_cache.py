@@ -50,6 +50,31 @@ def test_fp8_cache_agrees_with_the_full_precision_cache_teacher_forced(family):
     assert decode_agreement >= 0.99
 
 
+def test_compile_passes_run_on_placeholder_scales_before_the_calibration(monkeypatch):
+    """On a GPU the kernel compile passes come first, on placeholder scales (the calibration's forward through every
+    layer would otherwise compile its kernels one by one); the calibration then replaces them with what an engine
+    without the passes calibrates."""
+    from hf_minivllm.engine import model_runner
+
+    model = tiny_model("qwen3")
+    expected = [layer.kv_scales for layer in LLM(copy.deepcopy(model), kv_cache_dtype="fp8", **ENGINE)
+                .engine.runner.model.attention_layers]
+    seen = []
+
+    def compile_pass(runner):
+        seen.extend(layer.kv_scales for layer in runner.model.attention_layers)
+        with runner.model.only_layers(runner.variant_layers):
+            runner._warm_up()
+
+    monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
+    monkeypatch.setattr(model_runner.ModelRunner, "_compile_kernels_ahead", compile_pass)
+    layers = LLM(model, kv_cache_dtype="fp8", **ENGINE).engine.runner.model.attention_layers
+    assert seen and all(torch.equal(scales, torch.ones(2)) for scales in seen)
+    for layer, placeholder, scales in zip(layers, seen, expected):
+        assert layer.kv_scales is not placeholder and torch.equal(layer.kv_scales, scales)
+        assert layer.backend == "torch" and layer.kv_amax is None
+
+
 def test_fp8_cache_serves_mixed_steps_prefix_hits_and_preemption():
     """Requests queued behind others, a shared prefix read back from FP8 pages, and recompute after preemption."""
     model = tiny_model("qwen3")

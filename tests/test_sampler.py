@@ -80,8 +80,11 @@ def test_candidates_only_up_to_their_limit_and_never_for_seeded_rows(monkeypatch
 
 
 @pytest.mark.parametrize("max_top_k", [3, None], ids=["top-k candidates", "whole vocabulary"])
-def test_top_k_keeps_the_tokens_tied_with_the_kth_as_hf_does(max_top_k):
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_hf_does(max_top_k, monkeypatch):
     """16-bit logits tie often. HF's top-k keeps every token scoring at least the k-th: here top_k=3 keeps six."""
+    path = sampler._sample_top_k_candidates if max_top_k else sampler.apply_top_k_top_p_min_p
+    calls = []
+    monkeypatch.setattr(sampler, path.__name__, lambda *args: calls.append(1) or path(*args))
     logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(4)) * 0.5
     logits[[7, 40, 41, 90, 200, 299]] = torch.tensor([4.0, 3.5, 3.0, 3.0, 3.0, 3.0])
     rows = 8000
@@ -95,4 +98,5 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_as_hf_does(max_top_k):
     assert expected[drawn].min() > 0
     frequencies = torch.bincount(drawn, minlength=VOCAB).float() / rows
     assert (frequencies - expected).abs().max() < 0.02
+    assert calls == [1], "the batch took the other path"
 

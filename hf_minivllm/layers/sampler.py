@@ -7,7 +7,8 @@ On CUDA a batch with temperatures only (no top-k/top-p/min-p, no seeded request:
 pass over the logits (``hf_minivllm.kernels.sampling``) instead of the ten or so passes of the torch form. A batch
 whose sampled rows all keep at most ``CANDIDATES_MAX`` tokens by top-k (HF's default of 50 and the top_k of most
 models' generation configs) draws from those candidates only: the top-k first, then top-p and min-p among them,
-which is the same distribution as the full-vocabulary form without sorting the vocabulary.
+which is the same distribution as the full-vocabulary form without sorting the vocabulary (see ``tie_margin`` for
+the one exception).
 """
 from __future__ import annotations
 
@@ -45,9 +46,15 @@ GREEDY = SamplingTensors(
 # vocabulary): at 256 rows of Qwen3's 151,936 tokens, top-k 20 with top-p 0.95 took 4.9 ms through the sort on an
 # H200, against 0.08 ms for temperature alone.
 CANDIDATES_MAX = 1024
-# Candidates drawn beyond the largest top_k, so that tokens tied with a row's k-th keep their chance (HF keeps them
-# all); only a row with more ties than this at its k-th loses some.
+# The fewest candidates drawn beyond the largest top_k (see tie_margin).
 TIE_MARGIN = 64
+
+
+def tie_margin(max_top_k: int) -> int:
+    """Candidates drawn beyond the largest top_k, so that tokens tied with a row's k-th keep their chance, as HF
+    keeps them all. A row with more ties than this at its k-th loses some, from the least likely end. Simulated
+    bf16 logits over 151,936 tokens tied 2-14 tokens at the k-th for k up to 50, and up to 110 at k = 1,000."""
+    return max(TIE_MARGIN, max_top_k // 4)
 
 
 def _mask_sorted_(sorted_logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
@@ -92,9 +99,10 @@ def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
 
 
 def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """A draw from each row's top-k candidates (``params.max_top_k`` of them and ``TIE_MARGIN`` more, masked by the
+    """A draw from each row's top-k candidates (``params.max_top_k`` of them and ``tie_margin`` more, masked by the
     row's own top_k), with top-p and min-p applied among them."""
-    values, columns = logits.topk(min(params.max_top_k + TIE_MARGIN, logits.shape[-1]), dim=-1)
+    window = params.max_top_k + tie_margin(params.max_top_k)
+    values, columns = logits.topk(min(window, logits.shape[-1]), dim=-1)
     candidates = _mask_min_p(_mask_sorted_(values.float() / temperatures[:, None], params), params)
     picked = _race(candidates.softmax(dim=-1), params)
     return columns.gather(1, picked[:, None]).squeeze(1)
