@@ -120,3 +120,33 @@ def test_prefill_graph_pool_is_set_aside_from_the_kv_budget_in_proportion_to_its
     assert runner._prefill_graph_pool_estimate(8 << 20) == 1 << 20
     runner.config.max_prefill_graph_tokens = 0
     assert runner._prefill_graph_pool_estimate(8 << 20) == 0
+
+
+def test_memory_profile_measures_the_prefill_and_the_whole_vocabulary_sort_apart(monkeypatch):
+    """The cache is sized after a warm-up prefill and a warm-up sampling, each's activation peak measured on its
+    own (the CUDA allocator's counters are faked here). The sampling takes the sort of the whole vocabulary over
+    max_num_seqs rows, the sampler's largest footprint: a top-k would only sort its candidates."""
+    from hf_minivllm.layers import sampler
+
+    runner = LLM(tiny_model("qwen3"), num_kvcache_blocks=64, max_num_seqs=6).engine.runner
+    peaks = {"_warm_up_prefill": 7 << 20, "_warm_up_samplers": 3 << 20}
+    allocated = {"peak": 0}
+    for part, peak in peaks.items():
+        run = getattr(runner, part)
+        monkeypatch.setattr(runner, part, lambda run=run, peak=peak: (run(), allocated.update(peak=peak)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args: allocated.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *args: {"allocated_bytes.all.peak": allocated["peak"],
+                                                                   "allocated_bytes.all.current": 0})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (60 << 30, 80 << 30))
+    sorted_shapes = []
+    whole_vocabulary = sampler.apply_top_k_top_p_min_p
+    def record(logits, params):
+        if params.use_top_k or params.use_top_p:  # it sorts
+            sorted_shapes.append(tuple(logits.shape))
+        return whole_vocabulary(logits, params)
+
+    monkeypatch.setattr(sampler, "apply_top_k_top_p_min_p", record)
+    assert runner._profile_gpu_memory() == (7 << 20, 3 << 20, 20 << 30, 80 << 30)
+    assert sorted_shapes == [(6, runner.model.vocab_size)]

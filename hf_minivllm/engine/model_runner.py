@@ -172,8 +172,8 @@ class ModelRunner:
             if resident:
                 return FixedKVStorage(layout, cap, device)
             return ReallocKVStorage(layout, self.max_blocks_per_seq, cap, device)
-        activation_peak, used_now, total = self._profile_gpu_memory()
-        activation_peak += self._prefill_graph_pool_estimate(activation_peak)
+        forward_peak, sampling_peak, used_now, total = self._profile_gpu_memory()
+        activation_peak = max(forward_peak, sampling_peak) + self._prefill_graph_pool_estimate(forward_peak)
         if resident or not (config.enforce_eager or virtual_memory_available(device)):
             if not resident:
                 logger.warning("CUDA virtual memory management is unavailable: the KV cache is allocated up front")
@@ -192,15 +192,16 @@ class ModelRunner:
         storage_type = ReallocKVStorage if config.enforce_eager and not virtual_memory_available(device) else VirtualKVStorage
         return storage_type(layout, self.max_blocks_per_seq, cap, device)
 
-    def _prefill_graph_pool_estimate(self, activation_peak: int) -> int:
+    def _prefill_graph_pool_estimate(self, forward_peak: int) -> int:
         """Bytes the prefill graphs' pool will keep once captured (after the cache is sized, so they are set aside
-        here): the warm-up's activation peak scaled to the largest graph's tokens, activations growing with them."""
+        here): the warm-up prefill's activation peak scaled to the largest graph's tokens, activations growing with
+        them."""
         config = self.config
         graph_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens)
         if config.enforce_eager or self.attention_backend != "triton" or not graph_tokens:
             return 0
         num_seqs, seq_len = self._warm_up_shape()
-        return activation_peak * min(graph_tokens, num_seqs * seq_len) // (num_seqs * seq_len)
+        return forward_peak * min(graph_tokens, num_seqs * seq_len) // (num_seqs * seq_len)
 
     def _warm_up_shape(self) -> tuple[int, int]:
         """(sequences, tokens each) of the warm-up prefill: max_model_len tokens each, as many as the budget takes."""
@@ -217,17 +218,21 @@ class ModelRunner:
                 "gpu_memory_utilization or kv_cache_memory_gib, or lower max_model_len"
             )
 
-    def _profile_gpu_memory(self) -> tuple[int, int, int]:
-        """(peak activation bytes of a warm-up step at the largest batch, bytes in use now, device bytes)."""
+    def _profile_gpu_memory(self) -> tuple[int, int, int, int]:
+        """(peak activation bytes of the warm-up prefill at the largest batch, of the warm-up sampling, bytes in use
+        now, device bytes). The two are measured apart: a step samples after its forward's activations are gone, and
+        only the forward's grow with the prefill graphs' pool."""
         gc.collect()  # engines dropped by the caller (model <-> engine reference cycles) give their memory back first
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._warm_up()
+        peaks = []
+        for part in (self._warm_up_prefill, self._warm_up_samplers):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            part()
+            stats = torch.cuda.memory_stats(self.device)
+            peaks.append(stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"])
         free, total = torch.cuda.mem_get_info(self.device)
-        stats = torch.cuda.memory_stats(self.device)
-        activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
-        return activation_peak, total - free, total
+        return peaks[0], peaks[1], total - free, total
 
     def _agreed_variant_layers(self) -> list[int]:
         """The model's ``variant_layers``, the same on every rank: the compile passes and the warm-ups before graph
@@ -291,11 +296,13 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _warm_up(self) -> None:
-        """A prefill of max_num_batched_tokens tokens and both samplers over max_num_seqs rows, on a scratch cache.
+        """The warm-up prefill, then the warm-up sampling. Besides measuring peak activations, this compiles the
+        Triton kernels a prefill and sampling need."""
+        self._warm_up_prefill()
+        self._warm_up_samplers()
 
-        Besides measuring peak activations, this compiles the Triton kernels a prefill and sampling need.
-        """
-        config = self.config
+    def _warm_up_prefill(self) -> None:
+        """A prefill of max_num_batched_tokens tokens on a scratch cache."""
         num_seqs, seq_len = self._warm_up_shape()
         self._bind_kv_cache(torch.empty(self.layout.shape(self.max_blocks_per_seq), device=self.device,
                                         dtype=self.layout.dtype))
@@ -307,13 +314,21 @@ class ModelRunner:
             seqs.append(seq)
         batch = ScheduledBatch(seqs, True, [seq_len] * num_seqs, [True] * num_seqs)
         self.run_plan(self._plan(batch, None), None)
-        logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device)
-        rows = [Sequence([0], _WARMUP_PARAMS, self.block_size) for _ in range(config.max_num_seqs)]
-        sample(logits, self._sampling_tensors(rows))
-        # The one-pass sampling kernel reads logits in the model's dtype; compiling it here keeps it off the first step.
-        rows = [Sequence([0], _WARMUP_TEMPERATURE_ONLY, self.block_size) for _ in range(config.max_num_seqs)]
-        sample(logits.to(self.dtype), self._sampling_tensors(rows))
         self._bind_kv_cache(None)
+        self._synchronize()
+
+    def _warm_up_samplers(self) -> None:
+        """Each sampling path over max_num_seqs rows of logits in the model's dtype, as steps give them. The sort of
+        the whole vocabulary (top-p and min-p without a top-k) takes the most memory; a logprobs request's float32
+        copy of the logits is kept beside it, as ``_sample`` keeps it. The one-pass kernel (temperatures alone) is
+        compiled here rather than at the first step."""
+        config = self.config
+        logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device, dtype=self.dtype)
+        raw = logits.float()
+        for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
+            rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
+            sample(logits, self._sampling_tensors(rows))
+        del raw
         self._synchronize()
 
     @torch.inference_mode()
@@ -738,6 +753,8 @@ class LaunchedStep:
         return [next(tokens) if sampled else None for sampled in self.batch.sample]
 
 
-# Warm-up rows use every sampling filter, so the sampler's peak memory is part of the measurement.
+# Warm-up rows use every sampling filter; without a top-k, the sampler sorts the whole vocabulary (its largest
+# footprint, which the memory profile must see).
 _WARMUP_PARAMS = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)
+_WARMUP_WHOLE_VOCABULARY = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05)
 _WARMUP_TEMPERATURE_ONLY = SamplingParams(temperature=1.0)
