@@ -7,8 +7,11 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+from hf_minivllm import LLM, SamplingParams
+from hf_minivllm.engine.sequence import Sequence
 from hf_minivllm.layers import sampler
 from hf_minivllm.layers.sampler import SamplingTensors, sample
+from conftest import tiny_model
 
 VOCAB = 300
 # (temperature, top_k, top_p, min_p): top-p alone, min-p alone, and top-k alone, side by side in one batch.
@@ -100,3 +103,18 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_as_hf_does(max_top_k, monkeypa
     assert (frequencies - expected).abs().max() < 0.02
     assert calls == [1], "the batch took the other path"
 
+
+
+def test_a_greedy_rows_filters_leave_the_sampled_rows_path_alone():
+    """HF's generation config gives greedy calls a top_k of 50. Sharing a step with them, temperature-only rows keep
+    the one-pass path (no filter flags) and top-k rows their candidates (max_top_k over sampled rows only)."""
+    runner = LLM(tiny_model("qwen3"), num_kvcache_blocks=16).engine.runner
+    greedy = SamplingParams(temperature=0, top_k=50, top_p=0.5, min_p=0.1)
+
+    def tensors(*params):
+        return runner._sampling_tensors([Sequence([1, 2], p, runner.block_size) for p in params])
+
+    plain = tensors(greedy, SamplingParams(temperature=0.7))
+    assert not (plain.use_top_k or plain.use_top_p or plain.use_min_p) and plain.any_greedy
+    top_k = tensors(greedy, SamplingParams(temperature=0.7, top_k=7))
+    assert top_k.use_top_k and top_k.max_top_k == 7 and not top_k.use_top_p

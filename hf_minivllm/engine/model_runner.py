@@ -512,6 +512,9 @@ class ModelRunner:
             if params.seed is not None and params.temperature > 0:
                 generators[row] = self._generator(seq)
         any_greedy = min(temperatures) == 0
+        # Only sampled rows' filters count: a greedy row's top_k (HF's generation config gives one) must not take the
+        # others off the one-pass kernel or the top-k candidates.
+        sampled = [row for row, temperature in enumerate(temperatures) if temperature > 0]
         return SamplingTensors(
             temperatures=self._to_device(temperatures, torch.float32),
             top_ks=self._to_device(top_ks, torch.int64),
@@ -519,11 +522,11 @@ class ModelRunner:
             min_ps=self._to_device(min_ps, torch.float32),
             all_greedy=max(temperatures) == 0,
             any_greedy=any_greedy,
-            use_top_k=min(top_ks) < vocab,
-            use_top_p=min(top_ps) < 1.0,
-            use_min_p=max(min_ps) > 0.0,
+            use_top_k=min(top_ks[row] for row in sampled) < vocab,
+            use_top_p=min(top_ps[row] for row in sampled) < 1.0,
+            use_min_p=max(min_ps[row] for row in sampled) > 0.0,
             generators=generators,
-            max_top_k=max(k for k, temperature in zip(top_ks, temperatures) if temperature > 0),
+            max_top_k=max(top_ks[row] for row in sampled),
         )
 
     def _generator(self, seq: Sequence) -> torch.Generator:
