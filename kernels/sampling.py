@@ -1,8 +1,10 @@
 """Temperature sampling in one pass over the logits: the Gumbel-max trick with in-kernel random numbers.
 
 ``argmax(logits / T + G)`` with ``G = -log(-log(U))``, ``U`` uniform, draws from ``softmax(logits / T)``; a row with
-``T = 0`` takes the plain argmax. Unlike the torch form (divide, softmax, noise, divide, argmax: about ten passes
-over a float32 ``[rows, vocab]`` tensor) the kernel reads the logits once and writes one token id per row.
+``T = 0`` takes the plain argmax. A sampled row whose logits hold NaN or +inf, or nothing finite, has no distribution
+to draw from (HF's sampling raises there): its token is -1. Unlike the torch form (divide, softmax, noise, divide,
+argmax: about ten passes over a float32 ``[rows, vocab]`` tensor) the kernel reads the logits once and writes one
+token id per row.
 Uniforms come from Philox (``tl.rand4x``, four per draw) keyed by a seed the caller draws from torch's generator on
 the device, so ``torch.manual_seed`` makes runs repeatable and no host sync is needed.
 """
@@ -16,13 +18,16 @@ from triton.language.extra import libdevice
 from hf_minivllm.kernels.launch import launch
 
 _LN2 = tl.constexpr(0.6931471805599453)
+# The token of a sampled row with no distribution to draw from.
+NO_DISTRIBUTION = -1
 
 
 def gumbel_max_sample_torch(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Reference: the same draw from explicit uniforms ``[rows, vocab]`` in (0, 1)."""
     gumbel = -torch.log(-torch.log(uniforms))
     scaled = logits.float() / temperatures.clamp_min(1e-6)[:, None] + gumbel
-    return torch.where(temperatures == 0, logits.argmax(-1), scaled.argmax(-1))
+    sampled = torch.where(torch.isfinite(logits.float().amax(-1)), scaled.argmax(-1), NO_DISTRIBUTION)
+    return torch.where(temperatures == 0, logits.argmax(-1), sampled)
 
 
 @triton.jit
@@ -55,6 +60,7 @@ def _gumbel_max_kernel(logits_ptr, temperatures_ptr, seed_ptr, out_ptr, row_stri
     first_counter = row * tl.cdiv(vocab_size, BLOCK) * QUARTER
     best_score = tl.full([QUARTER], float("-inf"), tl.float32)
     best_col = tl.zeros([QUARTER], tl.int32)
+    invalid = tl.zeros([QUARTER], tl.int32)  # a NaN or +inf seen by the lane
     for start in range(0, vocab_size, BLOCK):
         uniforms = tl.rand4x(seed, first_counter + start // 4 + quarter)
         # Columns in increasing order per lane, a later one taken only when strictly better: each lane keeps its
@@ -63,6 +69,7 @@ def _gumbel_max_kernel(logits_ptr, temperatures_ptr, seed_ptr, out_ptr, row_stri
             cols = start + part * QUARTER + quarter
             mask = cols < vocab_size
             x = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            invalid = invalid | ((x != x) | (x == float("inf"))).to(tl.int32)
             # The Gumbel noise -ln(-ln u) in base 2: -ln2 * log2(-log2 u) - ln(ln 2); the constant moves no argmax.
             # The inner log must be exact: for u just under 1 its value (about 1e-7) is below the fast log's error,
             # and those u give the largest noise. The outer one only shifts a score by about 2e-7.
@@ -72,14 +79,17 @@ def _gumbel_max_kernel(logits_ptr, temperatures_ptr, seed_ptr, out_ptr, row_stri
             best_col = tl.where(take, cols, best_col)
             best_score = tl.where(take, score, best_score)
     best = tl.max(best_score, axis=0)
-    # The first column among the lanes holding the best score, as argmax picks it (NaN is never picked: a row of
-    # -inf or NaN gives 0, where torch's argmax would give a NaN's column).
+    # The first column among the lanes holding the best score, as argmax picks it (NaN is never picked: a greedy row
+    # of -inf or NaN gives 0, where torch's argmax would give a NaN's column).
     first = tl.min(tl.where(best_score == best, best_col, vocab_size), axis=0)
-    tl.store(out_ptr + row, tl.where(first < vocab_size, first, 0).to(tl.int64))
+    token = tl.where(first < vocab_size, first, 0)
+    no_distribution = (tl.max(invalid, axis=0) > 0) | (best == float("-inf"))
+    tl.store(out_ptr + row, tl.where(no_distribution & ~greedy, NO_DISTRIBUTION, token).to(tl.int64))
 
 
 def gumbel_max_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """Token id per row of ``logits [rows, vocab]``: sampled at ``temperatures[row]``, argmax where it is 0.
+    """Token id per row of ``logits [rows, vocab]``: sampled at ``temperatures[row]``, argmax where it is 0; -1 for a
+    sampled row with no distribution (NaN or +inf among its logits, or nothing finite).
 
     ``seed`` is a one-element int64 tensor on the logits' device (read by the kernel, so drawing it needs no sync).
     """

@@ -118,3 +118,37 @@ def test_a_greedy_rows_filters_leave_the_sampled_rows_path_alone():
     assert not (plain.use_top_k or plain.use_top_p or plain.use_min_p) and plain.any_greedy
     top_k = tensors(greedy, SamplingParams(temperature=0.7, top_k=7))
     assert top_k.use_top_k and top_k.max_top_k == 7 and not top_k.use_top_p
+
+
+@pytest.mark.parametrize("max_top_k", [50, None], ids=["top-k candidates", "whole vocabulary"])
+def test_sampled_rows_without_a_distribution_come_back_marked(max_top_k):
+    """NaN or +inf among a sampled row's logits, or nothing finite, leaves no distribution (HF's sampling raises):
+    the row comes back NO_DISTRIBUTION. A greedy row takes its argmax whatever its logits, as HF's greedy search."""
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(5))
+    logits[0, 17] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    logits[4, 17] = float("nan")
+    temperatures = torch.tensor([0.8, 0.8, 0.8, 0.8, 0.0])
+    params = SamplingTensors(temperatures=temperatures, top_ks=torch.full((5,), 50 if max_top_k else VOCAB),
+                             top_ps=torch.full((5,), 0.9), min_ps=torch.zeros(5), all_greedy=False, any_greedy=True,
+                             use_top_k=max_top_k is not None, use_top_p=True, use_min_p=False, max_top_k=max_top_k)
+    tokens = sample(logits, params)
+    assert tokens[:3].tolist() == [sampler.NO_DISTRIBUTION] * 3
+    assert 0 <= tokens[3] < VOCAB and tokens[4] == logits[4].argmax()
+
+
+def test_a_sampled_request_without_a_distribution_fails_as_in_hf_and_the_engine_goes_on():
+    model = tiny_model("qwen3")
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")  # every next-token row holds a NaN
+    prompt = torch.tensor([[3, 4, 6]])
+    with pytest.raises(RuntimeError):
+        model.generate(prompt, do_sample=True, max_new_tokens=2)  # HF: "probability tensor contains ... nan"
+    llm = LLM(model, num_kvcache_blocks=64)
+    for params in (SamplingParams(temperature=0.7, max_tokens=3), SamplingParams(temperature=0.7, top_k=5, max_tokens=3),
+                   SamplingParams(temperature=0.7, top_p=0.9, max_tokens=3)):
+        with pytest.raises(RuntimeError, match="no distribution to sample from"):
+            llm.generate([prompt[0].tolist()], params, use_tqdm=False)
+    greedy = llm.generate([prompt[0].tolist()], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert greedy[0]["token_ids"] == model.generate(prompt, do_sample=False, max_new_tokens=3)[0, 3:].tolist()

@@ -151,3 +151,22 @@ def test_engine_sampler_uses_the_kernel_and_keeps_suppressed_tokens_out():
                              any_greedy=True, use_top_k=False, use_top_p=False, use_min_p=False)
     tokens = sample(logits, params)
     assert (tokens >= 10).all() and tokens[0] == 10 and len(set(tokens.tolist())) > 100
+
+
+def test_sampled_rows_without_a_distribution_come_back_marked(sampling):
+    """NaN or +inf among a sampled row's logits (in either 4,096-column block), or nothing finite: NO_DISTRIBUTION,
+    as the torch reference gives; a greedy row keeps its argmax (0 when nothing is finite)."""
+    vocab = 5000
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(8))
+    logits[0, 4500] = float("nan")
+    logits[1, 9] = float("inf")
+    logits[2] = float("-inf")
+    logits[4, 4500] = float("nan")
+    logits[5] = float("-inf")
+    temperatures = torch.tensor([0.8, 0.8, 0.8, 0.8, 0.0, 0.0])
+    tokens = sampling.gumbel_max_sample(logits.to(DEVICE), temperatures.to(DEVICE), seed(4)).cpu()
+    assert tokens[:3].tolist() == [sampling.NO_DISTRIBUTION] * 3
+    assert 0 <= tokens[3] < vocab
+    assert tokens[4] == logits[4].nan_to_num(nan=float("-inf")).argmax() and tokens[5] == 0
+    reference = sampling.gumbel_max_sample_torch(logits, temperatures, torch.rand(6, vocab))
+    assert reference[:3].tolist() == [sampling.NO_DISTRIBUTION] * 3

@@ -18,6 +18,7 @@ from hf_minivllm.engine.model_runner import LaunchedStep, ModelRunner, TensorPar
 from hf_minivllm.engine.scheduler import Scheduler
 from hf_minivllm.engine.sequence import FinishReason, Sequence
 from hf_minivllm.engine.stats import EngineStats
+from hf_minivllm.layers.sampler import NO_DISTRIBUTION
 from hf_minivllm.sampling_params import SamplingParams
 
 
@@ -173,12 +174,12 @@ class LLMEngine:
     def _complete(self, launched: LaunchedStep) -> StepResult:
         """Read back a launched step's tokens and apply them: append, finish, step hooks' stop decisions.
 
-        A request whose step hook raised ends here (``FinishReason.ABORT``, the exception in ``Sequence.error``);
-        the other requests of the step go on.
+        A request whose step hook raised, or whose logits left nothing to sample from, ends here
+        (``FinishReason.ABORT``, the exception in ``Sequence.error``); the other requests of the step go on.
         """
         batch = launched.batch
         token_ids = launched.token_ids()
-        failed = self._abort_failed(launched.hook_failures)
+        failed = self._abort_failed(launched.hook_failures + _without_distribution(batch.seqs, token_ids))
         updated, finished = self.scheduler.postprocess(batch, token_ids)
         finished += failed
         if launched.logprobs is not None:
@@ -331,3 +332,14 @@ class LLMEngine:
                 if on_step is not None:
                     on_step(result)
         return seqs
+
+
+def _without_distribution(seqs: list[Sequence], token_ids: list[int | None]
+                          ) -> list[tuple[list[Sequence], BaseException]]:
+    """The sampled requests whose step had no distribution to draw from, each with its error (HF's sampling raises
+    there too; only greedy decoding takes an argmax whatever the logits)."""
+    return [([seq], RuntimeError(
+        f"request {seq.seq_id}: its next-token logits hold NaN or +inf, or nothing finite once its filters and "
+        "min_tokens suppression were applied, so there is no distribution to sample from (the model or its "
+        "logits processors produced them; greedy decoding, temperature 0, would take their argmax)"))
+        for seq, token_id in zip(seqs, token_ids) if token_id == NO_DISTRIBUTION]

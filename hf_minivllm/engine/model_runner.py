@@ -561,10 +561,6 @@ class ModelRunner:
                 row_index = self._to_device(rows, torch.int64)
                 logits.index_copy_(0, row_index, logits.index_select(0, row_index).index_fill_(1, columns, float("-inf")))
 
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step and wait for it; returns the new token of each sampled sequence and None for prefill chunks."""
-        return self.launch(batch).token_ids()
-
     def _plan(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> StepPlan:
         """The step's inputs on the host. A mixed step whose decode rows fit a CUDA graph runs in two passes: the
         running sequences' decode tokens through the graph, the prompts eagerly (then costing only their own
@@ -632,13 +628,17 @@ class ModelRunner:
             logits = logits.float()  # HF processors score in float32
             failures = apply_step_hooks(logits, sampled_seqs)
         self._suppress_stop_tokens(logits, sampled_seqs)
-        tokens = sample(logits, self._sampling_tensors(sampled_seqs))
+        params = self._sampling_tensors(sampled_seqs)
+        tokens = sample(logits, params)
+        # A row with no distribution comes back NO_DISTRIBUTION for the host, which fails its request; the next step,
+        # queued before the host knows, reads a valid token id in its place.
+        fed_tokens = tokens if params.all_greedy else tokens.clamp_min(0)
         logprobs = None
         if raw is not None:
             top = max(sampled_seqs[row].sampling_params.logprobs for row in logprob_rows)
-            logprobs = TokenLogprobs.compute(raw, tokens[self._to_device(logprob_rows, torch.int64)], top,
+            logprobs = TokenLogprobs.compute(raw, fed_tokens[self._to_device(logprob_rows, torch.int64)], top,
                                              [sampled_seqs[row].seq_id for row in logprob_rows])
-        return LaunchedStep(batch, tokens, failures, logprobs)
+        return LaunchedStep(batch, fed_tokens, failures, logprobs, host_tokens=tokens)
 
 
     def _splits(self, batch: ScheduledBatch) -> bool:
@@ -727,17 +727,19 @@ class LaunchedStep:
 
     def __init__(self, batch: ScheduledBatch, tokens: torch.Tensor | None,
                  hook_failures: list[tuple[list[Sequence], BaseException]] | None = None,
-                 logprobs: TokenLogprobs | None = None):
+                 logprobs: TokenLogprobs | None = None, host_tokens: torch.Tensor | None = None):
         self.batch = batch
-        self.tokens = tokens  # [number of sampled sequences] int64, on the device
+        self.tokens = tokens  # [number of sampled sequences] int64, on the device: the next step's pending inputs
         self.hook_failures = hook_failures or []  # (requests, exception) of step hooks that raised
         self.logprobs = logprobs
-        self._host_tokens = tokens
+        # What the host reads: ``tokens``, or (``host_tokens``) the same with NO_DISTRIBUTION where a row had none.
+        self._host_tokens = tokens if host_tokens is None else host_tokens
         self._copied: torch.cuda.Event | None = None
         self.wait: Callable[[torch.cuda.Event], None] = torch.cuda.Event.synchronize  # (TP: watching the workers)
         if tokens is not None and tokens.is_cuda:
+            device_tokens = self._host_tokens
             self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host_tokens.copy_(tokens, non_blocking=True)
+            self._host_tokens.copy_(device_tokens, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hf_minivllm.kernels.sampling import gumbel_max_sample
+from hf_minivllm.kernels.sampling import NO_DISTRIBUTION, gumbel_max_sample
 
 
 @dataclass
@@ -105,11 +105,20 @@ def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, p
     values, columns = logits.topk(min(window, logits.shape[-1]), dim=-1)
     candidates = _mask_min_p(_mask_sorted_(values.float() / temperatures[:, None], params), params)
     picked = _race(candidates.softmax(dim=-1), params)
-    return columns.gather(1, picked[:, None]).squeeze(1)
+    # topk ranks NaN first: the first candidate is the row's NaN, +inf or largest finite value
+    return _mark_no_distribution(values[:, 0], columns.gather(1, picked[:, None]).squeeze(1))
+
+
+def _mark_no_distribution(row_max: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens``, with ``NO_DISTRIBUTION`` for the rows whose largest logit ``row_max`` is NaN, +inf or -inf: their
+    softmax is NaN, or they keep no token, so there is no distribution to draw from (HF's sampling raises)."""
+    return torch.where(torch.isfinite(row_max), tokens, NO_DISTRIBUTION)
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Next token id per row of ``logits`` [n, vocab], in the model's dtype or float32.
+    """Next token id per row of ``logits`` [n, vocab], in the model's dtype or float32; -1 for a sampled row whose
+    logits hold NaN or +inf, or nothing finite (``NO_DISTRIBUTION``: the caller fails its request, as HF's
+    sampling raises). Greedy rows take the argmax whatever their logits, as HF's greedy search does.
 
     Greedy rows, the one-pass kernel and the top-k candidates' selection read the logits as they are (an argmax or
     a top-k is the same in either dtype); the rest works in float32.
@@ -128,6 +137,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     else:
         scaled = logits.float() / temperatures[:, None]
         sampled = _race(apply_top_k_top_p_min_p(scaled, params).softmax(dim=-1), params)
+        sampled = _mark_no_distribution(logits.amax(dim=-1), sampled)
     if greedy_tokens is None:
         return sampled
     return torch.where(params.temperatures == 0, greedy_tokens, sampled)
