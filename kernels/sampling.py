@@ -18,8 +18,10 @@ from triton.language.extra import libdevice
 from hf_minivllm.kernels.launch import launch
 
 _LN2 = tl.constexpr(0.6931471805599453)
-# The token of a sampled row with no distribution to draw from.
+# The token of a sampled row with no distribution to draw from (the kernel reads the constexpr: a jitted function
+# may read only constexpr globals).
 NO_DISTRIBUTION = -1
+_NO_DISTRIBUTION = tl.constexpr(NO_DISTRIBUTION)
 
 
 def gumbel_max_sample_torch(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ def _gumbel_max_kernel(logits_ptr, temperatures_ptr, seed_ptr, out_ptr, row_stri
     first = tl.min(tl.where(best_score == best, best_col, vocab_size), axis=0)
     token = tl.where(first < vocab_size, first, 0)
     no_distribution = (tl.max(invalid, axis=0) > 0) | (best == float("-inf"))
-    tl.store(out_ptr + row, tl.where(no_distribution & ~greedy, NO_DISTRIBUTION, token).to(tl.int64))
+    tl.store(out_ptr + row, tl.where(no_distribution & ~greedy, _NO_DISTRIBUTION, token).to(tl.int64))
 
 
 def gumbel_max_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:

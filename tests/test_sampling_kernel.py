@@ -170,3 +170,30 @@ def test_sampled_rows_without_a_distribution_come_back_marked(sampling):
     assert tokens[4] == logits[4].nan_to_num(nan=float("-inf")).argmax() and tokens[5] == 0
     reference = sampling.gumbel_max_sample_torch(logits, temperatures, torch.rand(6, vocab))
     assert reference[:3].tolist() == [sampling.NO_DISTRIBUTION] * 3
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from hf_minivllm.kernels import sampling
+
+signature = {"logits_ptr": "*bf16", "temperatures_ptr": "*fp32", "seed_ptr": "*i64", "out_ptr": "*i64",
+             "row_stride": "i32", "vocab_size": "i32", "BLOCK": "constexpr", "FAST_LOG": "constexpr"}
+source = triton.compiler.ASTSource(fn=sampling._gumbel_max_kernel, signature=signature,
+                                   constexprs={"BLOCK": 4096, "FAST_LOG": True})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+assert compiled.asm["cubin"]
+"""
+
+
+def test_compiles_for_a_hopper_gpu_without_one():
+    """The interpreter runs kernels as Python and lets through what Triton's compiler refuses (a global that is not
+    a constexpr, for one); this compiles the kernel for sm_90 in a process without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
