@@ -35,12 +35,18 @@ class StepHook(Protocol):
         ...
 
 
+# Temperatures under this decode greedily (see SamplingParams).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded.
 
-    ``temperature=0`` means greedy. ``top_k <= 0`` (or -1) disables top-k; ``top_p=1`` and ``min_p=0`` disable
-    those filters. ``seed`` makes this request's sampling independent of every other request and of the global RNG.
+    ``temperature=0`` means greedy, and so does one under ``GREEDY_BELOW``: its draw is the argmax in all but name,
+    and logits divided by a much smaller one overflow float32, leaving no distribution to draw from. ``top_k <= 0``
+    (or -1) disables top-k; ``top_p=1`` and ``min_p=0`` disable those filters. ``seed`` makes this request's
+    sampling independent of every other request and of the global RNG.
     ``stop_token_ids`` end the request like the model's eos does (the stop token is kept in ``token_ids``);
     ``min_tokens`` suppresses eos and stop tokens until that many tokens were generated. ``logprobs=k`` records,
     for every generated token, its log-probability and the ``k`` most likely tokens' (``k=0``: the token's alone),
@@ -103,4 +109,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW

@@ -152,3 +152,17 @@ def test_a_sampled_request_without_a_distribution_fails_as_in_hf_and_the_engine_
             llm.generate([prompt[0].tolist()], params, use_tqdm=False)
     greedy = llm.generate([prompt[0].tolist()], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert greedy[0]["token_ids"] == model.generate(prompt, do_sample=False, max_new_tokens=3)[0, 3:].tolist()
+
+
+def test_a_temperature_under_the_greedy_bound_decodes_greedily():
+    """Logits divided by a temperature that float32 rounds to 0 would be inf and NaN: such a request, and any under
+    GREEDY_BELOW, decodes as temperature 0 does, on every sampling path."""
+    from hf_minivllm.sampling_params import GREEDY_BELOW
+
+    model = tiny_model("qwen3")
+    llm = LLM(model, num_kvcache_blocks=64)
+    prompt = [[3, 4, 6, 9]]
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]["token_ids"]
+    for params in (SamplingParams(temperature=1e-50, max_tokens=6), SamplingParams(temperature=GREEDY_BELOW / 2,
+                   top_p=0.9, max_tokens=6), SamplingParams(temperature=1e-40, top_k=5, seed=3, max_tokens=6)):
+        assert llm.generate(prompt, params, use_tqdm=False)[0]["token_ids"] == greedy

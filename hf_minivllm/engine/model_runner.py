@@ -324,7 +324,7 @@ class ModelRunner:
         compiled here rather than at the first step."""
         config = self.config
         logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device, dtype=self.dtype)
-        raw = logits.float()
+        raw = logits.to(torch.float32, copy=True)
         for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
             rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
             sample(logits, self._sampling_tensors(rows))
@@ -498,18 +498,18 @@ class ModelRunner:
         return plan
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
-        if all(seq.sampling_params.temperature == 0 for seq in seqs):
+        if all(seq.sampling_params.greedy for seq in seqs):
             return GREEDY
         vocab = self.model.vocab_size
         temperatures, top_ks, top_ps, min_ps = [], [], [], []
         generators = {}
         for row, seq in enumerate(seqs):
             params = seq.sampling_params
-            temperatures.append(float(params.temperature))
+            temperatures.append(0.0 if params.greedy else float(params.temperature))
             top_ks.append(params.top_k if params.top_k > 0 else vocab)
             top_ps.append(float(params.top_p))
             min_ps.append(float(params.min_p))
-            if params.seed is not None and params.temperature > 0:
+            if params.seed is not None and not params.greedy:
                 generators[row] = self._generator(seq)
         any_greedy = min(temperatures) == 0
         # Only sampled rows' filters count: a greedy row's top_k (HF's generation config gives one) must not take the
