@@ -525,3 +525,20 @@ def test_many_streams_cancelled_at_random_leave_the_engine_clean():
         assert engine.metrics.requests_aborted == sum(cancel for *_, cancel in requests)
     finally:
         engine.close()
+
+
+def test_a_failed_request_is_answered_as_an_openai_error():
+    """A request the engine aborts (a model whose logits left nothing to sample from, say) gets error JSON with
+    status 500, as a streamed one gets an error event."""
+    from hf_minivllm.serve import app as app_module
+
+    class StaysConnected:
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    async def fails():
+        raise RuntimeError("request 3: its next-token logits hold NaN")
+
+    response = asyncio.run(app_module._unless_disconnected(StaysConnected(), fails()))
+    assert response.status_code == 500
+    assert json.loads(response.body)["error"]["message"] == "request 3: its next-token logits hold NaN"

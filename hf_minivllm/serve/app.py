@@ -353,7 +353,8 @@ async def _respond(raw: Request, stream: bool, response: _Response) -> Response:
 
 async def _unless_disconnected(raw: Request, work: Awaitable[dict]) -> Response:
     """The whole response once ``work`` is done; if the client leaves first, the work is cancelled (which aborts
-    its requests) and nobody is answered."""
+    its requests) and nobody is answered. A failure of the work (a request the engine aborted, such as one whose
+    logits left nothing to sample from) is answered as an OpenAI error body, status 500."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(raw))
     try:
@@ -366,6 +367,10 @@ async def _unless_disconnected(raw: Request, work: Awaitable[dict]) -> Response:
                 await task
     if task.cancelled():
         return Response(status_code=499)
+    error = task.exception()
+    if error is not None and not isinstance(error, (InvalidRequest, EngineClosed)):  # those have their handlers
+        logger.error("a request failed", exc_info=error)
+        return _error(500, str(error), "internal_server_error")
     return JSONResponse(task.result())
 
 
