@@ -338,6 +338,8 @@ def _without_distribution(seqs: list[Sequence], token_ids: list[int | None]
                           ) -> list[tuple[list[Sequence], BaseException]]:
     """The sampled requests whose step had no distribution to draw from, each with its error (HF's sampling raises
     there too; only greedy decoding takes an argmax whatever the logits)."""
+    if NO_DISTRIBUTION not in token_ids:  # every step asks: one scan in C, no Python loop over the batch
+        return []
     return [([seq], RuntimeError(
         f"request {seq.seq_id}: its next-token logits hold NaN or +inf, or nothing finite once its filters and "
         "min_tokens suppression were applied, so there is no distribution to sample from (the model or its "

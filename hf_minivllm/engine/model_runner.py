@@ -733,13 +733,13 @@ class LaunchedStep:
         self.hook_failures = hook_failures or []  # (requests, exception) of step hooks that raised
         self.logprobs = logprobs
         # What the host reads: ``tokens``, or (``host_tokens``) the same with NO_DISTRIBUTION where a row had none.
-        self._host_tokens = tokens if host_tokens is None else host_tokens
+        read = tokens if host_tokens is None else host_tokens
+        self._host_tokens = read
         self._copied: torch.cuda.Event | None = None
         self.wait: Callable[[torch.cuda.Event], None] = torch.cuda.Event.synchronize  # (TP: watching the workers)
-        if tokens is not None and tokens.is_cuda:
-            device_tokens = self._host_tokens
-            self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host_tokens.copy_(device_tokens, non_blocking=True)
+        if read is not None and read.is_cuda:
+            self._host_tokens = torch.empty(read.shape, dtype=read.dtype, pin_memory=True)
+            self._host_tokens.copy_(read, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
 
