@@ -45,6 +45,19 @@ def import_kernel_module(name: str):
     return importlib.import_module(f"hf_minivllm.kernels.{name}")
 
 
+@pytest.fixture(scope="module")
+def launched_kernel_variants():
+    """The kernel variants that this module's tests launch under the interpreter in this process (none on a GPU),
+    for its last test to compile for a GPU (see ``kernel_variants``)."""
+    if not _triton_interpreted():
+        yield set()
+        return
+    from kernel_variants import recording_launches
+
+    with recording_launches() as launched:
+        yield launched
+
+
 def run_under_interpreter(*test_files: Path) -> None:
     """Run kernel test files in a fresh pytest process with TRITON_INTERPRET=1 (skipped when this one can)."""
     if KERNELS_RUN_HERE:

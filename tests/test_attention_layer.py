@@ -15,6 +15,10 @@ from test_kernels import kernels, naive_attention  # noqa: F401, I001  (kernels:
 from hf_minivllm.layers import attention as attention_module  # noqa: I001
 from hf_minivllm.layers.attention import Attention, select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
+from kernel_variants import compile_for_hopper  # noqa: I001
+
+# Each test records the kernel variants it launches under the interpreter; the last compiles them for a GPU.
+pytestmark = pytest.mark.usefixtures("launched_kernel_variants")
 
 CUDA = torch.cuda.is_available()
 
@@ -305,3 +309,9 @@ def test_torch_decode_ignores_nan_garbage_past_the_context():
     out = paged_decode_attention_torch(q, k_cache, v_cache, torch.tensor([3], dtype=torch.int32),
                                        torch.tensor([[1, 2]], dtype=torch.int32), 0.25)
     assert torch.isfinite(out).all()
+
+
+def test_launched_variants_compile_for_a_hopper_gpu(launched_kernel_variants):
+    """Last in this module: its launches' variants compile for sm_90 (the interpreter accepts what the compiler may
+    not; see ``kernel_variants``)."""
+    compile_for_hopper(launched_kernel_variants)

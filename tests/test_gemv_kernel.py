@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import import_kernel_module, run_under_interpreter
+from kernel_variants import compile_for_hopper
 from test_kernels import DEVICE, GPU_DTYPES, _assert_close_to_fp32_reference, _captured, _tolerance
+
+# Each test records the kernel variants it launches under the interpreter; the last compiles them for a GPU.
+pytestmark = pytest.mark.usefixtures("launched_kernel_variants")
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,9 @@ def test_gpu_gemv_at_model_shapes_in_a_cuda_graph(kernels, dtype, rows):
         x.copy_(torch.randn_like(x))
         graph.replay()
         _assert_close_to_fp32_reference(out, F.linear(x.float(), weight.float(), bias.float()), dtype)
+
+
+def test_launched_variants_compile_for_a_hopper_gpu(launched_kernel_variants):
+    """Last in this module: its launches' variants compile for sm_90 (the interpreter accepts what the compiler may
+    not; see ``kernel_variants``)."""
+    compile_for_hopper(launched_kernel_variants)

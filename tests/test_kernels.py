@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import KERNELS_RUN_HERE, run_under_interpreter
+from kernel_variants import compile_for_hopper
+
+# Each test records the kernel variants it launches under the interpreter; the last compiles them for a GPU.
+pytestmark = pytest.mark.usefixtures("launched_kernel_variants")
 
 CUDA = torch.cuda.is_available()
 
@@ -1067,3 +1071,9 @@ def test_gpu_fused_moe_replays_in_a_cuda_graph_with_new_routing(kernels):
     torch.cuda.synchronize()
     expected = kernels.fused_moe.fused_moe_torch(hidden_states, gate_up, down, weights, ids)
     torch.testing.assert_close(graph_out, expected, **_tolerance(torch.bfloat16))
+
+
+def test_launched_variants_compile_for_a_hopper_gpu(launched_kernel_variants):
+    """Last in this module: its launches' variants compile for sm_90 (the interpreter accepts what the compiler may
+    not; see ``kernel_variants``)."""
+    compile_for_hopper(launched_kernel_variants)

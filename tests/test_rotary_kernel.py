@@ -14,6 +14,10 @@ import pytest
 import torch
 
 from conftest import import_kernel_module, run_under_interpreter
+from kernel_variants import compile_for_hopper
+
+# Each test records the kernel variants it launches under the interpreter; the last compiles them for a GPU.
+pytestmark = pytest.mark.usefixtures("launched_kernel_variants")
 
 CUDA = torch.cuda.is_available()
 
@@ -251,3 +255,9 @@ def test_gpu_decoder_kernel_path_matches_torch_path_in_bf16(monkeypatch, family,
     monkeypatch.undo()
     assert (got - expected).norm() / expected.norm() < 1e-2
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.98
+
+
+def test_launched_variants_compile_for_a_hopper_gpu(launched_kernel_variants):
+    """Last in this module: its launches' variants compile for sm_90 (the interpreter accepts what the compiler may
+    not; see ``kernel_variants``)."""
+    compile_for_hopper(launched_kernel_variants)

@@ -1,0 +1,165 @@
+"""Compile, for a Hopper GPU and without one, each kernel variant that the CPU tests launch.
+
+Triton's interpreter runs a kernel as Python, so it lets through what Triton's compiler refuses: a global that is not
+a constexpr, an operation the target lacks, a constexpr branch the wrong type. A kernel that passes every CPU test
+could still fail to compile on the GPU, where no engine starts without it. So each kernel test module records, while
+its tests run under the interpreter, every launch's variant: the argument types Triton compiles for, its constexprs
+and launch options (``recording_launches``). Its last test then compiles each distinct variant for sm_90, as far as a
+cubin, in a process without the interpreter (``compile_for_hopper``); Triton ships the ptxas that takes it there.
+
+A compile takes about a second, and the kernel tests launch over 200 variants (head sizes, block sizes, split counts
+and the like), so only a covering few are compiled: per kernel, enough variants that each flag's value, each
+pointer's dtype, each launch option's value and each integer constexpr being 1 or not (a specialization Triton's
+code branches on) appears in at least one (about 40 in all).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+_TRITON_POINTER_TYPES = {
+    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float8_e4m3fn: "*fp8e4nv",
+    torch.float8_e5m2: "*fp8e5", torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.int8: "*i8",
+    torch.uint8: "*u8", torch.bool: "*i1",
+}
+_INT32 = range(-2**31, 2**31)
+
+
+def _constexpr_value(value: Any) -> Any:
+    """A constexpr as JSON: Triton dtypes by name, the rest as they are."""
+    import triton.language as tl
+
+    if isinstance(value, tl.dtype):
+        return {"triton_dtype": value.name}
+    return value
+
+
+def describe_launch(fn: Any, jit_options: dict, args: tuple, kwargs: dict) -> str:
+    """One launch of the kernel ``fn`` (the Python function under ``triton.jit``) as a JSON key: Triton's signature
+    for it, its constexprs and its launch options. Integers equal to 1 become constexprs, as Triton specializes them
+    (unless ``do_not_specialize`` names them); other integers, floats and bools keep only their type."""
+    parameters = inspect.signature(fn).parameters
+    bound = dict(zip(parameters, args))
+    bound.update({name: value for name, value in kwargs.items() if name in parameters})
+    options = {name: value for name, value in kwargs.items() if name not in parameters}
+    unspecialized = {parameter if isinstance(parameter, str) else list(parameters)[parameter]
+                     for parameter in jit_options.get("do_not_specialize") or ()}
+    signature, constexprs = {}, {}
+    for name, parameter in parameters.items():
+        value = bound.get(name, parameter.default)
+        if value is inspect.Parameter.empty:
+            raise TypeError(f"kernel {fn.__name__} launched without its argument {name!r}")
+        if "constexpr" in str(parameter.annotation) or value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = _constexpr_value(value)
+        elif isinstance(value, torch.Tensor):
+            if value.dtype not in _TRITON_POINTER_TYPES:
+                raise TypeError(f"kernel {fn.__name__}: no Triton pointer type for {value.dtype} ({name!r})")
+            signature[name] = _TRITON_POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1 and name not in unspecialized:
+                signature[name], constexprs[name] = "constexpr", 1
+            else:
+                signature[name] = "i32" if value in _INT32 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"kernel {fn.__name__}: cannot describe argument {name!r} of type {type(value).__name__}")
+    return json.dumps({"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
+                       "constexprs": constexprs, "options": options}, sort_keys=True)
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[set[str]]:
+    """While the block runs, every interpreted kernel launch (and ``warmup``) also adds its variant to the set."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched: set[str] = set()
+    interpreted_run = InterpretedFunction.run
+
+    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        launched.add(describe_launch(self.fn, self.kwargs, args, kwargs))
+        return interpreted_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield launched
+    finally:
+        InterpretedFunction.run = interpreted_run
+
+
+def _features(variant: dict) -> set[tuple[str, str]]:
+    """What a covering set must show of a variant: its flags, pointer dtypes and launch options by value, its integer
+    constexprs only by being 1 or not."""
+    features = set()
+    for name, value in variant["constexprs"].items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = value == 1
+        features.add((name, json.dumps(value)))
+    features.update((name, kind) for name, kind in variant["signature"].items() if kind != "constexpr")
+    features.update((name, json.dumps(value)) for name, value in variant["options"].items())
+    return features
+
+
+def covering_variants(variants: set[str]) -> list[str]:
+    """A few of ``variants`` (greedily chosen, per kernel) that between them show every feature of all of them."""
+    by_kernel: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    features = {}
+    for key in sorted(variants):
+        variant = json.loads(key)
+        by_kernel[variant["module"], variant["kernel"]].append(key)
+        features[key] = _features(variant)
+    chosen = []
+    for keys in by_kernel.values():
+        missing = set().union(*(features[key] for key in keys))
+        while missing:
+            best = max(keys, key=lambda key: len(features[key] & missing))
+            chosen.append(best)
+            missing -= features[best]
+    return chosen
+
+
+_COMPILE = """
+import importlib, json, sys, traceback
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+failures = []
+for line in sys.stdin:
+    variant = json.loads(line)
+    kernel = getattr(importlib.import_module(variant["module"]), variant["kernel"])
+    constexprs = {name: tl.dtype(value["triton_dtype"]) if isinstance(value, dict) else value
+                  for name, value in variant["constexprs"].items()}
+    try:
+        source = triton.compiler.ASTSource(fn=kernel, signature=variant["signature"], constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=variant["options"])
+        assert compiled.asm["cubin"], "no cubin"
+    except Exception:
+        failures.append({"variant": variant, "error": traceback.format_exc()[-2500:]})
+print(json.dumps(failures))
+"""
+
+
+def compile_for_hopper(variants: set[str]) -> None:
+    """Compile a covering few of ``variants`` for sm_90 in a process without ``TRITON_INTERPRET``; fails listing
+    those that do not compile."""
+    if not variants:
+        pytest.skip("no kernel launch was recorded under the interpreter in this module")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE], input="\n".join(covering_variants(variants)), env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not failures, "\n\n".join(f"{failure['variant']}\n{failure['error']}" for failure in failures)
