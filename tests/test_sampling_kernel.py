@@ -13,6 +13,10 @@ import pytest
 import torch
 
 from conftest import import_kernel_module, run_under_interpreter
+from kernel_variants import compile_for_hopper
+
+# Each test records the kernel variants it launches under the interpreter; the last compiles them for a GPU.
+pytestmark = pytest.mark.usefixtures("launched_kernel_variants")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -37,12 +41,14 @@ def empirical(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def test_draws_follow_softmax_over_temperature(sampling):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, float("-inf"), 0.2], device=DEVICE)
-    rows = 600  # each row is one program: the interpreter's cost
-    temperature = 0.5  # far enough from 1 that a kernel ignoring the temperature fails the check
+    # Each row is one program, about 40 ms under the interpreter; the tolerance is about 3 standard errors (a kernel
+    # ignoring the temperature is off by 0.23).
+    rows, tolerance = (20_000, 0.015) if CUDA else (300, 0.085)
+    temperature = 0.5
     tokens = sampling.gumbel_max_sample(logits.expand(rows, -1).contiguous(),
                                         torch.full((rows,), temperature, device=DEVICE), seed(7))
     expected = torch.softmax(logits.cpu() / temperature, dim=-1)
-    assert (empirical(tokens, 8) - expected).abs().max() < 0.05
+    assert (empirical(tokens, 8) - expected).abs().max() < tolerance
     assert not (tokens == 6).any(), "a -inf logit is never sampled"
 
 
@@ -54,11 +60,12 @@ def test_draws_follow_softmax_across_quarters_and_blocks(sampling):
     likely = torch.tensor([7, 1031, 2055, 3079, 4103, 4500])
     logits = torch.full((vocab,), -30.0)
     logits[likely] = torch.tensor([1.0, 0.2, 0.8, 0.5, 0.0, 1.2])
-    rows = 20_000 if CUDA else 600
+    rows = 20_000 if CUDA else 300  # each row is a program, about 80 ms under the interpreter
     tokens = sampling.gumbel_max_sample(logits.to(DEVICE).expand(rows, -1).contiguous(),
                                         torch.full((rows,), 0.7, device=DEVICE), seed(21))
     expected = torch.softmax(logits / 0.7, -1)[likely]
-    assert (empirical(tokens, vocab)[likely] - expected).abs().max() < (0.01 if CUDA else 0.05)
+    # About 3 standard errors; a shared uniform or a forgotten step takes a token's 0.18 or 0.32 to nothing.
+    assert (empirical(tokens, vocab)[likely] - expected).abs().max() < (0.01 if CUDA else 0.085)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -91,8 +98,8 @@ def test_zero_temperature_ties_take_the_first_column(sampling, vocab):
 
 
 def test_repeatable_from_the_seed(sampling):
-    logits = torch.zeros(64, 16, device=DEVICE)
-    temperatures = torch.ones(64, device=DEVICE)
+    logits = torch.zeros(32, 16, device=DEVICE)
+    temperatures = torch.ones(32, device=DEVICE)
     first = sampling.gumbel_max_sample(logits, temperatures, seed(11))
     assert torch.equal(first, sampling.gumbel_max_sample(logits, temperatures, seed(11)))
     assert not torch.equal(first, sampling.gumbel_max_sample(logits, temperatures, seed(12)))
@@ -172,28 +179,7 @@ def test_sampled_rows_without_a_distribution_come_back_marked(sampling):
     assert reference[:3].tolist() == [sampling.NO_DISTRIBUTION] * 3
 
 
-COMPILE_FOR_HOPPER = """
-import triton
-from triton.backends.compiler import GPUTarget
-from hf_minivllm.kernels import sampling
-
-signature = {"logits_ptr": "*bf16", "temperatures_ptr": "*fp32", "seed_ptr": "*i64", "out_ptr": "*i64",
-             "row_stride": "i32", "vocab_size": "i32", "BLOCK": "constexpr", "FAST_LOG": "constexpr"}
-source = triton.compiler.ASTSource(fn=sampling._gumbel_max_kernel, signature=signature,
-                                   constexprs={"BLOCK": 4096, "FAST_LOG": True})
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-assert compiled.asm["cubin"]
-"""
-
-
-def test_compiles_for_a_hopper_gpu_without_one():
-    """The interpreter runs kernels as Python and lets through what Triton's compiler refuses (a global that is not
-    a constexpr, for one); this compiles the kernel for sm_90 in a process without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_launched_variants_compile_for_a_hopper_gpu(launched_kernel_variants):
+    """Last in this module: its launches' variants compile for sm_90 (the interpreter accepts what the compiler may
+    not; see ``kernel_variants``)."""
+    compile_for_hopper(launched_kernel_variants)
