@@ -233,6 +233,26 @@ def test_kv_cache_sized_from_gpu_memory_utilization_and_clear_error():
         LLM(tiny_model("llama").cuda(), gpu_memory_utilization=0.0001, max_model_len=256)
 
 
+def test_memory_in_use_stays_within_the_budget_and_fills_most_of_it():
+    """gpu_memory_utilization bounds what the device holds once the engine has run its largest steps (full prefill
+    batches, the whole-vocabulary sort at max_num_seqs rows, logprobs): at most the budget, and within 1.5 GiB of
+    it (the cache takes the rest)."""
+    from workloads import random_model, w1_requests
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    utilization = 0.5
+    llm = LLM(random_model("0.6b"), gpu_memory_utilization=utilization, max_model_len=4096)
+    prompts, params = w1_requests(256, 1024, 128)
+    llm.generate(prompts, params, use_tqdm=False)
+    top_p = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, logprobs=5)
+    llm.generate(prompts, [top_p] * len(prompts), use_tqdm=False)
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    budget = total * utilization
+    assert budget - 1.5 * GIB <= total - free <= budget, ((total - free) / GIB, budget / GIB)
+
+
 def test_sampling_with_seeds_is_reproducible_on_cuda():
     llm = LLM(tiny_model("qwen2").cuda(), max_model_len=256, max_num_seqs=8)
     params = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, seed=s, max_tokens=20) for s in (1, 2)]

@@ -125,21 +125,29 @@ def test_prefill_graph_pool_is_set_aside_from_the_kv_budget_in_proportion_to_its
 def test_memory_profile_measures_the_prefill_and_the_whole_vocabulary_sort_apart(monkeypatch):
     """The cache is sized after a warm-up prefill and a warm-up sampling, each's activation peak measured on its
     own (the CUDA allocator's counters are faked here). The sampling takes the sort of the whole vocabulary over
-    max_num_seqs rows, the sampler's largest footprint: a top-k would only sort its candidates."""
+    max_num_seqs rows, the sampler's largest footprint: a top-k would only sort its candidates. The memory in use
+    is read after the warm-ups' cached blocks are handed back, as the peaks count them already."""
     from hf_minivllm.layers import sampler
 
     runner = LLM(tiny_model("qwen3"), num_kvcache_blocks=64, max_num_seqs=6).engine.runner
     peaks = {"_warm_up_prefill": 7 << 20, "_warm_up_samplers": 3 << 20}
     allocated = {"peak": 0}
+    events = []
     for part, peak in peaks.items():
         run = getattr(runner, part)
-        monkeypatch.setattr(runner, part, lambda run=run, peak=peak: (run(), allocated.update(peak=peak)))
+        monkeypatch.setattr(runner, part, lambda run=run, part=part, peak=peak: (
+            run(), allocated.update(peak=peak), events.append(part)))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args: allocated.update(peak=0))
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda *args: {"allocated_bytes.all.peak": allocated["peak"],
                                                                    "allocated_bytes.all.current": 0})
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args: (60 << 30, 80 << 30))
+
+    def mem_get_info(*args):
+        events.append("mem_get_info")
+        return 60 << 30, 80 << 30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     sorted_shapes = []
     whole_vocabulary = sampler.apply_top_k_top_p_min_p
     def record(logits, params):
@@ -150,3 +158,4 @@ def test_memory_profile_measures_the_prefill_and_the_whole_vocabulary_sort_apart
     monkeypatch.setattr(sampler, "apply_top_k_top_p_min_p", record)
     assert runner._profile_gpu_memory() == (7 << 20, 3 << 20, 20 << 30, 80 << 30)
     assert sorted_shapes == [(6, runner.model.vocab_size)]
+    assert events[-3:] == ["_warm_up_samplers", "empty_cache", "mem_get_info"]
