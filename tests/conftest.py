@@ -47,10 +47,10 @@ def import_kernel_module(name: str):
 
 @pytest.fixture(scope="module")
 def launched_kernel_variants():
-    """The kernel variants that this module's tests launch under the interpreter in this process (none on a GPU),
-    for its last test to compile for a GPU (see ``kernel_variants``)."""
+    """The kernel variants that this module's tests launch under the interpreter in this process (None where they
+    do not run interpreted here), for its last test to compile for a GPU (see ``kernel_variants``)."""
     if not _triton_interpreted():
-        yield set()
+        yield None
         return
     from kernel_variants import recording_launches
 

@@ -1,16 +1,19 @@
-"""Compile, for a Hopper GPU and without one, each kernel variant that the CPU tests launch.
+"""Compile, for a Hopper GPU and without one, the kernel variants that the CPU tests launch.
 
 Triton's interpreter runs a kernel as Python, so it lets through what Triton's compiler refuses: a global that is not
 a constexpr, an operation the target lacks, a constexpr branch the wrong type. A kernel that passes every CPU test
 could still fail to compile on the GPU, where no engine starts without it. So each kernel test module records, while
 its tests run under the interpreter, every launch's variant: the argument types Triton compiles for, its constexprs
-and launch options (``recording_launches``). Its last test then compiles each distinct variant for sm_90, as far as a
-cubin, in a process without the interpreter (``compile_for_hopper``); Triton ships the ptxas that takes it there.
+and launch options (``recording_launches``). Its last test then compiles some of them for sm_90, as far as a cubin,
+in a process without the interpreter (``compile_for_hopper``); Triton ships the ptxas that takes it there.
 
-A compile takes about a second, and the kernel tests launch over 200 variants (head sizes, block sizes, split counts
-and the like), so only a covering few are compiled: per kernel, enough variants that each flag's value, each
-pointer's dtype, each launch option's value and each integer constexpr being 1 or not (a specialization Triton's
-code branches on) appears in at least one (about 40 in all).
+A compile takes about a second and the tests launch hundreds of variants (head sizes, block sizes, split counts and
+the like), so only a covering few are compiled: per kernel, enough variants that each flag's value, each pointer's
+dtype, each launch option's value, each integer constexpr's smallest and largest value and its being 1 (a value
+Triton specializes) appear in at least one. The CPU tests run fp32 and fp16; a GPU runs bf16 models and the
+sampler's hardware log, so each kernel also compiles one variant as a GPU launches it (``_as_on_a_gpu``). Not
+covered: launch options only a GPU's wrapper sets (the FP8 decode kernel's register cap) and Triton's divisibility
+specialization of pointers and sizes.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 _TRITON_POINTER_TYPES = {
     torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float8_e4m3fn: "*fp8e4nv",
@@ -80,9 +85,16 @@ def describe_launch(fn: Any, jit_options: dict, args: tuple, kwargs: dict) -> st
                        "constexprs": constexprs, "options": options}, sort_keys=True)
 
 
+@triton.jit
+def _recording_probe_kernel(out_ptr):
+    tl.store(out_ptr, 1)
+
+
 @contextlib.contextmanager
 def recording_launches() -> Iterator[set[str]]:
-    """While the block runs, every interpreted kernel launch (and ``warmup``) also adds its variant to the set."""
+    """While the block runs, every interpreted kernel launch (and ``warmup``) also adds its variant to the set. A
+    probe launch first checks that launches still pass through the method this patches: were the recording to miss
+    them, the compile test would find nothing to compile and skip."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launched: set[str] = set()
@@ -94,51 +106,81 @@ def recording_launches() -> Iterator[set[str]]:
 
     InterpretedFunction.run = run
     try:
+        _recording_probe_kernel[(1,)](torch.zeros(1, dtype=torch.int32))
+        if not launched:
+            raise RuntimeError("this Triton's interpreter launches kernels without InterpretedFunction.run: "
+                               "tests/kernel_variants.py records nothing and needs updating")
+        launched.clear()
         yield launched
     finally:
         InterpretedFunction.run = interpreted_run
 
 
-def _features(variant: dict) -> set[tuple[str, str]]:
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _features(variant: dict, extremes: dict[str, tuple[int, int]]) -> set[tuple[str, str]]:
     """What a covering set must show of a variant: its flags, pointer dtypes and launch options by value, its integer
-    constexprs only by being 1 or not."""
+    constexprs by being 1 and by being the smallest or largest of the kernel's (``extremes``)."""
     features = set()
     for name, value in variant["constexprs"].items():
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = value == 1
-        features.add((name, json.dumps(value)))
+        if not _is_integer(value):
+            features.add((name, json.dumps(value)))
+            continue
+        smallest, largest = extremes[name]
+        features.update((name, label) for label, holds in (("1", value == 1), ("smallest", value == smallest),
+                                                            ("largest", value == largest)) if holds)
     features.update((name, kind) for name, kind in variant["signature"].items() if kind != "constexpr")
     features.update((name, json.dumps(value)) for name, value in variant["options"].items())
     return features
 
 
+def _as_on_a_gpu(variant: dict) -> dict:
+    """The variant as a GPU launches it: 16-bit pointers in bf16, the sampler's hardware log."""
+    signature = {name: "*bf16" if kind == "*fp16" else kind for name, kind in variant["signature"].items()}
+    constexprs = dict(variant["constexprs"])
+    if "FAST_LOG" in constexprs:
+        constexprs["FAST_LOG"] = True
+    return {**variant, "signature": signature, "constexprs": constexprs}
+
+
 def covering_variants(variants: set[str]) -> list[str]:
-    """A few of ``variants`` (greedily chosen, per kernel) that between them show every feature of all of them."""
-    by_kernel: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    features = {}
+    """A few of ``variants`` (greedily chosen, per kernel) that between them show every feature of all of them, and
+    per kernel one of those as a GPU launches it (from the chosen variant with the most fp16 pointers)."""
+    by_kernel: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
     for key in sorted(variants):
         variant = json.loads(key)
-        by_kernel[variant["module"], variant["kernel"]].append(key)
-        features[key] = _features(variant)
+        by_kernel[variant["module"], variant["kernel"]].append(variant)
     chosen = []
-    for keys in by_kernel.values():
-        missing = set().union(*(features[key] for key in keys))
+    for kernel_variants in by_kernel.values():
+        extremes = {}
+        for variant in kernel_variants:
+            for name, value in variant["constexprs"].items():
+                if _is_integer(value):
+                    smallest, largest = extremes.get(name, (value, value))
+                    extremes[name] = min(smallest, value), max(largest, value)
+        features = [_features(variant, extremes) for variant in kernel_variants]
+        missing = set().union(*features)
+        picked = []
         while missing:
-            best = max(keys, key=lambda key: len(features[key] & missing))
-            chosen.append(best)
+            best = max(range(len(kernel_variants)), key=lambda index: len(features[index] & missing))
+            picked.append(kernel_variants[best])
             missing -= features[best]
+        sixteen_bit = max(picked, key=lambda variant: list(variant["signature"].values()).count("*fp16"))
+        on_a_gpu = _as_on_a_gpu(sixteen_bit)
+        chosen += [json.dumps(variant, sort_keys=True) for variant in picked + [on_a_gpu] * (on_a_gpu not in picked)]
     return chosen
 
 
 _COMPILE = """
-import importlib, json, sys, traceback
+import concurrent.futures, importlib, json, os, sys, traceback
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-failures = []
-for line in sys.stdin:
-    variant = json.loads(line)
+
+def compile_variant(variant):
     kernel = getattr(importlib.import_module(variant["module"]), variant["kernel"])
     constexprs = {name: tl.dtype(value["triton_dtype"]) if isinstance(value, dict) else value
                   for name, value in variant["constexprs"].items()}
@@ -147,16 +189,26 @@ for line in sys.stdin:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=variant["options"])
         assert compiled.asm["cubin"], "no cubin"
     except Exception:
-        failures.append({"variant": variant, "error": traceback.format_exc()[-2500:]})
-print(json.dumps(failures))
+        return {"variant": variant, "error": traceback.format_exc()[-2500:]}
+
+
+variants = [json.loads(line) for line in sys.stdin.read().splitlines()]
+for module in {variant["module"] for variant in variants}:  # imported here: imports from threads can deadlock
+    importlib.import_module(module)
+# Triton's compiler leaves the GIL for most of its work.
+with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+    results = list(pool.map(compile_variant, variants))
+print(json.dumps([failure for failure in results if failure]))
 """
 
 
-def compile_for_hopper(variants: set[str]) -> None:
-    """Compile a covering few of ``variants`` for sm_90 in a process without ``TRITON_INTERPRET``; fails listing
-    those that do not compile."""
+def compile_for_hopper(variants: set[str] | None) -> None:
+    """Compile a covering few of ``variants`` (None: not recorded in this process) for sm_90 in a process without
+    ``TRITON_INTERPRET``; fails listing those that do not compile."""
+    if variants is None:
+        pytest.skip("the kernels compile for real here (a GPU), or this module's tests run in a fresh process")
     if not variants:
-        pytest.skip("no kernel launch was recorded under the interpreter in this module")
+        pytest.skip("the tests selected in this module launched no kernel")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE], input="\n".join(covering_variants(variants)), env=env,
                             capture_output=True, text=True, timeout=900)

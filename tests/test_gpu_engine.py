@@ -242,8 +242,9 @@ def test_memory_in_use_stays_within_the_budget_and_fills_most_of_it():
     gc.collect()
     torch.cuda.empty_cache()
     utilization = 0.5
-    llm = LLM(random_model("0.6b"), gpu_memory_utilization=utilization, max_model_len=4096)
     prompts, params = w1_requests(256, 1024, 128)
+    llm = LLM(random_model("0.6b"), gpu_memory_utilization=utilization, max_model_len=4096,
+              max_num_seqs=len(prompts))
     llm.generate(prompts, params, use_tqdm=False)
     top_p = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, logprobs=5)
     llm.generate(prompts, [top_p] * len(prompts), use_tqdm=False)

@@ -188,7 +188,6 @@ class ModelRunner:
             cap = self._blocks_in(total * config.gpu_memory_utilization - weights - activation_peak)
         self._check_fits(cap, cap * self.kv_bytes_per_block)
         self._growth_budget = growth_budget(device, config.gpu_memory_utilization, activation_peak)
-        torch.cuda.empty_cache()  # the warm-up's activations go back to the driver too
         storage_type = ReallocKVStorage if config.enforce_eager and not virtual_memory_available(device) else VirtualKVStorage
         return storage_type(layout, self.max_blocks_per_seq, cap, device)
 
