@@ -188,6 +188,7 @@ class ModelRunner:
             cap = self._blocks_in(total * config.gpu_memory_utilization - weights - activation_peak)
         self._check_fits(cap, cap * self.kv_bytes_per_block)
         self._growth_budget = growth_budget(device, config.gpu_memory_utilization, activation_peak)
+        torch.cuda.empty_cache()  # the warm-up's activations go back to the driver too
         storage_type = ReallocKVStorage if config.enforce_eager and not virtual_memory_available(device) else VirtualKVStorage
         return storage_type(layout, self.max_blocks_per_seq, cap, device)
 
@@ -220,9 +221,11 @@ class ModelRunner:
     def _profile_gpu_memory(self) -> tuple[int, int, int, int]:
         """(peak activation bytes of the warm-up prefill at the largest batch, of the warm-up sampling, bytes in use
         now, device bytes). The two are measured apart: a step samples after its forward's activations are gone, and
-        only the forward's grow with the prefill graphs' pool. The bytes in use are read after the warm-ups' cached
-        blocks went back to the driver: the peaks count them already (read before, they were counted twice, and
-        the cache was smaller than the budget by the largest peak: 3.7 GiB of the 0.6B architecture's on an H200)."""
+        only the forward's grow with the prefill graphs' pool. The bytes in use are read with the warm-ups' cached
+        blocks still reserved, so the largest peak is set aside twice, on purpose: at run time the main pool, the
+        decode and prefill graphs' private pools and the allocator's fragmentation each hold activations. Read after
+        handing those blocks back (3.7 GiB more cache for the 0.6B architecture), a W1-like run with max_num_seqs=256
+        held 3.3 GiB more than its budget (H200, 2026-11-29)."""
         gc.collect()  # engines dropped by the caller (model <-> engine reference cycles) give their memory back first
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -232,7 +235,6 @@ class ModelRunner:
             part()
             stats = torch.cuda.memory_stats(self.device)
             peaks.append(stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"])
-        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         return peaks[0], peaks[1], total - free, total
 
