@@ -41,8 +41,6 @@ _INT32 = range(-2**31, 2**31)
 
 def _constexpr_value(value: Any) -> Any:
     """A constexpr as JSON: Triton dtypes by name, the rest as they are."""
-    import triton.language as tl
-
     if isinstance(value, tl.dtype):
         return {"triton_dtype": value.name}
     return value
