@@ -73,7 +73,8 @@ def main() -> None:
             allocated_peak_over_start_gib=gib(torch.cuda.memory_stats()["allocated_bytes.all.peak"] - start),
             reserved_gib=gib(torch.cuda.memory_reserved()),
             in_use_gib=gib(total - torch.cuda.mem_get_info()[0]))
-    summary["left_of_budget_gib"] = round(summary["budget_gib"] - summary["phases"][name]["in_use_gib"], 3)
+    in_use_at_the_end = total - torch.cuda.mem_get_info()[0]
+    summary["left_of_budget_gib"] = gib(total * args.utilization - in_use_at_the_end)
     print(json.dumps(summary, indent=2))
     write_results(args.out, **summary)
 
