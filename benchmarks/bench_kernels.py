@@ -24,6 +24,7 @@ import json
 import random
 import site
 import sys
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -295,7 +296,8 @@ def gemv_rows(tune: bool, prefix: str | None = None) -> list[dict]:
 
 def sampling_rows() -> list[dict]:
     """The engine's sampler (``layers.sampler.sample``) on bf16 logits of 151,936 columns, plain calls (it runs
-    outside the decode graphs): greedy, temperature 0.6 alone, and with Qwen3's top-k 20 and top-p 0.95."""
+    outside the decode graphs): greedy, temperature 0.6 alone, with Qwen3's top-k 20 and top-p 0.95, and with
+    top-p 0.95 alone (the whole vocabulary's sort, a chunk of rows at a time)."""
     from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample, tie_margin
 
     vocab, rows = 151936, []
@@ -307,8 +309,10 @@ def sampling_rows() -> list[dict]:
         hf_style = SamplingTensors(temperatures=temperatures, top_ks=torch.full((batch,), 20, device="cuda"),
                                    top_ps=torch.full((batch,), 0.95, device="cuda"), min_ps=None, all_greedy=False,
                                    any_greedy=False, use_top_k=True, use_top_p=True, use_min_p=False, max_top_k=20)
+        top_p = replace(hf_style, top_ks=None, use_top_k=False, max_top_k=None)
         calls = [(name, lambda params=params: sample(logits, params))
-                 for name, params in (("greedy", GREEDY), ("temperature", plain), ("top-k 20, top-p 0.95", hf_style))]
+                 for name, params in (("greedy", GREEDY), ("temperature", plain), ("top-k 20, top-p 0.95", hf_style),
+                                      ("top-p 0.95, whole vocabulary", top_p))]
         # The top-k path's one vocabulary-wide step alone: the rest of it is small tensors, so what the path takes
         # beyond this is launches (host time).
         window = 20 + tie_margin(20)  # the candidates a top-k of 20 takes

@@ -4,7 +4,8 @@ it records no figure).
 ``LLM(model)`` on the Qwen3-0.6B architecture with random bf16 weights, ``max_model_len=4096``; then W1's 256 prompts
 of up to 1,024 tokens (100 to 128 new tokens each, temperature 0.6), 32 greedy tokens each, 32 with top-p 0.9, and 32
 with top-p and 5 logprobs. Per phase: the allocated peak over the phase's start, PyTorch's reserved memory and the
-device's memory in use after it. Reserved memory that grows well past the allocated peak is the allocator's
+device's memory in use after it, with the allocator's segments (how many, the largest) and the free bytes of its
+split blocks. Reserved memory that grows well past the allocated peak is the allocator's
 fragmentation (compare a run under ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``).
 
     python3 benchmarks/memory_budget.py --utilization 0.5 --max-num-seqs 256 --out $OUT/memory_budget.json
@@ -69,10 +70,13 @@ def main() -> None:
         start = torch.cuda.memory_allocated()
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
+        stats = torch.cuda.memory_stats()
         summary["phases"][name] = dict(
-            allocated_peak_over_start_gib=gib(torch.cuda.memory_stats()["allocated_bytes.all.peak"] - start),
+            allocated_peak_over_start_gib=gib(stats["allocated_bytes.all.peak"] - start),
             reserved_gib=gib(torch.cuda.memory_reserved()),
-            in_use_gib=gib(total - torch.cuda.mem_get_info()[0]))
+            in_use_gib=gib(total - torch.cuda.mem_get_info()[0]),
+            segments=stats["segment.all.current"], inactive_split_gib=gib(stats["inactive_split_bytes.all.current"]),
+            largest_segment_gib=gib(max(segment["total_size"] for segment in torch.cuda.memory_snapshot())))
     in_use_at_the_end = total - torch.cuda.mem_get_info()[0]
     summary["left_of_budget_gib"] = gib(total * args.utilization - in_use_at_the_end)
     print(json.dumps(summary, indent=2))

@@ -166,3 +166,31 @@ def test_a_temperature_under_the_greedy_bound_decodes_greedily():
     for params in (SamplingParams(temperature=1e-50, max_tokens=6), SamplingParams(temperature=GREEDY_BELOW / 2,
                    top_p=0.9, max_tokens=6), SamplingParams(temperature=1e-40, top_k=5, seed=3, max_tokens=6)):
         assert llm.generate(prompt, params, use_tqdm=False)[0]["token_ids"] == greedy
+
+
+def test_rows_taken_in_chunks_draw_and_score_as_in_one(monkeypatch):
+    """The whole-vocabulary draw and the log-probabilities take their rows a chunk at a time (``row_chunks``): a
+    batch cut into chunks of two rows, the last one short, gives seeded top-p requests the same tokens and
+    log-probabilities as one chunk, and a greedy row among them its argmax."""
+    llm = LLM(tiny_model("qwen3"), num_kvcache_blocks=64)
+    prompts = [[row + 1, row + 2, 2 * row + 3] for row in range(7)]
+    params = [SamplingParams(temperature=0.9, top_p=0.8, min_p=0.01, seed=row, max_tokens=5, logprobs=3)
+              for row in range(6)] + [SamplingParams(temperature=0, max_tokens=5, logprobs=2)]
+    chunk_sizes = []
+    whole_vocabulary = sampler._sample_whole_vocabulary
+    monkeypatch.setattr(sampler, "_sample_whole_vocabulary",
+                        lambda logits, *args: chunk_sizes.append(len(logits)) or whole_vocabulary(logits, *args))
+
+    def run() -> list[tuple[list[int], list]]:
+        return [(seq.completion_token_ids, seq.logprobs) for seq in llm.generate_sequences(prompts, params)]
+
+    in_one = run()
+    assert set(chunk_sizes) == {7}
+    chunk_sizes.clear()
+    monkeypatch.setattr(sampler, "CHUNK_ELEMENTS", 2 * llm.engine.runner.model.vocab_size + 1)
+    assert run() == in_one
+    assert chunk_sizes[:4] == [2, 2, 2, 1]
+    assert len({tuple(tokens) for tokens, _ in in_one}) > 1
+    assert all(len(logprobs) == 5 for _, logprobs in in_one)
+    greedy_tokens, greedy_logprobs = in_one[-1]
+    assert [max(alternatives, key=alternatives.get) for _, alternatives in greedy_logprobs] == greedy_tokens

@@ -36,8 +36,8 @@ from hf_minivllm.kernels.kv_cache import FP8_DTYPE, FP8_MAX
 from hf_minivllm.kernels.launch import can_compile_ahead, compile_ahead
 from hf_minivllm.layers.attention import select_attention_backend
 from hf_minivllm.layers.context import AttentionMetadata, set_attention_metadata
-from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, sample
-from hf_minivllm.sampling_params import SamplingParams
+from hf_minivllm.layers.sampler import GREEDY, SamplingTensors, row_chunks, sample
+from hf_minivllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -323,15 +323,16 @@ class ModelRunner:
 
     def _warm_up_samplers(self) -> None:
         """Each sampling path over max_num_seqs rows of logits in the model's dtype, as steps give them. The sort of
-        the whole vocabulary (top-p and min-p without a top-k) takes the most memory; a logprobs request's float32
-        copy of the logits is kept beside it, as ``_sample`` keeps it. The one-pass kernel (temperatures alone) is
-        compiled here rather than at the first step."""
+        the whole vocabulary (top-p and min-p without a top-k) takes the most memory; a logprobs request's copy of
+        the logits is kept beside it, then its log-probabilities are computed, as ``_sample`` does. The one-pass
+        kernel (temperatures alone) is compiled here rather than at the first step."""
         config = self.config
         logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device, dtype=self.dtype)
-        raw = logits.to(torch.float32, copy=True)
+        raw = [logits[chunk].clone() for chunk in row_chunks(*logits.shape)]
         for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
             rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
-            sample(logits, self._sampling_tensors(rows))
+            tokens = sample(logits, self._sampling_tensors(rows)).clamp_min(0)
+        TokenLogprobs.compute(raw, tokens, MAX_LOGPROBS, list(range(config.max_num_seqs)))
         del raw
         self._synchronize()
 
@@ -626,7 +627,8 @@ class ModelRunner:
         sampled_seqs = [seq for seq, sampled in zip(batch.seqs, batch.sample) if sampled]
         logprob_rows = ([row for row, seq in enumerate(sampled_seqs) if seq.sampling_params.logprobs is not None]
                         if batch.has_logprobs else [])
-        raw = logits[logprob_rows].float() if logprob_rows else None  # before hooks, suppression and filters
+        # Before hooks, suppression and filters; in the logits' dtype, a chunk of rows at a time (see row_chunks).
+        raw = [logits[logprob_rows[chunk]] for chunk in row_chunks(len(logprob_rows), logits.shape[-1])]
         failures = []
         if batch.has_step_hooks:
             logits = logits.float()  # HF processors score in float32
@@ -638,7 +640,7 @@ class ModelRunner:
         # queued before the host knows, reads a valid token id in its place.
         fed_tokens = tokens if params.all_greedy else tokens.clamp_min(0)
         logprobs = None
-        if raw is not None:
+        if raw:
             top = max(sampled_seqs[row].sampling_params.logprobs for row in logprob_rows)
             logprobs = TokenLogprobs.compute(raw, fed_tokens[self._to_device(logprob_rows, torch.int64)], top,
                                              [sampled_seqs[row].seq_id for row in logprob_rows])
@@ -712,11 +714,21 @@ class TokenLogprobs:
         self.chosen, self.top_values, self.top_ids = (t.to("cpu", non_blocking=True) for t in (chosen, top_values, top_ids))
 
     @classmethod
-    def compute(cls, raw_logits: torch.Tensor, tokens: torch.Tensor, top: int, seq_ids: list[int]) -> TokenLogprobs:
-        logprobs = torch.log_softmax(raw_logits, dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top_values, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens[:, None][:, :0])
-        return cls(seq_ids, chosen, top_values, top_ids)
+    def compute(cls, raw_chunks: list[torch.Tensor], tokens: torch.Tensor, top: int,
+                seq_ids: list[int]) -> TokenLogprobs:
+        """From the rows' raw logits in chunks of rows (``row_chunks``), their float32 log-softmax a chunk at a
+        time; ``tokens`` holds every row's sampled token."""
+        chosen, top_values, top_ids = [], [], []
+        start = 0
+        for raw in raw_chunks:
+            logprobs = torch.log_softmax(raw.float(), dim=-1)
+            chunk_tokens = tokens[start:start + len(raw), None]
+            start += len(raw)
+            chosen.append(logprobs.gather(1, chunk_tokens).squeeze(1))
+            values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], chunk_tokens[:, :0])
+            top_values.append(values)
+            top_ids.append(ids)
+        return cls(seq_ids, torch.cat(chosen), torch.cat(top_values), torch.cat(top_ids))
 
     def by_sequence(self) -> dict[int, tuple[float, dict[int, float]]]:
         """seq_id -> (the sampled token's log-probability, {alternative token id: log-probability}); call once the
