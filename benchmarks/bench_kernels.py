@@ -327,6 +327,31 @@ def sampling_rows() -> list[dict]:
                          "ms": ms, "value": logits.numel() * logits.element_size() / ms / 1e6})
         except Exception as error:  # noqa: BLE001 - a capture that fails says so in the table
             rows.append({"kernel": f"sampling top-k 20, top-p 0.95 rows={batch} (CUDA graph)", "error": str(error)[:200]})
+    rows += whole_vocabulary_chunk_rows(vocab)
+    return rows
+
+
+def whole_vocabulary_chunk_rows(vocab: int) -> list[dict]:
+    """Top-p 0.95 over the whole vocabulary at 256 rows, with the sampler's chunk of rows (``CHUNK_ELEMENTS``) at
+    2^23 to 2^25 logits, and at 2^27 (one chunk)."""
+    from hf_minivllm.layers import sampler
+
+    if not hasattr(sampler, "CHUNK_ELEMENTS"):
+        return []  # a sampler from before the chunks (c9cf02d), timed for comparison
+    batch, rows, default = 256, [], sampler.CHUNK_ELEMENTS
+    logits = torch.randn(batch, vocab, device="cuda", dtype=DTYPE)
+    params = sampler.SamplingTensors(
+        temperatures=torch.full((batch,), 0.6, device="cuda"), top_ks=None,
+        top_ps=torch.full((batch,), 0.95, device="cuda"), min_ps=None, all_greedy=False, any_greedy=False,
+        use_top_k=False, use_top_p=True, use_min_p=False)
+    try:
+        for exponent in (23, 24, 25, 27):
+            sampler.CHUNK_ELEMENTS = 1 << exponent
+            ms = bench(lambda: sampler.sample(logits, params), graph=False)
+            rows.append({"kernel": f"sampling top-p 0.95, whole vocabulary rows={batch} chunk=2^{exponent}",
+                         "metric": "GB/s", "ms": ms, "value": logits.numel() * logits.element_size() / ms / 1e6})
+    finally:
+        sampler.CHUNK_ELEMENTS = default
     return rows
 
 

@@ -150,10 +150,10 @@ def test_memory_profile_measures_the_prefill_and_the_whole_vocabulary_sort_apart
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     sorted_shapes = []
     whole_vocabulary = sampler.apply_top_k_top_p_min_p
-    def record(logits, params):
+    def record(logits, temperatures, params):
         if params.use_top_k or params.use_top_p:  # it sorts
             sorted_shapes.append(tuple(logits.shape))
-        return whole_vocabulary(logits, params)
+        return whole_vocabulary(logits, temperatures, params)
 
     monkeypatch.setattr(sampler, "apply_top_k_top_p_min_p", record)
     assert runner._profile_gpu_memory() == (7 << 20, 3 << 20, 20 << 30, 80 << 30)

@@ -105,13 +105,15 @@ def _mask_min_p(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def apply_top_k_top_p_min_p(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Mask (to -inf) what top-k, then top-p, then min-p remove, in the order HF's warpers apply them."""
-    if params.use_top_k or params.use_top_p:
-        sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-        _mask_sorted_(sorted_logits, params)
-        logits = torch.full_like(logits, float("-inf")).scatter_(-1, sorted_index, sorted_logits)
-    return _mask_min_p(logits, params)
+def apply_top_k_top_p_min_p(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """``logits`` divided by the rows' temperatures in float32, with what top-k, then top-p, then min-p remove masked
+    to -inf (the order of HF's warpers). The sort takes the logits in their own dtype: a temperature keeps their
+    order, and a 16-bit sort makes half the radix passes of a float32 one."""
+    if not (params.use_top_k or params.use_top_p):
+        return _mask_min_p(logits.float() / temperatures[:, None], params)
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
+    kept = _mask_sorted_(sorted_logits.float() / temperatures[:, None], params)
+    return _mask_min_p(torch.full_like(kept, float("-inf")).scatter_(-1, sorted_index, kept), params)
 
 
 def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
@@ -136,8 +138,7 @@ def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, p
 
 def _sample_whole_vocabulary(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """A draw from each row's whole vocabulary, with top-k, top-p and min-p applied to it."""
-    scaled = logits.float() / temperatures[:, None]
-    sampled = _race(apply_top_k_top_p_min_p(scaled, params).softmax(dim=-1), params)
+    sampled = _race(apply_top_k_top_p_min_p(logits, temperatures, params).softmax(dim=-1), params)
     return _mark_no_distribution(logits.amax(dim=-1), sampled)
 
 
