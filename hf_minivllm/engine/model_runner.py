@@ -331,7 +331,10 @@ class ModelRunner:
         raw = [logits[chunk].clone() for chunk in row_chunks(*logits.shape)]
         for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
             rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
-            tokens = sample(logits, self._sampling_tensors(rows)).clamp_min(0)
+            sample(logits, self._sampling_tensors(rows))
+        # Token 0 for every row, not the sampled ones: under compile_ahead() the kernel only compiles, and its
+        # tokens are whatever its output buffer held.
+        tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         TokenLogprobs.compute(raw, tokens, MAX_LOGPROBS, list(range(config.max_num_seqs)))
         del raw
         self._synchronize()
