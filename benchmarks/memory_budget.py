@@ -20,6 +20,7 @@ import torch
 
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.engine.model_runner import ModelRunner
+from hf_minivllm.layers import sampler
 from workloads import random_model, w1_requests, write_results
 
 GIB = 1 << 30
@@ -33,8 +34,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--utilization", type=float, default=0.9, help="gpu_memory_utilization")
     parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--chunk-elements", type=int, help="the sampler's CHUNK_ELEMENTS (default: the sampler's)")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
+    if args.chunk_elements:
+        sampler.CHUNK_ELEMENTS = args.chunk_elements
 
     profiles = []
     profile = ModelRunner._profile_gpu_memory
@@ -51,7 +55,7 @@ def main() -> None:
     runner = llm.engine.runner
     forward_peak, sampling_peak, used_at_profile, _ = profiles[0]
     summary = dict(device=torch.cuda.get_device_name(), utilization=args.utilization, max_num_seqs=args.max_num_seqs,
-                   allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                   allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), chunk_elements=sampler.CHUNK_ELEMENTS,
                    budget_gib=gib(total * args.utilization), warm_up_forward_peak_gib=gib(forward_peak),
                    warm_up_sampling_peak_gib=gib(sampling_peak), in_use_at_profile_gib=gib(used_at_profile),
                    kv_cache_gib=gib(runner.num_blocks * runner.kv_bytes_per_block),
