@@ -312,9 +312,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=["w1", "w2", "w5"], help="w1 w2 w3 w5 w5b1 (W5 batch 1 alone)")
     parser.add_argument("--hf-cb-requests", type=int, default=64, help="W1 requests given to HF CB (0 = skip)")
-    parser.add_argument("--hf-cb-window", type=float, default=0,
+    parser.add_argument("--hf-cb-window", type=float, default=30,
                         help="give HF CB all W1 requests and count its tokens over this many seconds (overrides "
-                        "--hf-cb-requests for W1)")
+                        "--hf-cb-requests for W1; HF's best setting: it gains with batch size); 0: the first "
+                        "--hf-cb-requests requests to the end")
     parser.add_argument("--compare-sync", action="store_true", help="also run W1 with async_scheduling=False")
     parser.add_argument("--compare-mixed", action="store_true", help="also run W1 with mixed_steps=False")
     parser.add_argument("--compare-fp8-kv", action="store_true", help="also run W1 with kv_cache_dtype='fp8'")
