@@ -125,7 +125,8 @@ def test_prefill_graph_pool_is_set_aside_from_the_kv_budget_in_proportion_to_its
 def test_memory_profile_measures_the_prefill_and_the_whole_vocabulary_sort_apart(monkeypatch):
     """The cache is sized after a warm-up prefill and a warm-up sampling, each's activation peak measured on its
     own (the CUDA allocator's counters are faked here). The sampling takes the sort of the whole vocabulary over
-    max_num_seqs rows, the sampler's largest footprint: a top-k would only sort its candidates. The memory in use
+    max_num_seqs rows (a chunk of rows at a time: one chunk here), the sampler's largest footprint: a top-k would
+    only sort its candidates. The memory in use
     is read with the warm-ups' cached blocks still reserved (see ``_profile_gpu_memory``)."""
     from hf_minivllm.layers import sampler
 

@@ -170,12 +170,15 @@ def test_a_temperature_under_the_greedy_bound_decodes_greedily():
 
 def test_rows_taken_in_chunks_draw_and_score_as_in_one(monkeypatch):
     """The whole-vocabulary draw and the log-probabilities take their rows a chunk at a time (``row_chunks``): a
-    batch cut into chunks of two rows, the last one short, gives seeded top-p requests the same tokens and
-    log-probabilities as one chunk, and a greedy row among them its argmax."""
+    batch cut into chunks of two rows, the last one short, gives seeded requests of different settings the same
+    tokens and log-probabilities as one chunk, and a greedy row among them its argmax. Some rows ask for no
+    log-probabilities (the chunks of those that do are not the batch's), and min_tokens changes the logits in
+    place after their copy is taken."""
     llm = LLM(tiny_model("qwen3"), num_kvcache_blocks=64)
     prompts = [[row + 1, row + 2, 2 * row + 3] for row in range(7)]
-    params = [SamplingParams(temperature=0.9, top_p=0.8, min_p=0.01, seed=row, max_tokens=5, logprobs=3)
-              for row in range(6)] + [SamplingParams(temperature=0, max_tokens=5, logprobs=2)]
+    params = [SamplingParams(temperature=0.6 + 0.1 * row, top_p=0.7 + 0.04 * row, min_p=0.01 * (row % 3), seed=row,
+                             max_tokens=5, min_tokens=3, logprobs=None if row in (1, 4) else 3) for row in range(7)]
+    params[3] = SamplingParams(temperature=0, max_tokens=5, logprobs=2)
     chunk_sizes = []
     whole_vocabulary = sampler._sample_whole_vocabulary
     monkeypatch.setattr(sampler, "_sample_whole_vocabulary",
@@ -191,6 +194,11 @@ def test_rows_taken_in_chunks_draw_and_score_as_in_one(monkeypatch):
     assert run() == in_one
     assert chunk_sizes[:4] == [2, 2, 2, 1]
     assert len({tuple(tokens) for tokens, _ in in_one}) > 1
-    assert all(len(logprobs) == 5 for _, logprobs in in_one)
-    greedy_tokens, greedy_logprobs = in_one[-1]
+    assert [len(logprobs or []) for _, logprobs in in_one] == [5, 0, 5, 5, 0, 5, 5]
+    greedy_tokens, greedy_logprobs = in_one[3]
     assert [max(alternatives, key=alternatives.get) for _, alternatives in greedy_logprobs] == greedy_tokens
+
+
+def test_an_empty_batch_samples_nothing():
+    logits, params = batch(1, max_top_k=None)
+    assert sample(logits[:0], params.rows(slice(0, 0))).shape == (0,)

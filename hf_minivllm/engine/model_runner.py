@@ -335,7 +335,7 @@ class ModelRunner:
         # Token 0 for every row, not the sampled ones: under compile_ahead() the kernel only compiles, and its
         # tokens are whatever its output buffer held.
         tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
-        TokenLogprobs.compute(raw, tokens, MAX_LOGPROBS, list(range(config.max_num_seqs)))
+        TokenLogprobs.compute(raw, tokens, min(MAX_LOGPROBS, self.model.vocab_size), list(range(config.max_num_seqs)))
         del raw
         self._synchronize()
 

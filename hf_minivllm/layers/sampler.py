@@ -116,8 +116,9 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, temperatures: torch.Tensor, pa
     if not (params.use_top_k or params.use_top_p):
         return _mask_min_p(logits.float() / temperatures[:, None], params)
     sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-    kept = _mask_sorted_(sorted_logits.float() / temperatures[:, None], params)
-    return _mask_min_p(torch.full_like(kept, float("-inf")).scatter_(-1, sorted_index, kept), params)
+    # In place: the sort's output is fresh, so .float() (a copy, or that output itself) is ours to change.
+    kept = _mask_sorted_(sorted_logits.float().div_(temperatures[:, None]), params)
+    return _mask_min_p(torch.empty_like(kept).scatter_(-1, sorted_index, kept), params)  # every column written
 
 
 def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
@@ -157,9 +158,11 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     logits hold NaN or +inf, or nothing finite (``NO_DISTRIBUTION``: the caller fails its request, as HF's
     sampling raises). Greedy rows take the argmax whatever their logits, as HF's greedy search does.
 
-    Greedy rows, the one-pass kernel and the top-k candidates' selection read the logits as they are (an argmax or
-    a top-k is the same in either dtype); the rest works in float32.
+    Greedy rows, the one-pass kernel, the top-k candidates' selection and the whole vocabulary's sort read the
+    logits as they are (an argmax, a top-k or an order is the same in either dtype); the rest works in float32.
     """
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     if params.all_greedy:
         return logits.argmax(dim=-1)
     if logits.is_cuda and not (params.use_top_k or params.use_top_p or params.use_min_p or params.generators):
