@@ -21,6 +21,7 @@ import torch
 import hf_minivllm
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.layers import linear
+from hf_minivllm.layers.attention import Attention
 from hf_minivllm.patches.state import state_of
 from results import finish_run
 from workloads import commit, random_model, w1_requests, w3_requests
@@ -131,6 +132,22 @@ def cublas_projections() -> Iterator[None]:
         linear.GEMV_MAX_ROWS = saved
 
 
+@contextlib.contextmanager
+def separate_kv_writes() -> Iterator[None]:
+    """Engines built inside write each layer's keys and values with the store kernel, not in the rotary launch:
+    a same-run peer of the fused write."""
+    saved = Attention.cache_write
+    Attention.cache_write = lambda self: None
+    try:
+        yield
+    finally:
+        Attention.cache_write = saved
+
+
+SEPARATE_KV_WRITE_PEER = "accelerate(model).generate, K/V written by the store kernel"
+PEER_ENGINES = {"cublas_ms_per_token": cublas_projections, "separate_kv_write_ms_per_token": separate_kv_writes}
+
+
 def batch1_ms(model, prompt: torch.Tensor, new_tokens: int, **engine) -> float:
     """ms per token of a greedy batch-1 ``generate`` through ``accelerate`` (after one warm-up call)."""
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -161,7 +178,9 @@ def w3(results: dict) -> None:
     torch.cuda.empty_cache()
 
 
-def w2_and_drop_in(results: dict, hf_subset: int, compare_cublas: bool = False) -> None:
+def w2_and_drop_in(results: dict, hf_subset: int, peers: tuple[str, ...] = ()) -> None:
+    """W2 (batch 1 through ``accelerate(model).generate``) beside HF's static cache, then the drop-in W1 batch beside
+    HF generate; then W2 on each engine of ``peers`` (keys of ``PEER_ENGINES``)."""
     model = random_model("0.6b")
     oracle = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(0)
@@ -211,23 +230,23 @@ def w2_and_drop_in(results: dict, hf_subset: int, compare_cublas: bool = False) 
                    hf_generate_tok_s=hf_subset * hf_new / hf_seconds)
     results["drop_in_W1_batch"] = row
     del llm
-    if compare_cublas:  # last: this accelerates the HF oracle in place
-        hf_minivllm.restore(model)  # one engine at a time
-        with cublas_projections():
-            results["W2"]["cublas_ms_per_token"] = batch1_ms(oracle, prompt, 256, enable_prefix_caching=False)
+    hf_minivllm.restore(model)  # one engine at a time
+    for key in peers:  # last: these accelerate the HF oracle in place
+        with PEER_ENGINES[key]():
+            results["W2"][key] = batch1_ms(oracle, prompt, 256, enable_prefix_caching=False)
+        hf_minivllm.restore(oracle)
     del model, oracle
     gc.collect()
     torch.cuda.empty_cache()
 
 
-def w5_batch1(results: dict, compare_cublas: bool = False) -> None:
+def w5_batch1(results: dict, peers: tuple[str, ...] = ()) -> None:
     prompt = torch.randint(0, 10000, (1, 128)).cuda()
-    runs = [("ms_per_token", contextlib.nullcontext)] + ([("cublas_ms_per_token", cublas_projections)]
-                                                          if compare_cublas else [])
+    runs = [("ms_per_token", contextlib.nullcontext)] + [(key, PEER_ENGINES[key]) for key in peers]
     row = results["W5_8b_batch1"] = {}
-    for key, projections in runs:
+    for key, engine in runs:
         model = random_model("8b")
-        with projections():
+        with engine():
             row[key] = batch1_ms(model, prompt, 128)
         del model
         gc.collect()
@@ -298,6 +317,10 @@ def figures(result: dict) -> list:
                           "accelerate(model).generate", higher_is_better=False,
                           peer="accelerate(model).generate, projections on cuBLAS",
                           peer_value=result["W2"]["cublas_ms_per_token"]))
+    if "W2" in result and "separate_kv_write_ms_per_token" in result["W2"]:
+        out.append(Figure("W2 (batch 1)", "latency, K/V written in the rotary launch", "ms/token",
+                          result["W2"]["ms_per_token"], "accelerate(model).generate", higher_is_better=False,
+                          peer=SEPARATE_KV_WRITE_PEER, peer_value=result["W2"]["separate_kv_write_ms_per_token"]))
     if "W5_8b_batch1" in result:
         row = result["W5_8b_batch1"]
         peer = row.get("cublas_ms_per_token")
@@ -305,6 +328,10 @@ def figures(result: dict) -> list:
                           "accelerate(model).generate", higher_is_better=False,
                           peer="accelerate(model).generate, projections on cuBLAS" if peer else None,
                           peer_value=peer))
+        if "separate_kv_write_ms_per_token" in row:
+            out.append(Figure("W5 (8b, batch 1)", "latency, K/V written in the rotary launch", "ms/token",
+                              row["ms_per_token"], "accelerate(model).generate", higher_is_better=False,
+                              peer=SEPARATE_KV_WRITE_PEER, peer_value=row["separate_kv_write_ms_per_token"]))
     return out
 
 
@@ -323,16 +350,20 @@ def main() -> None:
     parser.add_argument("--w5-hf-requests", type=int, default=16)
     parser.add_argument("--compare-cublas", action="store_true",
                         help="also run W2 and W5 batch 1 with every projection on cuBLAS (the GEMV kernel off)")
+    parser.add_argument("--compare-kv-write", action="store_true",
+                        help="also run W2 and W5 batch 1 with the store kernel writing K/V (not the rotary launch)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    peers = (("cublas_ms_per_token",) if args.compare_cublas else ()) + (
+        ("separate_kv_write_ms_per_token",) if args.compare_kv_write else ())
     results: dict = {"device": torch.cuda.get_device_name(), "commit": commit()}
     table: dict = {}
     jobs = {
         "w1": lambda: w1(table, "0.6b", args.hf_cb_requests, args.hf_cb_window, args.compare_sync,
                          args.compare_mixed, args.compare_fp8_kv),
-        "w2": lambda: w2_and_drop_in(table, args.hf_subset, args.compare_cublas),
-        "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table, args.compare_cublas)),
-        "w5b1": lambda: w5_batch1(table, args.compare_cublas),
+        "w2": lambda: w2_and_drop_in(table, args.hf_subset, peers),
+        "w5": lambda: (w1(table, "8b", args.w5_hf_requests), w5_batch1(table, peers)),
+        "w5b1": lambda: w5_batch1(table, peers),
         "w3": lambda: w3(table),
     }
     try:

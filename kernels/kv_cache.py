@@ -11,6 +11,8 @@ scale and the value scale into the output.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -45,8 +47,20 @@ def check_kv_scales(cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None
                          f"{kv_scales.dtype} {tuple(kv_scales.shape)} on {kv_scales.device}")
 
 
-def _check_inputs(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+@dataclass
+class KVCacheWrite:
+    """Where a step's keys and values go: a layer's caches, one slot per token (-1: not written), and an FP8 cache's
+    scales. A kernel that produces the keys can write them as it goes (``hf_minivllm.kernels.rotary``)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    kv_scales: torch.Tensor | None = None
+
+
+def check_store_inputs(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Keys and values ``[tokens, kv_heads, head_dim]`` that fit the caches, one slot per token."""
     if key.shape != value.shape or key.dim() != 3:
         raise ValueError(f"key and value must both be [tokens, kv_heads, head_dim], got {tuple(key.shape)} and {tuple(value.shape)}")
     if k_cache.shape != v_cache.shape or k_cache.shape[2:] != key.shape[1:]:
@@ -59,7 +73,7 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
                         slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
     """Reference (and CPU path): scatter each token's K/V row into its slot, skipping slots of -1 (quantized with
     ``kv_scales`` into an FP8 cache)."""
-    _check_inputs(key, value, k_cache, v_cache, slot_mapping)
+    check_store_inputs(key, value, k_cache, v_cache, slot_mapping)
     check_kv_scales(k_cache, kv_scales)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -86,7 +100,7 @@ def _round_to_e4m3_magnitude(magnitude):
 
 
 @triton.jit
-def _quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
+def quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
     """``x / scale`` (IEEE division, as torch's; Triton's ``/`` is approximate) saturated to e4m3's range with NaN
     kept NaN (as torch's clamp does) and rounded (``_round_to_e4m3_magnitude``), as e4m3. The magnitude is rounded
     and the sign bit set on the byte: Triton 3.6 compiles a negation for sm_90 as ``0 - x``, which turns -0 (what a
@@ -114,8 +128,8 @@ def _store_kvcache_kernel(
         key = tl.load(key_ptr + token64 * key_token_stride + heads * key_head_stride + dims, mask=mask)
         value = tl.load(value_ptr + token64 * value_token_stride + heads * value_head_stride + dims, mask=mask)
         if FP8:
-            key = _quantize_e4m3(key, tl.load(kv_scales_ptr), FP8_MAX)
-            value = _quantize_e4m3(value, tl.load(kv_scales_ptr + 1), FP8_MAX)
+            key = quantize_e4m3(key, tl.load(kv_scales_ptr), FP8_MAX)
+            value = quantize_e4m3(value, tl.load(kv_scales_ptr + 1), FP8_MAX)
         cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
         tl.store(k_cache_ptr + cache_offsets, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + cache_offsets, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -129,7 +143,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     ``key``/``value`` may be strided views (e.g. slices of a fused qkv projection) as long as ``head_dim`` is
     contiguous; the caches must be contiguous. Graph-capturable: no host synchronisation.
     """
-    _check_inputs(key, value, k_cache, v_cache, slot_mapping)
+    check_store_inputs(key, value, k_cache, v_cache, slot_mapping)
     check_kv_scales(k_cache, kv_scales)
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key and value must be contiguous along head_dim")

@@ -14,6 +14,10 @@ the dtype, multiply by the weight; only its sum of squares is reduced in a diffe
 
 q and k are ``[tokens, heads * head_dim]`` or ``[tokens, heads, head_dim]``, typically strided views into the fused
 qkv projection's output; only the last dimension must be contiguous.
+
+Given a ``KVCacheWrite`` and the values, the same launch also writes each token's rotated keys and its values into
+the paged cache (``hf_minivllm.kernels.kv_cache``'s layout and FP8 quantization, byte for byte): the attention layer
+then has no store kernel to launch, one launch fewer per layer and step.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_minivllm.kernels.kv_cache import (FP8_MAX, KVCacheWrite, quantize_e4m3, check_kv_scales,
+                                          check_store_inputs, store_kvcache_torch)
 from hf_minivllm.kernels.launch import launch
 
 # Elements per program: enough work per program for prefill, few enough programs to stay one wave at decode.
@@ -62,11 +68,21 @@ def qk_norm_rotary_inplace_torch(q: torch.Tensor, k: torch.Tensor, q_weight: tor
 
 
 @triton.jit
+def _to_cache(x, cache_ptr, offsets, mask, kv_scales_ptr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+    """Store ``x`` at ``offsets`` of a cache, quantized with the scale at ``kv_scales_ptr`` into an FP8 one."""
+    if FP8:
+        x = quantize_e4m3(x, tl.load(kv_scales_ptr), FP8_MAX)
+    tl.store(cache_ptr + offsets, x.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _norm_rotate_heads(
-    rows_ptr, first_head, num_heads, head_stride, weight_ptr, cos, sin, eps,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr,
+    rows_ptr, first_head, num_heads, head_stride, weight_ptr, cos, sin, eps, cache_ptr, slot, kv_scales_ptr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
-    """Heads ``first_head .. first_head + BLOCK_H`` of one token of one tensor: optional RMSNorm, then RoPE."""
+    """Heads ``first_head .. first_head + BLOCK_H`` of one token of one tensor: optional RMSNorm, then RoPE; with
+    ``STORE`` the result also goes to the cache row ``slot`` (none when it is -1)."""
     heads = first_head + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, HALF)
     offsets = heads[:, None].to(tl.int64) * head_stride + cols[None, :]
@@ -84,36 +100,87 @@ def _norm_rotate_heads(
         a1 = (w1 * (a1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         a2 = (w2 * (a2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     # Each product and each sum rounded to the dtype, as the torch path (HF) computes them.
-    out1 = (a1 * cos).to(dtype).to(tl.float32) - (a2 * sin).to(dtype).to(tl.float32)
-    out2 = (a2 * cos).to(dtype).to(tl.float32) + (a1 * sin).to(dtype).to(tl.float32)
-    tl.store(rows_ptr + offsets, out1.to(dtype), mask=mask)
-    tl.store(rows_ptr + offsets + HALF, out2.to(dtype), mask=mask)
+    out1 = ((a1 * cos).to(dtype).to(tl.float32) - (a2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    out2 = ((a2 * cos).to(dtype).to(tl.float32) + (a1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(rows_ptr + offsets, out1, mask=mask)
+    tl.store(rows_ptr + offsets + HALF, out2, mask=mask)
+    if STORE:
+        if slot >= 0:
+            cache_offsets = slot * (num_heads * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
+            _to_cache(out1, cache_ptr, cache_offsets, mask, kv_scales_ptr, FP8, FP8_MAX)
+            _to_cache(out2, cache_ptr, cache_offsets + HALF, mask, kv_scales_ptr, FP8, FP8_MAX)
+
+
+@triton.jit
+def _copy_heads_to_cache(
+    rows_ptr, first_head, num_heads, head_stride, cache_ptr, slot, kv_scales_ptr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+):
+    """Heads ``first_head .. first_head + BLOCK_H`` of one token's values, into the cache row ``slot``."""
+    heads = first_head + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, 2 * HALF)
+    mask = (heads[:, None] < num_heads) & (cols[None, :] < 2 * HALF)
+    x = tl.load(rows_ptr + heads[:, None].to(tl.int64) * head_stride + cols[None, :], mask=mask)
+    cache_offsets = slot * (num_heads * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
+    _to_cache(x, cache_ptr, cache_offsets, mask, kv_scales_ptr, FP8, FP8_MAX)
 
 
 @triton.jit
 def _qk_rotary_kernel(
-    q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr,
-    q_token_stride, q_head_stride, k_token_stride, k_head_stride, cos_sin_stride,
-    num_q_heads, num_k_heads, num_q_blocks, eps,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr,
+    k_cache_ptr, v_cache_ptr, slot_mapping_ptr, kv_scales_ptr,
+    q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride, cos_sin_stride,
+    num_q_heads, num_k_heads, num_q_blocks, num_k_blocks, eps,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
-    """Grid ``(tokens, q head blocks + k head blocks)``: each program rotates one block of q or of k heads."""
+    """Grid ``(tokens, q head blocks + k head blocks [+ v head blocks with STORE])``: each program rotates one block
+    of q or of k heads, or (with ``STORE``) writes one block of v heads to the cache."""
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
-    cols = tl.arange(0, HALF)
-    cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
-    cos = tl.load(cos_sin_row + cols).to(tl.float32)[None, :]
-    sin = tl.load(cos_sin_row + HALF + cols).to(tl.float32)[None, :]
-    if head_block < num_q_blocks:
-        _norm_rotate_heads(q_ptr + token * q_token_stride, head_block * BLOCK_H, num_q_heads, q_head_stride,
-                           q_weight_ptr, cos, sin, eps, HALF, BLOCK_H, HAS_NORM)
+    if STORE:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     else:
-        _norm_rotate_heads(k_ptr + token * k_token_stride, (head_block - num_q_blocks) * BLOCK_H, num_k_heads,
-                           k_head_stride, k_weight_ptr, cos, sin, eps, HALF, BLOCK_H, HAS_NORM)
+        slot = -1
+    if head_block >= num_q_blocks + num_k_blocks:
+        if slot >= 0:
+            _copy_heads_to_cache(v_ptr + token * v_token_stride, (head_block - num_q_blocks - num_k_blocks) * BLOCK_H,
+                                 num_k_heads, v_head_stride, v_cache_ptr, slot, kv_scales_ptr + 1, HALF, BLOCK_H,
+                                 FP8, FP8_MAX)
+    else:
+        cols = tl.arange(0, HALF)
+        cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
+        cos = tl.load(cos_sin_row + cols).to(tl.float32)[None, :]
+        sin = tl.load(cos_sin_row + HALF + cols).to(tl.float32)[None, :]
+        if head_block < num_q_blocks:
+            _norm_rotate_heads(q_ptr + token * q_token_stride, head_block * BLOCK_H, num_q_heads, q_head_stride,
+                               q_weight_ptr, cos, sin, eps, k_cache_ptr, slot, kv_scales_ptr, HALF, BLOCK_H,
+                               HAS_NORM, False, FP8, FP8_MAX)
+        else:
+            _norm_rotate_heads(k_ptr + token * k_token_stride, (head_block - num_q_blocks) * BLOCK_H, num_k_heads,
+                               k_head_stride, k_weight_ptr, cos, sin, eps, k_cache_ptr, slot, kv_scales_ptr, HALF,
+                               BLOCK_H, HAS_NORM, STORE, FP8, FP8_MAX)
+
+
+def _check_write(k_heads: torch.Tensor, v: torch.Tensor | None, write: KVCacheWrite | None) -> torch.Tensor | None:
+    """``v`` as ``[tokens, kv_heads, head_dim]`` when there is a cache write (the two come together)."""
+    if (v is None) != (write is None):
+        raise ValueError("v and write must be given together (the values go to the cache with the keys)")
+    if write is None:
+        return None
+    v_heads = _as_heads(v, k_heads.shape[2])
+    check_store_inputs(k_heads, v_heads, write.k_cache, write.v_cache, write.slot_mapping)
+    check_kv_scales(write.k_cache, write.kv_scales)
+    if v_heads.stride(2) != 1 or not (write.k_cache.is_contiguous() and write.v_cache.is_contiguous()):
+        raise ValueError("v must be contiguous along head_dim, the caches entirely")
+    if write.kv_scales is None and write.k_cache.dtype != k_heads.dtype:
+        raise ValueError(f"a {write.k_cache.dtype} cache takes {write.k_cache.dtype} keys, got {k_heads.dtype}")
+    return v_heads
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-            weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float) -> None:
+            weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float, v: torch.Tensor | None,
+            write: KVCacheWrite | None) -> None:
     head_dim = cos_sin_cache.shape[1]
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"the rotary kernel needs a power-of-two head_dim >= 16, got {head_dim}")
@@ -127,29 +194,47 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
                          f"{tuple(positions.shape)} and cache {cos_sin_cache.dtype} must agree in tokens and dtype")
     if weights is not None and any(w.shape != (head_dim,) or w.dtype != q.dtype for w in weights):
         raise ValueError(f"q/k norm weights must be [{head_dim}] in {q.dtype}")
+    v_heads = _check_write(k_heads, v, write)
     if num_tokens == 0:
         return
     num_q_heads, num_k_heads = q_heads.shape[1], k_heads.shape[1]
     block_h = min(triton.next_power_of_2(max(num_q_heads, num_k_heads)), max(_ELEMENTS_PER_PROGRAM // head_dim, 1))
-    num_q_blocks = triton.cdiv(num_q_heads, block_h)
-    grid = (num_tokens, num_q_blocks + triton.cdiv(num_k_heads, block_h))
+    num_q_blocks, num_k_blocks = triton.cdiv(num_q_heads, block_h), triton.cdiv(num_k_heads, block_h)
+    grid = (num_tokens, num_q_blocks + num_k_blocks * (2 if write is not None else 1))
     q_weight, k_weight = weights if weights is not None else (q_heads, k_heads)
+    # Without a write, its pointers are q's (never read).
+    v_heads = v_heads if v_heads is not None else k_heads
+    k_cache, v_cache, slot_mapping = (write.k_cache, write.v_cache, write.slot_mapping) if write else (q, q, positions)
+    kv_scales = write.kv_scales if write is not None and write.kv_scales is not None else cos_sin_cache
     launch(_qk_rotary_kernel, grid,
-        q_heads, k_heads, positions, cos_sin_cache, q_weight, k_weight,
-        q_heads.stride(0), q_heads.stride(1), k_heads.stride(0), k_heads.stride(1), cos_sin_cache.stride(0),
-        num_q_heads, num_k_heads, num_q_blocks, eps,
-        HALF=head_dim // 2, BLOCK_H=block_h, HAS_NORM=weights is not None,
+        q_heads, k_heads, v_heads, positions, cos_sin_cache, q_weight, k_weight,
+        k_cache, v_cache, slot_mapping, kv_scales,
+        q_heads.stride(0), q_heads.stride(1), k_heads.stride(0), k_heads.stride(1),
+        v_heads.stride(0), v_heads.stride(1), cos_sin_cache.stride(0),
+        num_q_heads, num_k_heads, num_q_blocks, num_k_blocks, eps,
+        HALF=head_dim // 2, BLOCK_H=block_h, HAS_NORM=weights is not None, STORE=write is not None,
+        FP8=write is not None and write.kv_scales is not None, FP8_MAX=FP8_MAX,
         num_warps=min(max(block_h * head_dim // 256, 1), 4), enable_fp_fusion=False,
     )
 
 
-def apply_rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                         cos_sin_cache: torch.Tensor) -> None:
-    """Triton RoPE of ``q`` and ``k`` in place, one launch; ``cos_sin_cache`` is ``[max_positions, head_dim]``."""
-    _launch(q, k, positions, cos_sin_cache, None, 0.0)
+def apply_rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                         v: torch.Tensor | None = None, write: KVCacheWrite | None = None) -> None:
+    """Triton RoPE of ``q`` and ``k`` in place, one launch; ``cos_sin_cache`` is ``[max_positions, head_dim]``.
+    With ``v`` and ``write`` the rotated keys and the values also go to the cache."""
+    _launch(q, k, positions, cos_sin_cache, None, 0.0, v, write)
 
 
 def qk_norm_rotary_inplace(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                           eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    """Triton per-head RMSNorm (``q_weight``/``k_weight``: ``[head_dim]``) then RoPE of ``q`` and ``k``, in place."""
-    _launch(q, k, positions, cos_sin_cache, (q_weight, k_weight), eps)
+                           eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                           v: torch.Tensor | None = None, write: KVCacheWrite | None = None) -> None:
+    """Triton per-head RMSNorm (``q_weight``/``k_weight``: ``[head_dim]``) then RoPE of ``q`` and ``k``, in place.
+    With ``v`` and ``write`` the rotated keys and the values also go to the cache."""
+    _launch(q, k, positions, cos_sin_cache, (q_weight, k_weight), eps, v, write)
+
+
+def write_to_cache_torch(k: torch.Tensor, v: torch.Tensor, write: KVCacheWrite) -> None:
+    """Reference for the write: the rotated ``k`` and ``v`` stored as ``store_kvcache_torch`` stores them."""
+    head_dim = write.k_cache.shape[-1]
+    store_kvcache_torch(_as_heads(k, head_dim), _as_heads(v, head_dim), write.k_cache, write.v_cache,
+                        write.slot_mapping, write.kv_scales)

@@ -124,6 +124,47 @@ def test_qk_norm_rotary_matches_torch(rotary, dtype, head_dim, heads):
     torch.testing.assert_close(layer_k, expected_k, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "qk-norm+rope"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["plain cache", "fp8 cache"])
+def test_cache_write_stores_the_rotated_keys_as_the_store_kernel_does(rotary, dtype, norm, fp8):
+    """With a ``KVCacheWrite`` the launch also writes each token's rotated keys and its values to its slot (none
+    for -1, FP8 quantized byte for byte), and rotates q and k exactly as without one."""
+    from hf_minivllm.kernels.kv_cache import KVCacheWrite
+
+    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 16, 4
+    case = FusedQKVCase(9, num_heads, num_kv_heads, head_dim, dtype, seed=5 + 2 * norm + fp8)
+    cache = _rotary_embedding(head_dim, dtype).cos_sin_cache
+    slots = torch.tensor([5, -1, 0, 17, 3, -1, 22, 8, 31], device=DEVICE)
+    shape = (8, block_size, num_kv_heads, head_dim)
+    kv_scales = torch.tensor([0.011, 0.0037], device=DEVICE) if fp8 else None
+
+    def fresh_write() -> KVCacheWrite:
+        generator = torch.Generator().manual_seed(1)
+        caches = [torch.randn(shape, generator=generator).to(DEVICE) for _ in range(2)]
+        if fp8:
+            caches = [(c * 100).to(torch.float8_e4m3fn) for c in caches]
+        return KVCacheWrite(*(c.to(dtype) if not fp8 else c for c in caches), slots, kv_scales)
+
+    args = (case.q_weight, case.k_weight, 1e-6, case.positions, cache) if norm else (case.positions, cache)
+    fused_kernel = rotary.qk_norm_rotary_inplace if norm else rotary.apply_rotary_inplace
+    write, qkv = fresh_write(), case.qkv.clone()
+    q, k, v = case.views(qkv)
+    fused_kernel(q, k, *args, v=v, write=write)
+    torch.testing.assert_close(qkv, case.run(fused_kernel, *args), atol=0, rtol=0)  # the rotation is unchanged
+    expected = fresh_write()
+    rotary.write_to_cache_torch(k, v, expected)  # the keys it rotated, stored by the reference store
+    for got, want in ((write.k_cache, expected.k_cache), (write.v_cache, expected.v_cache)):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    untouched = fresh_write()
+    written = torch.zeros(shape[0] * block_size, dtype=torch.bool, device=DEVICE)
+    written[slots[slots >= 0]] = True
+    for got, before in ((write.k_cache, untouched.k_cache), (write.v_cache, untouched.v_cache)):
+        rows, rows_before = got.view(-1, num_kv_heads * head_dim), before.view(-1, num_kv_heads * head_dim)
+        assert torch.equal(rows[~written].view(torch.uint8), rows_before[~written].view(torch.uint8))
+        assert not torch.equal(rows[written].view(torch.uint8), rows_before[written].view(torch.uint8))
+
+
 def test_zero_tokens_and_invalid_inputs(rotary):
     cache = _rotary_embedding(16, torch.float32).cos_sin_cache
     empty = torch.empty(0, 3 * 16, device=DEVICE)
@@ -138,6 +179,21 @@ def test_zero_tokens_and_invalid_inputs(rotary):
         rotary.apply_rotary_inplace(q, k, case.positions[:2], cache)
     with pytest.raises(ValueError, match="norm weights"):
         rotary.qk_norm_rotary_inplace(q, k, case.q_weight.half(), case.k_weight, 1e-6, case.positions, cache)
+    from hf_minivllm.kernels.kv_cache import KVCacheWrite
+
+    v = case.views(case.qkv.clone())[2]
+    caches = [torch.zeros(4, 4, 1, 16, device=DEVICE) for _ in range(2)]
+    slots = torch.arange(3, device=DEVICE)
+    with pytest.raises(ValueError, match="given together"):
+        rotary.apply_rotary_inplace(q, k, case.positions, cache, v=v)
+    with pytest.raises(ValueError, match="one slot per token"):
+        rotary.apply_rotary_inplace(q, k, case.positions, cache, v=v, write=KVCacheWrite(*caches, slots[:2]))
+    with pytest.raises(ValueError, match="takes torch.float16 keys"):
+        rotary.apply_rotary_inplace(q, k, case.positions, cache, v=v,
+                                    write=KVCacheWrite(*(c.half() for c in caches), slots))
+    with pytest.raises(ValueError, match="kv_scales must be given"):
+        rotary.apply_rotary_inplace(q, k, case.positions, cache, v=v,
+                                    write=KVCacheWrite(*(c.to(torch.float8_e4m3fn) for c in caches), slots))
 
 
 @pytest.fixture
@@ -148,9 +204,9 @@ def kernel_path(monkeypatch):
     calls = {"rotary": 0, "qk_norm_rotary": 0}
 
     def counted(name, fn):
-        def wrapper(*args):
+        def wrapper(*args, **kwargs):
             calls[name] += 1
-            return fn(*args)
+            return fn(*args, **kwargs)
         return wrapper
 
     monkeypatch.setattr(rotary_layer.RotaryEmbedding, "uses_kernel", lambda self, q: self.kernel_fits)
@@ -161,14 +217,23 @@ def kernel_path(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_decoder_on_the_kernel_path_matches_hf(rotary, kernel_path, family):
-    """The layer and decoder wiring (in-place strided views, fused q/k norm) against HF, prefill chunks and decode."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decoder_on_the_kernel_path_matches_hf(rotary, kernel_path, family, backend, monkeypatch):
+    """The layer and decoder wiring (in-place strided views, fused q/k norm) against HF, prefill chunks and decode.
+    With the Triton attention backend the rotary launch also writes the keys and values to the cache, and the
+    attention layer writes nothing itself."""
     from conftest import tiny_model
     from test_model import check_against_hf
+    from hf_minivllm.layers import attention
 
-    check_against_hf(tiny_model(family), lengths=[7, 1, 13, 4], new_tokens=3)
+    if backend == "triton" and CUDA:
+        pytest.skip("the engine's GPU tests cover the Triton backend on CUDA")
+    stores = []
+    monkeypatch.setattr(attention, "store_kvcache", lambda *args, **kwargs: stores.append(1))
+    check_against_hf(tiny_model(family), lengths=[7, 1, 13, 4], new_tokens=3, backend=backend)
     fused = "qk_norm_rotary" if family == "qwen3" else "rotary"
     assert kernel_path[fused] > 0 and sum(kernel_path.values()) == kernel_path[fused]
+    assert not stores
 
 
 # ---------------------------------------------------------------- GPU: bf16, real shapes, the decoder on CUDA

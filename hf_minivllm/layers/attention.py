@@ -1,4 +1,5 @@
-"""The attention layer: writes this step's K/V into the paged cache, then attends through a chosen backend.
+"""The attention layer: writes this step's K/V into the paged cache (or hands that write to the rotary kernel), then
+attends through a chosen backend.
 
 Backends (all read the same cache layout, ``[num_blocks, block_size, num_kv_heads, head_dim]``):
 
@@ -27,7 +28,7 @@ from torch import nn
 from hf_minivllm.kernels.attention_math import check_attention_options
 from hf_minivllm.kernels.decode_attention import (cascade_decode_attention, paged_decode_attention,
                                                   paged_decode_attention_torch)
-from hf_minivllm.kernels.kv_cache import store_kvcache, store_kvcache_torch
+from hf_minivllm.kernels.kv_cache import KVCacheWrite, store_kvcache, store_kvcache_torch
 from hf_minivllm.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_torch
 from hf_minivllm.layers.context import get_attention_metadata
 
@@ -170,7 +171,8 @@ class Attention(nn.Module):
     """Paged-KV attention for one decoder layer.
 
     ``forward(q [T, heads*head_dim], k, v [T, kv_heads*head_dim]) -> [T, heads*head_dim]``, with the step's
-    layout read from ``get_attention_metadata()``. ``k_cache``/``v_cache`` are assigned by the model runner;
+    layout read from ``get_attention_metadata()``; ``stored=True`` when the step's K/V are in the cache already
+    (written through ``cache_write()``). ``k_cache``/``v_cache`` are assigned by the model runner;
     while they are empty (a warm-up or memory-profiling pass before the cache exists) a prefill attends over
     this step's K/V alone and nothing is stored. ``backend`` is set by the runner (see
     ``select_attention_backend``). ``sliding_window`` and ``softcap`` (None: off) are per layer (see the module
@@ -199,7 +201,18 @@ class Attention(nn.Module):
         self.kv_scales: torch.Tensor | None = None
         self.kv_amax: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def cache_write(self) -> KVCacheWrite | None:
+        """This step's write of the keys and values to the cache, for the rotary kernel to do as it rotates them
+        (``forward(..., stored=True)`` then skips it); None where ``forward`` writes itself: no cache bound yet,
+        the torch backend, or a calibration pass (which reads them before any write)."""
+        if self.backend == "torch" or self.kv_amax is not None or not self._has_cache():
+            return None
+        return KVCacheWrite(self.k_cache, self.v_cache, get_attention_metadata().slot_mapping, self.kv_scales)
+
+    def _has_cache(self) -> bool:
+        return self.k_cache.numel() > 0 and self.v_cache.numel() > 0
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored: bool = False) -> torch.Tensor:
         metadata = get_attention_metadata()
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -207,8 +220,8 @@ class Attention(nn.Module):
         if self.kv_amax is not None:
             torch.maximum(self.kv_amax, torch.stack([k.abs().amax(), v.abs().amax()]).float(), out=self.kv_amax)
         k_cache, v_cache = self.k_cache, self.v_cache
-        has_cache = k_cache.numel() > 0 and v_cache.numel() > 0
-        if has_cache:
+        has_cache = self._has_cache()
+        if has_cache and not stored:
             store = store_kvcache_torch if self.backend == "torch" else store_kvcache
             store(k, v, k_cache, v_cache, metadata.slot_mapping, **self._scales())
         if metadata.is_prefill and not has_cache:

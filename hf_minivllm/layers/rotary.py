@@ -7,13 +7,15 @@ tables by sequence length: both are cached, and the runner picks a token's table
 
 On CUDA (head_dim a power of two >= 16) one Triton launch rotates q and k in place, after Qwen3's per-head q/k
 RMSNorm when given, instead of a dozen small torch kernels per layer (``hf_minivllm.kernels.rotary``, bit-identical
-rotation); elsewhere the torch path below runs.
+rotation), and writes the keys and values to the paged KV cache when the attention layer hands it that write;
+elsewhere the torch path below runs.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from hf_minivllm.kernels.kv_cache import KVCacheWrite
 from hf_minivllm.kernels.rotary import apply_rotary_inplace, qk_norm_rotary_inplace
 from hf_minivllm.layers.layernorm import RMSNorm
 
@@ -59,11 +61,13 @@ class RotaryEmbedding(nn.Module):
         return q.is_cuda and self.kernel_fits
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
-                k_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                k_norm: RMSNorm | None = None, v: torch.Tensor | None = None,
+                write: KVCacheWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``[T, Hq*D]`` and ``k`` ``[T, Hk*D]`` (or already ``[T, H, D]``); shapes are preserved.
 
         ``q_norm``/``k_norm`` (Qwen3, Gemma 3; one shared eps) normalise each head first. On the CUDA kernel path ``q`` and
-        ``k`` themselves are overwritten and returned; the torch path returns new tensors.
+        ``k`` themselves are overwritten and returned; the torch path returns new tensors. ``v`` and ``write`` (the
+        kernel path only, see ``uses_kernel``) also write the rotated keys and the values to the paged cache.
         """
         if self.uses_kernel(q):
             if q_norm is not None and q_norm.unit_offset:  # Gemma 3's norms: the fused kernel computes Llama's
@@ -71,10 +75,13 @@ class RotaryEmbedding(nn.Module):
                 k = k_norm(k.view(k.shape[0], -1, self.head_dim)).view(k.shape)
                 q_norm = k_norm = None
             if q_norm is None:
-                apply_rotary_inplace(q, k, positions, self.cos_sin_cache)
+                apply_rotary_inplace(q, k, positions, self.cos_sin_cache, v=v, write=write)
             else:
-                qk_norm_rotary_inplace(q, k, q_norm.weight, k_norm.weight, q_norm.eps, positions, self.cos_sin_cache)
+                qk_norm_rotary_inplace(q, k, q_norm.weight, k_norm.weight, q_norm.eps, positions, self.cos_sin_cache,
+                                       v=v, write=write)
             return q, k
+        if write is not None:
+            raise ValueError("only the rotary kernel writes the KV cache (see RotaryEmbedding.uses_kernel)")
         q_heads = q.view(q.shape[0], -1, self.head_dim)
         k_heads = k.view(k.shape[0], -1, self.head_dim)
         if q_norm is not None:

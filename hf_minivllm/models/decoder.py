@@ -107,8 +107,11 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)  # one fused launch on CUDA
-        out = self.attn(q.reshape(x.shape[0], -1), k.reshape(x.shape[0], -1), v)
+        # One fused launch on CUDA: q/k norms, RoPE, and the keys' and values' write to the paged cache.
+        write = self.attn.cache_write() if self.rotary_emb.uses_kernel(q) else None
+        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm, v=v if write is not None else None,
+                               write=write)
+        out = self.attn(q.reshape(x.shape[0], -1), k.reshape(x.shape[0], -1), v, stored=write is not None)
         return self.o_proj(out)
 
 
