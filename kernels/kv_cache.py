@@ -100,7 +100,7 @@ def _round_to_e4m3_magnitude(magnitude):
 
 
 @triton.jit
-def quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
+def _quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
     """``x / scale`` (IEEE division, as torch's; Triton's ``/`` is approximate) saturated to e4m3's range with NaN
     kept NaN (as torch's clamp does) and rounded (``_round_to_e4m3_magnitude``), as e4m3. The magnitude is rounded
     and the sign bit set on the byte: Triton 3.6 compiles a negation for sm_90 as ``0 - x``, which turns -0 (what a
@@ -128,8 +128,8 @@ def _store_kvcache_kernel(
         key = tl.load(key_ptr + token64 * key_token_stride + heads * key_head_stride + dims, mask=mask)
         value = tl.load(value_ptr + token64 * value_token_stride + heads * value_head_stride + dims, mask=mask)
         if FP8:
-            key = quantize_e4m3(key, tl.load(kv_scales_ptr), FP8_MAX)
-            value = quantize_e4m3(value, tl.load(kv_scales_ptr + 1), FP8_MAX)
+            key = _quantize_e4m3(key, tl.load(kv_scales_ptr), FP8_MAX)
+            value = _quantize_e4m3(value, tl.load(kv_scales_ptr + 1), FP8_MAX)
         cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
         tl.store(k_cache_ptr + cache_offsets, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + cache_offsets, value.to(v_cache_ptr.dtype.element_ty), mask=mask)

@@ -16,8 +16,10 @@ q and k are ``[tokens, heads * head_dim]`` or ``[tokens, heads, head_dim]``, typ
 qkv projection's output; only the last dimension must be contiguous.
 
 Given a ``KVCacheWrite`` and the values, the same launch also writes each token's rotated keys and its values into
-the paged cache (``hf_minivllm.kernels.kv_cache``'s layout and FP8 quantization, byte for byte): the attention layer
-then has no store kernel to launch, one launch fewer per layer and step.
+a full-precision paged cache (``hf_minivllm.kernels.kv_cache``'s layout, the store kernel's bytes): the attention
+layer then has no store kernel to launch, one launch fewer per layer and step. An FP8 cache keeps the store kernel:
+its quantization written from this kernel's registers stored wrong bytes on an H200 (Triton 3.6; right under the
+interpreter).
 """
 from __future__ import annotations
 
@@ -25,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_minivllm.kernels.kv_cache import (FP8_MAX, KVCacheWrite, quantize_e4m3, check_kv_scales,
-                                          check_store_inputs, store_kvcache_torch)
+from hf_minivllm.kernels.kv_cache import KVCacheWrite, check_store_inputs, store_kvcache_torch
 from hf_minivllm.kernels.launch import launch
 
 # Elements per program: enough work per program for prefill, few enough programs to stay one wave at decode.
@@ -68,18 +69,9 @@ def qk_norm_rotary_inplace_torch(q: torch.Tensor, k: torch.Tensor, q_weight: tor
 
 
 @triton.jit
-def _to_cache(x, cache_ptr, offsets, mask, kv_scales_ptr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
-    """Store ``x`` at ``offsets`` of a cache, quantized with the scale at ``kv_scales_ptr`` into an FP8 one."""
-    if FP8:
-        x = quantize_e4m3(x, tl.load(kv_scales_ptr), FP8_MAX)
-    tl.store(cache_ptr + offsets, x.to(cache_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _norm_rotate_heads(
-    rows_ptr, first_head, num_heads, head_stride, weight_ptr, cos, sin, eps, cache_ptr, slot, kv_scales_ptr,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr,
-    FP8_MAX: tl.constexpr,
+    rows_ptr, first_head, num_heads, head_stride, weight_ptr, cos, sin, eps, cache_ptr, slot,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
 ):
     """Heads ``first_head .. first_head + BLOCK_H`` of one token of one tensor: optional RMSNorm, then RoPE; with
     ``STORE`` the result also goes to the cache row ``slot`` (none when it is -1)."""
@@ -107,14 +99,13 @@ def _norm_rotate_heads(
     if STORE:
         if slot >= 0:
             cache_offsets = slot * (num_heads * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
-            _to_cache(out1, cache_ptr, cache_offsets, mask, kv_scales_ptr, FP8, FP8_MAX)
-            _to_cache(out2, cache_ptr, cache_offsets + HALF, mask, kv_scales_ptr, FP8, FP8_MAX)
+            tl.store(cache_ptr + cache_offsets, out1, mask=mask)
+            tl.store(cache_ptr + cache_offsets + HALF, out2, mask=mask)
 
 
 @triton.jit
 def _copy_heads_to_cache(
-    rows_ptr, first_head, num_heads, head_stride, cache_ptr, slot, kv_scales_ptr,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    rows_ptr, first_head, num_heads, head_stride, cache_ptr, slot, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Heads ``first_head .. first_head + BLOCK_H`` of one token's values, into the cache row ``slot``."""
     heads = first_head + tl.arange(0, BLOCK_H)
@@ -122,17 +113,16 @@ def _copy_heads_to_cache(
     mask = (heads[:, None] < num_heads) & (cols[None, :] < 2 * HALF)
     x = tl.load(rows_ptr + heads[:, None].to(tl.int64) * head_stride + cols[None, :], mask=mask)
     cache_offsets = slot * (num_heads * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
-    _to_cache(x, cache_ptr, cache_offsets, mask, kv_scales_ptr, FP8, FP8_MAX)
+    tl.store(cache_ptr + cache_offsets, x, mask=mask)
 
 
 @triton.jit
 def _qk_rotary_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr,
-    k_cache_ptr, v_cache_ptr, slot_mapping_ptr, kv_scales_ptr,
+    k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride, cos_sin_stride,
     num_q_heads, num_k_heads, num_q_blocks, num_k_blocks, eps,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr,
-    FP8_MAX: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
 ):
     """Grid ``(tokens, q head blocks + k head blocks [+ v head blocks with STORE])``: each program rotates one block
     of q or of k heads, or (with ``STORE``) writes one block of v heads to the cache."""
@@ -145,8 +135,7 @@ def _qk_rotary_kernel(
     if head_block >= num_q_blocks + num_k_blocks:
         if slot >= 0:
             _copy_heads_to_cache(v_ptr + token * v_token_stride, (head_block - num_q_blocks - num_k_blocks) * BLOCK_H,
-                                 num_k_heads, v_head_stride, v_cache_ptr, slot, kv_scales_ptr + 1, HALF, BLOCK_H,
-                                 FP8, FP8_MAX)
+                                 num_k_heads, v_head_stride, v_cache_ptr, slot, HALF, BLOCK_H)
     else:
         cols = tl.arange(0, HALF)
         cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
@@ -154,12 +143,11 @@ def _qk_rotary_kernel(
         sin = tl.load(cos_sin_row + HALF + cols).to(tl.float32)[None, :]
         if head_block < num_q_blocks:
             _norm_rotate_heads(q_ptr + token * q_token_stride, head_block * BLOCK_H, num_q_heads, q_head_stride,
-                               q_weight_ptr, cos, sin, eps, k_cache_ptr, slot, kv_scales_ptr, HALF, BLOCK_H,
-                               HAS_NORM, False, FP8, FP8_MAX)
+                               q_weight_ptr, cos, sin, eps, k_cache_ptr, slot, HALF, BLOCK_H, HAS_NORM, False)
         else:
             _norm_rotate_heads(k_ptr + token * k_token_stride, (head_block - num_q_blocks) * BLOCK_H, num_k_heads,
-                               k_head_stride, k_weight_ptr, cos, sin, eps, k_cache_ptr, slot, kv_scales_ptr, HALF,
-                               BLOCK_H, HAS_NORM, STORE, FP8, FP8_MAX)
+                               k_head_stride, k_weight_ptr, cos, sin, eps, k_cache_ptr, slot, HALF, BLOCK_H, HAS_NORM,
+                               STORE)
 
 
 def _check_write(k_heads: torch.Tensor, v: torch.Tensor | None, write: KVCacheWrite | None) -> torch.Tensor | None:
@@ -170,10 +158,11 @@ def _check_write(k_heads: torch.Tensor, v: torch.Tensor | None, write: KVCacheWr
         return None
     v_heads = _as_heads(v, k_heads.shape[2])
     check_store_inputs(k_heads, v_heads, write.k_cache, write.v_cache, write.slot_mapping)
-    check_kv_scales(write.k_cache, write.kv_scales)
+    if write.kv_scales is not None:
+        raise ValueError("the rotary kernel writes full-precision caches only: an FP8 cache takes store_kvcache")
     if v_heads.stride(2) != 1 or not (write.k_cache.is_contiguous() and write.v_cache.is_contiguous()):
         raise ValueError("v must be contiguous along head_dim, the caches entirely")
-    if write.kv_scales is None and write.k_cache.dtype != k_heads.dtype:
+    if not write.k_cache.dtype == write.v_cache.dtype == k_heads.dtype:
         raise ValueError(f"a {write.k_cache.dtype} cache takes {write.k_cache.dtype} keys, got {k_heads.dtype}")
     return v_heads
 
@@ -205,15 +194,13 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     # Without a write, its pointers are q's (never read).
     v_heads = v_heads if v_heads is not None else k_heads
     k_cache, v_cache, slot_mapping = (write.k_cache, write.v_cache, write.slot_mapping) if write else (q, q, positions)
-    kv_scales = write.kv_scales if write is not None and write.kv_scales is not None else cos_sin_cache
     launch(_qk_rotary_kernel, grid,
         q_heads, k_heads, v_heads, positions, cos_sin_cache, q_weight, k_weight,
-        k_cache, v_cache, slot_mapping, kv_scales,
+        k_cache, v_cache, slot_mapping,
         q_heads.stride(0), q_heads.stride(1), k_heads.stride(0), k_heads.stride(1),
         v_heads.stride(0), v_heads.stride(1), cos_sin_cache.stride(0),
         num_q_heads, num_k_heads, num_q_blocks, num_k_blocks, eps,
         HALF=head_dim // 2, BLOCK_H=block_h, HAS_NORM=weights is not None, STORE=write is not None,
-        FP8=write is not None and write.kv_scales is not None, FP8_MAX=FP8_MAX,
         num_warps=min(max(block_h * head_dim // 256, 1), 4), enable_fp_fusion=False,
     )
 
@@ -237,4 +224,4 @@ def write_to_cache_torch(k: torch.Tensor, v: torch.Tensor, write: KVCacheWrite) 
     """Reference for the write: the rotated ``k`` and ``v`` stored as ``store_kvcache_torch`` stores them."""
     head_dim = write.k_cache.shape[-1]
     store_kvcache_torch(_as_heads(k, head_dim), _as_heads(v, head_dim), write.k_cache, write.v_cache,
-                        write.slot_mapping, write.kv_scales)
+                        write.slot_mapping)

@@ -204,10 +204,11 @@ class Attention(nn.Module):
     def cache_write(self) -> KVCacheWrite | None:
         """This step's write of the keys and values to the cache, for the rotary kernel to do as it rotates them
         (``forward(..., stored=True)`` then skips it); None where ``forward`` writes itself: no cache bound yet,
-        the torch backend, or a calibration pass (which reads them before any write)."""
-        if self.backend == "torch" or self.kv_amax is not None or not self._has_cache():
+        the torch backend, an FP8 cache (see ``hf_minivllm.kernels.rotary``), or a calibration pass."""
+        if (self.backend == "torch" or self.kv_scales is not None or self.kv_amax is not None
+                or not self._has_cache()):
             return None
-        return KVCacheWrite(self.k_cache, self.v_cache, get_attention_metadata().slot_mapping, self.kv_scales)
+        return KVCacheWrite(self.k_cache, self.v_cache, get_attention_metadata().slot_mapping)
 
     def _has_cache(self) -> bool:
         return self.k_cache.numel() > 0 and self.v_cache.numel() > 0
