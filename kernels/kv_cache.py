@@ -49,13 +49,12 @@ def check_kv_scales(cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None
 
 @dataclass
 class KVCacheWrite:
-    """Where a step's keys and values go: a layer's caches, one slot per token (-1: not written), and an FP8 cache's
-    scales. A kernel that produces the keys can write them as it goes (``hf_minivllm.kernels.rotary``)."""
+    """Where a step's keys and values go: a layer's full-precision caches and one slot per token (-1: not written),
+    for a kernel that produces the keys to write them as it goes (``hf_minivllm.kernels.rotary``)."""
 
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     slot_mapping: torch.Tensor
-    kv_scales: torch.Tensor | None = None
 
 
 def check_store_inputs(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -2,7 +2,8 @@
 
 At batch-1 decode a step is bound by the number of kernels it launches; the torch path spends about ten small
 kernels per layer on RoPE (two more on the q/k norms). Here one program rotates a block of heads of one token,
-and the grid covers every (token, q-or-k head block), so a layer's q/k norm + RoPE is a single launch.
+and the grid covers every (token, q-or-k head block), so a layer's q/k norm + RoPE is a single launch (with a cache
+write, the grid also covers the value head blocks).
 
 Conventions are HF's: ``out = x * cos + rotate_half(x) * sin`` with the half-width ``[cos | sin]`` cache rows of
 ``hf_minivllm.layers.rotary.RotaryEmbedding`` (already rounded to the model dtype). HF computes this in the model
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_minivllm.kernels.kv_cache import KVCacheWrite, check_store_inputs, store_kvcache_torch
+from hf_minivllm.kernels.kv_cache import FP8_DTYPE, KVCacheWrite, check_store_inputs, store_kvcache_torch
 from hf_minivllm.kernels.launch import launch
 
 # Elements per program: enough work per program for prefill, few enough programs to stay one wave at decode.
@@ -158,7 +159,7 @@ def _check_write(k_heads: torch.Tensor, v: torch.Tensor | None, write: KVCacheWr
         return None
     v_heads = _as_heads(v, k_heads.shape[2])
     check_store_inputs(k_heads, v_heads, write.k_cache, write.v_cache, write.slot_mapping)
-    if write.kv_scales is not None:
+    if write.k_cache.dtype == FP8_DTYPE:
         raise ValueError("the rotary kernel writes full-precision caches only: an FP8 cache takes store_kvcache")
     if v_heads.stride(2) != 1 or not (write.k_cache.is_contiguous() and write.v_cache.is_contiguous()):
         raise ValueError("v must be contiguous along head_dim, the caches entirely")
@@ -191,9 +192,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     num_q_blocks, num_k_blocks = triton.cdiv(num_q_heads, block_h), triton.cdiv(num_k_heads, block_h)
     grid = (num_tokens, num_q_blocks + num_k_blocks * (2 if write is not None else 1))
     q_weight, k_weight = weights if weights is not None else (q_heads, k_heads)
-    # Without a write, its pointers are q's (never read).
+    # Without a write, its pointers are placeholders of the right kind, never read.
     v_heads = v_heads if v_heads is not None else k_heads
-    k_cache, v_cache, slot_mapping = (write.k_cache, write.v_cache, write.slot_mapping) if write else (q, q, positions)
+    k_cache, v_cache, slot_mapping = ((write.k_cache, write.v_cache, write.slot_mapping) if write is not None
+                                      else (q, q, positions))
     launch(_qk_rotary_kernel, grid,
         q_heads, k_heads, v_heads, positions, cos_sin_cache, q_weight, k_weight,
         k_cache, v_cache, slot_mapping,

@@ -128,12 +128,14 @@ def test_qk_norm_rotary_matches_torch(rotary, dtype, head_dim, heads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
 @pytest.mark.parametrize("norm", [False, True], ids=["rope", "qk-norm+rope"])
-def test_cache_write_stores_the_rotated_keys_as_the_store_kernel_does(rotary, dtype, norm):
+@pytest.mark.parametrize("heads", [(4, 2, 16), (12, 12, 128)], ids=["one head block", "two, the last partial"])
+def test_cache_write_stores_the_rotated_keys_as_the_store_kernel_does(rotary, dtype, norm, heads):
     """With a ``KVCacheWrite`` the launch also writes each token's rotated keys and its values to its slot (none
-    for -1), byte for byte as the store does, and rotates q and k exactly as without one."""
+    for -1), byte for byte as the store does, and rotates q and k exactly as without one. At 128-wide heads a
+    program takes 8 heads: 12 heads make a full block and a partial one for each of q, k and v."""
     from hf_minivllm.kernels.kv_cache import KVCacheWrite
 
-    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 16, 4
+    (num_heads, num_kv_heads, head_dim), block_size = heads, 4
     case = FusedQKVCase(9, num_heads, num_kv_heads, head_dim, dtype, seed=5 + norm)
     cache = _rotary_embedding(head_dim, dtype).cos_sin_cache
     slots = torch.tensor([5, -1, 0, 17, 3, -1, 22, 8, 31], device=DEVICE)
@@ -188,7 +190,7 @@ def test_zero_tokens_and_invalid_inputs(rotary):
     with pytest.raises(ValueError, match="takes torch.float16 keys"):
         rotary.apply_rotary_inplace(q, k, case.positions, cache, v=v,
                                     write=KVCacheWrite(*(c.half() for c in caches), slots))
-    fp8 = KVCacheWrite(*(c.to(torch.float8_e4m3fn) for c in caches), slots, torch.ones(2, device=DEVICE))
+    fp8 = KVCacheWrite(*(c.to(torch.float8_e4m3fn) for c in caches), slots)
     with pytest.raises(ValueError, match="full-precision caches only"):
         rotary.apply_rotary_inplace(q, k, case.positions, cache, v=v, write=fp8)
 
@@ -226,12 +228,23 @@ def test_decoder_on_the_kernel_path_matches_hf(rotary, kernel_path, family, back
     if CUDA:
         pytest.skip("forces the kernel on CPU tensors, which only the interpreter runs; the engine's GPU tests "
                     "cover the decoder on CUDA")
-    stores = []
-    monkeypatch.setattr(attention, "store_kvcache", lambda *args, **kwargs: stores.append(1))
+    stores = {"store_kvcache": 0, "store_kvcache_torch": 0}
+
+    def counting(name: str, store):
+        def counted(*args, **kwargs):
+            stores[name] += 1
+            return store(*args, **kwargs)
+        return counted
+
+    for name in stores:
+        monkeypatch.setattr(attention, name, counting(name, getattr(attention, name)))
     check_against_hf(tiny_model(family), lengths=[7, 1, 13, 4], new_tokens=3, backend=backend)
     fused = "qk_norm_rotary" if family == "qwen3" else "rotary"
     assert kernel_path[fused] > 0 and sum(kernel_path.values()) == kernel_path[fused]
-    assert not stores
+    if backend == "triton":  # the rotary launch wrote every key and value
+        assert stores == {"store_kvcache": 0, "store_kvcache_torch": 0}
+    else:
+        assert stores["store_kvcache"] == 0 and stores["store_kvcache_torch"] > 0
 
 
 # ---------------------------------------------------------------- GPU: bf16, real shapes, the decoder on CUDA

@@ -107,7 +107,7 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        # One fused launch on CUDA: q/k norms, RoPE, and the keys' and values' write to the paged cache.
+        # One launch on CUDA: q/k norms (Gemma 3's apart), RoPE, and the keys' and values' write to the paged cache.
         write = self.attn.cache_write() if self.rotary_emb.uses_kernel(q) else None
         q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm, v=v if write is not None else None,
                                write=write)
