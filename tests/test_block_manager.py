@@ -36,28 +36,40 @@ def test_shared_prefix_hits_full_blocks_only():
     assert manager.blocks[a.block_table[0]].ref_count == 2
 
 
-def test_fully_cached_prompt_still_computes_its_last_token():
+def test_fully_cached_prompt_recomputes_its_last_block_in_a_block_of_its_own():
+    """Its last token still needs logits, so its K/V are written again. Written into the cached block, they would
+    change K/V that other sequences share (recomputed values differ in their last bits, and two such prompts
+    admitted in one step write the same slot at once): the cache serves the blocks before the last token only."""
     manager = BlockManager(16, BS)
-    admit(manager, seq(range(8)))
-    b = admit(manager, seq(range(8)))
-    assert b.num_cached_tokens == 7 and b.num_computed_tokens == 7
+    a = admit(manager, seq(range(8)))
+    for b in (seq(range(8)), seq(range(8))):
+        manager.allocate(b)
+        assert b.num_cached_tokens == 4 and b.num_computed_tokens == 4
+        assert b.block_table[0] == a.block_table[0]
+        written = manager.blocks[b.block_table[b.num_computed_tokens // BS]]
+        assert written.ref_count == 1 and written.hash == bm.NO_HASH, "computed into a block the cache may share"
+        manager.publish(b, len(b))
+    manager.deallocate(a)
+    c = seq(range(8))  # a preempted sequence's own blocks, revived: the last one is recomputed all the same
+    manager.allocate(c)
+    assert c.num_cached_tokens == 4 and manager.blocks[c.block_table[1]].hash == bm.NO_HASH
 
 
 def test_same_new_prefix_admitted_in_one_step_shares_blocks():
     manager = BlockManager(16, BS)
-    a, b = seq(range(12)), seq(range(12))
+    a, b = seq(range(13)), seq(range(13))
     admit(manager, a)
     admit(manager, b)  # no step ran in between: the hashes were published at scheduling time
-    assert a.block_table == b.block_table
-    assert manager.num_free_blocks == 16 - 3
+    assert a.block_table[:3] == b.block_table[:3] and a.block_table[3] != b.block_table[3]
+    assert manager.num_free_blocks == 16 - 5
 
 
 def test_freed_blocks_are_revived_until_overwritten():
     manager = BlockManager(3, BS)
     a = admit(manager, seq(range(8)))
     manager.deallocate(a)
-    b = admit(manager, seq(range(8)))
-    assert b.num_cached_tokens == 7  # revived from the free list
+    b = admit(manager, seq(range(9)))
+    assert b.num_cached_tokens == 8  # revived from the free list
     manager.deallocate(b)
     c = admit(manager, seq([90 + i for i in range(12)]))  # needs all 3 blocks: old content overwritten
     assert sorted(c.block_table) == [0, 1, 2]
@@ -165,7 +177,7 @@ def test_grown_blocks_are_handed_out_before_free_blocks_that_hold_cached_prefixe
     assert manager.num_blocks == 8 and manager.num_free_blocks == 8
     b = admit(manager, seq(range(100, 116)))
     assert not set(b.block_table) & set(cached), "new blocks first: the cached prefix survives"
-    assert admit(manager, seq(range(8))).num_cached_tokens == 7
+    assert admit(manager, seq(range(9))).num_cached_tokens == 8
 
 
 def test_shrink_drops_only_free_blocks_and_their_cached_prefixes():

@@ -127,11 +127,13 @@ class BlockManager:
         return block_hash, self.blocks[block_id]
 
     def _cached_prefix(self, seq: Sequence) -> list[Block]:
-        """The blocks holding ``seq``'s leading full blocks, as far as the prefix cache has them (no state change)."""
+        """The blocks holding ``seq``'s full blocks before its last token, as far as the prefix cache has them (no
+        state change). The last token is always computed (its logits are needed), and never into a cached block:
+        other sequences may read that block, and recomputed K/V differ from the cached ones in their last bits."""
         if not self.enable_prefix_caching:
             return []
         prefix_hash, found = _first_prefix(seq), []
-        for index in range(len(seq) // self.block_size):
+        for index in range((len(seq) - 1) // self.block_size):
             prefix_hash, block = self._lookup(seq.block_tokens(index), prefix_hash)
             if block is None:
                 break
@@ -154,9 +156,9 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give ``seq`` blocks for all its tokens, reusing cached full blocks of its prefix.
 
-        Sets ``seq.num_computed_tokens`` to the cached prefix length, keeping at least the last token to compute
-        (a fully cached prompt still needs logits). Hashes of the new full blocks are published later, by
-        ``publish``, once the step that computes them is scheduled.
+        Sets ``seq.num_computed_tokens`` to the cached prefix length, which leaves at least the last token to compute
+        (a fully cached prompt still needs logits: its last block is computed again, in a block of its own). Hashes
+        of the new full blocks are published later, by ``publish``, once the step that computes them is scheduled.
         """
         assert not seq.block_table, "sequence already holds blocks"
         cached = self._cached_prefix(seq)
@@ -167,7 +169,7 @@ class BlockManager:
             seq.block_table.append(self._take_free_block().block_id)
         seq.num_hashed_blocks = len(cached)
         seq.cache_epoch = self.epoch
-        seq.num_cached_tokens = min(len(cached) * self.block_size, len(seq) - 1)
+        seq.num_cached_tokens = len(cached) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
 
     def publish(self, seq: Sequence, num_tokens: int) -> None:

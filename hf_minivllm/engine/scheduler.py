@@ -229,8 +229,13 @@ class Scheduler:
         are recomputed first (counted as preemptions). One whose pending token finishes it needs no recompute."""
         if self.rope_long_after is None:  # every other model: no pass over the running sequences each step
             return
-        for seq in [seq for seq in self.running
-                    if self._outgrew_short_rope(seq) and not self._finishes_when_pending_arrive(seq)]:
+        outgrown = [seq for seq in self.running
+                    if self._outgrew_short_rope(seq) and not self._finishes_when_pending_arrive(seq)]
+        if outgrown:
+            # They go before the queue's head: a prompt prefilled in chunks there gives its blocks back first, or it
+            # would hold them behind the recomputes (only the head's blocks are ever released) and starve them.
+            self._release_partial_prefill()
+        for seq in outgrown:
             seq.long_rope = True
             self.running.remove(seq)
             self._preempt(seq)
