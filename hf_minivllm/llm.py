@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from hf_minivllm.config import Config
 from hf_minivllm.engine.llm_engine import LLMEngine
 from hf_minivllm.engine.loop import EngineLoop, RequestGroup
-from hf_minivllm.engine.sequence import FinishReason, Sequence
+from hf_minivllm.engine.sequence import FinishReason, Sequence, answer_token_ids
 from hf_minivllm.models.adapter import (
     build_decoder,
     check_tensor_parallel,
@@ -155,6 +155,9 @@ class LLM:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _answer(self, seq: Sequence, completion: list[int], finish_reason: FinishReason | None) -> list[int]:
+        return answer_token_ids(completion, finish_reason, seq.sampling_params, self.engine.eos_token_ids)
+
     def _requests(
         self,
         prompts: Prompt | SequenceOf[Prompt],
@@ -184,7 +187,8 @@ class LLM:
         if not token_ids:
             return []
         seqs = self.generate_sequences(token_ids, sampling_params, use_tqdm)
-        return [{"text": self._decode(seq.completion_token_ids), "token_ids": seq.completion_token_ids} for seq in seqs]
+        return [{"text": self._decode(self._answer(seq, seq.completion_token_ids, seq.finish_reason)),
+                 "token_ids": seq.completion_token_ids} for seq in seqs]
 
     def stream(
         self,
@@ -212,9 +216,10 @@ class LLM:
                 if finished[index] or (len(completion) == emitted[index] and finish_reason is None):
                     continue
                 finished[index] = finish_reason is not None
-                text = detokenizers[index].step(completion)
+                answer = self._answer(seq, completion, finish_reason)
+                text = detokenizers[index].step(answer)
                 if finish_reason is not None:
-                    text += detokenizers[index].flush(completion)
+                    text += detokenizers[index].flush(answer)
                 yield StreamOutput(index, text, completion[emitted[index] :], _reason(finish_reason))
                 emitted[index] = len(completion)
 

@@ -47,11 +47,12 @@ class SamplingParams:
     and logits divided by a much smaller one overflow float32, leaving no distribution to draw from. ``top_k <= 0``
     (or -1) disables top-k; ``top_p=1`` and ``min_p=0`` disable those filters. ``seed`` makes this request's
     sampling independent of every other request and of the global RNG.
-    ``stop_token_ids`` end the request like the model's eos does (the stop token is kept in ``token_ids``);
-    ``min_tokens`` suppresses eos and stop tokens until that many tokens were generated. ``logprobs=k`` records,
-    for every generated token, its log-probability and the ``k`` most likely tokens' (``k=0``: the token's alone),
-    under the model's own distribution (before temperature and filters), in ``Sequence.logprobs``. ``step_hook``
-    (a ``StepHook``) runs on this request's logits every step and may end it; the common path pays nothing for it.
+    ``stop_token_ids`` end the request like the model's eos does (the stop token is kept in ``token_ids`` and, as
+    in vLLM, left out of the text); ``min_tokens`` suppresses eos and stop tokens until that many tokens were
+    generated. ``logprobs=k`` records, for every generated token, its log-probability and the ``k`` most likely
+    tokens' (``k=0``: the token's alone), under the model's own distribution (before temperature and filters), in
+    ``Sequence.logprobs``. ``step_hook`` (a ``StepHook``) runs on this request's logits every step and may end
+    it; the common path pays nothing for it.
     """
 
     temperature: float = 1.0

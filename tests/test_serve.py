@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -178,12 +179,16 @@ def test_sampling_options(served, client):
     ids = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0)
     tokens = tokenizer.encode(PROMPT)
     greedy_ids = _hf_greedy(served[2], tokens, 12)
-    assert len(ids.choices[0].logprobs.tokens) == 12
+    logprobs = ids.choices[0].logprobs
+    assert len(logprobs.tokens) == 12
+    # The legacy API always lists the sampled token among the alternatives: logprobs=0 gives it alone.
+    assert logprobs.top_logprobs == [{token: lp} for token, lp in zip(logprobs.tokens, logprobs.token_logprobs)]
     # stop_token_ids end at the given token (kept in the token count, not in the text); min_tokens holds it off.
     stop_id = greedy_ids[3]
     stopped = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
                                         extra_body={"stop_token_ids": [stop_id]})
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 4
+    assert stopped.choices[0].text == tokenizer.decode(greedy_ids[:3], skip_special_tokens=True)
     held = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
                                      extra_body={"stop_token_ids": [stop_id], "min_tokens": 6})
     assert held.usage.completion_tokens >= 6
@@ -210,6 +215,20 @@ def test_stop_strings_are_cut_in_stream_and_whole(client):
     texts, reasons, _ = _joined(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0,
                                                          stop=stop, stream=True))
     assert texts[0] == out.choices[0].text and reasons[0] == "stop"
+
+
+def test_stop_strings_wait_for_min_tokens(client):
+    """As in vLLM, a stop string that ends within the text of the first min_tokens tokens does not end the choice."""
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0)
+    tokens = greedy.choices[0].logprobs.tokens
+    held = len("".join(tokens[:4]))
+    assert " " in tokens[0] and " " in "".join(tokens[4:])
+    expected = greedy.choices[0].text[: greedy.choices[0].text.index(" ", held)]
+    common = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, stop=" ", extra_body={"min_tokens": 4})
+    whole = client.completions.create(**common).choices[0]
+    assert (whole.text, whole.finish_reason) == (expected, "stop")
+    texts, reasons, _ = _joined(client.completions.create(**common, stream=True))
+    assert (texts[0], reasons[0]) == (expected, "stop")
 
 
 def test_stop_strings_end_at_the_token_that_completes_them_however_late_the_reader(served):
@@ -353,12 +372,19 @@ def test_errors_are_openai_json_and_leave_the_server_usable(served, client):
     assert error.value.param == "max_tokens"
     bad = [dict(temperature=-1), dict(n=0), dict(top_p=0), dict(max_tokens=0), dict(presence_penalty=1.0),
            dict(logprobs=99), dict(extra_body={"top_k": -5}), dict(extra_body={"min_tokens": -1}),
-           dict(seed=2**64), dict(extra_body={"top_k": 2**70}), dict(extra_body={"stop_token_ids": [2**64]})]
+           dict(seed=2**64), dict(extra_body={"top_k": 2**70}), dict(extra_body={"stop_token_ids": [2**64]}),
+           dict(extra_body={"repetition_penalty": 1.2}), dict(extra_body={"include_stop_str_in_output": True})]
     for kwargs in bad:
         with pytest.raises(openai.BadRequestError) as error:
             client.completions.create(model=MODEL, prompt=PROMPT, **{"max_tokens": 2, **kwargs})
         name = next(iter(kwargs.get("extra_body", kwargs)))
-        assert name in error.value.message, (kwargs, error.value.message)
+        assert name in error.value.message and error.value.param == name, (kwargs, error.value.message)
+    neutral = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2,
+                                        extra_body={"repetition_penalty": 1.0, "skip_special_tokens": True})
+    assert neutral.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt=[[5, 6], [5, 2**40]], max_tokens=2)
+    assert "prompt 1: token ids" in error.value.message
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
     wrapped_seeds = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, n=2, seed=2**64 - 1)
@@ -372,6 +398,38 @@ def test_errors_are_openai_json_and_leave_the_server_usable(served, client):
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
     _wait_idle(url)
+
+
+def test_chat_template_options(served, client):
+    """vLLM's add_generation_prompt, continue_final_message and chat_template_kwargs reach the template; text
+    parts of a message are joined one per line, as vLLM joins them."""
+    from hf_minivllm.serve.app import _apply_chat_template
+    from hf_minivllm.serve.protocol import ChatCompletionRequest
+
+    tokenizer = served[3]
+    draft = [*QUESTION, {"role": "assistant", "content": "The answer is"}]
+    cases = [(QUESTION, {"add_generation_prompt": False}),
+             (draft, {"add_generation_prompt": False, "continue_final_message": True})]
+    for messages, options in cases:
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, extra_body=options)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        assert out.usage.prompt_tokens == len(tokenizer.encode(text, add_special_tokens=False)), options
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    joined = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=1)
+    assert joined.usage.prompt_tokens == len(_chat_ids(tokenizer, [{"role": "user", "content": "Hello\nthere"}]))
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=draft, max_tokens=1,
+                                       extra_body={"continue_final_message": True})
+    assert error.value.param == "continue_final_message"
+    with pytest.raises(openai.BadRequestError) as error:  # a client's own template is not rendered
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1,
+                                       extra_body={"chat_template_kwargs": {"chat_template": "{{ 1 }}"}})
+    assert error.value.param == "chat_template_kwargs" and "chat_template" in error.value.message
+    thinking = copy.deepcopy(tokenizer)
+    thinking.chat_template = "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] }}"
+    body = ChatCompletionRequest(model=MODEL, messages=QUESTION, chat_template_kwargs={"enable_thinking": True})
+    ids = _apply_chat_template(types.SimpleNamespace(tokenizer=thinking), body)
+    assert ids == thinking.encode("<think>" + QUESTION[0]["content"], add_special_tokens=False)
 
 
 def test_text_prompt_without_a_tokenizer_is_a_400():
@@ -442,9 +500,10 @@ def test_cli_rejects_bad_options_and_models(tmp_path, capsys):
 
 
 def test_cli_defaults_to_the_embedded_model(monkeypatch):
-    monkeypatch.setattr(loading, "load_embedded_model", lambda device=None: _smollm2())
+    embedded = _smollm2()  # loaded before the patch: _smollm2 itself calls load_embedded_model when not cached
+    monkeypatch.setattr(loading, "load_embedded_model", lambda device=None: embedded)
     model, tokenizer, name = cli.load_model(None, "auto")
-    assert (model, tokenizer) == _smollm2() and name == "SmolLM2-135M-Instruct"
+    assert (model, tokenizer) == embedded and name == "SmolLM2-135M-Instruct"
 
 
 def test_cli_serves_a_model_folder(tmp_path):

@@ -134,6 +134,20 @@ def test_llm_stream_concatenates_to_generate_with_finish_reasons(smollm2):
     assert set(order[:3]) == {0, 1, 2}, "all requests advance together, one continuous batch"
 
 
+def test_a_stop_tokens_text_is_left_out_of_generate_and_stream(smollm2):
+    """As in vLLM: the stop token that ended a request is in its token ids, not in its text."""
+    model, tokenizer = smollm2
+    llm = LLM(model, tokenizer=tokenizer, num_kvcache_blocks=64)
+    greedy = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=12),
+                          use_tqdm=False)[0]["token_ids"]
+    stop = next(i for i in range(2, 12) if greedy[i] not in greedy[:i] and tokenizer.decode(greedy[i]).strip())
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[greedy[stop]])
+    out = llm.generate(["The capital of France is"], params, use_tqdm=False)[0]
+    assert out["token_ids"] == greedy[: stop + 1]
+    assert out["text"] == tokenizer.decode(greedy[:stop], skip_special_tokens=True)
+    assert "".join(event.text for event in llm.stream(["The capital of France is"], params)) == out["text"]
+
+
 def test_abandoned_stream_frees_the_engine(smollm2):
     model, tokenizer = smollm2
     llm = LLM(model, tokenizer=tokenizer, num_kvcache_blocks=64)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Collection
 from itertools import count
 
 from hf_minivllm.sampling_params import SamplingParams
@@ -93,3 +94,14 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.last_token = token_id
+
+
+def answer_token_ids(completion: list[int], finish_reason: FinishReason | None, params: SamplingParams,
+                     eos_token_ids: Collection[int]) -> list[int]:
+    """The completion tokens whose text is the answer: as in vLLM, the eos or stop token that ended a request adds
+    no text (it still counts as generated and keeps its logprob). A step hook's stop ends on any token: kept."""
+    if finish_reason is FinishReason.STOP and completion:
+        last = completion[-1]
+        if last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids):
+            return completion[:-1]
+    return completion

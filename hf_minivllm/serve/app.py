@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -149,8 +150,11 @@ def _apply_chat_template(engine: AsyncLLM, body: ChatCompletionRequest) -> list[
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model's tokenizer has no chat template; use /v1/completions", "messages")
     messages = [message.for_template() for message in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:  # vLLM's chat_template_kwargs reach the template too (e.g. Qwen3's enable_thinking)
+        text = tokenizer.apply_chat_template(messages, **{
+            **(body.chat_template_kwargs or {}), "tokenize": False,
+            "add_generation_prompt": body.add_generation_prompt,
+            "continue_final_message": body.continue_final_message})
     except Exception as error:  # noqa: BLE001 - the template's own complaint (e.g. roles out of order)
         raise InvalidRequest(f"the chat template could not render these messages: {error}", "messages") from None
     # The rendered template carries its own special tokens (BOS included when the model uses one).
@@ -169,8 +173,8 @@ async def _prepare(engine: AsyncLLM, body: Any, prompts: list[list[int]], logpro
                                                 request_id=f"{request_id}-{index}"))
         except (InvalidRequest, UnsupportedModel):  # the latter: the served model changed; not the client's fault
             raise
-        except ValueError as error:
-            raise InvalidRequest(str(error), body.prompt_field) from None
+        except ValueError as error:  # the engine saw one prompt at a time: name this one's place in the batch
+            raise InvalidRequest(re.sub(r"^prompt 0\b", f"prompt {index}", str(error)), body.prompt_field) from None
     return streams
 
 
@@ -285,6 +289,8 @@ class _CompletionResponse(_Response):
         self.text_offsets: dict[int, int] = {}  # per choice: where its next token's text starts
 
     def _logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
+        """The legacy logprobs object; ``top_logprobs`` always holds the sampled token as well (up to k + 1
+        entries), as OpenAI's legacy API and vLLM give it."""
         if entries is None:
             return None
         token_text = self.engine.token_text
@@ -294,8 +300,12 @@ class _CompletionResponse(_Response):
             offsets.append(offset)
             offset += len(token)
         self.text_offsets[index] = offset
-        return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in entries],
-                "top_logprobs": [{token_text(t): lp for t, lp in entry.top} for entry in entries],
+        top = []
+        for token, entry in zip(tokens, entries):
+            alternatives = {token_text(t): lp for t, lp in entry.top}
+            alternatives.setdefault(token, entry.logprob)
+            top.append(alternatives)
+        return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in entries], "top_logprobs": top,
                 "text_offset": offsets}
 
     def full_choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None) -> dict:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hf_minivllm.engine.loop import RequestGroup
-from hf_minivllm.engine.sequence import FinishReason, Sequence
+from hf_minivllm.engine.sequence import FinishReason, Sequence, answer_token_ids
 from hf_minivllm.llm import LLM, IncrementalDetokenizer
 from hf_minivllm.sampling_params import SEED_RANGE, SamplingParams
 from hf_minivllm.serve.metrics import RequestMetrics, ServingMetrics
@@ -86,11 +86,13 @@ class _StopStrings:
 class _Choice:
     """One sequence's progress as seen by the caller: tokens and text released so far."""
 
-    def __init__(self, index: int, seq: Sequence, tokenizer: Any, stop: _StopStrings | None):
+    def __init__(self, index: int, seq: Sequence, tokenizer: Any, stop: _StopStrings | None,
+                 eos_token_ids: frozenset[int]):
         self.index = index
         self.seq = seq
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.stop = stop
+        self.eos_token_ids = eos_token_ids
         self.text = ""  # decoded so far (cut at a stop string once found)
         self.released = 0  # characters of ``text`` handed out
         self.num_tokens = 0  # completion tokens handed out
@@ -101,22 +103,26 @@ class _Choice:
 
         With stop strings the new tokens are decoded one at a time, so the choice ends at the token that completed
         the first stop string however many tokens arrived at once (its token ids, logprobs and usage stop there,
-        as they would had the stop been seen at that step)."""
+        as they would had the stop been seen at that step). As in vLLM, a stop string that ends within the text of
+        the first ``min_tokens`` tokens does not count, and the eos or stop token that ended the choice is counted
+        and has logprobs but adds no text."""
         if self.finish_reason is not None:
             return None, False
         seq = self.seq
         completion = seq.token_ids[seq.num_prompt_tokens : seq.num_prompt_tokens + count]
+        text_ids = answer_token_ids(completion, engine_reason, seq.sampling_params, self.eos_token_ids)
+        min_tokens = seq.sampling_params.min_tokens
         stopped = False
         if self.stop is None:
-            self.text += self.detokenizer.step(completion)
+            self.text += self.detokenizer.step(text_ids)
         else:
-            for end in range(self.num_tokens + 1, len(completion) + 1):
-                stopped = self._extend(self.detokenizer.step(completion[:end]))
+            for end in range(self.num_tokens + 1, len(text_ids) + 1):
+                stopped = self._extend(self.detokenizer.step(text_ids[:end]), search=end > min_tokens)
                 if stopped:
                     completion = completion[:end]
                     break
         if engine_reason is not None and not stopped:
-            stopped = self._extend(self.detokenizer.flush(completion))
+            stopped = self._extend(self.detokenizer.flush(text_ids), search=len(text_ids) > min_tokens)
         if stopped:
             self.finish_reason = "stop"
         elif engine_reason is not None:
@@ -135,11 +141,12 @@ class _Choice:
         self.released, self.num_tokens = upto, len(completion)
         return delta, stopped
 
-    def _extend(self, piece: str) -> bool:
-        """Append decoded text; with stop strings, cut it before the first one found and say so."""
+    def _extend(self, piece: str, search: bool = True) -> bool:
+        """Append decoded text; with stop strings (and ``search``), cut it before the first one that ends in
+        ``piece`` and say so."""
         searched_from = len(self.text)
         self.text += piece
-        if self.stop is None or not piece:
+        if self.stop is None or not piece or not search:
             return False
         index = self.stop.find(self.text, searched_from)
         if index == -1:
@@ -350,7 +357,8 @@ class RequestStream:
         self.request_id = request_id
         self.seqs = seqs
         self.num_prompt_tokens = seqs[0].num_prompt_tokens
-        self.choices = {seq.seq_id: _Choice(i, seq, owner.tokenizer, stop) for i, seq in enumerate(seqs)}
+        eos_token_ids = frozenset(owner.llm.engine.eos_token_ids)
+        self.choices = {seq.seq_id: _Choice(i, seq, owner.tokenizer, stop, eos_token_ids) for i, seq in enumerate(seqs)}
         self.group: RequestGroup | None = None
         self._event = asyncio.Event()
         self._unfinished = len(seqs)

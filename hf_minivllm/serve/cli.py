@@ -22,8 +22,8 @@ from hf_minivllm.config import ATTENTION_BACKENDS, Config
 logger = logging.getLogger("hf_minivllm.serve")
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-_SERVER_OPTIONS = {"model"}
-_GIL_SWITCH_INTERVAL_S = 0.0005  # Config fields that are not engine options
+_SERVER_OPTIONS = {"model"}  # Config fields that are not engine options
+_GIL_SWITCH_INTERVAL_S = 0.0005  # see serve(): the engine thread and the event loop hand the GIL over this often
 
 
 def _option_type(field: dataclasses.Field) -> tuple[type, bool]:

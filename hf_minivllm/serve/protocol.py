@@ -1,11 +1,14 @@
 """The OpenAI request bodies the server accepts, and their translation into engine sampling parameters.
 
 Fields follow OpenAI's API; ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos`` and ``stop_token_ids`` are the
-extra parameters vLLM accepts too (the openai client sends them through ``extra_body``). Parameters the engine
-cannot honour (penalties, logit bias, tools, echo) are refused with a 400 naming them rather than ignored.
+extra parameters vLLM accepts too (the openai client sends them through ``extra_body``), and so are the chat
+template's ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``. Parameters the engine
+cannot honour (penalties, logit bias, tools, echo, vLLM's other extras when set) are refused with a 400 naming them
+rather than ignored; other unknown fields are ignored, as vLLM ignores them.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,7 +35,16 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept aside (``model_extra``) to refuse the extras below
+    # vLLM's extra parameters that change the answer and that this server cannot honour, with their neutral values:
+    # a request that sets one otherwise is refused, not answered as if it had not.
+    unsupported_extras: ClassVar[dict[str, Any]] = {
+        "repetition_penalty": 1.0, "length_penalty": 1.0, "use_beam_search": False, "include_stop_str_in_output": False,
+        "skip_special_tokens": True, "spaces_between_special_tokens": True, "prompt_logprobs": None,
+        "allowed_token_ids": None, "bad_words": None, "truncate_prompt_tokens": None, "logits_processors": None,
+        "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+        "structured_outputs": None,
+    }
 
     model: str
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -61,6 +73,9 @@ class _GenerationRequest(BaseModel):
             raise InvalidRequest("logit_bias is not supported by this server", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed with stream=true", "stream_options")
+        for name, value in (self.model_extra or {}).items():
+            if name in self.unsupported_extras and value not in (None, self.unsupported_extras[name], [], {}):
+                raise InvalidRequest(f"{name} is not supported by this server", name)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -102,8 +117,9 @@ class _GenerationRequest(BaseModel):
                 stop_token_ids=list(self.stop_token_ids or []),
                 logprobs=logprobs,
             )
-        except ValueError as error:
-            raise InvalidRequest(str(error).replace("SamplingParams.", "")) from None
+        except ValueError as error:  # "SamplingParams.<field> must ...": the request's field of the same name
+            field = re.match(r"SamplingParams\.(\w+)", str(error))
+            raise InvalidRequest(str(error).replace("SamplingParams.", ""), field and field[1]) from None
 
 
 class CompletionRequest(_GenerationRequest):
@@ -141,7 +157,8 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as a chat template expects it: text parts joined into one string."""
+        """The message as a chat template expects it: text parts joined into one string, one per line (as vLLM
+        joins them, so that both servers render the same prompt)."""
         content = self.content
         if isinstance(content, list):
             parts = []
@@ -150,7 +167,7 @@ class ChatMessage(BaseModel):
                     raise InvalidRequest(f"message content parts of type {part.get('type')!r} are not supported "
                                          "(text only)", "messages")
                 parts.append(part.get("text", ""))
-            content = "".join(parts)
+            content = "\n".join(parts)
         return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
 
 
@@ -162,7 +179,17 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     prompt_field: ClassVar[str] = "messages"
+    unsupported_extras: ClassVar[dict[str, Any]] = {**_GenerationRequest.unsupported_extras, "echo": False,
+                                                    "chat_template": None}
+    # apply_chat_template's own parameters, which chat_template_kwargs must not reach.
+    template_call_arguments: ClassVar[frozenset[str]] = frozenset({
+        "conversation", "chat_template", "tools", "documents", "add_generation_prompt", "continue_final_message",
+        "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+        "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"})
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -176,6 +203,11 @@ class ChatCompletionRequest(_GenerationRequest):
             raise InvalidRequest("response_format other than text is not supported by this server", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequest("continue_final_message needs add_generation_prompt=false", "continue_final_message")
+        reserved = sorted(set(self.chat_template_kwargs or {}) & self.template_call_arguments)
+        if reserved:  # the template's own variables only: not a template of the client's, nor the call's settings
+            raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
 
     @property
     def num_logprobs(self) -> int | None:
