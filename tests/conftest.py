@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import functools
 import importlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -199,12 +202,45 @@ def _gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
+# A folder the pytest-xdist workers of one run share (set by the controlling process, inherited by the workers).
+_SHARED_DIR_VARIABLE = "HF_MINIVLLM_TEST_SHARED_DIR"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, give the run's workers a folder to share the embedded model through (see _smollm2)."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    config._hf_minivllm_shared_dir = tempfile.mkdtemp(prefix="hf-minivllm-tests-")
+    os.environ[_SHARED_DIR_VARIABLE] = config._hf_minivllm_shared_dir
+
+
+def pytest_unconfigure(config):
+    shared = getattr(config, "_hf_minivllm_shared_dir", None)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
+        os.environ.pop(_SHARED_DIR_VARIABLE, None)
+
+
 @functools.lru_cache(maxsize=1)
 def _smollm2():
+    """The embedded model and tokenizer, parsed from the GGUF file once per run: the first worker to need them
+    parses the file (about 15 s of a CI core) and leaves a pickled copy that the other worker loads in a second."""
     from hf_minivllm.models.loading import load_embedded_model
 
-    with _gguf_parsed_once():
-        return load_embedded_model()
+    shared = os.environ.get(_SHARED_DIR_VARIABLE)
+    if shared is None or not os.path.isdir(shared):
+        with _gguf_parsed_once():
+            return load_embedded_model()
+    copy_path = Path(shared) / "smollm2.pt"
+    with open(Path(shared) / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while the first one parses
+        if copy_path.exists():
+            return torch.load(copy_path, weights_only=False)
+        with _gguf_parsed_once():
+            loaded = load_embedded_model()
+        torch.save(loaded, copy_path.with_suffix(".partial"))
+        os.replace(copy_path.with_suffix(".partial"), copy_path)
+        return loaded
 
 
 @pytest.fixture

@@ -41,9 +41,9 @@ def empirical(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def test_draws_follow_softmax_over_temperature(sampling):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, float("-inf"), 0.2], device=DEVICE)
-    # Each row is one program, about 40 ms under the interpreter; the tolerance is about 3 standard errors (a kernel
+    # Each row is one program, about 60 ms under the interpreter; the tolerance is about 3 standard errors (a kernel
     # ignoring the temperature is off by 0.23).
-    rows, tolerance = (20_000, 0.015) if CUDA else (300, 0.085)
+    rows, tolerance = (20_000, 0.015) if CUDA else (150, 0.12)
     temperature = 0.5
     tokens = sampling.gumbel_max_sample(logits.expand(rows, -1).contiguous(),
                                         torch.full((rows,), temperature, device=DEVICE), seed(7))
@@ -60,12 +60,12 @@ def test_draws_follow_softmax_across_quarters_and_blocks(sampling):
     likely = torch.tensor([7, 1031, 2055, 3079, 4103, 4500])
     logits = torch.full((vocab,), -30.0)
     logits[likely] = torch.tensor([1.0, 0.2, 0.8, 0.5, 0.0, 1.2])
-    rows = 20_000 if CUDA else 300  # each row is a program, about 80 ms under the interpreter
+    rows = 20_000 if CUDA else 150  # each row is a program, about 120 ms under the interpreter
     tokens = sampling.gumbel_max_sample(logits.to(DEVICE).expand(rows, -1).contiguous(),
                                         torch.full((rows,), 0.7, device=DEVICE), seed(21))
     expected = torch.softmax(logits / 0.7, -1)[likely]
     # About 3 standard errors; a shared uniform or a forgotten step takes a token's 0.18 or 0.32 to nothing.
-    assert (empirical(tokens, vocab)[likely] - expected).abs().max() < (0.01 if CUDA else 0.085)
+    assert (empirical(tokens, vocab)[likely] - expected).abs().max() < (0.01 if CUDA else 0.115)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
