@@ -373,7 +373,8 @@ def test_errors_are_openai_json_and_leave_the_server_usable(served, client):
     bad = [dict(temperature=-1), dict(n=0), dict(top_p=0), dict(max_tokens=0), dict(presence_penalty=1.0),
            dict(logprobs=99), dict(extra_body={"top_k": -5}), dict(extra_body={"min_tokens": -1}),
            dict(seed=2**64), dict(extra_body={"top_k": 2**70}), dict(extra_body={"stop_token_ids": [2**64]}),
-           dict(extra_body={"repetition_penalty": 1.2}), dict(extra_body={"include_stop_str_in_output": True})]
+           dict(extra_body={"repetition_penalty": 1.2}), dict(extra_body={"include_stop_str_in_output": True}),
+           dict(extra_body={"min_tokens": 5})]  # more than max_tokens=2
     for kwargs in bad:
         with pytest.raises(openai.BadRequestError) as error:
             client.completions.create(model=MODEL, prompt=PROMPT, **{"max_tokens": 2, **kwargs})
@@ -432,8 +433,11 @@ def test_chat_template_options(served, client):
     assert ids == thinking.encode("<think>" + QUESTION[0]["content"], add_special_tokens=False)
 
 
-def test_text_prompt_without_a_tokenizer_is_a_400():
-    engine = AsyncLLM(LLM(tiny_model("llama"), num_kvcache_blocks=64, kvcache_block_size=4))
+def test_no_tokenizer_and_a_cache_smaller_than_max_model_len():
+    """Without a tokenizer a text prompt is a 400. A KV cache of 32 tokens is the context a request may use (the
+    model allows more): a prompt of 20 tokens without max_tokens gets the 12 that fit, not a 400 about a max_tokens
+    the client never sent."""
+    engine = AsyncLLM(LLM(tiny_model("llama"), num_kvcache_blocks=8, kvcache_block_size=4))
     server = _Server(build_app(engine, "tiny"))
     try:
         response = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hello"})
@@ -441,6 +445,13 @@ def test_text_prompt_without_a_tokenizer_is_a_400():
         response = httpx.post(server.url + "/v1/completions",
                               json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True})
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+        assert engine.llm.config.max_model_len > 32
+        assert httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"] == 32
+        response = httpx.post(server.url + "/v1/completions",
+                              json={"model": "tiny", "prompt": list(range(5, 25)), "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 12
+        assert response.json()["choices"][0]["finish_reason"] == "length"
     finally:
         server.stop()
         engine.close()

@@ -237,7 +237,8 @@ class AsyncLLM:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.config.max_model_len
+        """The context a request may use: ``max_model_len``, or less when the whole KV cache holds fewer tokens."""
+        return self.llm.engine.max_sequence_tokens
 
     def token_text(self, token_id: int) -> str:
         """A single token's text (for logprobs), cached."""

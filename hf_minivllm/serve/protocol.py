@@ -112,7 +112,7 @@ class _GenerationRequest(BaseModel):
                 min_p=0.0 if self.min_p is None else self.min_p,
                 seed=self.seed,
                 max_tokens=max_tokens,
-                min_tokens=min(self.min_tokens, max_tokens),
+                min_tokens=self.min_tokens,
                 ignore_eos=self.ignore_eos,
                 stop_token_ids=list(self.stop_token_ids or []),
                 logprobs=logprobs,
