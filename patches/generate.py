@@ -27,6 +27,9 @@ from hf_minivllm.patches.state import redirect_of, state_of
 from hf_minivllm.patches.step_hook import HFStepHook
 from hf_minivllm.sampling_params import SamplingParams
 
+# The smallest top_p the engine takes (it refuses 0, as vLLM does): HF's top_p=0 keeps the most likely token alone.
+_SMALLEST_TOP_P = torch.finfo(torch.float32).tiny
+
 
 class _Fallback(Exception):
     """Raised inside preparation when the call must go to HF's own generate; carries the reason."""
@@ -317,7 +320,7 @@ def _engine_sampling_params(generation_config: Any, width: int, max_new: int, eo
         sampling = dict(
             temperature=float(generation_config.temperature if generation_config.temperature is not None else 1.0),
             top_k=int(generation_config.top_k or 0),
-            top_p=float(generation_config.top_p if generation_config.top_p is not None else 1.0),
+            top_p=max(float(generation_config.top_p if generation_config.top_p is not None else 1.0), _SMALLEST_TOP_P),
             min_p=float(generation_config.min_p or 0.0),
         )
     else:

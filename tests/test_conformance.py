@@ -87,16 +87,18 @@ def greedy_cases(free):
         "min_new_tokens_with_penalty": dict(eos_token_id=eos, min_new_tokens=4, repetition_penalty=1.2),
         "use_cache_false": dict(use_cache=False),
         "early_stopping_ignored": dict(early_stopping=True),
+        "sampling_at_top_p_zero": dict(do_sample=True, top_p=0.0),  # HF keeps the most likely token alone
     }
 
 
 CASE_NAMES = list(greedy_cases(torch.zeros(4, MAX_NEW, dtype=torch.long)))
-ENGINE_ONLY_CASES = {"eos_list_and_pad", "min_new_tokens", "min_length", "max_length", "use_cache_false", "early_stopping_ignored"}
+ENGINE_ONLY_CASES = {"eos_list_and_pad", "min_new_tokens", "min_length", "max_length", "use_cache_false",
+                     "early_stopping_ignored", "sampling_at_top_p_zero"}
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_greedy_setting_is_token_exact(pair, case):
-    settings = dict(max_new_tokens=MAX_NEW, do_sample=False, **greedy_cases(pair.free)[case])
+    settings = {"max_new_tokens": MAX_NEW, "do_sample": False, **greedy_cases(pair.free)[case]}
     if "max_length" in settings:
         del settings["max_new_tokens"]
     got, expected = pair.both(**settings)

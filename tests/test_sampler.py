@@ -2,6 +2,8 @@
 whether a batch samples from its top-k candidates alone or from the whole vocabulary."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
@@ -195,6 +197,8 @@ def test_rows_taken_in_chunks_draw_and_score_as_in_one(monkeypatch):
     assert chunk_sizes[:4] == [2, 2, 2, 1]
     assert len({tuple(tokens) for tokens, _ in in_one}) > 1
     assert [len(logprobs or []) for _, logprobs in in_one] == [5, 0, 5, 5, 0, 5, 5]
+    # each row its own number of alternatives, though the step computes the most any row asks for
+    assert [{len(top) for _, top in logprobs or []} for _, logprobs in in_one] == [{3}, set(), {3}, {2}, set(), {3}, {3}]
     greedy_tokens, greedy_logprobs = in_one[3]
     assert [max(alternatives, key=alternatives.get) for _, alternatives in greedy_logprobs] == greedy_tokens
 
@@ -202,3 +206,43 @@ def test_rows_taken_in_chunks_draw_and_score_as_in_one(monkeypatch):
 def test_an_empty_batch_samples_nothing():
     logits, params = batch(1, max_top_k=None)
     assert sample(logits[:0], params.rows(slice(0, 0))).shape == (0,)
+
+
+@pytest.mark.parametrize("max_top_k", [10, None], ids=["top-k candidates", "whole vocabulary"])
+def test_top_p_cuts_through_tied_tokens_where_hf_does(max_top_k, monkeypatch):
+    """Four tied tokens and top_p=0.6: HF's and vLLM's top-p sort ascending and drop from the least likely end, so
+    of the tied ones the first in their sort goes. Their sort of a vocabulary on CUDA is stable (so is HF's warper
+    here once the sort is): it drops column 3 and keeps 50, 120 and 299. Cutting from the other end kept 3 and
+    dropped 299: as likely a token, but never one HF keeps."""
+    path = sampler._sample_top_k_candidates if max_top_k else sampler.apply_top_k_top_p_min_p
+    calls = []
+    monkeypatch.setattr(sampler, path.__name__, lambda *args: calls.append(1) or path(*args))
+    logits = torch.full((VOCAB,), -20.0)
+    logits[[3, 50, 120, 299]] = 2.0
+    rows = 300
+    params = SamplingTensors(temperatures=torch.ones(rows), top_ks=torch.full((rows,), max_top_k or VOCAB),
+                             top_ps=torch.full((rows,), 0.6), min_ps=torch.zeros(rows), all_greedy=False,
+                             any_greedy=False, use_top_k=max_top_k is not None, use_top_p=True, use_min_p=False,
+                             max_top_k=max_top_k)
+    torch.manual_seed(3)
+    drawn = sample(logits.expand(rows, -1).contiguous(), params)
+    stable_sort = functools.partial(torch.sort, stable=True)
+    monkeypatch.setattr(torch, "sort", stable_sort)
+    hf_kept = torch.isfinite(TopPLogitsWarper(0.6)(None, logits[None].clone())[0]).nonzero().flatten().tolist()
+    assert hf_kept == [50, 120, 299]
+    assert set(drawn.tolist()) == {50, 120, 299}
+    assert calls == [1], "the batch took the other path"
+
+
+def test_a_row_at_top_p_1_keeps_every_token_beside_a_top_p_row():
+    """HF adds no top-p warper at top_p=1. In a batch where another row uses top-p, such a row must not lose its
+    tail: here its first token's probability rounds to 1.0 in float32, so a mass-before-the-token test at 1 would
+    cut the other 299 (and a seeded request's draw would depend on who shares its step)."""
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 0] = 30.0
+    params = SamplingTensors(temperatures=torch.ones(2), top_ks=torch.full((2,), VOCAB), top_ps=torch.tensor([1.0, 0.5]),
+                             min_ps=torch.zeros(2), all_greedy=False, any_greedy=False, use_top_k=False,
+                             use_top_p=True, use_min_p=False)
+    kept = sampler.apply_top_k_top_p_min_p(logits, params.temperatures, params)
+    assert torch.equal(kept[0], logits[0])
+    assert torch.isinf(kept[1, 1:]).all() and kept[1, 0] == 30.0

@@ -335,7 +335,8 @@ class ModelRunner:
         # Token 0 for every row, not the sampled ones: under compile_ahead() the kernel only compiles, and its
         # tokens are whatever its output buffer held.
         tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
-        TokenLogprobs.compute(raw, tokens, min(MAX_LOGPROBS, self.model.vocab_size), list(range(config.max_num_seqs)))
+        TokenLogprobs.compute(raw, tokens, [min(MAX_LOGPROBS, self.model.vocab_size)] * config.max_num_seqs,
+                              list(range(config.max_num_seqs)))
         del raw
         self._synchronize()
 
@@ -644,8 +645,8 @@ class ModelRunner:
         fed_tokens = tokens if params.all_greedy else tokens.clamp_min(0)
         logprobs = None
         if raw:
-            top = max(sampled_seqs[row].sampling_params.logprobs for row in logprob_rows)
-            logprobs = TokenLogprobs.compute(raw, fed_tokens[self._to_device(logprob_rows, torch.int64)], top,
+            logprobs = TokenLogprobs.compute(raw, fed_tokens[self._to_device(logprob_rows, torch.int64)],
+                                             [sampled_seqs[row].sampling_params.logprobs for row in logprob_rows],
                                              [sampled_seqs[row].seq_id for row in logprob_rows])
         return LaunchedStep(batch, fed_tokens, failures, logprobs, host_tokens=tokens)
 
@@ -712,15 +713,18 @@ class TokenLogprobs:
     """Log-probabilities of one step's sampled tokens (and the most likely alternatives) for the requests that ask,
     copied to the host behind the step."""
 
-    def __init__(self, seq_ids: list[int], chosen: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor):
+    def __init__(self, seq_ids: list[int], counts: list[int], chosen: torch.Tensor, top_values: torch.Tensor,
+                 top_ids: torch.Tensor):
         self.seq_ids = seq_ids
+        self.counts = counts
         self.chosen, self.top_values, self.top_ids = (t.to("cpu", non_blocking=True) for t in (chosen, top_values, top_ids))
 
     @classmethod
-    def compute(cls, raw_chunks: list[torch.Tensor], tokens: torch.Tensor, top: int,
+    def compute(cls, raw_chunks: list[torch.Tensor], tokens: torch.Tensor, counts: list[int],
                 seq_ids: list[int]) -> TokenLogprobs:
         """From the rows' raw logits in chunks of rows (``row_chunks``), their float32 log-softmax a chunk at a
-        time; ``tokens`` holds every row's sampled token."""
+        time; ``tokens`` holds every row's sampled token, ``counts`` how many alternatives each row asked for."""
+        top = max(counts)
         chosen, top_values, top_ids = [], [], []
         start = 0
         for raw in raw_chunks:
@@ -731,14 +735,15 @@ class TokenLogprobs:
             values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], chunk_tokens[:, :0])
             top_values.append(values)
             top_ids.append(ids)
-        return cls(seq_ids, torch.cat(chosen), torch.cat(top_values), torch.cat(top_ids))
+        return cls(seq_ids, counts, torch.cat(chosen), torch.cat(top_values), torch.cat(top_ids))
 
     def by_sequence(self) -> dict[int, tuple[float, dict[int, float]]]:
-        """seq_id -> (the sampled token's log-probability, {alternative token id: log-probability}); call once the
-        step's tokens were read back (the copies are then done)."""
+        """seq_id -> (the sampled token's log-probability, {alternative token id: log-probability}), each row's own
+        number of alternatives (the step computed the most any row asked for); call once the step's tokens were
+        read back (the copies are then done)."""
         chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
-        return {seq_id: (lp, dict(zip(row_ids, row_values)))
-                for seq_id, lp, row_values, row_ids in zip(self.seq_ids, chosen, values, ids)}
+        return {seq_id: (lp, dict(zip(row_ids[:count], row_values[:count])))
+                for seq_id, count, lp, row_values, row_ids in zip(self.seq_ids, self.counts, chosen, values, ids)}
 
 
 class LaunchedStep:

@@ -87,16 +87,21 @@ def tie_margin(max_top_k: int) -> int:
 
 
 def _mask_sorted_(sorted_logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Top-k, then top-p, masked (to -inf, in place) in logits sorted in descending order along the last dimension;
-    returns them. Top-k keeps every token at least as likely as the k-th, as HF's warper does: with logits from a
-    16-bit model, tokens tied with the k-th are common, and cutting at rank k would drop some of them."""
+    """Top-k, then top-p, masked (to -inf, in place) in logits sorted in ascending order along the last dimension,
+    tied ones by column; returns them. Both are HF's tests on HF's (and vLLM's) order, which is this one on CUDA,
+    where a vocabulary's sort is stable. Top-k keeps every token at least as likely as the k-th: with logits from a
+    16-bit model, tokens tied with the k-th are common, and cutting at rank k would drop some of them. Top-p drops
+    tokens from the least likely end while their mass stays within ``1 - top_p``, never the last one: ties at that
+    cut are as common, and HF drops the tied tokens of the lowest columns; a row at ``top_p=1`` drops only tokens of
+    probability 0 (the mass before a token, summed from the likely end, reached 1 in float32 before the tail)."""
+    width = sorted_logits.shape[-1]
     if params.use_top_k:
-        kth = params.top_ks.clamp(1, sorted_logits.shape[-1]) - 1
+        kth = width - params.top_ks.clamp(1, width)
         sorted_logits.masked_fill_(sorted_logits < sorted_logits.gather(1, kth[:, None]), float("-inf"))
     if params.use_top_p:
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits.masked_fill_(mass_before >= params.top_ps[:, None], float("-inf"))
+        removed = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= 1 - params.top_ps[:, None]
+        removed[:, -1] = False
+        sorted_logits.masked_fill_(removed, float("-inf"))
     return sorted_logits
 
 
@@ -112,10 +117,11 @@ def _mask_min_p(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
 def apply_top_k_top_p_min_p(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """``logits`` divided by the rows' temperatures in float32, with what top-k, then top-p, then min-p remove masked
     to -inf (the order of HF's warpers). The sort takes the logits in their own dtype: a temperature keeps their
-    order, and a 16-bit sort makes half the radix passes of a float32 one."""
+    order, and a 16-bit sort makes half the radix passes of a float32 one. Stable, so tied logits keep the column
+    order that ``_mask_sorted_`` relies on."""
     if not (params.use_top_k or params.use_top_p):
         return _mask_min_p(logits.float() / temperatures[:, None], params)
-    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
+    sorted_logits, sorted_index = logits.sort(dim=-1, stable=True)
     # In place: the sort's output is fresh, so .float() (a copy, or that output itself) is ours to change.
     kept = _mask_sorted_(sorted_logits.float().div_(temperatures[:, None]), params)
     return _mask_min_p(torch.empty_like(kept).scatter_(-1, sorted_index, kept), params)  # every column written
@@ -132,10 +138,14 @@ def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
 
 def _sample_top_k_candidates(logits: torch.Tensor, temperatures: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """A draw from each row's top-k candidates (``params.max_top_k`` of them and ``tie_margin`` more, masked by the
-    row's own top_k), with top-p and min-p applied among them."""
+    row's own top_k), with top-p and min-p applied among them. The candidates are put in ``_mask_sorted_``'s order
+    (topk leaves tied ones in no set order): by column, then stably by value, two sorts of a few hundred columns."""
     window = params.max_top_k + tie_margin(params.max_top_k)
     values, columns = logits.topk(min(window, logits.shape[-1]), dim=-1)
-    candidates = _mask_min_p(_mask_sorted_(values.float() / temperatures[:, None], params), params)
+    columns, by_column = columns.sort(dim=-1)
+    ordered, by_value = values.gather(1, by_column).sort(dim=-1, stable=True)
+    columns = columns.gather(1, by_value)
+    candidates = _mask_min_p(_mask_sorted_(ordered.float() / temperatures[:, None], params), params)
     picked = _race(candidates.softmax(dim=-1), params)
     # topk ranks NaN first: the first candidate is the row's NaN, +inf or largest finite value
     return _mark_no_distribution(values[:, 0], columns.gather(1, picked[:, None]).squeeze(1))
