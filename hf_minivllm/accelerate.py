@@ -84,6 +84,11 @@ def reset_prefix_cache(model_or_llm: Any) -> None:
     """Stop the engine of an accelerated model or an ``LLM`` from reusing any KV computed so far.
 
     Weight changes are noticed by themselves at the next call (version counters, data pointers); this is for
-    changes no counter sees, such as ``param.data.add_(...)``, or to start measurements from a cold cache.
+    changes no counter sees, such as ``param.data.add_(...)``, or to start measurements from a cold cache. A model
+    ``accelerate`` left to transformers has no cache: nothing to do.
     """
+    from hf_minivllm.patches.model import unsupported_reason
+
+    if not isinstance(model_or_llm, LLM) and unsupported_reason(unwrap_peft(model_or_llm)) is not None:
+        return
     _llm_of(model_or_llm).reset_prefix_cache()

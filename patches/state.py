@@ -11,12 +11,22 @@ STATE_ATTRIBUTE = "_hf_minivllm"
 
 
 class AcceleratedState:
-    """What ``accelerate`` attaches to a model: its engine and the fallback path to HF's own ``generate``."""
+    """What ``accelerate`` attaches to a model: its engine and the fallback path to HF's own ``generate``.
 
-    def __init__(self, model: Any, llm: Any):
+    ``previous_generate``: a ``generate`` the instance itself had (set on it before ``accelerate``), which
+    ``restore`` puts back.
+    """
+
+    def __init__(self, model: Any, llm: Any, previous_generate: Callable[..., Any] | None = None):
         self.model = model
         self.llm = llm
+        self.previous_generate = previous_generate
         self.warned: set[str] = set()
+
+    def __reduce__(self) -> tuple:
+        """A copy of the model (``copy.deepcopy``, ``torch.save`` of the module) holds None here: the engine, its
+        threads and its KV cache serve the original's weights, and stay with it."""
+        return _no_state, ()
 
     def fall_back(self, reason: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Record and warn (once per reason), then run HF's original generate on the same arguments."""
@@ -25,6 +35,11 @@ class AcceleratedState:
             self.warned.add(reason)
             warnings.warn(f"hf-minivllm: handing this generate call to transformers ({reason})", UserWarning, stacklevel=4)
         return type(self.model).generate(self.model, *args, **kwargs)
+
+
+def _no_state() -> None:
+    """What ``AcceleratedState`` becomes in a copy of its model."""
+    return None
 
 
 class HFServedState:

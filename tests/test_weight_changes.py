@@ -251,3 +251,18 @@ def test_moe_expert_and_router_edits_and_a_replaced_expert_parameter_are_seen():
     assert torch.equal(replaced, greedy(unpatched_twin(model, "qwen3_moe"), ids, mask))
     assert not torch.equal(replaced, routed)
     assert hf_minivllm.stats(model)["rebuilds"] == 1
+
+
+def test_an_in_place_edit_of_the_rotary_frequencies_reaches_the_engine():
+    """The decoder turns HF's ``inv_freq`` buffer into its own cos/sin table: new values there (a RoPE scaling
+    applied in place) need a rebuild, not only a prefix-cache reset."""
+    model = hf_minivllm.accelerate(tiny_model("llama"))
+    ids, mask = left_padded_batch(lengths=(40, 33))
+    first = greedy(model, ids, mask)
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq.mul_(0.25)
+    got = greedy(model, ids, mask)
+    assert torch.equal(got, type(model).generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW,
+                                                 do_sample=False))
+    assert not torch.equal(got, first), "the change must matter, or the test proves nothing"
+    assert hf_minivllm.stats(model)["rebuilds"] == 1

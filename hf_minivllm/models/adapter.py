@@ -194,6 +194,10 @@ def _check_plain_layers(hf_model: nn.Module) -> None:
         if type(module) is not kind and not (kind is nn.Embedding and _is_scaled_embedding(module)):
             raise UnsupportedModel(f"{path} is a {type(module).__name__}, not a plain {kind.__name__}: the engine "
                                    "cannot serve wrapped or quantized layers")
+        if "weight" not in module._parameters or module._forward_pre_hooks:
+            # torch.nn.utils.prune: the weight is recomputed from weight_orig and a mask before each forward
+            raise UnsupportedModel(f"{path}'s weight is computed by a forward pre-hook (pruning?), not a parameter: "
+                                   "the engine would not run the hook")
 
 
 def _quantization_method(config: object) -> str | None:

@@ -5,8 +5,9 @@ pointer, version counter, dtype, device and shape. No weight is read or hashed:
 
 - a new version counter only (optimizer steps, ``load_state_dict``, in-place edits under ``torch.no_grad``): the
   engine already computes with the new numbers (it shares the storage), only KV computed before is stale;
-- anything else (a replaced parameter object, ``model.to(dtype/device)``, ``param.data = ...``, PEFT's safe merge):
-  the decoder must be rebuilt from the model. So must a change of ``state`` (PEFT: the adapters in use), when given.
+- anything else (a replaced parameter object, ``model.to(dtype/device)``, ``param.data = ...``, PEFT's safe merge),
+  and new values of a buffer (the rotary ``inv_freq``, which the decoder turns into its own cos/sin table): the
+  decoder must be rebuilt from the model. So must a change of ``state`` (PEFT: the adapters in use), when given.
 
 Some updates bypass version counters: PyTorch's fused optimizers (``AdamW(fused=True)``, HF Trainer's default
 ``adamw_torch_fused``) and edits through ``param.data`` in place. Optimizer steps are caught by a process-wide
@@ -101,6 +102,8 @@ class WeightWatcher:
         self._state_at_build = state() if state is not None else None
         self._links = _module_links(model, [module for module, _ in sources])
         self._state = [self._describe(_lookup(module, name)) for module, name in sources]
+        # Buffers are read once into tables of the decoder's own (rotary cos/sin), never shared: new values rebuild.
+        self._derived = frozenset(index for index, (module, name) in enumerate(sources) if name in module._buffers)
         self._watched = {id(state[0]) for state in self._state}
         _OPTIMIZER_STEPS.ensure_hooked()
         self._steps_seen: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary(
@@ -136,7 +139,7 @@ class WeightWatcher:
                                                            and _version(tensor) == before[-1])):
                 continue
             now = self._describe(tensor)
-            if now[0] is not before[0] or now[1:-1] != before[1:-1]:
+            if now[0] is not before[0] or now[1:-1] != before[1:-1] or index in self._derived:
                 return WeightChange.TENSORS
             states[index] = now
             change = WeightChange.VALUES
