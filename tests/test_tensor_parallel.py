@@ -409,6 +409,15 @@ def test_a_worker_that_cannot_start_raises_at_once(monkeypatch):
     assert time.monotonic() - started < 30
 
 
+def test_a_worker_failing_before_it_joins_the_group_raises_its_cause_at_once():
+    """A worker whose device cannot be set up exits before the ranks' rendezvous: rank 0 must raise the worker's
+    traceback within seconds, not wait out the rendezvous timeout and then raise a store timeout naming no cause."""
+    started = time.monotonic()
+    with pytest.raises(TensorParallelError, match="worker failed: Traceback"):
+        TensorParallelWorkers([torch.device("cpu"), torch.device("cuda", 1000)], timeout_s=30)
+    assert time.monotonic() - started < 20
+
+
 def test_rank_0_failing_alone_mid_step_breaks_the_engine_loudly(monkeypatch):
     """The workers took the step; rank 0 failed in it: they are out of step, so every later call raises at once
     (never a hang, never a mismatched collective), and close() still returns."""

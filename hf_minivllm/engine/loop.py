@@ -75,7 +75,10 @@ class RequestGroup:
         if self.wake is not None:
             self.wake.set()
         if self.on_news is not None:
-            self.on_news()
+            try:
+                self.on_news()
+            except Exception:  # noqa: BLE001 - the caller's hook: raising here would leave other groups unwoken
+                logger.exception("a request group's on_news callback failed")
 
     @property
     def num_finished(self) -> int:
@@ -111,7 +114,9 @@ class _Mailbox:
     events, and the closed flag."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        # Reentrant, for its ``_is_owned``: a stream garbage-collected while its thread holds the lock must not
+        # wait for it (``EngineLoop._abandon``).
+        self.lock = threading.RLock()
         self.commands: deque[tuple[str, Any]] = deque()
         self.driver: threading.Thread | None = None
         self.waiters: dict[threading.Event, None] = {}  # insertion-ordered set
@@ -246,9 +251,14 @@ class EngineLoop:
             raise error
 
     def _abandon(self, group: RequestGroup) -> None:
-        """Abort a stream left early and wait until its blocks are free, unless this thread cannot wait: the
-        driver itself (a stream garbage-collected inside a step) or a reader inside ``state_lock``."""
+        """Abort a stream left early and wait until its blocks are free, unless this thread cannot wait: one
+        inside the loop's own bookkeeping (the collector ran while it held the mailbox's lock: another thread
+        posts the abort once the lock is free), the driver itself (a stream garbage-collected inside a step) or a
+        reader inside ``state_lock``."""
         mailbox = self._mailbox
+        if mailbox.lock._is_owned():
+            threading.Thread(target=self.abort, args=(group,), name=self.name, daemon=True).start()
+            return
         if mailbox.driver is threading.current_thread():
             with mailbox.lock:
                 mailbox.commands.append(("abort", (group, None)))
@@ -379,6 +389,7 @@ class EngineLoop:
         the step in progress and is raised between steps, where the engine's state is whole."""
         device = self.engine.runner.device
         last_poll = time.monotonic()
+        polling = False  # the caller's own poll runs: its failure is that caller's, not the engine's
         with _device_and_stream(device), _DeferredInterrupt() as interrupt:
             try:
                 while not ready():
@@ -393,10 +404,12 @@ class EngineLoop:
                         self._release_memory()
                         return
                     if poll is not None and time.monotonic() - last_poll >= poll_interval_s:
+                        polling = True
                         poll()
+                        polling = False
                         last_poll = time.monotonic()
             except BaseException as error:
-                if interrupt.raised:
+                if interrupt.raised or polling:
                     raise  # between steps: the engine is whole; the waiting call aborts its own requests
                 if not isinstance(error, KeyboardInterrupt):
                     logger.exception("the engine loop failed")
@@ -459,8 +472,10 @@ class EngineLoop:
     def _close(self) -> None:
         """Runs as a call (``state_lock`` held): abort everything, then release the engine's memory."""
         aborted = self.engine.abort_all(EngineClosed("the engine was closed while this request ran"))
-        self.engine.close()
-        self._report(StepResult([], aborted, False, 0))
+        try:
+            self.engine.close()
+        finally:  # releasing may fail (a dead tensor-parallel worker): the aborted callers must hear regardless
+            self._report(StepResult([], aborted, False, 0))
 
     def _step(self) -> None:
         try:

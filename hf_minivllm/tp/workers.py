@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -103,7 +104,7 @@ class TensorParallelWorkers:
             threads = max(1, (os.cpu_count() or 1) // self.size)
             for rank, connection in enumerate(self._connections, start=1):
                 send_message(connection, ("group", rank, self.size, store.port, str(devices[rank]), threads, timeout_s))
-            self.group = ParallelGroup.connect(0, self.size, store.port, devices[0], timeout_s, store=store)
+            self.group = self._join_group(store)
         except BaseException:
             self.close()
             raise
@@ -128,6 +129,31 @@ class TensorParallelWorkers:
             answer_challenge(connection, authkey)
             accepted[receive_message(connection)[1]] = connection
         return [accepted[rank] for rank in range(1, self.size)]
+
+    def _join_group(self, store: Any) -> ParallelGroup:
+        """Rank 0's side of the group's rendezvous, watching the workers meanwhile: a worker that fails before it
+        joins (its device cannot be set up, say) would otherwise leave rank 0 waiting out the whole timeout, then
+        raising a store timeout that does not name the cause. Given up on, the rendezvous thread ends at its
+        timeout."""
+        outcome: dict[str, Any] = {}
+
+        def join() -> None:
+            device = self.devices[0]
+            try:
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    outcome["group"] = ParallelGroup.connect(0, self.size, store.port, device, self.timeout_s,
+                                                             store=store)
+            except BaseException as error:  # noqa: BLE001 - raised on the caller's thread below
+                outcome["error"] = error
+
+        thread = threading.Thread(target=join, name="hf-minivllm-tp-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(_POLL_S * 20)
+            self.check()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["group"]
 
     # Commands ---------------------------------------------------------------------------------------------------
 
