@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_minivllm.config import Config
-from hf_minivllm.engine.llm_engine import LLMEngine
+from hf_minivllm.engine.llm_engine import EngineClosed, LLMEngine
 from hf_minivllm.engine.loop import EngineLoop, RequestGroup
 from hf_minivllm.engine.sequence import FinishReason, Sequence, answer_token_ids
 from hf_minivllm.models.adapter import (
@@ -241,11 +241,16 @@ class LLM:
             if progress is not None:
                 progress.close()
 
-    def needs_rebuild(self) -> bool:
-        """Whether the next call must rebuild the decoder (new weight tensors), which blocks until the engine did
-        it; other checks (``sequences``) return at once."""
-        with self._weights_lock:
-            return self._weights.check() is WeightChange.TENSORS
+    def sync_would_block(self) -> bool:
+        """Whether the next call's weight sync (``sequences``) may block: a rebuild (new weight tensors), the ranks'
+        shard refresh (tensor parallel), or another thread's sync under way. Otherwise it returns at once."""
+        if not self._weights_lock.acquire(blocking=False):
+            return True
+        try:
+            change = self._weights.check()
+            return change is WeightChange.TENSORS or (change is WeightChange.VALUES and self._workers is not None)
+        finally:
+            self._weights_lock.release()
 
     def sync_weights(self) -> None:
         """Bring the engine in line with the model's weights: called by every generate/stream call. What the check
@@ -282,6 +287,8 @@ class LLM:
 
     def _rebuild(self, engine: LLMEngine) -> None:
         """Runs on the engine loop: a new decoder from the model as it is now, served by a new runner."""
+        if engine.closed:  # an earlier rebuild failed for good: building again would only waste the time
+            raise EngineClosed("this engine is closed (it could not rebuild its decoder); make a new one")
         model = self._build_decoder()
         watcher = WeightWatcher(self.hf_model, model.weight_sources, model.adapter_state)
         engine.reload_model(model)

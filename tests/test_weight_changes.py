@@ -266,3 +266,39 @@ def test_an_in_place_edit_of_the_rotary_frequencies_reaches_the_engine():
                                                  do_sample=False))
     assert not torch.equal(got, first), "the change must matter, or the test proves nothing"
     assert hf_minivllm.stats(model)["rebuilds"] == 1
+
+
+def test_a_sync_that_may_block_is_announced_to_the_server():
+    """The server prepares requests on its event loop and moves the weight sync to a thread when it may block: a
+    rebuild, or another thread's sync under way. An in-place edit (a prefix-cache reset, no ranks) does not."""
+    model = tiny_model("llama")
+    llm = LLM(model, num_kvcache_blocks=32, kvcache_block_size=4)
+    assert not llm.sync_would_block()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    assert not llm.sync_would_block()
+    with llm._weights_lock:  # as another thread's sync holds it
+        assert llm.sync_would_block()
+    model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(model.model.layers[0].mlp.down_proj.weight * 2)
+    assert llm.sync_would_block()
+    llm.sync_weights()
+    assert not llm.sync_would_block() and llm.engine.stats.rebuilds == 1
+    llm.close()
+
+
+def test_a_rebuild_that_failed_for_good_is_not_tried_again(monkeypatch):
+    """A rebuild whose new and old decoders both fail to start closes the engine; later calls say so at once,
+    without building another decoder first."""
+    model = tiny_model("llama")
+    llm = LLM(model, num_kvcache_blocks=32, kvcache_block_size=4)
+    monkeypatch.setattr(llm.engine, "_start", lambda decoder: 1 / 0)
+    builds = []
+    build = llm._build_decoder
+    monkeypatch.setattr(llm, "_build_decoder", lambda: builds.append(1) or build())
+    model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(model.model.layers[0].mlp.down_proj.weight * 2)
+    with pytest.raises(ZeroDivisionError):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.engine.closed and builds == [1]
+    with pytest.raises(RuntimeError, match="could not rebuild its decoder"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert builds == [1]

@@ -31,6 +31,9 @@ from hf_minivllm.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
 
+CLOSED_MESSAGE = ("this engine is closed (LLM.close, hf_minivllm.restore, or a decoder it could not rebuild); "
+                  "make a new one")
+
 # How long a waiting caller sleeps before it checks again whether it should drive (a lost hand-off costs no more).
 _RECHECK_S = 0.5
 
@@ -323,7 +326,7 @@ class EngineLoop:
             if mailbox.closed:
                 if allow_closed:
                     return
-                raise EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
+                raise EngineClosed(CLOSED_MESSAGE)
             mailbox.commands.append((kind, payload))
             if kind == "submit" and payload.background:
                 mailbox.background_groups += 1
@@ -436,7 +439,7 @@ class EngineLoop:
     def _admit(self, group: RequestGroup) -> None:
         if self.engine.closed:
             for seq in group.seqs:
-                seq.error = EngineClosed("this engine is closed (LLM.close or hf_minivllm.restore); make a new one")
+                seq.error = EngineClosed(CLOSED_MESSAGE)
             group.num_unfinished = 0
             self._finish_group(group)
             return

@@ -287,7 +287,7 @@ class AsyncLLM:
         token_ids = self.encode(prompt)
         choice_params = [params if params.seed is None or n == 1 else replace(params, seed=_choice_seed(params.seed, i))
                          for i in range(n)]
-        if self.llm.needs_rebuild():  # new weight tensors: the rebuild blocks, so it waits off the event loop
+        if self.llm.sync_would_block():  # a rebuild, a refresh of the ranks or another sync: off the event loop
             seqs = await asyncio.to_thread(self.llm.sequences, [token_ids] * n, choice_params)
         else:  # a fraction of a millisecond, with no thread hop (which could wait on the engine thread for the GIL)
             seqs = self.llm.sequences([token_ids] * n, choice_params)
