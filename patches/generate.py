@@ -97,8 +97,8 @@ class EngineCall:
                 if not all(seq.num_completion_tokens > step or seq.is_finished for seq in self.seqs):
                     break
                 steps.append([self._token(seq, step) for seq in self.seqs])
-        for tokens in steps:
-            self.streamer.put(torch.tensor(tokens, dtype=self.input_ids.dtype))
+        for tokens in steps:  # HF's new tokens are int64 whatever the prompt's dtype
+            self.streamer.put(torch.tensor(tokens, dtype=torch.long))
             self.streamed_steps += 1
 
     def _token(self, seq: Sequence, step: int) -> int:
@@ -109,10 +109,11 @@ class EngineCall:
     def output(self) -> Any:
         num_steps = self.num_steps()
         filler = self.pad_token_id if self.pad_token_id is not None else 0
-        generated = torch.full((len(self.seqs), num_steps), filler, dtype=self.input_ids.dtype)
+        generated = torch.full((len(self.seqs), num_steps), filler, dtype=torch.long)
         for row, seq in enumerate(self.seqs):
             tokens = seq.completion_token_ids[: self._length(row, seq)]
-            generated[row, : len(tokens)] = torch.tensor(tokens, dtype=self.input_ids.dtype)
+            generated[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        # HF's torch.cat of the prompt and its int64 tokens promotes an int32 prompt: the result is int64 either way
         sequences = torch.cat([self.input_ids, generated.to(self.input_ids.device)], dim=1)
         if not self.return_dict:
             return sequences
@@ -223,6 +224,8 @@ def _prepare(model: Any, llm: Any, call: GenerateCall) -> EngineCall:
     input_ids = named.get("inputs")
     if input_ids is None:
         input_ids = model_kwargs.pop("input_ids", None)
+    elif model_kwargs.get("input_ids") is not None:
+        raise _Fallback("both inputs and input_ids= given (HF refuses the call)")
     if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         raise _Fallback("no 2-D input_ids given")
     attention_mask = model_kwargs.get("attention_mask")
@@ -269,7 +272,9 @@ def _prepare(model: Any, llm: Any, call: GenerateCall) -> EngineCall:
 
     copies = generation_config.num_return_sequences or 1
     expanded = input_ids.repeat_interleave(copies, dim=0)
-    eos_ids = _as_id_list(generation_config._eos_token_tensor)
+    # HF warns about an eos id outside the vocabulary (-1 is a common "never stop") and generates on: no token matches
+    vocab = llm.engine.model.vocab_size
+    eos_ids = [token for token in _as_id_list(generation_config._eos_token_tensor) if 0 <= token < vocab]
     pad = generation_config._pad_token_tensor
     pad_id = int(pad.reshape(-1)[0]) if pad is not None else None
     return_dict = bool(generation_config.return_dict_in_generate)

@@ -142,12 +142,22 @@ class HFStepHook:
                     self.done[row] = True
                     self.finish_length[row] = step
         if self.keep_finished_rows:
-            return [all(self.done)] * len(seqs)
+            # HF's loop runs every row until the last one is done: rows behind that step keep going
+            if not all(self.done):
+                return [False] * len(seqs)
+            last = max(self.finish_length)
+            return [seq.num_completion_tokens >= last for seq in seqs]
         return [self.done[self.row_of[seq.seq_id]] for seq in seqs]
 
     def generated_length(self, row: int, num_generated: int) -> int:
-        """How many of the row's ``num_generated`` tokens HF would have produced before it was done."""
-        return self.finish_length[row] if self.done[row] else num_generated
+        """How many of the row's ``num_generated`` tokens HF's output holds. A done row is padded from where it was
+        done when HF pads (an eos criterion exists); otherwise HF goes on generating real tokens for it until the
+        last row is done."""
+        if self.pad_finished_rows:
+            return self.finish_length[row] if self.done[row] else num_generated
+        if all(self.done):
+            return min(num_generated, max(self.finish_length))
+        return num_generated
 
     def recorded(self, num_steps: int) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """HF's ``scores`` and ``logits`` tuples for a call that ran ``num_steps`` steps (None where not asked for)."""
