@@ -82,7 +82,8 @@ def test_inputs_and_input_ids_together_raise_like_hf(pair):
     settings = dict(attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="were passed alongside"):
         oracle.generate(ids, input_ids=ids.flip(0), **settings)
-    with pytest.warns(UserWarning, match="inputs and input_ids"), pytest.raises(ValueError, match="were passed alongside"):
+    with (pytest.warns(UserWarning, match="inputs and input_ids"),
+          pytest.raises(ValueError, match="were passed alongside")):
         model.generate(ids, input_ids=ids.flip(0), **settings)
 
 

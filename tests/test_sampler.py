@@ -198,7 +198,8 @@ def test_rows_taken_in_chunks_draw_and_score_as_in_one(monkeypatch):
     assert len({tuple(tokens) for tokens, _ in in_one}) > 1
     assert [len(logprobs or []) for _, logprobs in in_one] == [5, 0, 5, 5, 0, 5, 5]
     # each row its own number of alternatives, though the step computes the most any row asks for
-    assert [{len(top) for _, top in logprobs or []} for _, logprobs in in_one] == [{3}, set(), {3}, {2}, set(), {3}, {3}]
+    alternatives = [{len(top) for _, top in logprobs or []} for _, logprobs in in_one]
+    assert alternatives == [{3}, set(), {3}, {2}, set(), {3}, {3}]
     greedy_tokens, greedy_logprobs = in_one[3]
     assert [max(alternatives, key=alternatives.get) for _, alternatives in greedy_logprobs] == greedy_tokens
 
@@ -240,9 +241,9 @@ def test_a_row_at_top_p_1_keeps_every_token_beside_a_top_p_row():
     cut the other 299 (and a seeded request's draw would depend on who shares its step)."""
     logits = torch.zeros(2, VOCAB)
     logits[:, 0] = 30.0
-    params = SamplingTensors(temperatures=torch.ones(2), top_ks=torch.full((2,), VOCAB), top_ps=torch.tensor([1.0, 0.5]),
-                             min_ps=torch.zeros(2), all_greedy=False, any_greedy=False, use_top_k=False,
-                             use_top_p=True, use_min_p=False)
+    params = SamplingTensors(temperatures=torch.ones(2), top_ks=torch.full((2,), VOCAB),
+                             top_ps=torch.tensor([1.0, 0.5]), min_ps=torch.zeros(2), all_greedy=False,
+                             any_greedy=False, use_top_k=False, use_top_p=True, use_min_p=False)
     kept = sampler.apply_top_k_top_p_min_p(logits, params.temperatures, params)
     assert torch.equal(kept[0], logits[0])
     assert torch.isinf(kept[1, 1:]).all() and kept[1, 0] == 30.0
