@@ -24,7 +24,7 @@ from hf_minivllm.models.adapter import (
 )
 from hf_minivllm.models.decoder import DecoderForCausalLM
 from hf_minivllm.models.loading import eos_token_ids_of, load_tokenizer
-from hf_minivllm.models.weight_sync import WeightChange, WeightWatcher
+from hf_minivllm.models.weight_sync import WeightChange, WeightSnapshot, WeightWatcher
 from hf_minivllm.sampling_params import SamplingParams
 from hf_minivllm.tp import TensorParallelWorkers, tensor_parallel_devices
 
@@ -127,8 +127,10 @@ class LLM:
                 first = torch.device("cuda", torch.cuda.current_device())
             self._workers = TensorParallelWorkers(tensor_parallel_devices(first, tp_size, devices))
         try:
+            before_build = WeightSnapshot(hf_model)
             self.model = self._build_decoder()
-            self._weights = WeightWatcher(hf_model, self.model.weight_sources, self.model.adapter_state)
+            self._weights = WeightWatcher(hf_model, self.model.weight_sources, self.model.adapter_state,
+                                          since=before_build)
             self._weights_lock = threading.Lock()
             self.engine = LLMEngine(self.model, self.config, eos_token_ids_of(hf_model, tokenizer), self._workers)
         except BaseException:
@@ -289,8 +291,9 @@ class LLM:
         """Runs on the engine loop: a new decoder from the model as it is now, served by a new runner."""
         if engine.closed:  # an earlier rebuild failed for good: building again would only waste the time
             raise EngineClosed("this engine is closed (it could not rebuild its decoder); make a new one")
+        before_build = WeightSnapshot(self.hf_model)
         model = self._build_decoder()
-        watcher = WeightWatcher(self.hf_model, model.weight_sources, model.adapter_state)
+        watcher = WeightWatcher(self.hf_model, model.weight_sources, model.adapter_state, since=before_build)
         engine.reload_model(model)
         self.model, self._weights = model, watcher
         engine.stats.rebuilds += 1

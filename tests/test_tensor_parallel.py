@@ -149,6 +149,24 @@ def test_training_between_calls_reaches_every_rank():
         llm.close()
 
 
+def test_an_edit_made_while_the_shards_are_built_reaches_the_ranks(monkeypatch):
+    """Each rank copies its shard while ``LLM`` builds the decoder: an in-place edit landing after those copies
+    (another thread training) must still reach the ranks at the first call."""
+    model = tiny_model("qwen3")
+    build = LLM._build_decoder
+
+    def build_then_edit(llm):
+        decoder = build(llm)
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.mul_(-1.5)
+        monkeypatch.setattr(LLM, "_build_decoder", build)  # once: a rebuild reads the edited model
+        return decoder
+
+    monkeypatch.setattr(LLM, "_build_decoder", build_then_edit)
+    with LLM(model, tensor_parallel_size=2, **ENGINE) as llm:
+        assert [out["token_ids"] for out in llm.generate(prompts(), GREEDY, use_tqdm=False)] == tp1_tokens(model)
+
+
 def test_tp2_moe_sees_an_expert_weight_changed_in_place():
     """Qwen3-MoE at TP=2 (each rank holds its slice of every expert): an in-place edit of one expert's stacked
     weights reaches the ranks."""

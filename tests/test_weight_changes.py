@@ -268,6 +268,31 @@ def test_an_in_place_edit_of_the_rotary_frequencies_reaches_the_engine():
     assert hf_minivllm.stats(model)["rebuilds"] == 1
 
 
+def test_an_edit_made_while_the_decoder_is_built_is_seen_by_the_first_call(monkeypatch):
+    """A training thread may edit the weights while ``LLM`` builds its decoder. The edit lands after the decoder read
+    the rotary frequencies into its own table: the first call must still compute with the edited model."""
+    model = tiny_model("llama")
+    build = LLM._build_decoder
+
+    def build_then_edit(llm):
+        decoder = build(llm)
+        with torch.no_grad():
+            model.model.rotary_emb.inv_freq.mul_(0.25)
+        monkeypatch.setattr(LLM, "_build_decoder", build)  # once: a rebuild reads the edited model
+        return decoder
+
+    monkeypatch.setattr(LLM, "_build_decoder", build_then_edit)
+    ids, mask = left_padded_batch(lengths=(40, 33))
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    llm = LLM(model, num_kvcache_blocks=64, kvcache_block_size=4)
+    got = [out["token_ids"] for out in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW,
+                                                                          ignore_eos=True), use_tqdm=False)]
+    expected = greedy(model, ids, mask)[:, ids.shape[1]:].tolist()
+    assert got == expected
+    assert llm.stats.rebuilds == 1
+    llm.close()
+
+
 def test_a_sync_that_may_block_is_announced_to_the_server():
     """The server prepares requests on its event loop and moves the weight sync to a thread when it may block: a
     rebuild, or another thread's sync under way. An in-place edit (a prefix-cache reset, no ranks) does not."""

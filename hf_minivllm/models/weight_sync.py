@@ -48,6 +48,11 @@ class _OptimizerSteps:
             self.per_optimizer[optimizer] = self.per_optimizer.get(optimizer, 0) + 1
             self.total += 1
 
+    def counts(self) -> tuple[int, dict[Optimizer, int]]:
+        """The total and each optimizer's step count, read together."""
+        with self.lock:
+            return self.total, dict(self.per_optimizer)
+
     def since(self, seen: weakref.WeakKeyDictionary) -> dict[Optimizer, int]:
         """The optimizers that stepped since ``seen`` (optimizer -> count), with their counts now."""
         with self.lock:
@@ -91,24 +96,50 @@ def _module_links(model: nn.Module, modules: list[nn.Module]) -> list[tuple[nn.M
     return list(links.values())
 
 
+class WeightSnapshot:
+    """The version counters of a model's tensors and the optimizers' step counts, taken before a decoder is built
+    from it: a ``WeightWatcher`` made after the build compares with these, so an edit made (by another thread) while
+    the decoder was being built is seen, not taken as the state the decoder holds."""
+
+    def __init__(self, model: nn.Module):
+        _OPTIMIZER_STEPS.ensure_hooked()
+        self.steps_total, self.steps = _OPTIMIZER_STEPS.counts()
+        self.tensors = {id(tensor): (tensor, tensor.data_ptr(), _version(tensor))
+                        for tensor in (*model.parameters(), *model.buffers())}
+
+    def version_before(self, tensor: Any) -> int | None:
+        """``tensor``'s version counter when the snapshot was taken; None if it is not the same tensor on the same
+        storage (the build re-points the data of the parameters it fuses, whose values it copied)."""
+        seen = self.tensors.get(id(tensor))
+        if seen is None or seen[0] is not tensor or seen[1] != tensor.data_ptr():
+            return None
+        return seen[2]
+
+
 class WeightWatcher:
     """Remembers the state of ``sources`` (``(module, attribute)`` pairs read from ``model``) and reports how it
-    changed since; ``check`` looks, ``commit`` makes what it saw the new reference (once the change is handled)."""
+    changed since; ``check`` looks, ``commit`` makes what it saw the new reference (once the change is handled).
+    With ``since``, the reference is the model as it was when that snapshot was taken (before the build)."""
 
     def __init__(self, model: nn.Module, sources: list[tuple[nn.Module, str]],
-                 state: Callable[[], Hashable] | None = None):
+                 state: Callable[[], Hashable] | None = None, since: WeightSnapshot | None = None):
         self.sources = sources
         self._read_state = state
         self._state_at_build = state() if state is not None else None
         self._links = _module_links(model, [module for module, _ in sources])
         self._state = [self._describe(_lookup(module, name)) for module, name in sources]
+        if since is not None:
+            for index, described in enumerate(self._state):
+                before = since.version_before(described[0])
+                if before is not None:
+                    self._state[index] = (*described[:-1], before)
         # Buffers are read once into tables of the decoder's own (rotary cos/sin), never shared: new values rebuild.
         self._derived = frozenset(index for index, (module, name) in enumerate(sources) if name in module._buffers)
         self._watched = {id(state[0]) for state in self._state}
         _OPTIMIZER_STEPS.ensure_hooked()
-        self._steps_seen: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary(
-            _OPTIMIZER_STEPS.since(weakref.WeakKeyDictionary()))
-        self._steps_seen_total = _OPTIMIZER_STEPS.total
+        steps_total, steps = (since.steps_total, since.steps) if since is not None else _OPTIMIZER_STEPS.counts()
+        self._steps_seen: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary(steps)
+        self._steps_seen_total = steps_total
         self._seen_now: tuple[int, dict, dict] | None = None  # what the last check saw, for commit
 
     @staticmethod
