@@ -76,6 +76,12 @@ def compiles_kernels_ahead(device: torch.device) -> bool:
     return device.type == "cuda" and can_compile_ahead()
 
 
+def captures_cuda_graphs(device: torch.device, backend: str, enforce_eager: bool) -> bool:
+    """Whether the runner replays its passes through CUDA graphs: on CUDA unless ``enforce_eager``, and not with the
+    torch backend, whose KV store and prefill read lengths on the host (not allowed while a graph is captured)."""
+    return device.type == "cuda" and not enforce_eager and backend != "torch"
+
+
 class ModelRunner:
     """One model on one device: its KV cache storage, decode graphs, input preparation and sampling.
 
@@ -98,8 +104,8 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
         fp8_cache = config.kv_cache_dtype != "auto"
-        backend = select_attention_backend(config.attention_backend, self.device,
-                                           dtype=FP8_DTYPE if fp8_cache else None)
+        backend = select_attention_backend(config.attention_backend, self.device, block_size=self.block_size,
+                                           dtype=FP8_DTYPE if fp8_cache else self.dtype, head_dim=model.head_dim)
         if fp8_cache and backend == "triton" and torch.cuda.get_device_capability(self.device) < (8, 9):
             raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} with the triton backend needs a GPU of compute "
                              f"capability 8.9 or newer (Ada, Hopper) for e4m3; {torch.cuda.get_device_name(self.device)} "
@@ -128,7 +134,7 @@ class ModelRunner:
             self._calibrate_kv_scales()
         self.storage = self._make_storage()
         self._bind_kv_cache(self.storage.tensor)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if captures_cuda_graphs(self.device, backend, config.enforce_eager):
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
             graph_tokens = min(config.max_prefill_graph_tokens, config.max_num_batched_tokens)
             if graph_tokens and backend == "triton":  # flash-attn's grid follows the batch: not captured
