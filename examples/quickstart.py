@@ -30,8 +30,16 @@ def timed_generate(model, batch):
     return out, time.perf_counter() - start
 
 
-def generated_tokens(out, prompt_width, pad_id):
-    return int((out[:, prompt_width:] != pad_id).sum())
+def generated_tokens(model, out, prompt_width):
+    """Tokens generated per row up to and including its first eos: finished rows are padded with the generation
+    config's pad token, which need not be the tokenizer's (and is often the eos token itself)."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=out.dtype)
+    total = 0
+    for row in out[:, prompt_width:]:
+        ends = torch.isin(row, eos_ids).nonzero().flatten().tolist()
+        total += ends[0] + 1 if ends else len(row)
+    return total
 
 
 def main():
@@ -52,8 +60,8 @@ def main():
         answer = tokenizer.decode(row[width:], skip_special_tokens=True).strip()
         print(f"Q: {question}\nA: {answer}\n")
     same = torch.equal(hf_out, fast_out)
-    hf_tokens = generated_tokens(hf_out, width, tokenizer.pad_token_id)
-    fast_tokens = generated_tokens(fast_out, width, tokenizer.pad_token_id)
+    hf_tokens = generated_tokens(model, hf_out, width)
+    fast_tokens = generated_tokens(model, fast_out, width)
     print(f"device: {device}; {len(QUESTIONS)} prompts, greedy, up to {MAX_NEW_TOKENS} new tokens")
     print(f"plain HF generate:        {hf_tokens / hf_seconds:8.1f} tokens/s ({hf_seconds:.2f} s)")
     print(f"hf_minivllm.accelerate:   {fast_tokens / fast_seconds:8.1f} tokens/s ({fast_seconds:.2f} s)")
