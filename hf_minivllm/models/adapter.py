@@ -31,9 +31,11 @@ SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCa
 # Architectures whose checkpoints hold q/k/v and gate/up already fused, in the engine's order ([q | k | v] and
 # [gate | up]): Phi-3 and Phi-4 (``self_attn.qkv_proj``, ``mlp.gate_up_proj``).
 FUSED_PROJECTIONS = ("Phi3ForCausalLM",)
-# Architectures that mask with ``config.sliding_window`` whenever it is set (Qwen2/Qwen3/Gemma only on the layers
-# that ``config.layer_types`` marks "sliding_attention").
+# Architectures that mask with ``config.sliding_window`` whenever it is set.
 WINDOW_WHENEVER_SET = ("MistralForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
+# Architectures that mask with it on the layers ``config.layer_types`` marks "sliding_attention". Llama's attention
+# reads neither field (HF's generate cache does: see ``_check_cache_window``).
+WINDOW_BY_LAYER_TYPE = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Architectures whose generate recomputes a sequence with LongRoPE's long table once it outgrows the original context.
 LONGROPE_RECOMPUTED = ("Phi3ForCausalLM",)
 # The HF modules of a sparse MoE block the engine mirrors (``hf_minivllm.layers.moe``): experts, router.
@@ -46,7 +48,7 @@ SCALED_EMBEDDINGS = ("Gemma2TextScaledWordEmbedding", "Gemma3TextScaledWordEmbed
 # (HF's own sdpa attention drops Gemma 2's soft-cap, which its eager, flash and flex attention apply: the engine
 # computes the model as they do.)
 ATTENTION_SOFTCAP = ("Gemma2ForCausalLM",)
-# HF activation names of the gated MLP -> the engine's.
+# HF activation names of the gated MLP -> the engine's (the sparse MoE experts compute silu only).
 MLP_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # Quantization methods whose loaded weights are plain floating-point tensors (GGUF files are dequantized on load).
 DEQUANTIZED_ON_LOAD = ("gguf",)
@@ -205,7 +207,10 @@ def _quantization_method(config: object) -> str | None:
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+    else:
+        method = getattr(quantization, "quant_method", None)
     return str(getattr(method, "value", method) or "unknown")
 
 
@@ -230,12 +235,18 @@ def _bind_loras(bind: "_Binder", hf_model: nn.Module, hf_layer: nn.Module, layer
                 target.loras.append(LoRA(lora_a.weight, lora_b.weight, module.scaling[adapter], part_rows))
 
 
-def _mlp_activation(config: object) -> str:
-    """The engine's name for the MLP's activation (Gemma configs call it ``hidden_activation``)."""
-    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+def _mlp_activation(hf_model: nn.Module) -> str:
+    """The engine's name for the MLP's activation, read from the config field the family's modeling reads (Gemma's
+    ``hidden_activation``, the others' ``hidden_act``: a config may carry both)."""
+    field = "hidden_activation" if type(hf_model).__name__ in GEMMA_ARCHITECTURES else "hidden_act"
+    name = getattr(hf_model.config, field, None)
     if name not in MLP_ACTIVATIONS:
         raise UnsupportedModel(f"unsupported MLP activation {name!r}; supported: {', '.join(MLP_ACTIVATIONS)}")
-    return MLP_ACTIVATIONS[name]
+    activation = MLP_ACTIVATIONS[name]
+    if activation != "silu" and any(_is_sparse_moe(layer) for layer in hf_model.model.layers):
+        raise UnsupportedModel(f"MoE experts with activation {name!r} are not supported: the engine's fused experts "
+                               "compute silu")
+    return activation
 
 
 def _rope_tables(hf_model: nn.Module) -> dict[str, tuple[nn.Module, str, str, float]]:
@@ -258,19 +269,54 @@ def _rope_tables(hf_model: nn.Module) -> dict[str, tuple[nn.Module, str, str, fl
 
 def _layer_types(hf_model: nn.Module) -> tuple[str, ...]:
     """Per layer, HF's "full_attention" or "sliding_attention", which picks its mask (and Gemma 3's rotary
-    table); empty when every layer is full."""
+    table); empty when every layer is full. Layer ``i`` of the model is HF's ``config.layer_types[i]``, also when
+    layers were removed from the end of a loaded model."""
     config = hf_model.config
     if getattr(config, "sliding_window", None) is None:
         return ()
-    if type(hf_model).__name__ in WINDOW_WHENEVER_SET:
-        return ("sliding_attention",) * config.num_hidden_layers
-    return tuple(getattr(config, "layer_types", None) or ())
+    name, count = type(hf_model).__name__, len(hf_model.model.layers)
+    if name in WINDOW_WHENEVER_SET:
+        return ("sliding_attention",) * count
+    if name in WINDOW_BY_LAYER_TYPE:
+        return tuple((getattr(config, "layer_types", None) or ())[:count])
+    return ()
+
+
+def _check_cache_window(hf_model: nn.Module) -> None:
+    """Refuse a window that HF's generate cache applies where the model's attention masks none.
+
+    Transformers builds generate's cache from the config whatever the architecture: layers that ``layer_types`` (or,
+    without it, ``sliding_window`` then ``attention_chunk_size``) make windowed keep only their last keys. Left in a
+    config whose attention ignores them (a window in a Llama config, a chunk size in Mistral's), they make HF's
+    generate differ from its own forward, and from anything the engine computes.
+    """
+    config = hf_model.config
+    layers, sliding = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    cache_types = getattr(config, "layer_types", None) or (
+        ["sliding_attention" if sliding is not None else "chunked_attention" if chunk is not None
+         else "full_attention"] * layers)
+    cache_window = chunk if "chunked_attention" in cache_types else sliding
+    masked = _layer_types(hf_model) or ("full_attention",) * len(hf_model.model.layers)
+    for index, (cache_type, mask_type) in enumerate(zip(cache_types, masked)):
+        kept = cache_window if cache_type in ("sliding_attention", "chunked_attention") else None
+        if kept is None or kept >= config.max_position_embeddings:
+            continue
+        if mask_type != "sliding_attention" or kept != sliding:
+            raise UnsupportedModel(f"layer {index} of this {type(hf_model).__name__}: the config's window settings "
+                                   f"make HF's generate cache keep only the last {kept} tokens, which its attention "
+                                   "does not mask; not supported")
 
 
 def _check_supported(hf_model: nn.Module) -> None:
     name = type(hf_model).__name__
     if name not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModel(f"unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    module = type(hf_model).__module__
+    if not module.startswith("transformers."):
+        # Remote code (trust_remote_code=True: Phi-3's own modeling_phi3, ...) names its classes as transformers does.
+        raise UnsupportedModel(f"{name} from {module} is not transformers' own class, whose modeling the engine "
+                               "mirrors")
     config = hf_model.config
     method = _quantization_method(config)
     if method is not None and method.lower() not in DEQUANTIZED_ON_LOAD:
@@ -280,7 +326,7 @@ def _check_supported(hf_model: nn.Module) -> None:
     dtype = hf_model.model.embed_tokens.weight.dtype
     if not dtype.is_floating_point or dtype.itemsize < 2:  # int8 / float8 storage needs scales the engine lacks
         raise UnsupportedModel(f"weights of dtype {dtype} are not supported (16-bit and wider floats are)")
-    _mlp_activation(config)
+    _mlp_activation(hf_model)
     head_dim = hf_model.model.layers[0].self_attn.head_dim
     for rotary, inv_freq_name, rope_type, _ in _rope_tables(hf_model).values():
         if "dynamic" in rope_type:
@@ -297,6 +343,7 @@ def _check_supported(hf_model: nn.Module) -> None:
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModel("bidirectional attention (use_bidirectional_attention) is not supported; the engine "
                                "generates causally")
+    _check_cache_window(hf_model)
     unknown = set(_layer_types(hf_model)) - {"full_attention", "sliding_attention"}
     if unknown:
         raise UnsupportedModel(f"unsupported layer types {sorted(unknown)}")
@@ -406,13 +453,13 @@ def _decoder_config(hf_model: nn.Module, tp_rank: int, tp_size: int) -> DecoderC
         dtype=inner.embed_tokens.weight.dtype,
         tie_word_embeddings=hf_model.lm_head.weight is inner.embed_tokens.weight,
         moe=_moe_config(inner.layers, sparse) if sparse else None,
-        mlp_activation=_mlp_activation(config),
+        mlp_activation=_mlp_activation(hf_model),
         layer_types=_layer_types(hf_model),
         sliding_window=window,
         sliding_rope_inv_freq=getattr(sliding[0], sliding[1]) if sliding else None,
         sliding_rope_attention_scaling=sliding[3] if sliding else 1.0,
         attn_logit_softcap=config.attn_logit_softcapping if name in ATTENTION_SOFTCAP else None,
-        final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+        final_logit_softcap=config.final_logit_softcapping if name in GEMMA_ARCHITECTURES else None,
         embedding_scale=_embedding_scale(hf_model),
         norm_unit_offset=name in GEMMA_ARCHITECTURES,
         sandwich_norms=name in GEMMA_ARCHITECTURES,
