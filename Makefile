@@ -15,7 +15,7 @@ HF4_TRANSFORMERS_SPEC ?= transformers==4.57.6
 HF4_TESTS ?= tests/test_conformance.py tests/test_conformance_engine_hooks.py tests/test_conformance_fields.py \
 	tests/test_conformance_model.py tests/test_generate.py tests/test_model.py tests/test_pipeline.py \
 	tests/test_streaming.py tests/test_fallback.py tests/test_longrope.py tests/test_dropin_contract.py \
-	tests/test_family_variants.py
+	tests/test_family_variants.py tests/test_processor_parity.py
 # Test files to run (all by default), and the extras installed for them (the 4.x run needs only test-core).
 TESTS ?=
 EXTRAS ?= test,serve,ray

@@ -77,7 +77,9 @@ FIELD_POLICIES: dict[str, FieldPolicy] = {
     "use_mtp": fallback("multi-token prediction"),
     "speculation_type": fallback("speculative decoding"),
     "use_cache": ignored("the engine always uses its paged KV cache; tokens are the same"),
-    "cache_implementation": ignored("HF cache choice (\"paged\" included); the engine uses its paged KV cache"),
+    "cache_implementation": fallback("a quantized KV cache changes the tokens; other HF cache choices (\"paged\" "
+                                     "included) do not, and the engine uses its paged KV cache",
+                                     lambda value: value == "quantized"),
     "cache_config": ignored("HF cache settings"),
     "max_cache_len": ignored("HF cache settings"),
     "return_legacy_cache": ignored("format of past_key_values, which the engine does not return (4.x only)"),

@@ -54,11 +54,11 @@ SAMPLES = {
     "sequence_bias": dict(sequence_bias={(5,): -1.0}),
     "output_scores": dict(output_scores=True, return_dict_in_generate=True),
     "output_logits": dict(output_logits=True, return_dict_in_generate=True),
+    "cache_implementation": dict(cache_implementation="quantized"),
     # ignored
     "early_stopping": dict(early_stopping=True),
     "diversity_penalty": dict(diversity_penalty=0.5),
     "use_cache": dict(use_cache=False),
-    "cache_implementation": dict(cache_implementation="static"),
     "max_cache_len": dict(max_cache_len=64),
     "return_legacy_cache": dict(return_legacy_cache=False),
     "disable_compile": dict(disable_compile=True),
