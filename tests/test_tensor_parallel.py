@@ -286,6 +286,9 @@ def test_tp_on_gpus_matches_tp1(tp):
         expected = [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)]
     with LLM(model, tensor_parallel_size=tp, gpu_memory_utilization=0.3) as llm:
         assert llm.engine.runner.graphs is not None
+        if all(torch.cuda.can_device_access_peer(0, peer) for peer in range(1, tp)):
+            # Rank 0 joins the group from a thread of its own: the one-shot all-reduce must still be set up there.
+            assert llm._workers.group.peer_all_reduce is not None
         assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
         pids = llm._workers.pids
     assert wait_gone(pids)

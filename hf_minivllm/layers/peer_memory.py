@@ -35,8 +35,22 @@ class _IpcHandle(ctypes.Structure):
 class _Driver:
     """The few CUDA driver calls IPC needs (the runtime's are not exposed by torch)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.lib = ctypes.CDLL("libcuda.so.1")
+        self.device_index = torch.cuda._get_device_index(device, optional=True)
+
+    def make_current(self) -> None:
+        """Make the device's primary context (the one PyTorch's runtime uses) current on the calling thread. A
+        thread that has made no CUDA runtime call yet (the TP rendezvous thread, a garbage-collecting thread) has no
+        current context, and every driver call then fails with CUDA_ERROR_INVALID_CONTEXT (201): ``torch.cuda.device``
+        does not bind one when the device is already the thread's current device."""
+        device, context = ctypes.c_int(), ctypes.c_void_p()
+        self._call("cuDeviceGet", ctypes.byref(device), ctypes.c_int(self.device_index))
+        self._call("cuDevicePrimaryCtxRetain", ctypes.byref(context), device)
+        try:
+            self._call("cuCtxSetCurrent", context)
+        finally:
+            self._call("cuDevicePrimaryCtxRelease_v2", device)  # PyTorch's runtime holds it retained
 
     def _call(self, name: str, *args) -> None:
         """Call the driver function ``name`` (exact symbol: some ``_v2`` symbols take other arguments)."""
@@ -64,6 +78,11 @@ class _Driver:
         return pointer.value
 
     def release(self, own: list[int], opened: list[int]) -> None:
+        try:
+            self.make_current()
+        except RuntimeError as error:  # a driver already shutting down: nothing left to free
+            logger.debug("peer memory not released: %s", error)
+            return
         for pointer in opened:
             self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(pointer))
         for pointer in own:
@@ -92,7 +111,8 @@ class PeerAllReduce:
             try:
                 with torch.cuda.device(device):
                     torch.cuda.init()
-                    driver = _Driver()
+                    driver = _Driver(device)
+                    driver.make_current()
                     own = [driver.allocate_zeroed(2 * MAX_BYTES), driver.allocate_zeroed(size * GRID * 4)]
                     published = [driver.export(pointer) for pointer in own]
                     torch.cuda.synchronize(device)  # the zero fill is done before any peer maps the flags
@@ -106,6 +126,7 @@ class PeerAllReduce:
         if not reasons:
             try:
                 with torch.cuda.device(device):
+                    driver.make_current()
                     for peer, (handles, _) in enumerate(everyone):
                         for kind, handle in enumerate(handles):
                             pointers[kind].append(own[kind] if peer == rank else driver.open(handle))
