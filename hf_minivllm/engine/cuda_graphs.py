@@ -143,6 +143,11 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.buckets[-1]
 
+    def release(self) -> None:
+        """Destroy the graphs now (see ``release_graphs``)."""
+        release_graphs(self.graphs)
+        release_graphs(self.cascade_graphs)
+
     def run(self, inputs: DecodeInputs, shared_prefix_len: int = 0) -> torch.Tensor:
         """Copy the host inputs straight into the static buffers (no intermediate device tensors), then replay; with
         ``shared_prefix_len``, the bucket's cascade graph (captured now if this is its first cascade step)."""
@@ -179,6 +184,16 @@ class DecodeGraphs:
             logger.warning("no memory to capture the cascade-attention graph for %d sequences; those steps read the "
                            "shared prefix once per sequence", bucket, exc_info=True)
             return None
+
+
+def release_graphs(graphs: dict[int, torch.cuda.CUDAGraph | None]) -> None:
+    """Destroy each graph now rather than whenever its Python object goes: a graph that captured a NCCL collective
+    must be gone before its communicator is aborted (since NCCL 2.26 the abort waits for it), and a communicator
+    collected in the same garbage cycle as the graphs would otherwise wait for them forever."""
+    for graph in graphs.values():
+        if graph is not None:
+            graph.reset()
+    graphs.clear()
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
@@ -243,6 +258,10 @@ class PrefillGraphs:
     def _forward(self, bucket: int) -> None:
         hidden = self.model(self.input_ids[:bucket], self.positions[:bucket])
         self.logits.copy_(self.model.compute_logits(hidden[self.logits_rows]))
+
+    def release(self) -> None:
+        """Destroy the graphs now (see ``release_graphs``)."""
+        release_graphs(self.graphs)
 
     def can_run(self, plan: "PrefillPlan") -> bool:
         return len(plan.input_ids) <= self.buckets[-1] and len(plan.cu_seqlens_q) - 1 <= self.max_seqs

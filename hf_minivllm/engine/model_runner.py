@@ -420,6 +420,9 @@ class ModelRunner:
                 torch.cuda.synchronize(self.device)
         if self.workers is not None and not self.workers.closed:
             self.workers.close_runner()
+        for graphs in (self.graphs, self.prefill_graphs):
+            if graphs is not None:
+                graphs.release()
         self.graphs = self.prefill_graphs = None
         self._bind_kv_cache(None)
         self.storage.close()
