@@ -7,7 +7,9 @@ on CUDA, gloo on CPU. Collectives run on the caller's current CUDA stream and ca
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,10 @@ NCCL_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST":
 # kill the process (rank 0 is the caller's own program), and no watchdog monitor kills it either. The engine
 # notices a dead worker by itself and raises.
 NCCL_FAILURE_HANDLING = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_ENABLE_MONITORING": "0"}
+# How long ``close`` waits for the communicator's abort (which runs on a thread of its own).
+ABORT_WAIT_S = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 class ParallelGroup:
@@ -31,6 +37,24 @@ class ParallelGroup:
         self.process_group = process_group
         self.peer_all_reduce = peer_all_reduce  # small all-reduces through peer memory instead of NCCL
         self._store = store  # keeps the rendezvous alive as long as the group
+        self._closed = False
+
+    def close(self) -> None:
+        """Abort this rank's communicator now (idempotent; the group takes no collectives after it). Left to its
+        destructor, PyTorch would destroy it gracefully: with NCCL that is a collective, which never completes once
+        a peer has exited, and it hung whichever thread garbage-collected it. An abort involves no peer; it waits
+        only until the CUDA graphs that captured its collectives are destroyed (NCCL 2.26 on), which the runners do
+        before this is called. It still runs on a thread of its own, waited for ``ABORT_WAIT_S`` at most, so that a
+        graph still running (a peer died mid-step) cannot hang the caller."""
+        if self._closed:
+            return
+        self._closed = True
+        aborter = threading.Thread(target=self.process_group.abort, name="hf-minivllm-tp-abort", daemon=True)
+        aborter.start()
+        aborter.join(ABORT_WAIT_S)
+        if aborter.is_alive():
+            logger.warning("rank %d's communicator did not abort within %.0f s; left to end with the process",
+                           self.rank, ABORT_WAIT_S)
 
     @classmethod
     def create_store(cls, size: int, timeout_s: float) -> dist.TCPStore:

@@ -80,6 +80,8 @@ class Worker:
         elif command == "close_runner":
             self.close_runner()
         elif command == "shutdown":
+            self.close_runner()  # its graphs first: the communicator's abort waits for them
+            self.group.close()
             return False
         else:
             raise ValueError(f"unknown command {command!r}")

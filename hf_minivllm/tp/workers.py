@@ -82,6 +82,7 @@ class TensorParallelWorkers:
         self.devices = devices
         self.timeout_s = timeout_s
         self._failure: str | None = None
+        self.group: ParallelGroup | None = None  # set once every rank has joined
         store = ParallelGroup.create_store(self.size, timeout_s)
         authkey = secrets.token_bytes(32)
         directory = tempfile.mkdtemp(prefix="hf-minivllm-tp-")
@@ -105,6 +106,8 @@ class TensorParallelWorkers:
             for rank, connection in enumerate(self._connections, start=1):
                 send_message(connection, ("group", rank, self.size, store.port, str(devices[rank]), threads, timeout_s))
             self.group = self._join_group(store)
+            # Collected without close(): still an abort, not PyTorch's graceful destroy (see ParallelGroup.close).
+            weakref.finalize(self, self.group.close)
         except BaseException:
             self.close()
             raise
@@ -289,8 +292,10 @@ class TensorParallelWorkers:
         return [process.pid for process in self._processes]
 
     def close(self) -> None:
-        """Stop the workers (idempotent)."""
+        """Stop the workers, then abort rank 0's communicator (idempotent; the runner's graphs are gone by now)."""
         self._finalizer()
+        if self.group is not None:
+            self.group.close()
 
 
 def _stop_workers(processes: list[subprocess.Popen], connections: list[Connection], server: socket.socket,
