@@ -11,8 +11,9 @@ HEAD_DIM_RULE = f"a head_dim that is a multiple of {HEAD_DIM_MULTIPLE} from {MIN
 
 
 def kernels_take_head_dim(head_dim: int) -> bool:
-    """Whether the Triton attention kernels take heads this wide (``HEAD_DIM_RULE``). Their tiles span
-    ``padded_head_dim(head_dim)`` lanes; the lanes past the head read as 0 and are never stored."""
+    """Whether the Triton attention kernels take heads this wide (``HEAD_DIM_RULE``; the rotary kernel, which writes
+    their cache, takes the same). Their tiles span ``padded_head_dim(head_dim)`` lanes; the lanes past the head read
+    as 0 and are never stored."""
     return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0
 
 
