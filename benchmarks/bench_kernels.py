@@ -10,6 +10,7 @@ RMSNorm (plain and fused with the residual add) and SiLU-and-mul against torch e
 itself through a .pth file that PYTHONPATH skips). ``--tune`` also sweeps the attention kernels' tile configs,
 ``--splits`` the decode split count at W1's mid-run batch sizes, ``--gemv`` times batch-1 projections;
 ``--gemv-only [--gemv-shapes 8b/2]`` only the projections (those of one model and TP size), with a sweep of tiles;
+``--head-dims 96,128`` times only the attention rows at each head dim (padded tiles for one not a power of two);
 ``--sampling`` times the engine's sampler at 1, 32 and 256 rows of Qwen3's vocabulary: argmax, temperature only
 (the one-pass kernel), HF-style top-k 20 with top-p 0.95 (also replayed from a CUDA graph: its GPU time), and
 that path's one vocabulary-wide step alone (``torch.topk``).
@@ -152,6 +153,25 @@ def prefill_rows(name: str, query_lens: list[int], block_size: int, fa4: Callabl
         row["torch_ms"] = bench(lambda: prefill_attention.paged_prefill_attention_torch(*args), graph=False)
     row["yardstick"] = FA4_PREFILL_TFLOPS
     return [row]
+
+
+def head_dim_rows(head_dims: list[int], decode_contexts: list[int], fa4: Callable | None,
+                  with_torch: bool) -> list[dict]:
+    """The attention rows at each head dim (the module's HEAD_DIM rebound for the call): a head dim that is not a
+    power of two runs on the next power of two's tiles with masked lanes, so its time per byte shows the padding."""
+    global HEAD_DIM
+    rows, default = [], HEAD_DIM
+    try:
+        for head_dim in head_dims:
+            HEAD_DIM = head_dim
+            rows += decode_rows(f"hd{head_dim} decode b256 ctx200-2000 bs16", decode_contexts, 16, fa4, with_torch)
+            rows += decode_rows(f"hd{head_dim} decode fp8 b256 ctx200-2000 bs16", decode_contexts, 16, None, False,
+                                fp8=True)
+            rows += decode_rows(f"hd{head_dim} decode b1 ctx4096 bs16", [4096], 16, fa4, with_torch)
+            rows += prefill_rows(f"hd{head_dim} prefill 16x1024 causal bs16", [1024] * 16, 16, fa4, with_torch)
+    finally:
+        HEAD_DIM = default
+    return rows
 
 
 def elementwise_rows() -> list[dict]:
@@ -383,10 +403,12 @@ def main() -> None:
     parser.add_argument("--gemv", action="store_true", help="also time decode projections (cuBLAS against ours)")
     only.add_argument("--gemv-only", action="store_true", help="only the projections, with a sweep of our tiles")
     only.add_argument("--sampling", action="store_true", help="only the sampler: greedy, temperature, top-k/top-p")
+    only.add_argument("--head-dims", help="only the attention rows (decode bf16 and FP8, prefill) at each of these "
+                      "comma-separated head dims, e.g. 96,128: what a padded head tile costs")
     parser.add_argument("--gemv-shapes", help="with --gemv-only: only the shapes whose name starts with this, all "
                         "swept (e.g. 8b/2, the 8B architecture's per-rank shapes at TP=2)")
     args = parser.parse_args()
-    if (args.tune_fp8 or args.gemv_only or args.sampling) and (args.tune or args.splits or args.gemv):
+    if (args.tune_fp8 or args.gemv_only or args.sampling or args.head_dims) and (args.tune or args.splits or args.gemv):
         parser.error("--tune, --splits and --gemv add to the default rows; --tune-fp8, --gemv-only and --sampling "
                      "run alone")
     for directory in args.site_dir:
@@ -397,6 +419,10 @@ def main() -> None:
     rng = random.Random(0)
     decode_contexts = [rng.randint(200, 2000) for _ in range(256)]
     rows = []
+    if args.head_dims:
+        rows += head_dim_rows([int(dim) for dim in args.head_dims.split(",")], decode_contexts, fa4, with_torch)
+        write(rows, fa4, args.out)
+        return
     if args.gemv_only or args.sampling or args.tune_fp8:
         if args.gemv_only:
             rows += gemv_rows(tune=True, prefix=args.gemv_shapes)

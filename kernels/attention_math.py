@@ -1,5 +1,6 @@
 """Attention arithmetic shared by the paged kernels and their torch references: option checks, the sliding-window
-rule, dense attention with optional logit soft-capping, and the kernels' soft-cap."""
+rule, dense attention with optional logit soft-capping, and the kernels' soft-cap, K/V tile loads and masks over
+heads padded to a power of two."""
 from __future__ import annotations
 
 import torch
@@ -42,14 +43,29 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: 
 
 
 @triton.jit
+def lane_mask(row_mask, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr):
+    """``row_mask`` over a ``[rows, HEAD_DIM_PADDED]`` tile, and on a padded head (``HEAD_DIM`` not a power of two)
+    also the lanes ``dims < HEAD_DIM``: loads fill the lanes past the head with 0, stores leave them out. A
+    power-of-two head gets the row mask alone, so its loads and stores compile as they did before padding."""
+    if HEAD_DIM == HEAD_DIM_PADDED:
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
+    return mask
+
+
+@triton.jit
 def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, end, kv_head, NUM_KV_HEADS: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The keys and values at positions ``[tile_start, tile_start + BLOCK_N)`` of KV head ``kv_head``, found through
     ``block_table_row`` in a paged cache ``[num_blocks, block_size, num_kv_heads, head_dim]``; with the positions and
     which of them lie before ``end``. ``MASKED`` reads only those (the others come back 0, and padding entries of the
-    block table are never read); otherwise the whole tile must lie before ``end``, and its loads go unmasked."""
+    block table are never read); otherwise the whole tile must lie before ``end``, and its loads go unmasked. Tiles
+    are ``HEAD_DIM_PADDED`` wide: on a padded head the lanes past ``HEAD_DIM`` come back 0, so they add nothing to
+    ``q @ k^T`` and leave the output's padded lanes 0."""
     tokens = tile_start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
     token_mask = tokens < end
     if MASKED:
         pages = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
@@ -58,8 +74,13 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, end, kv_
     slots = pages * BLOCK_SIZE + tokens % BLOCK_SIZE
     kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
     if MASKED:
-        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        kv_mask = lane_mask(token_mask, dims, HEAD_DIM, HEAD_DIM_PADDED)
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    elif HEAD_DIM != HEAD_DIM_PADDED:
+        head_lanes = dims[None, :] < HEAD_DIM
+        k = tl.load(k_cache_ptr + kv_offsets, mask=head_lanes, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=head_lanes, other=0.0)
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
         v = tl.load(v_cache_ptr + kv_offsets)

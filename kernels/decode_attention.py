@@ -6,6 +6,7 @@ long context still occupy every SM; the split count depends only on static shape
 block-table width), never on ``context_lens`` values, so the launch is CUDA-graph capturable. The count is read
 from the grid, not compiled in: the decode graphs' batch buckets (a count each) share one compiled kernel. Each
 program handles all query heads of one KV head group (GQA), so every K/V tile is read from memory once per group.
+Tiles span the head padded to a power of two (``HEAD_DIM_PADDED``; see ``attention_math.lane_mask``).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import triton
 import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
-                                                load_kv_tile, tile_scores, window_start)
+                                                lane_mask, load_kv_tile, tile_scores, window_start)
 from hf_minivllm.kernels.kv_cache import FP8_DTYPE, check_kv_scales, dequantize
 from hf_minivllm.kernels.launch import launch
-from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
+from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs, padded_head_dim
 
 _LOG2_E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -53,9 +54,9 @@ def _shared_memory_bytes(device_index: int) -> int:
 
 
 def _decode_config(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, device: torch.device) -> dict[str, int]:
-    """Tile sizes swept on an H100 in bf16 (``bench_kernels.py --tune``): at batch 256, hd 128, 64-token tiles
-    with 4 warps and 3 stages read 2.80 TB/s for pages of 16 and 64 (128-token tiles 2.84, 32-token 2.68).
-    fp32 gets smaller tiles to fit in shared memory.
+    """Tile sizes for tiles ``head_dim`` wide (the head padded to a power of two), swept on an H100 in bf16
+    (``bench_kernels.py --tune``): at batch 256, hd 128, 64-token tiles with 4 warps and 3 stages read 2.80 TB/s
+    for pages of 16 and 64 (128-token tiles 2.84, 32-token 2.68). fp32 gets smaller tiles to fit in shared memory.
 
     An FP8 cache's tiles carry half the bytes per token, and its kernel is latency-bound rather than
     bandwidth-bound: compiled freely at head_dim 128 it took 189 registers a thread, so two programs (8 warps)
@@ -156,13 +157,13 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, tile_start, end, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, qk_scale,
-                 softcap, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 FP8: tl.constexpr):
+                 softcap, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """One online-softmax step over the keys ``[tile_start, tile_start + BLOCK_N)``: ``MASKED``, only those before
     ``end``; otherwise the tile lies wholly before it and its loads go unmasked."""
     _, token_mask, k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, end, kv_head,
-                                       NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED)
+                                       NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_N, MASKED)
     scores, v = tile_scores(q, k, v, qk_scale, softcap, HAS_SOFTCAP, DOT_PRECISION, FP8)
     if MASKED:
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
@@ -176,25 +177,28 @@ def _attend_tile(q, m_i, l_i, acc, tile_start, end, k_cache_ptr, v_cache_ptr, bl
 
 @triton.jit
 def _attend_keys(q, k_cache_ptr, v_cache_ptr, block_table_row, start, end, kv_head, qk_scale, softcap,
-                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
-    """Online softmax of the query rows ``q [ROWS, HEAD_DIM]`` over keys ``start..end`` of one KV head, found through
-    ``block_table_row``: the running max (log2 units), sum and unnormalised output, tile by tile. Only the last
-    tile, when partial, is masked: the others load without masks (on an H200 an FP8 decode step took 6% less
-    time, 0.235 ms against 0.249 at W1's batch of 256)."""
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """Online softmax of the query rows ``q [ROWS, HEAD_DIM_PADDED]`` over keys ``start..end`` of one KV head, found
+    through ``block_table_row``: the running max (log2 units), sum and unnormalised output, tile by tile. Only the
+    last tile, when partial, is masked: the others load without masks (on an H200 an FP8 decode step took 6% less
+    time, 0.235 ms against 0.249 at W1's batch of 256), but for a padded head's lanes."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PADDED], dtype=tl.float32)
     # (The maximum matters: a negative range's division rounds toward zero compiled but floors interpreted.)
     whole_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     for tile_start in range(start, whole_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, end, k_cache_ptr, v_cache_ptr, block_table_row,
-                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                     MASKED=False, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION, FP8=FP8)
+                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE,
+                                     BLOCK_N, MASKED=False, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+                                     FP8=FP8)
     if whole_end < end:
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, whole_end, end, k_cache_ptr, v_cache_ptr, block_table_row,
-                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                     MASKED=True, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION, FP8=FP8)
+                                     kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE,
+                                     BLOCK_N, MASKED=True, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+                                     FP8=FP8)
     return m_i, l_i, acc
 
 
@@ -208,9 +212,9 @@ def _decode_split_kernel(
     q_seq_stride, q_head_stride, out_seq_stride, out_head_stride, block_table_stride,
     prefix_len_ptr, partial_splits, split_offset,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-    CASCADE: tl.constexpr = False,
+    HEAD_DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr, CASCADE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -234,17 +238,18 @@ def _decode_split_kernel(
     heads = tl.arange(0, BLOCK_H)
     head_mask = heads < GROUP_SIZE
     q_heads = kv_head * GROUP_SIZE + heads
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    q_mask = lane_mask(head_mask, dims, HEAD_DIM, HEAD_DIM_PADDED)
     seq64 = seq.to(tl.int64)
-    q = tl.load(q_ptr + seq64 * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :],
-                mask=head_mask[:, None], other=0.0)
+    q = tl.load(q_ptr + seq64 * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :], mask=q_mask,
+                other=0.0)
     if FP8:  # keys are read back as stored * key scale: the scale joins the score scale
         qk_scale = qk_scale * tl.load(kv_scales_ptr)
         q = fp8_cache_query(q)
 
     m_i, l_i, acc = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq64 * block_table_stride,
-                                 start, end, kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_H,
-                                 BLOCK_N, HAS_SOFTCAP, DOT_PRECISION, FP8)
+                                 start, end, kv_head, qk_scale, softcap, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED,
+                                 BLOCK_SIZE, BLOCK_H, BLOCK_N, HAS_SOFTCAP, DOT_PRECISION, FP8)
 
     # An empty split (or an empty padding row) leaves l_i == 0: write zeros and a log-sum-exp of -inf.
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -253,10 +258,10 @@ def _decode_split_kernel(
         out = out * tl.load(kv_scales_ptr + 1)
     if SINGLE_SPLIT:
         out_offsets = seq64 * out_seq_stride + q_heads[:, None] * out_head_stride + dims[None, :]
-        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         row = (seq64 * NUM_HEADS + q_heads) * partial_splits + split_offset + split
-        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=q_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(partial_lse_ptr + row, lse, mask=head_mask)
 
@@ -266,8 +271,8 @@ def _cascade_prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, partial_out_ptr, partial_lse_ptr,
     batch, prefix_len_ptr, partial_splits, qk_scale, softcap, q_seq_stride, q_head_stride,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The shared prefix's part of a cascade: ``BLOCK_Q`` sequences' queries (all heads of one KV head group)
     against one range of the prefix, whose pages are the first row of the block table (every row holds the same
@@ -287,39 +292,45 @@ def _cascade_prefix_kernel(
     group_heads = query_rows % BLOCK_G
     row_mask = (seqs < batch) & (group_heads < GROUP_SIZE)
     q_heads = kv_head * GROUP_SIZE + group_heads
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seqs[:, None] * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :],
-                mask=row_mask[:, None], other=0.0)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    q_mask = lane_mask(row_mask, dims, HEAD_DIM, HEAD_DIM_PADDED)
+    q = tl.load(q_ptr + seqs[:, None] * q_seq_stride + q_heads[:, None] * q_head_stride + dims[None, :], mask=q_mask,
+                other=0.0)
 
     m_i, l_i, acc = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr, start, end, kv_head, qk_scale,
-                                 softcap, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_Q * BLOCK_G, BLOCK_N, HAS_SOFTCAP,
-                                 DOT_PRECISION, False)
+                                 softcap, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_Q * BLOCK_G,
+                                 BLOCK_N, HAS_SOFTCAP, DOT_PRECISION, False)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     row = (seqs * NUM_HEADS + q_heads) * partial_splits + split
-    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc / safe_l[:, None], mask=row_mask[:, None])
+    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc / safe_l[:, None], mask=q_mask)
     tl.store(partial_lse_ptr + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, out_seq_stride, out_head_stride, num_splits,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_SPLITS)
     split_mask = splits < num_splits
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
     rows = (seq * NUM_HEADS + head) * num_splits + splits
     lse = tl.load(partial_lse_ptr + rows, mask=split_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weights = tl.exp2(lse - lse_max)
-    partial = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
+    partial = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+                      mask=lane_mask(split_mask, dims, HEAD_DIM, HEAD_DIM_PADDED), other=0.0)
     total = tl.sum(weights, axis=0)
     out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * out_seq_stride + head * out_head_stride + dims, out.to(out_ptr.dtype.element_ty))
+    out_ptrs = out_ptr + seq * out_seq_stride + head * out_head_stride + dims
+    if HEAD_DIM == HEAD_DIM_PADDED:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -341,7 +352,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    config = _decode_config(q.dtype, k_cache.dtype, head_dim, q.device)
+    head_dim_padded = padded_head_dim(head_dim)
+    config = _decode_config(q.dtype, k_cache.dtype, head_dim_padded, q.device)
     block_n = config.pop("BLOCK_N")
     if num_splits is None:
         max_keys = block_tables.shape[1] * block_size
@@ -360,7 +372,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), context_lens, num_splits, 0,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
+        HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)),
+        BLOCK_N=block_n,
         SINGLE_SPLIT=num_splits == 1, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=kv_scales is not None,
         **config,
@@ -368,7 +381,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > 1:
         launch(_decode_reduce_kernel, (batch, num_heads),
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SPLITS=_reduce_width(num_splits), num_warps=4,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+            BLOCK_SPLITS=_reduce_width(num_splits), num_warps=4,
         )
     return out
 
@@ -382,8 +396,9 @@ CASCADE_MAX_ROWS = 64
 
 
 def cascade_sequences_per_tile(group_size: int, head_dim: int) -> int:
-    """``CASCADE_BLOCK_Q``, or fewer where the group's heads would make the tile too large (at least 16 rows)."""
-    rows = max(CASCADE_MAX_ROWS * 128 // head_dim, 16)
+    """``CASCADE_BLOCK_Q``, or fewer where the group's heads would make the tile too large (at least 16 rows). The
+    accumulator spans the head padded to a power of two, and so the rows stay a power of two."""
+    rows = max(CASCADE_MAX_ROWS * 128 // padded_head_dim(head_dim), 16)
     return max(1, min(CASCADE_BLOCK_Q, rows // triton.next_power_of_2(group_size)))
 
 
@@ -415,7 +430,8 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    config = _decode_config(q.dtype, k_cache.dtype, head_dim, q.device)
+    head_dim_padded = padded_head_dim(head_dim)
+    config = _decode_config(q.dtype, k_cache.dtype, head_dim_padded, q.device)
     block_n = config.pop("BLOCK_N")
     sms = _sm_count(q.device)
     max_keys = block_tables.shape[1] * block_size
@@ -435,7 +451,8 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q, k_cache, v_cache, block_tables, partial_out, partial_lse,
         batch, shared_prefix_len, total_splits, qk_scale, softcap or 1.0, q.stride(0), q.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_G=triton.next_power_of_2(group_size), BLOCK_N=block_n,
+        HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
+        BLOCK_G=triton.next_power_of_2(group_size), BLOCK_N=block_n,
         HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision, **config,
     )
     launch(_decode_split_kernel, (batch, num_kv_heads, suffix_splits),
@@ -445,12 +462,14 @@ def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         shared_prefix_len, total_splits, prefix_splits,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
+        HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)),
+        BLOCK_N=block_n,
         SINGLE_SPLIT=False, HAS_WINDOW=False, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION=dot_precision, FP8=False, CASCADE=True, **config,
     )
     launch(_decode_reduce_kernel, (batch, num_heads),
         partial_out, partial_lse, out, out.stride(0), out.stride(1), total_splits,
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SPLITS=_reduce_width(total_splits), num_warps=4,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+        BLOCK_SPLITS=_reduce_width(total_splits), num_warps=4,
     )
     return out

@@ -3,7 +3,8 @@
 Each sequence's queries are the last ``query_len`` tokens of its context (a cached prefix, possibly empty, comes
 first); all of its keys and values, the new ones included, are read from the cache pages, since ``store_kvcache``
 has already written this step's K/V. Query token ``i`` sits at position ``prefix_len + i`` and sees keys at
-positions ``<= prefix_len + i`` (and, with a sliding window ``w``, ``> prefix_len + i - w``).
+positions ``<= prefix_len + i`` (and, with a sliding window ``w``, ``> prefix_len + i - w``). Tiles span the head
+padded to a power of two (``HEAD_DIM_PADDED``; see ``attention_math.lane_mask``).
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import triton
 import triton.language as tl
 
 from hf_minivllm.kernels.attention_math import (check_attention_options, dense_attention, fp8_cache_query,
-                                                load_kv_tile, tile_scores, window_start)
+                                                lane_mask, load_kv_tile, tile_scores, window_start)
 from hf_minivllm.kernels.kv_cache import check_kv_scales, dequantize
 from hf_minivllm.kernels.launch import launch
-from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs
+from hf_minivllm.kernels.paged_inputs import check_paged_attention_inputs, padded_head_dim
 
 _LOG2_E = 1.4426950408889634
 
@@ -72,9 +73,9 @@ def paged_prefill_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes swept on an H100 in bf16 (``bench_kernels.py --tune``; 16 x 1024 causal, pages of 16 to 128):
-    hd 128 ran 237-241 TFLOP/s with these (186 with 8 warps), hd 64 236. fp32 gets small tiles to fit in shared
-    memory."""
+    """Tile sizes for tiles ``head_dim`` wide (the head padded to a power of two), swept on an H100 in bf16
+    (``bench_kernels.py --tune``; 16 x 1024 causal, pages of 16 to 128): hd 128 ran 237-241 TFLOP/s with these (186
+    with 8 warps), hd 64 236. fp32 gets small tiles to fit in shared memory."""
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim >= 128:
@@ -87,16 +88,17 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, query_positions,
                  context_len, qk_scale, sliding_window, softcap,
-                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """One online-softmax step over keys ``[tile_start, tile_start + BLOCK_N)``, read through the block table.
 
     ``MASKED`` tiles apply the causal mask, the context end and the sliding window; the others are visible to every
     query row. A window can hide a whole tile from a row: its max is then -inf and the step adds nothing.
     """
     tokens, token_mask, k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, tile_start, context_len,
-                                            kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED)
+                                            kv_head, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_N,
+                                            MASKED)
     scores, v = tile_scores(q, k, v, qk_scale, softcap, HAS_SOFTCAP, DOT_PRECISION, FP8)
     if MASKED:
         visible = (tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
@@ -122,9 +124,9 @@ def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_tables_ptr, kv_scales_ptr,
     qk_scale, sliding_window, softcap,
     q_token_stride, q_head_stride, out_token_stride, out_head_stride, block_table_stride,
-    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -140,10 +142,11 @@ def _prefill_kernel(
 
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < query_len
-        dims = tl.arange(0, HEAD_DIM)
+        dims = tl.arange(0, HEAD_DIM_PADDED)
+        q_mask = lane_mask(row_mask, dims, HEAD_DIM, HEAD_DIM_PADDED)
         q_tokens = (q_start + rows).to(tl.int64)
-        q = tl.load(q_ptr + q_tokens[:, None] * q_token_stride + head * q_head_stride + dims[None, :],
-                    mask=row_mask[:, None], other=0.0)
+        q = tl.load(q_ptr + q_tokens[:, None] * q_token_stride + head * q_head_stride + dims[None, :], mask=q_mask,
+                    other=0.0)
         query_positions = prefix_len + rows
         if FP8:  # keys are read back as stored * key scale: the scale joins the score scale
             qk_scale = qk_scale * tl.load(kv_scales_ptr)
@@ -151,7 +154,7 @@ def _prefill_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
         block_table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
         first_row = prefix_len + m_block * BLOCK_M  # positions of the tile's first and last query
         causal_end = tl.minimum(context_len, first_row + BLOCK_M)
@@ -168,18 +171,18 @@ def _prefill_kernel(
         for tile_start in range(window_lo, tl.minimum(unmasked_start, causal_end), BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                                         DOT_PRECISION, FP8)
+                                         NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_N, True,
+                                         HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, FP8)
         for tile_start in range(unmasked_start, unmasked_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
-                                         DOT_PRECISION, FP8)
+                                         NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_N, False,
+                                         HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, FP8)
         for tile_start in range(tl.maximum(unmasked_start, unmasked_end), causal_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile_start, k_cache_ptr, v_cache_ptr, block_table_row,
                                          kv_head, query_positions, context_len, qk_scale, sliding_window, softcap,
-                                         NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                                         DOT_PRECISION, FP8)
+                                         NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_N, True,
+                                         HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, FP8)
 
         if HAS_WINDOW:  # a padding row past the queries may see no key at all: 0, not 0/0 (it is not stored)
             l_i = tl.where(l_i > 0, l_i, 1.0)
@@ -187,7 +190,7 @@ def _prefill_kernel(
         if FP8:  # values likewise: the output is linear in them
             out = out * tl.load(kv_scales_ptr + 1)
         tl.store(out_ptr + q_tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -211,14 +214,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_seqs = cu_seqlens_q.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0:
         return out
-    config = _prefill_config(head_dim, q.dtype)
+    head_dim_padded = padded_head_dim(head_dim)
+    config = _prefill_config(head_dim_padded, q.dtype)
     block_m = config["BLOCK_M"]
     grid = (num_heads, num_seqs, triton.cdiv(max_seqlen_q, block_m))
     launch(_prefill_kernel, grid,
         q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_tables,
         kv_scales if kv_scales is not None else cu_seqlens_q, softmax_scale if softcap is not None else softmax_scale * _LOG2_E, sliding_window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=block_size,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8=kv_scales is not None, **config,
     )

@@ -14,7 +14,10 @@ fused into one FMA rounds differently from torch's two ops). The RMSNorm is HF's
 the dtype, multiply by the weight; only its sum of squares is reduced in a different order than torch's.
 
 q and k are ``[tokens, heads * head_dim]`` or ``[tokens, heads, head_dim]``, typically strided views into the fused
-qkv projection's output; only the last dimension must be contiguous.
+qkv projection's output; only the last dimension must be contiguous. The head sizes are the attention kernels'
+(``paged_inputs.HEAD_DIM_RULE``, Phi-3-mini's 96 included), so a model on those kernels gets this launch too. A half
+head that is not a power of two spans the next power of two's lanes (``HALF_PADDED``: Triton's ranges are powers of
+two), those past it masked (behind the ``PADDED`` flag: a power-of-two head compiles as it did without padding).
 
 Given a ``KVCacheWrite`` and the values, the same launch also writes each token's rotated keys and its values into
 a full-precision paged cache (``hf_minivllm.kernels.kv_cache``'s layout, the store kernel's bytes): the attention
@@ -30,6 +33,7 @@ import triton.language as tl
 
 from hf_minivllm.kernels.kv_cache import FP8_DTYPE, KVCacheWrite, check_store_inputs, store_kvcache_torch
 from hf_minivllm.kernels.launch import launch
+from hf_minivllm.kernels.paged_inputs import HEAD_DIM_RULE, kernels_take_head_dim, padded_head_dim
 
 # Elements per program: enough work per program for prefill, few enough programs to stay one wave at decode.
 _ELEMENTS_PER_PROGRAM = 1024
@@ -70,15 +74,29 @@ def qk_norm_rotary_inplace_torch(q: torch.Tensor, k: torch.Tensor, q_weight: tor
 
 
 @triton.jit
+def _load_half(ptr, cols, HALF: tl.constexpr, PADDED: tl.constexpr):
+    """A half-head vector (cos, sin, half a norm weight) at lanes ``cols``; on a ``PADDED`` head the lanes past
+    ``HALF`` read 0 (they would read the next half, or past the tensor). A power-of-two head's loads stay unmasked."""
+    if PADDED:
+        x = tl.load(ptr + cols, mask=cols < HALF, other=0.0)
+    else:
+        x = tl.load(ptr + cols)
+    return x
+
+
+@triton.jit
 def _norm_rotate_heads(
     rows_ptr, first_head, num_heads, head_stride, weight_ptr, cos, sin, eps, cache_ptr, slot,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+    HALF: tl.constexpr, HALF_PADDED: tl.constexpr, PADDED: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_NORM: tl.constexpr, STORE: tl.constexpr,
 ):
     """Heads ``first_head .. first_head + BLOCK_H`` of one token of one tensor: optional RMSNorm, then RoPE; with
-    ``STORE`` the result also goes to the cache row ``slot`` (none when it is -1)."""
+    ``STORE`` the result also goes to the cache row ``slot`` (none when it is -1). The lanes past ``HALF`` (a padded
+    head's) load 0, so they add nothing to the sum of squares, and are never stored."""
     heads = first_head + tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, HALF)
+    cols = tl.arange(0, HALF_PADDED)
     offsets = heads[:, None].to(tl.int64) * head_stride + cols[None, :]
+    # The lane term is all true on a power-of-two head (whose loads and stores compile as before padding).
     mask = (heads[:, None] < num_heads) & (cols[None, :] < HALF)
     x1 = tl.load(rows_ptr + offsets, mask=mask, other=0.0)
     x2 = tl.load(rows_ptr + offsets + HALF, mask=mask, other=0.0)
@@ -88,8 +106,8 @@ def _norm_rotate_heads(
     if HAS_NORM:
         variance = (tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF)
         inv_rms = tl.rsqrt(variance + eps)[:, None]
-        w1 = tl.load(weight_ptr + cols).to(tl.float32)[None, :]
-        w2 = tl.load(weight_ptr + HALF + cols).to(tl.float32)[None, :]
+        w1 = _load_half(weight_ptr, cols, HALF, PADDED).to(tl.float32)[None, :]
+        w2 = _load_half(weight_ptr + HALF, cols, HALF, PADDED).to(tl.float32)[None, :]
         a1 = (w1 * (a1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         a2 = (w2 * (a2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     # Each product and each sum rounded to the dtype, as the torch path (HF) computes them.
@@ -106,12 +124,13 @@ def _norm_rotate_heads(
 
 @triton.jit
 def _copy_heads_to_cache(
-    rows_ptr, first_head, num_heads, head_stride, cache_ptr, slot, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    rows_ptr, first_head, num_heads, head_stride, cache_ptr, slot, HALF: tl.constexpr, HALF_PADDED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Heads ``first_head .. first_head + BLOCK_H`` of one token's values, into the cache row ``slot``."""
     heads = first_head + tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, 2 * HALF)
-    mask = (heads[:, None] < num_heads) & (cols[None, :] < 2 * HALF)
+    cols = tl.arange(0, 2 * HALF_PADDED)
+    mask = (heads[:, None] < num_heads) & (cols[None, :] < 2 * HALF)  # lanes: all true on a power-of-two head
     x = tl.load(rows_ptr + heads[:, None].to(tl.int64) * head_stride + cols[None, :], mask=mask)
     cache_offsets = slot * (num_heads * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
     tl.store(cache_ptr + cache_offsets, x, mask=mask)
@@ -123,7 +142,8 @@ def _qk_rotary_kernel(
     k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride, cos_sin_stride,
     num_q_heads, num_k_heads, num_q_blocks, num_k_blocks, eps,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+    HALF: tl.constexpr, HALF_PADDED: tl.constexpr, PADDED: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_NORM: tl.constexpr, STORE: tl.constexpr,
 ):
     """Grid ``(tokens, q head blocks + k head blocks [+ v head blocks with STORE])``: each program rotates one block
     of q or of k heads, or (with ``STORE``) writes one block of v heads to the cache."""
@@ -136,19 +156,20 @@ def _qk_rotary_kernel(
     if head_block >= num_q_blocks + num_k_blocks:
         if slot >= 0:
             _copy_heads_to_cache(v_ptr + token * v_token_stride, (head_block - num_q_blocks - num_k_blocks) * BLOCK_H,
-                                 num_k_heads, v_head_stride, v_cache_ptr, slot, HALF, BLOCK_H)
+                                 num_k_heads, v_head_stride, v_cache_ptr, slot, HALF, HALF_PADDED, BLOCK_H)
     else:
-        cols = tl.arange(0, HALF)
+        cols = tl.arange(0, HALF_PADDED)
         cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
-        cos = tl.load(cos_sin_row + cols).to(tl.float32)[None, :]
-        sin = tl.load(cos_sin_row + HALF + cols).to(tl.float32)[None, :]
+        cos = _load_half(cos_sin_row, cols, HALF, PADDED).to(tl.float32)[None, :]
+        sin = _load_half(cos_sin_row + HALF, cols, HALF, PADDED).to(tl.float32)[None, :]
         if head_block < num_q_blocks:
             _norm_rotate_heads(q_ptr + token * q_token_stride, head_block * BLOCK_H, num_q_heads, q_head_stride,
-                               q_weight_ptr, cos, sin, eps, k_cache_ptr, slot, HALF, BLOCK_H, HAS_NORM, False)
+                               q_weight_ptr, cos, sin, eps, k_cache_ptr, slot, HALF, HALF_PADDED, PADDED, BLOCK_H,
+                               HAS_NORM, False)
         else:
             _norm_rotate_heads(k_ptr + token * k_token_stride, (head_block - num_q_blocks) * BLOCK_H, num_k_heads,
-                               k_head_stride, k_weight_ptr, cos, sin, eps, k_cache_ptr, slot, HALF, BLOCK_H, HAS_NORM,
-                               STORE)
+                               k_head_stride, k_weight_ptr, cos, sin, eps, k_cache_ptr, slot, HALF, HALF_PADDED,
+                               PADDED, BLOCK_H, HAS_NORM, STORE)
 
 
 def _check_write(k_heads: torch.Tensor, v: torch.Tensor | None, write: KVCacheWrite | None) -> torch.Tensor | None:
@@ -172,8 +193,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
             weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float, v: torch.Tensor | None,
             write: KVCacheWrite | None) -> None:
     head_dim = cos_sin_cache.shape[1]
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"the rotary kernel needs a power-of-two head_dim >= 16, got {head_dim}")
+    if not kernels_take_head_dim(head_dim):
+        raise ValueError(f"the rotary kernel needs {HEAD_DIM_RULE}, got head_dim {head_dim}")
     q_heads, k_heads = _as_heads(q, head_dim), _as_heads(k, head_dim)
     num_tokens = q_heads.shape[0]
     if q_heads.stride(2) != 1 or k_heads.stride(2) != 1 or not cos_sin_cache.is_contiguous():
@@ -188,7 +209,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     if num_tokens == 0:
         return
     num_q_heads, num_k_heads = q_heads.shape[1], k_heads.shape[1]
-    block_h = min(triton.next_power_of_2(max(num_q_heads, num_k_heads)), max(_ELEMENTS_PER_PROGRAM // head_dim, 1))
+    padded = padded_head_dim(head_dim)
+    block_h = min(triton.next_power_of_2(max(num_q_heads, num_k_heads)), max(_ELEMENTS_PER_PROGRAM // padded, 1))
     num_q_blocks, num_k_blocks = triton.cdiv(num_q_heads, block_h), triton.cdiv(num_k_heads, block_h)
     grid = (num_tokens, num_q_blocks + num_k_blocks * (2 if write is not None else 1))
     q_weight, k_weight = weights if weights is not None else (q_heads, k_heads)
@@ -196,14 +218,16 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     v_heads = v_heads if v_heads is not None else k_heads
     k_cache, v_cache, slot_mapping = ((write.k_cache, write.v_cache, write.slot_mapping) if write is not None
                                       else (q, q, positions))
+    # PADDED repeats HALF != HALF_PADDED as a flag, so that tests/kernel_variants.py compiles both of its values.
     launch(_qk_rotary_kernel, grid,
         q_heads, k_heads, v_heads, positions, cos_sin_cache, q_weight, k_weight,
         k_cache, v_cache, slot_mapping,
         q_heads.stride(0), q_heads.stride(1), k_heads.stride(0), k_heads.stride(1),
         v_heads.stride(0), v_heads.stride(1), cos_sin_cache.stride(0),
         num_q_heads, num_k_heads, num_q_blocks, num_k_blocks, eps,
-        HALF=head_dim // 2, BLOCK_H=block_h, HAS_NORM=weights is not None, STORE=write is not None,
-        num_warps=min(max(block_h * head_dim // 256, 1), 4), enable_fp_fusion=False,
+        HALF=head_dim // 2, HALF_PADDED=padded // 2, PADDED=padded != head_dim, BLOCK_H=block_h,
+        HAS_NORM=weights is not None, STORE=write is not None, num_warps=min(max(block_h * padded // 256, 1), 4),
+        enable_fp_fusion=False,
     )
 
 

@@ -1,7 +1,8 @@
-"""The Attention layer end to end (store K/V, then prefill or decode) against naive dense attention, and backend
-selection."""
+"""The Attention layer end to end (store K/V, then prefill or decode) against naive dense attention, a model whose
+heads the Triton kernels pad served on them through the engine, and backend selection."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -33,6 +34,7 @@ class Shape:
 
 TINY = Shape(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)  # the tiny test models' attention
 QWEN3 = Shape(num_heads=16, num_kv_heads=8, head_dim=128, block_size=16)  # Qwen3-0.6B's, the engine's default pages
+PHI3_MINI = Shape(num_heads=32, num_kv_heads=32, head_dim=96, block_size=16)  # a head the kernels pad to 128
 
 
 class Sequences:
@@ -228,21 +230,55 @@ def test_triton_backend_under_interpreter(kernels):  # noqa: F811
     Sequences(2).step(_layer("triton"), [6, 3], is_prefill=True, store=False)
 
 
+def test_heads_of_24_through_the_engine_on_the_triton_kernels(kernels, monkeypatch):  # noqa: F811
+    """A model whose heads are 24 wide (Phi-3-mini's 96, scaled down; the kernels' tiles span 32) served on the
+    Triton kernels, interpreted, through the whole engine: the store, prefills with prefix-cache hits, decode and
+    (its thresholds lowered) cascade decode over the prompts' shared prefix. Greedy tokens equal HF's."""
+    if CUDA:
+        pytest.skip("compiled kernels take no CPU tensors: test_gpu_layer_backends_match_naive[phi3_mini] runs them")
+    from conftest import tiny_model
+    from hf_minivllm import LLM
+    from hf_minivllm.engine import model_runner
+    from test_attention_situations import engine_greedy, hf_greedy, window_prompts
+
+    monkeypatch.setattr(model_runner, "select_attention_backend", lambda name, device, **cache: "triton")
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 4)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_PREFIX_TOKENS", 8)
+    cascades = []
+    cascade = attention_module.cascade_decode_attention
+
+    def counted_cascade(*args, **kwargs) -> torch.Tensor:
+        cascades.append(args[0].shape)
+        return cascade(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "cascade_decode_attention", counted_cascade)
+    model = tiny_model("phi3", hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
+    assert model.config.hidden_size // model.config.num_attention_heads == 24
+    prompts = window_prompts(4)[:4]
+    llm = LLM(copy.deepcopy(model), kvcache_block_size=4, num_kvcache_blocks=64, max_model_len=64, max_num_seqs=4)
+    assert llm.engine.runner.attention_backend == "triton"
+    new_tokens = 6  # each decode step is a few interpreted launches per layer
+    assert engine_greedy(llm, prompts, new_tokens) == [hf_greedy(model, prompt, new_tokens) for prompt in prompts]
+    assert cascades and llm.stats.prefix_cache_hit_tokens > 0
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [QWEN3, PHI3_MINI], ids=["qwen3", "phi3_mini"])
 @pytest.mark.parametrize("backend", ["triton", "flash_attn"])
-def test_gpu_layer_backends_match_naive(backend):
+def test_gpu_layer_backends_match_naive(backend, shape):
     try:
-        select_attention_backend(backend, "cuda", block_size=QWEN3.block_size, dtype=torch.bfloat16)
+        select_attention_backend(backend, "cuda", block_size=shape.block_size, dtype=torch.bfloat16,
+                                 head_dim=shape.head_dim)
     except ValueError as error:
         pytest.skip(str(error))
     torch.manual_seed(4)
-    gpu = dict(shape=QWEN3, dtype=torch.bfloat16, device="cuda")
-    sequences, layer = Sequences(3, num_blocks=64, **gpu), _layer(backend, QWEN3)
+    gpu = dict(shape=shape, dtype=torch.bfloat16, device="cuda")
+    sequences, layer = Sequences(3, num_blocks=64, **gpu), _layer(backend, shape)
     sequences.step(layer, [50, 1, 90], is_prefill=True)
     sequences.step(layer, [30, 7, 2], is_prefill=True)
     for _ in range(3):
         sequences.step(layer, [1, 1, 1], is_prefill=False)
-    Sequences(2, **gpu).step(_layer(backend, QWEN3), [60, 30], is_prefill=True, store=False)
+    Sequences(2, **gpu).step(_layer(backend, shape), [60, 30], is_prefill=True, store=False)
 
 
 # ---------------------------------------------------------------- backend selection

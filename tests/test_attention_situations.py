@@ -63,15 +63,18 @@ def test_sliding_windows_across_chunks_prefix_hits_and_preemption_match_hf(famil
 
 
 def test_auto_backend_gives_heads_the_triton_kernels_cannot_take_to_torch(monkeypatch):
-    """The Triton attention kernels take a power-of-two head_dim of at least 16: Phi-3-mini's 96 goes to the torch
-    backend (without flash-attn), and asking for triton says so before any work starts."""
+    """The Triton attention kernels take a head_dim that is a multiple of 8 from 16 to 256 (Phi-3-mini's 96, 80, 24
+    included): other heads go to the torch backend (without flash-attn), and asking for triton says so before any
+    work starts."""
     monkeypatch.setattr(attention_module, "_flash_attn", lambda: None)
     monkeypatch.setattr(attention_module, "_triton_available", lambda: True)
-    assert select_attention_backend("auto", "cuda", head_dim=128) == "triton"
-    assert select_attention_backend("auto", "cuda", head_dim=96) == "torch"
-    assert select_attention_backend("auto", "cuda", head_dim=8) == "torch"
-    with pytest.raises(ValueError, match="head_dim >= 16, not 96"):
-        select_attention_backend("triton", "cuda", head_dim=96)
+    for head_dim in (16, 24, 64, 80, 96, 128, 160, 256):
+        assert select_attention_backend("auto", "cuda", head_dim=head_dim) == "triton"
+        assert select_attention_backend("triton", "cuda", head_dim=head_dim) == "triton"
+    for head_dim in (8, 12, 100, 512):
+        assert select_attention_backend("auto", "cuda", head_dim=head_dim) == "torch"
+        with pytest.raises(ValueError, match=f"multiple of 8 from 16 to 256, not head_dim {head_dim}"):
+            select_attention_backend("triton", "cuda", head_dim=head_dim)
 
 
 @pytest.mark.parametrize("kv_cache_dtype, dtype", [("auto", torch.float32), ("fp8", FP8_DTYPE)])
@@ -101,8 +104,9 @@ def test_torch_backend_runs_without_cuda_graphs():
     assert not captures_cuda_graphs(cpu, "torch", enforce_eager=False)
 
 
-def test_heads_the_triton_kernels_cannot_take_are_served_token_exact():
-    """A head_dim of 24 (Phi-3-mini's 96, scaled down) on the torch path, the one such heads get on CUDA too."""
+def test_heads_that_are_not_a_power_of_two_are_served_token_exact():
+    """A head_dim of 24 (Phi-3-mini's 96, scaled down) on the torch path (the CPU's); the Triton kernels' run of it
+    is ``test_attention_layer.py``'s."""
     model = tiny_model("phi3", hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
     prompts = window_prompts(4)[:4]
     llm = LLM(copy.deepcopy(model), kvcache_block_size=4, num_kvcache_blocks=64, max_model_len=64)

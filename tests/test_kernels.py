@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -132,9 +134,10 @@ def _upcast(args: tuple) -> tuple:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_store_kvcache_matches_torch(kernels, dtype, block_size):
-    num_kv_heads, head_dim, tokens = 2, 16, 9
+@pytest.mark.parametrize("block_size,head_dim", [(4, 16), (16, 16), (4, 24), (16, 96)])
+def test_store_kvcache_matches_torch(kernels, dtype, block_size, head_dim):
+    """Heads of 24 and 96 (not powers of two) too: the kernel's rows span the next power of two, masked."""
+    num_kv_heads, tokens = 2, 9
     fused = torch.randn(tokens, (4 + 2 * num_kv_heads) * head_dim).to(dtype).to(DEVICE)
     # Strided views, as the model slices them out of a fused qkv projection.
     key = fused[:, 4 * head_dim:(4 + num_kv_heads) * head_dim].view(tokens, num_kv_heads, head_dim)
@@ -245,6 +248,9 @@ def test_cascade_tiles_shrink_for_large_head_groups(kernels):
     tile = kernels.decode_attention.cascade_sequences_per_tile
     assert [tile(group, 128) for group in (1, 2, 3, 4, 8, 16, 64)] == [16, 16, 16, 16, 8, 4, 1]
     assert [tile(group, 256) for group in (1, 2, 4)] == [16, 16, 8]
+    # A padded head's tile is sized for its padded width, so that its rows stay a power of two (Triton's ranges).
+    assert [tile(group, 96) for group in (1, 4, 8, 16)] == [16, 16, 8, 4]
+    assert [tile(group, 160) for group in (1, 2, 4)] == [16, 16, 8]
 
 
 def _prefix_len(tokens: int) -> torch.Tensor:
@@ -573,10 +579,12 @@ def _with_fp8_cache(args: tuple, cache_positions: tuple[int, int] = (1, 2)) -> t
     return tuple(args), kv_scales
 
 
-def test_store_kvcache_fp8_is_bit_exact_with_torch(kernels):
-    """Subnormal, tied, binade-crossing and saturating values alike: the Triton store writes torch's bytes."""
+@pytest.mark.parametrize("head_dim", [16, 40])
+def test_store_kvcache_fp8_is_bit_exact_with_torch(kernels, head_dim):
+    """Subnormal, tied, binade-crossing and saturating values alike: the Triton store writes torch's bytes (at a
+    head of 40 too, not a power of two)."""
     generator = torch.Generator().manual_seed(0)
-    num_kv_heads, head_dim = 2, 16
+    num_kv_heads = 2
     magnitudes = torch.logspace(-5, 1.5, 40)[:, None, None]
     key = (torch.randn(40, num_kv_heads, head_dim, generator=generator) * magnitudes).to(DEVICE)
     value = (torch.randn(40, num_kv_heads, head_dim, generator=generator) * magnitudes).to(DEVICE)
@@ -650,6 +658,124 @@ def test_fp8_cache_without_scales_is_a_clear_error(kernels):
         kernels.decode_attention.paged_decode_attention(*args)
     with pytest.raises(ValueError, match="kv_scales"):
         kernels.decode_attention.paged_decode_attention_torch(*args, kv_scales=kv_scales.double())
+
+
+# ---------------------------------------------------------------- heads that are not a power of two
+
+# (head_dim, group, block_size, dtype, options): Phi-3-mini's 96, 80, 40 and 24, whose tiles span the next power of
+# two, masked along the head. One case per option family (window, soft-cap, GQA groups, 3 not a power of two
+# either), spread over head sizes, page sizes and dtypes rather than crossed with them: the interpreter is slow.
+# The widest head this module launches is a padded one (96), so the compile test's covering set, which takes each
+# kernel's largest HEAD_DIM, compiles a padded variant of every attention kernel.
+PADDED_HEADS = [
+    (24, 1, 4, torch.float16, {}),
+    (40, 3, 8, torch.float16, dict(sliding_window=9, softcap=2.0)),
+    (80, 2, 16, torch.float32, dict(sliding_window=3)),
+    (96, 4, 16, torch.float32, dict(softcap=2.0)),
+]
+
+
+def _nan_padded(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a view of a buffer whose rows continue with NaN up to the next power of two (the kernels' tile
+    width): a kernel that reads past the head gets NaN, one that writes past it leaves a number there."""
+    head_dim = tensor.shape[-1]
+    buffer = torch.full((*tensor.shape[:-1], 1 << (head_dim - 1).bit_length()), float("nan"), dtype=tensor.dtype,
+                        device=tensor.device)
+    buffer[..., :head_dim] = tensor
+    return buffer[..., :head_dim]
+
+
+def _attend_with_nan_past_the_head(attend: Callable[..., torch.Tensor], q: torch.Tensor, *args,
+                                   **kwargs) -> torch.Tensor:
+    """``attend(q, *args, **kwargs)`` with ``q`` and the output (the ``torch.empty_like`` the attention functions
+    allocate it with) both NaN past the head (``_nan_padded``); checks that the output's NaN lanes were not written."""
+    outputs = []
+    empty_like = torch.empty_like
+
+    def nan_padded_empty_like(tensor: torch.Tensor, *like_args, **like_kwargs) -> torch.Tensor:
+        outputs.append(_nan_padded(empty_like(tensor, *like_args, **like_kwargs)))
+        return outputs[-1]
+
+    with mock.patch.object(torch, "empty_like", nan_padded_empty_like):
+        out = attend(_nan_padded(q), *args, **kwargs)
+    assert outputs and out is outputs[0]
+    assert out._base[..., out.shape[-1]:].isnan().all(), "a store wrote past the head"
+    return out
+
+
+@pytest.mark.parametrize("head_dim,group,block_size,dtype,options", PADDED_HEADS, ids=str)
+def test_decode_padded_heads_match_torch(kernels, head_dim, group, block_size, dtype, options):
+    """Split-KV decode (one split, and three merged) with NaN in every cache slot outside the contexts and past the
+    query's and the output's heads: the lanes past the head must read as 0 and never be stored."""
+    lens = [1, 9, 37, 70]
+    args, _ = _poisoned_case(*_decode_case(lens, block_size, 2 * group, 2, head_dim, dtype, seed=head_dim), lens,
+                             fp8=False)
+    module = kernels.decode_attention
+    expected = module.paged_decode_attention_torch(*_upcast(args), **options)
+    assert torch.isfinite(expected).all()
+    for num_splits in (1, 3):
+        out = _attend_with_nan_past_the_head(module.paged_decode_attention, *args, **options, num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("head_dim,group,block_size,dtype,options", PADDED_HEADS, ids=str)
+def test_prefill_padded_heads_match_torch(kernels, head_dim, group, block_size, dtype, options):
+    """Prefill with and without cached prefixes, NaN outside the contexts and past the heads (see the decode's)."""
+    query_lens, prefix_lens = [5, 1, 40, 7], [0, 8, 13, 70]
+    lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    args, _ = _poisoned_case(*_prefill_case(query_lens, prefix_lens, block_size, 2 * group, 2, head_dim, dtype,
+                                            seed=head_dim), lens, fp8=False)
+    module = kernels.prefill_attention
+    expected = module.paged_prefill_attention_torch(*_upcast(args), **options)
+    assert torch.isfinite(expected).all()
+    out = _attend_with_nan_past_the_head(module.paged_prefill_attention, *args, **options)
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("head_dim,dtype,options", [(24, torch.float32, {}),
+                                                    (40, torch.float16, dict(sliding_window=9, softcap=30.0))],
+                         ids=str)
+def test_fp8_padded_heads_match_torch(kernels, head_dim, dtype, options):
+    """An FP8 cache's tiles (converted to the query's dtype) at heads that are not a power of two, decode and
+    prefill. (The interpreter reads an e4m3 NaN back as 480: no NaN in the cache here.)"""
+    args, kv_scales = _with_fp8_cache(_decode_case([1, 17, 40, 70], 8, 4, 2, head_dim, dtype, seed=head_dim)[1])
+    decode = kernels.decode_attention
+    expected = decode.paged_decode_attention_torch(*_upcast(args), **options, kv_scales=kv_scales)
+    for num_splits in (1, 3):
+        out = _attend_with_nan_past_the_head(decode.paged_decode_attention, *args, **options, kv_scales=kv_scales,
+                                             num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+    args, kv_scales = _with_fp8_cache(_prefill_case([5, 1, 40], [0, 8, 13], 8, 4, 2, head_dim, dtype,
+                                                    seed=head_dim)[1])
+    prefill = kernels.prefill_attention
+    expected = prefill.paged_prefill_attention_torch(*_upcast(args), **options, kv_scales=kv_scales)
+    out = _attend_with_nan_past_the_head(prefill.paged_prefill_attention, *args, **options, kv_scales=kv_scales)
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("head_dim,group,dtype,softcap", [(24, 4, torch.float32, 30.0), (96, 2, torch.float16, None)],
+                         ids=str)
+def test_cascade_decode_padded_heads_match_torch(kernels, head_dim, group, dtype, softcap):
+    """The cascade's prefix tiles at heads that are not a power of two: 17 sequences (two tiles of queries) over a
+    shared prefix of 5 pages."""
+    block_size, num_kv_heads = 8, 2
+    args = _shared_prefix_case([41 + 4 * index for index in range(17)], 5, block_size, num_kv_heads * group,
+                               num_kv_heads, head_dim, dtype, seed=head_dim)
+    module = kernels.decode_attention
+    expected = module.paged_decode_attention_torch(*_upcast(args), 0.25, softcap=softcap)
+    out = _attend_with_nan_past_the_head(module.cascade_decode_attention, *args, 0.25, _prefix_len(5 * block_size),
+                                         softcap=softcap)
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("head_dim", [8, 12, 100, 264])
+def test_heads_the_kernels_cannot_take_are_a_clear_error(kernels, head_dim):
+    paged, args = _decode_case([3], 4, 2, 2, head_dim, torch.float32)
+    with pytest.raises(ValueError, match=f"multiple of 8 from 16 to 256, got head_dim {head_dim}"):
+        kernels.decode_attention.paged_decode_attention(*args)
+    paged, args = _prefill_case([3], [0], 4, 2, 2, head_dim, torch.float32)
+    with pytest.raises(ValueError, match=f"multiple of 8 from 16 to 256, got head_dim {head_dim}"):
+        kernels.prefill_attention.paged_prefill_attention(*args)
 
 
 # ---------------------------------------------------------------- RMSNorm and SiLU-and-mul
@@ -779,6 +905,33 @@ def test_gpu_prefill_sweep(kernels, block_size, group, with_prefix, head_dim, dt
     out = kernels.prefill_attention.paged_prefill_attention(*args)
     expected = kernels.prefill_attention.paged_prefill_attention_torch(*_upcast(args))
     _assert_close_to_fp32_reference(out, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [80, 96, 192])
+def test_gpu_padded_heads_match_torch(kernels, head_dim, dtype):
+    """Heads that are not a power of two (Phi-3-mini's 96) at realistic lengths: split decode (the heuristic's
+    splits, one, seven), prefill with and without prefixes, an FP8 cache, and the cascade over a shared prefix."""
+    generator = torch.Generator().manual_seed(head_dim)
+    context_lens = [1, 17, 4096, *torch.randint(1, 4097, (13,), generator=generator).tolist()]
+    paged, args = _decode_case(context_lens, 16, 32, 8, head_dim, dtype, seed=head_dim)
+    decode = kernels.decode_attention
+    expected = decode.paged_decode_attention_torch(*_upcast(args))
+    for num_splits in (None, 1, 7):
+        _assert_close_to_fp32_reference(decode.paged_decode_attention(*args, num_splits=num_splits), expected, dtype)
+    fp8_args, kv_scales = _with_fp8_cache(args)
+    _assert_close_to_fp32_reference(decode.paged_decode_attention(*fp8_args, kv_scales=kv_scales),
+                                    decode.paged_decode_attention_torch(*_upcast(fp8_args), kv_scales=kv_scales),
+                                    dtype)
+    paged, args = _prefill_case([1, 127, 1000, 2048], [4095, 1, 0, 2048], 16, 32, 8, head_dim, dtype, seed=head_dim)
+    prefill = kernels.prefill_attention
+    _assert_close_to_fp32_reference(prefill.paged_prefill_attention(*args),
+                                    prefill.paged_prefill_attention_torch(*_upcast(args)), dtype)
+    lens = (2048 + torch.randint(1, 200, (40,), generator=generator)).tolist()
+    args = _shared_prefix_case(lens, 128, 16, 32, 8, head_dim, dtype, seed=head_dim)
+    _assert_close_to_fp32_reference(decode.cascade_decode_attention(*args, 0.088, _prefix_len(2048)),
+                                    decode.paged_decode_attention_torch(*_upcast(args), 0.088), dtype)
 
 
 @pytest.mark.gpu

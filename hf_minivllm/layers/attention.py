@@ -4,8 +4,8 @@ attends through a chosen backend.
 Backends (all read the same cache layout, ``[num_blocks, block_size, num_kv_heads, head_dim]``):
 
 - ``torch``: gathers pages and calls SDPA; the CPU path and the reference.
-- ``triton``: our paged kernels (``hf_minivllm.kernels``); any power-of-two block size, a power-of-two head_dim of at
-  least 16; the default on CUDA.
+- ``triton``: our paged kernels (``hf_minivllm.kernels``); any power-of-two block size, a head_dim that is a multiple
+  of 8 from 16 to 256 (Phi-3-mini's 96 included: tiles pad the head to a power of two); the default on CUDA.
 - ``flash_attn``: flash-attn 4 (``flash_attn.cute``) when it imports, else flash-attn 2. fp16/bf16 only.
   FA4 addresses pages through ``page_table`` + ``seqused_k`` (it rejects ``cu_seqlens_k`` with a page table) and
   takes any page size on Hopper (4.0.0b36 on the H100: same decode bandwidth for pages of 16 to 256; it has no
@@ -30,7 +30,7 @@ from hf_minivllm.kernels.attention_math import check_attention_options
 from hf_minivllm.kernels.decode_attention import (cascade_decode_attention, paged_decode_attention,
                                                   paged_decode_attention_torch)
 from hf_minivllm.kernels.kv_cache import KVCacheWrite, store_kvcache, store_kvcache_torch
-from hf_minivllm.kernels.paged_inputs import kernels_take_head_dim
+from hf_minivllm.kernels.paged_inputs import HEAD_DIM_RULE, kernels_take_head_dim
 from hf_minivllm.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_torch
 from hf_minivllm.layers.context import get_attention_metadata
 
@@ -80,8 +80,8 @@ def select_attention_backend(name: str, device: torch.device | str, *, block_siz
     """Resolve a configured backend name (``auto`` or one of ``BACKENDS``) for ``device``.
 
     ``auto``: ``flash_attn`` on CUDA when it imports and fits the cache (``block_size``/``dtype``, when given),
-    else ``triton`` on CUDA when its kernels take the heads (``head_dim``, when given: a power of two, at least 16;
-    Phi-3-mini's 96 is not), ``torch`` elsewhere. An explicit name that cannot run raises ``ValueError``.
+    else ``triton`` on CUDA when its kernels take the heads (``head_dim``, when given: a multiple of 8 from 16 to
+    256, Phi-3-mini's 96 included), ``torch`` elsewhere. An explicit name that cannot run raises ``ValueError``.
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
@@ -100,7 +100,7 @@ def select_attention_backend(name: str, device: torch.device | str, *, block_siz
         if not _triton_available():
             raise ValueError("attention backend 'triton' needs the triton package, which does not import")
         if not triton_takes_heads:
-            raise ValueError(f"attention backend 'triton' needs a power-of-two head_dim >= 16, not {head_dim}; "
+            raise ValueError(f"attention backend 'triton' needs {HEAD_DIM_RULE}, not head_dim {head_dim}; "
                              "use 'torch' or 'auto'")
         return name
     if name == "flash_attn":

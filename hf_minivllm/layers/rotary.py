@@ -5,10 +5,10 @@ kind (default, linear, llama3, yarn, ...) exact without re-deriving it. LongRoPE
 tables by sequence length: both are cached, and the runner picks a token's table through the position it passes
 (see ``RotaryEmbedding``). Dynamic kinds are rejected by the adapter.
 
-On CUDA (head_dim a power of two >= 16) one Triton launch rotates q and k in place, after Qwen3's per-head q/k
-RMSNorm when given, instead of a dozen small torch kernels per layer (``hf_minivllm.kernels.rotary``, bit-identical
-rotation), and writes the keys and values to the paged KV cache when the attention layer hands it that write;
-elsewhere the torch path below runs.
+On CUDA (head_dim a multiple of 8 from 16 to 256, the Triton attention kernels' rule) one Triton launch rotates q and
+k in place, after Qwen3's per-head q/k RMSNorm when given, instead of a dozen small torch kernels per layer
+(``hf_minivllm.kernels.rotary``, bit-identical rotation), and writes the keys and values to the paged KV cache when
+the attention layer hands it that write; elsewhere the torch path below runs.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hf_minivllm.kernels.kv_cache import KVCacheWrite
+from hf_minivllm.kernels.paged_inputs import kernels_take_head_dim
 from hf_minivllm.kernels.rotary import apply_rotary_inplace, qk_norm_rotary_inplace
 from hf_minivllm.layers.layernorm import RMSNorm
 
@@ -50,14 +51,15 @@ class RotaryEmbedding(nn.Module):
             if table is not None and table.numel() * 2 != head_dim:
                 raise ValueError(f"rotary {name} has {table.numel()} entries, expected head_dim/2 = {head_dim // 2}")
         self.head_dim = head_dim
-        self.kernel_fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+        self.kernel_fits = kernels_take_head_dim(head_dim)
         tables = [inv_freq] if long_inv_freq is None else [inv_freq, long_inv_freq]
         self.long_offset = max_positions if long_inv_freq is not None else 0
         cache = torch.cat([_cos_sin(table, attention_scaling, max_positions) for table in tables])
         self.cos_sin_cache = nn.Buffer(cache.to(dtype), persistent=False)
 
     def uses_kernel(self, q: torch.Tensor) -> bool:
-        """Whether ``forward`` runs the Triton kernel: on CUDA, for a power-of-two head_dim >= 16."""
+        """Whether ``forward`` runs the Triton kernel: on CUDA, for the heads the Triton attention kernels take
+        (``kernels_take_head_dim``; the same launch can then write their cache)."""
         return q.is_cuda and self.kernel_fits
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
