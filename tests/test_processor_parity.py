@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import hf_minivllm
@@ -77,6 +77,34 @@ def test_user_processor_sees_hf_inputs_once_per_step_after_the_builtin_ones(pair
     for (got_ids, got_scores), (expected_ids, expected_scores) in zip(got_processor.calls, expected_processor.calls):
         assert torch.equal(got_ids, expected_ids)
         assert torch.allclose(got_scores, expected_scores, atol=1e-4, rtol=1e-4)
+
+
+class RecordingCriteria(StoppingCriteria):
+    """Records what it is given and never stops a row itself."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls.append(input_ids.clone())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@pytest.mark.parametrize("ending", ["length", "eos"])
+def test_user_stopping_criteria_see_every_step_hf_shows_them(pair, ending):
+    """Including the last step, where the rows end by length or by eos (HF checks its criteria after every token)."""
+    model, oracle = pair
+    ids, mask = left_padded_batch()
+    eos = free_run_eos(oracle, ids, mask) if ending == "eos" else None
+    settings = dict(max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got_criteria, expected_criteria = RecordingCriteria(), RecordingCriteria()
+    got = model.generate(input_ids=ids, attention_mask=mask,
+                         stopping_criteria=StoppingCriteriaList([got_criteria]), **settings)
+    expected = oracle.generate(input_ids=ids, attention_mask=mask,
+                               stopping_criteria=StoppingCriteriaList([expected_criteria]), **settings)
+    assert torch.equal(got, expected)
+    assert len(got_criteria.calls) == len(expected_criteria.calls)
+    assert all(torch.equal(a, b) for a, b in zip(got_criteria.calls, expected_criteria.calls))
 
 
 def test_one_token_prompts_get_forced_bos_and_begin_suppression_as_in_hf(pair):

@@ -207,13 +207,15 @@ class LLMEngine:
         return aborted
 
     def _run_stop_hooks(self, updated: list[Sequence]) -> list[Sequence]:
-        """Ask each step hook whether its requests that just got a token (and did not finish) must stop now.
+        """Ask each step hook whether its requests that just got a token must stop now. Those that this token
+        finished (by length or eos) are shown to the hook too, as HF calls its stopping criteria after every token,
+        the last included; only the others can be stopped.
 
         A hook that raises aborts its own requests with that exception.
         """
         groups: dict[int, list[Sequence]] = {}
         for seq in updated:
-            if seq.sampling_params.step_hook is not None and not seq.is_finished:
+            if seq.sampling_params.step_hook is not None and seq.finish_reason != FinishReason.ABORT:
                 groups.setdefault(id(seq.sampling_params.step_hook), []).append(seq)
         stopped = []
         for seqs in groups.values():
@@ -223,7 +225,7 @@ class LLMEngine:
                 stopped += self._abort_failed([(seqs, error)])
                 continue
             for seq, stop in zip(seqs, decisions):
-                if stop:
+                if stop and not seq.is_finished:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     stopped.append(seq)
         return stopped
