@@ -29,6 +29,7 @@ from hf_minivllm.models.loading import eos_token_ids_of
 from hf_minivllm.serve import cli
 from hf_minivllm.serve import AsyncLLM
 from hf_minivllm.serve.app import build_app
+from hf_minivllm.serve.protocol import CompletionRequest, SamplingDefaults
 
 MODEL = "smollm2"
 MAX_MODEL_LEN = 512
@@ -494,6 +495,48 @@ def test_async_llm_records_request_timings(served):
     metrics = last.metrics
     assert metrics.queue_time >= 0 and metrics.time_to_first_token >= metrics.queue_time
     assert len(metrics.inter_token_latencies) == 10 and metrics.e2e_latency >= metrics.time_to_first_token
+
+
+def test_sampling_defaults_come_from_what_the_generation_config_sets():
+    """Only the fields the model's generation_config.json sets (HF's own top_k of 50 is no recommendation); HF's
+    top_k 0 is no top-k; a value the engine cannot take is refused before the server starts."""
+    from transformers import GenerationConfig
+
+    qwen3_like = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+    assert SamplingDefaults.from_generation_config(qwen3_like) == SamplingDefaults(0.6, 0.95, 20, 0.0)
+    assert SamplingDefaults.from_generation_config(GenerationConfig(bos_token_id=1)) == SamplingDefaults()
+    assert SamplingDefaults.from_generation_config(GenerationConfig(top_k=0, min_p=0.1)).top_k == -1
+    assert SamplingDefaults.from_generation_config(None) == SamplingDefaults()
+    with pytest.raises(ValueError, match="generation_config.json.*min_p"):
+        SamplingDefaults.from_generation_config(types.SimpleNamespace(to_diff_dict=lambda: {"min_p": 1.5}))
+    request = CompletionRequest(model=MODEL, prompt="x", top_p=0.5)
+    params = request.sampling_params(1, MAX_MODEL_LEN, None, 16, SamplingDefaults(0.6, 0.95, 20, 0.05))
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.6, 0.5, 20, 0.05)
+    params = CompletionRequest(model=MODEL, prompt="x", temperature=0).sampling_params(1, MAX_MODEL_LEN, None, 16)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.0, 1.0, -1, 0.0)
+
+
+def test_cli_takes_sampling_defaults_from_the_model_unless_told_not_to(caplog):
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(
+        to_diff_dict=lambda: {"temperature": 0.7, "repetition_penalty": 1.1}, repetition_penalty=1.1))
+    with caplog.at_level("INFO", logger="hf_minivllm.serve"):
+        assert cli.sampling_defaults(model, "auto") == SamplingDefaults(temperature=0.7)
+    assert "'temperature': 0.7" in caplog.text and "repetition_penalty=1.1" in caplog.text
+    assert cli.sampling_defaults(model, "none") == SamplingDefaults()
+    assert cli.build_parser().parse_args(["serve"]).generation_config == "auto"
+
+
+def test_a_request_without_sampling_fields_gets_the_servers_defaults(served):
+    """A server whose defaults are greedy (temperature 0) answers a request that sets no temperature greedily."""
+    engine, _, model, tokenizer = served
+    server = _Server(build_app(engine, MODEL, sampling_defaults=SamplingDefaults(temperature=0.0)))
+    try:
+        out = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0).completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=12)
+    finally:
+        server.stop()
+    ids = tokenizer.encode(PROMPT)
+    assert out.choices[0].text == tokenizer.decode(_hf_greedy(model, ids, 12), skip_special_tokens=True)
 
 
 def test_cli_rejects_bad_options_and_models(tmp_path, capsys):

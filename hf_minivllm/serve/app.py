@@ -31,6 +31,7 @@ from hf_minivllm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     InvalidRequest,
+    SamplingDefaults,
     error_body,
 )
 
@@ -46,8 +47,10 @@ def _error(status: int, message: str, error_type: str, param: str | None = None,
     return JSONResponse(error_body(message, error_type, code or status, param), status_code=status)
 
 
-def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The server's app around one engine. ``api_key``: required as ``Authorization: Bearer <key>`` on /v1/."""
+def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None,
+              sampling_defaults: SamplingDefaults = SamplingDefaults()) -> FastAPI:
+    """The server's app around one engine. ``api_key``: required as ``Authorization: Bearer <key>`` on /v1/.
+    ``sampling_defaults``: what a request gets for the sampling fields it leaves out."""
     app = FastAPI(title="hf-minivllm", docs_url=None, redoc_url=None)
     created = int(time.time())
 
@@ -116,7 +119,8 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
             raise InvalidRequest(f"{len(prompts)} prompts x n={body.n} choices exceed the {MAX_CHOICES} choices one "
                                  "request may ask for", "prompt")
         prompts = [_encode(engine, prompt, index) for index, prompt in enumerate(prompts)]
-        streams = await _prepare(engine, body, prompts, body.logprobs, DEFAULT_COMPLETION_MAX_TOKENS, "cmpl")
+        streams = await _prepare(engine, body, prompts, body.logprobs, DEFAULT_COMPLETION_MAX_TOKENS, "cmpl",
+                                 sampling_defaults)
         response = _CompletionResponse(engine, body, model_name, streams)
         return await _respond(raw, body.stream, response)
 
@@ -126,7 +130,7 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> 
             return missing
         body.check_supported()
         prompt = _apply_chat_template(engine, body)
-        streams = await _prepare(engine, body, [prompt], body.num_logprobs, None, "chatcmpl")
+        streams = await _prepare(engine, body, [prompt], body.num_logprobs, None, "chatcmpl", sampling_defaults)
         response = _ChatResponse(engine, body, model_name, streams)
         return await _respond(raw, body.stream, response)
 
@@ -162,12 +166,12 @@ def _apply_chat_template(engine: AsyncLLM, body: ChatCompletionRequest) -> list[
 
 
 async def _prepare(engine: AsyncLLM, body: Any, prompts: list[list[int]], logprobs: int | None,
-                   default_max_tokens: int | None, prefix: str) -> list[RequestStream]:
+                   default_max_tokens: int | None, prefix: str, defaults: SamplingDefaults) -> list[RequestStream]:
     """One validated (not yet queued) request per prompt; nothing is queued unless every prompt is valid."""
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     streams = []
     for index, token_ids in enumerate(prompts):
-        params = body.sampling_params(len(token_ids), engine.max_model_len, logprobs, default_max_tokens)
+        params = body.sampling_params(len(token_ids), engine.max_model_len, logprobs, default_max_tokens, defaults)
         try:
             streams.append(await engine.prepare(token_ids, params, n=body.n, stop=body.stop_strings,
                                                 request_id=f"{request_id}-{index}"))

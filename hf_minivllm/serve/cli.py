@@ -15,9 +15,12 @@ import re
 import sys
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hf_minivllm.config import ATTENTION_BACKENDS, Config
+
+if TYPE_CHECKING:
+    from hf_minivllm.serve.protocol import SamplingDefaults
 
 logger = logging.getLogger("hf_minivllm.serve")
 
@@ -50,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: the folder's name)")
     serve.add_argument("--dtype", default="auto", help="weights' dtype when loading a folder (default: auto)")
+    serve.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                       help="auto: a request's left-out temperature, top_p, top_k and min_p come from the model's "
+                            "generation_config.json where it sets them; none: OpenAI's defaults (default: auto)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     engine = serve.add_argument_group("engine (the fields of hf_minivllm.Config)")
     defaults = Config()
@@ -99,6 +105,25 @@ def load_model(model: str | None, dtype: str) -> tuple[Any, Any, str]:
     return load_hf_model(model, dtype=dtype), tokenizer, os.path.basename(os.path.normpath(model))
 
 
+def sampling_defaults(hf_model: Any, source: str) -> SamplingDefaults:
+    """The defaults of a request's left-out sampling fields (``--generation-config``), logged when the model's own
+    differ from OpenAI's; a repetition penalty the model asks for is named, since the engine has none."""
+    from hf_minivllm.serve.protocol import SamplingDefaults  # the serve extra (pydantic)
+
+    if source == "none":
+        return SamplingDefaults()
+    generation_config = getattr(hf_model, "generation_config", None)
+    defaults = SamplingDefaults.from_generation_config(generation_config)
+    if defaults.changed():
+        logger.info("requests that leave them out get the model's generation_config.json sampling defaults: %s "
+                    "(--generation-config none for OpenAI's)", defaults.changed())
+    penalty = getattr(generation_config, "repetition_penalty", None)
+    if penalty not in (None, 1.0):
+        logger.warning("the model's generation_config.json asks for repetition_penalty=%s, which the engine does "
+                       "not apply", penalty)
+    return defaults
+
+
 def _fail(message: str) -> int:
     """The command's error message on stderr (as argparse reports bad options) and its exit status."""
     sys.stderr.write(message + "\n")
@@ -123,6 +148,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         hf_model, tokenizer, default_name = load_model(args.model, args.dtype)
+        defaults = sampling_defaults(hf_model, args.generation_config)
         engine = AsyncLLM(LLM(hf_model, tokenizer=tokenizer, **config))
     except Exception as error:  # noqa: BLE001 - any load failure ends the command with its reason
         return _fail(f"hf-minivllm serve: could not load model {args.model or EMBEDDED_MODEL_NAME!r}: {error}")
@@ -133,7 +159,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     name = args.served_model_name or default_name
     logger.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
     try:
-        uvicorn.run(build_app(engine, name, args.api_key), host=args.host, port=args.port,
+        uvicorn.run(build_app(engine, name, args.api_key, defaults), host=args.host, port=args.port,
                     log_level=args.log_level)
     finally:
         engine.close()

@@ -4,11 +4,14 @@ Fields follow OpenAI's API; ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``
 extra parameters vLLM accepts too (the openai client sends them through ``extra_body``), and so are the chat
 template's ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``. Parameters the engine
 cannot honour (penalties, logit bias, tools, echo, vLLM's other extras when set) are refused with a 400 naming them
-rather than ignored; other unknown fields are ignored, as vLLM ignores them.
+rather than ignored; other unknown fields are ignored, as vLLM ignores them. A sampling field a request leaves out
+takes the server's ``SamplingDefaults``: the model's own generation_config.json values where it sets them (as vLLM
+serves by default), else OpenAI's.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +21,47 @@ from hf_minivllm.sampling_params import MAX_LOGPROBS, SamplingParams
 # Completions without max_tokens generate this many tokens (OpenAI's default for the legacy endpoint).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 MAX_CHOICES = 128  # per request: n, or prompts x n for a batch of prompts
+
+
+# generation_config.json fields that a request's sampling defaults come from.
+_DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "min_p")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field out gets (OpenAI's defaults unless the model's say otherwise)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+
+    @classmethod
+    def from_generation_config(cls, generation_config: Any) -> SamplingDefaults:
+        """The values a model's generation config (``transformers.GenerationConfig``) sets explicitly: model
+        authors tune them for their model (Qwen3: temperature 0.6, top_p 0.95, top_k 20). Only what the file sets
+        counts (``to_diff_dict``): HF's own default top_k of 50 is no recommendation. ``do_sample`` is not
+        read, as vLLM does not read it: a request asks for greedy with temperature 0. Values the engine cannot
+        take raise ``ValueError`` naming the file, before the server starts."""
+        if generation_config is None:
+            return cls()
+        given = generation_config.to_diff_dict()
+        values = {name: given[name] for name in _DEFAULTED_FIELDS if given.get(name) is not None}
+        if values.get("top_k") == 0:  # HF's "no top-k"
+            values["top_k"] = -1
+        defaults = cls(**values)
+        try:
+            SamplingParams(temperature=defaults.temperature, top_p=defaults.top_p, top_k=defaults.top_k,
+                           min_p=defaults.min_p)
+        except ValueError as error:
+            raise ValueError(f"the model's generation_config.json sets a default the engine cannot take: "
+                             f"{str(error).replace('SamplingParams.', '')}") from None
+        return defaults
+
+    def changed(self) -> dict[str, float]:
+        """The fields that differ from OpenAI's defaults (what the server logs at start)."""
+        return {name: getattr(self, name) for name in _DEFAULTED_FIELDS
+                if getattr(self, name) != getattr(SamplingDefaults, name)}
 
 
 class InvalidRequest(ValueError):
@@ -101,15 +145,17 @@ class _GenerationRequest(BaseModel):
     prompt_field: ClassVar[str] = "prompt"  # the field a too-long prompt is reported under
 
     def sampling_params(self, num_prompt_tokens: int, max_model_len: int, logprobs: int | None,
-                        default_max_tokens: int | None) -> SamplingParams:
-        """The engine's parameters for one choice; invalid values raise ``InvalidRequest``."""
+                        default_max_tokens: int | None,
+                        defaults: SamplingDefaults = SamplingDefaults()) -> SamplingParams:
+        """The engine's parameters for one choice, ``defaults`` for the sampling fields the request leaves out;
+        invalid values raise ``InvalidRequest``."""
         max_tokens = self._max_tokens(num_prompt_tokens, max_model_len, default_max_tokens)
         try:
             return SamplingParams(
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=-1 if self.top_k is None else self.top_k,
-                min_p=0.0 if self.min_p is None else self.min_p,
+                temperature=defaults.temperature if self.temperature is None else self.temperature,
+                top_p=defaults.top_p if self.top_p is None else self.top_p,
+                top_k=defaults.top_k if self.top_k is None else self.top_k,
+                min_p=defaults.min_p if self.min_p is None else self.min_p,
                 seed=self.seed,
                 max_tokens=max_tokens,
                 min_tokens=self.min_tokens,
