@@ -222,6 +222,21 @@ def test_killed_worker_raises_within_seconds():
         llm.close()
 
 
+def test_a_worker_dead_before_close_still_leaves_rank_0_released():
+    """A worker that died while the engine was idle is first noticed by close(), which raises; rank 0's KV cache
+    (and on GPUs its CUDA graphs, which the communicator's abort waits for) are released all the same."""
+    llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, **ENGINE)
+    llm.generate(prompts(2), GREEDY, use_tqdm=False)
+    pids = llm._workers.pids
+    os.kill(pids[0], signal.SIGKILL)
+    assert wait_gone(pids)
+    with pytest.raises(TensorParallelError, match="exited"):
+        llm.close()
+    runner = llm.engine.runner
+    assert runner.kv_cache is None and runner.storage.tensor.numel() == 0
+    assert runner.graphs is None and runner.prefill_graphs is None
+
+
 _EXIT_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})

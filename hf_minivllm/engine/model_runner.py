@@ -410,22 +410,25 @@ class ModelRunner:
 
     def close(self) -> None:
         """Release the CUDA graphs and the KV cache (after the device finished any step still writing to it); with
-        tensor parallelism, the other ranks' runners too."""
-        if self.device.type == "cuda":
+        tensor parallelism, the other ranks' runners too. This rank's own are released even when a dead worker is
+        first noticed here (its error still goes on): the communicator's abort that follows waits for these graphs."""
+        try:
+            if self.device.type == "cuda":
+                if self.workers is not None and not self.workers.closed:
+                    done = torch.cuda.Event()
+                    done.record()
+                    self.workers.wait(done)
+                if self.workers is None or not self.workers.closed:  # failed workers may leave collectives waiting
+                    torch.cuda.synchronize(self.device)
             if self.workers is not None and not self.workers.closed:
-                done = torch.cuda.Event()
-                done.record()
-                self.workers.wait(done)
-            if self.workers is None or not self.workers.closed:  # failed workers may leave collectives waiting
-                torch.cuda.synchronize(self.device)
-        if self.workers is not None and not self.workers.closed:
-            self.workers.close_runner()
-        for graphs in (self.graphs, self.prefill_graphs):
-            if graphs is not None:
-                graphs.release()
-        self.graphs = self.prefill_graphs = None
-        self._bind_kv_cache(None)
-        self.storage.close()
+                self.workers.close_runner()
+        finally:
+            for graphs in (self.graphs, self.prefill_graphs):
+                if graphs is not None:
+                    graphs.release()
+            self.graphs = self.prefill_graphs = None
+            self._bind_kv_cache(None)
+            self.storage.close()
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
