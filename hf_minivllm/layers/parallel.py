@@ -39,22 +39,25 @@ class ParallelGroup:
         self._store = store  # keeps the rendezvous alive as long as the group
         self._closed = False
 
-    def close(self) -> None:
+    def close(self, wait_s: float = ABORT_WAIT_S) -> None:
         """Abort this rank's communicator now (idempotent; the group takes no collectives after it). Left to its
-        destructor, PyTorch would destroy it gracefully: with NCCL that is a collective, which never completes once
-        a peer has exited, and it hung whichever thread garbage-collected it. An abort involves no peer; it waits
-        only until the CUDA graphs that captured its collectives are destroyed (NCCL 2.26 on), which the runners do
-        before this is called. It still runs on a thread of its own, waited for ``ABORT_WAIT_S`` at most, so that a
-        graph still running (a peer died mid-step) cannot hang the caller."""
+        destructor, the communicator hung the thread that garbage-collected it (a TP test on 2 x H200). An abort
+        involves no peer; it waits only until the CUDA graphs that captured its collectives are destroyed (NCCL
+        2.26 on), which the runners do before an explicit close. It runs on a thread of its own, waited for
+        ``wait_s`` at most, so that a graph still alive (a peer died mid-step, or the garbage collector has not
+        reached the graphs yet: pass 0 there) cannot hang the caller."""
         if self._closed:
             return
         self._closed = True
-        aborter = threading.Thread(target=self.process_group.abort, name="hf-minivllm-tp-abort", daemon=True)
+        abort = getattr(self.process_group, "abort", None)  # PyTorch 2.7 on
+        if abort is None:
+            return
+        aborter = threading.Thread(target=abort, name="hf-minivllm-tp-abort", daemon=True)
         aborter.start()
-        aborter.join(ABORT_WAIT_S)
-        if aborter.is_alive():
+        aborter.join(wait_s)
+        if wait_s and aborter.is_alive():
             logger.warning("rank %d's communicator did not abort within %.0f s; left to end with the process",
-                           self.rank, ABORT_WAIT_S)
+                           self.rank, wait_s)
 
     @classmethod
     def create_store(cls, size: int, timeout_s: float) -> dist.TCPStore:

@@ -38,19 +38,21 @@ class _Driver:
     def __init__(self, device: torch.device):
         self.lib = ctypes.CDLL("libcuda.so.1")
         self.device_index = torch.cuda._get_device_index(device, optional=True)
+        self._context = ctypes.c_void_p()
+        self._retained: ctypes.c_int | None = None  # the device whose primary context this driver holds
 
     def make_current(self) -> None:
         """Make the device's primary context (the one PyTorch's runtime uses) current on the calling thread. A
         thread that has made no CUDA runtime call yet (the TP rendezvous thread, a garbage-collecting thread) has no
         current context, and every driver call then fails with CUDA_ERROR_INVALID_CONTEXT (201): ``torch.cuda.device``
-        does not bind one when the device is already the thread's current device."""
-        device, context = ctypes.c_int(), ctypes.c_void_p()
-        self._call("cuDeviceGet", ctypes.byref(device), ctypes.c_int(self.device_index))
-        self._call("cuDevicePrimaryCtxRetain", ctypes.byref(context), device)
-        try:
-            self._call("cuCtxSetCurrent", context)
-        finally:
-            self._call("cuDevicePrimaryCtxRelease_v2", device)  # PyTorch's runtime holds it retained
+        does not bind one when the device is already the thread's current device. The context stays retained until
+        ``release``: PyTorch may hold no reference to it yet, and the memory allocated here lives in it."""
+        if self._retained is None:
+            device = ctypes.c_int()
+            self._call("cuDeviceGet", ctypes.byref(device), ctypes.c_int(self.device_index))
+            self._call("cuDevicePrimaryCtxRetain", ctypes.byref(self._context), device)
+            self._retained = device
+        self._call("cuCtxSetCurrent", self._context)
 
     def _call(self, name: str, *args) -> None:
         """Call the driver function ``name`` (exact symbol: some ``_v2`` symbols take other arguments)."""
@@ -78,7 +80,11 @@ class _Driver:
         return pointer.value
 
     def release(self, own: list[int], opened: list[int]) -> None:
+        """Unmap the peers' memory, free this rank's, drop the context reference. A finalizer may run this on any
+        thread: that thread's current context is put back afterwards."""
+        previous = ctypes.c_void_p()
         try:
+            self._call("cuCtxGetCurrent", ctypes.byref(previous))
             self.make_current()
         except RuntimeError as error:  # a driver already shutting down: nothing left to free
             logger.debug("peer memory not released: %s", error)
@@ -87,6 +93,9 @@ class _Driver:
             self.lib.cuIpcCloseMemHandle(ctypes.c_uint64(pointer))
         for pointer in own:
             self.lib.cuMemFree_v2(ctypes.c_uint64(pointer))
+        self.lib.cuCtxSetCurrent(previous)
+        self.lib.cuDevicePrimaryCtxRelease_v2(self._retained)
+        self._retained = None
 
 
 class PeerAllReduce:

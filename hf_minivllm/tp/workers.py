@@ -106,8 +106,9 @@ class TensorParallelWorkers:
             for rank, connection in enumerate(self._connections, start=1):
                 send_message(connection, ("group", rank, self.size, store.port, str(devices[rank]), threads, timeout_s))
             self.group = self._join_group(store)
-            # Collected without close(): still an abort, not PyTorch's graceful destroy (see ParallelGroup.close).
-            weakref.finalize(self, self.group.close)
+            # Collected without close(): the abort, not waited for (the runner's graphs may be freed later in the
+            # same collection, and the abort waits for them; see ParallelGroup.close).
+            weakref.finalize(self, self.group.close, 0.0)
         except BaseException:
             self.close()
             raise
