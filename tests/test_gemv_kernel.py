@@ -41,9 +41,11 @@ def _gemv_inputs(rows: int, out_features: int, in_features: int, dtype: torch.dt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("out_features,in_features,bias", [(37, 100, True), (300, 96, False), (8, 1030, True)])
+@pytest.mark.parametrize("out_features,in_features,bias", [(37, 100, True), (30, 96, False), (8, 1030, True)])
 def test_gemv_matches_torch(kernels, dtype, rows, out_features, in_features, bias):
-    """Odd sizes (masked tiles in both dims, rows below the tile's) against ``F.linear`` in the same dtype."""
+    """Odd sizes (a masked last tile of input features, rows below the tile's) against ``F.linear`` in the same
+    dtype. Below 2,048 output features each program takes one (``BLOCK_N`` 1): their count only sizes the grid, one
+    interpreted program per feature, so it stays small."""
     x, weight, b = _gemv_inputs(rows, out_features, in_features, dtype, bias)
     torch.testing.assert_close(kernels.gemv.gemv(x, weight, b), kernels.gemv.gemv_torch(x, weight, b),
                                **_tolerance(dtype))

@@ -156,9 +156,14 @@ def test_store_kvcache_matches_torch(kernels, dtype, block_size, head_dim):
 # ---------------------------------------------------------------- decode attention
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group", [1, 2, 4])
-@pytest.mark.parametrize("block_size", [4, 8, 16])
+# Page sizes and head groups crossed, the dtype alternating over them rather than crossed with them: the paging and
+# grouping do not depend on the dtype, and each page size and each group still meets both dtypes (the interpreter
+# takes about a second a case).
+PAGES_GROUPS_DTYPES = [(block_size, group, (torch.float32, torch.float16)[(i + j) % 2])
+                       for i, block_size in enumerate([4, 8, 16]) for j, group in enumerate([1, 2, 4])]
+
+
+@pytest.mark.parametrize("block_size,group,dtype", PAGES_GROUPS_DTYPES)
 def test_decode_matches_torch(kernels, block_size, group, dtype):
     num_kv_heads = 2
     paged, args = _decode_case([1, 9, 37, 70], block_size, num_kv_heads * group, num_kv_heads, 16, dtype,
@@ -296,11 +301,9 @@ def test_decode_pipeline_stages_fit_the_gpus_shared_memory(kernels, monkeypatch)
 # ---------------------------------------------------------------- prefill attention
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_prefix", [False, True])
-@pytest.mark.parametrize("group", [1, 2, 4])
-@pytest.mark.parametrize("block_size", [4, 8, 16])
-def test_prefill_matches_torch(kernels, block_size, group, with_prefix, dtype):
+@pytest.mark.parametrize("block_size,group,dtype", PAGES_GROUPS_DTYPES)
+def test_prefill_matches_torch(kernels, block_size, group, dtype, with_prefix):
     num_kv_heads = 2
     prefix_lens = [0, 8, 13] if with_prefix else [0, 0, 0]
     paged, args = _prefill_case([5, 1, 40], prefix_lens, block_size, num_kv_heads * group, num_kv_heads, 16, dtype,
@@ -387,9 +390,13 @@ def test_torch_prefill_matches_hf_eager_attention(kernels):
 
 # Windows: one key, shorter than a page, spanning pages, longer than every sequence.
 WINDOWS = [1, 3, 9, 200]
-# Page size and dtype in pairs, not crossed: the kernels' paging does not depend on the dtype, and each window and
-# soft-cap meets both page sizes and both dtypes (the interpreter's cost: 32 cases of each test took 65 s of CI).
+# Page size and dtype in pairs, not crossed: the kernels' paging does not depend on the dtype.
 PAGES_AND_DTYPES = [(4, torch.float32), (16, torch.float16)]
+# The kernels' cases: every window with and without a soft-cap, the pair alternating so that each window and each
+# soft-cap setting meets both page sizes and both dtypes (a tile's scores are soft-capped alike on any page size, in
+# either dtype): each case takes about a second of CI under the interpreter.
+WINDOWS_SOFTCAPS_PAGES = [(window, softcap, *PAGES_AND_DTYPES[(i + (softcap is not None)) % 2])
+                          for i, window in enumerate(WINDOWS) for softcap in (None, 2.0)]
 
 
 def _poison_pages_before(paged: PagedContexts, seq: int, first_key: int) -> None:
@@ -431,9 +438,7 @@ def test_windowed_softcapped_torch_references_match_naive_attention(kernels, blo
         torch.testing.assert_close(out[seq:seq + 1].double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("softcap", [None, 2.0])
-@pytest.mark.parametrize("sliding_window", WINDOWS)
-@pytest.mark.parametrize("block_size,dtype", PAGES_AND_DTYPES)
+@pytest.mark.parametrize("sliding_window,softcap,block_size,dtype", WINDOWS_SOFTCAPS_PAGES)
 def test_windowed_softcapped_decode_matches_torch(kernels, block_size, sliding_window, softcap, dtype):
     """Split-KV decode over the window only: pages before it are NaN, splits cover the window (1 and 3 splits)."""
     context_lens = [1, 9, 37, 70]
@@ -448,9 +453,7 @@ def test_windowed_softcapped_decode_matches_torch(kernels, block_size, sliding_w
     assert torch.isfinite(kernels.decode_attention.paged_decode_attention(*args, **window)).all()
 
 
-@pytest.mark.parametrize("softcap", [None, 2.0])
-@pytest.mark.parametrize("sliding_window", WINDOWS)
-@pytest.mark.parametrize("block_size,dtype", PAGES_AND_DTYPES)
+@pytest.mark.parametrize("sliding_window,softcap,block_size,dtype", WINDOWS_SOFTCAPS_PAGES)
 def test_windowed_softcapped_prefill_matches_torch(kernels, block_size, sliding_window, softcap, dtype):
     """Prefill with and without cached prefixes (chunked prefill): no prefix, a short one, and one long enough
     that whole key tiles before the window are skipped (their pages are NaN)."""
