@@ -101,7 +101,9 @@ def test_the_engines_compile_passes_leave_it_token_exact(family, monkeypatch):
 
     monkeypatch.setattr(model_runner.ModelRunner, "_decode_compile_passes", recorded)
     model = tiny_model(family)
-    settings = dict(max_model_len=128, max_num_seqs=20, max_num_batched_tokens=256)
+    # A cache of 256 blocks: the CPU's default 4 GiB would be half a million blocks per engine (the passes use a
+    # scratch cache of their own).
+    settings = dict(max_model_len=128, max_num_seqs=20, max_num_batched_tokens=256, num_kvcache_blocks=256)
     plain = LLM(copy.deepcopy(model), **settings)
     monkeypatch.setattr(model_runner, "compiles_kernels_ahead", lambda device: True)
     compiled = LLM(model, **settings)

@@ -80,7 +80,8 @@ def test_resident_cache_is_allocated_once_and_kept():
     tensor = storage.tensor
     llm.generate([list(range(3, 40))], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
     assert storage.tensor is tensor
-    model = hf_minivllm.accelerate(tiny_model("llama"), kv_cache_resident=True, **SMALL_CONTEXT)
+    model = hf_minivllm.accelerate(tiny_model("llama"), kv_cache_resident=True, cpu_kvcache_space_gib=0.001,
+                                   **SMALL_CONTEXT)
     assert isinstance(engine_of(model).runner.storage, FixedKVStorage)
 
 
