@@ -74,11 +74,20 @@ def client(served):
     return openai.OpenAI(base_url=served[1].url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+_HF_GREEDY: dict[tuple, list[int]] = {}
+
+
 def _hf_greedy(model, token_ids: list[int], max_new_tokens: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([token_ids]), attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(token_ids):].tolist()
+    """HF's greedy tokens after ``token_ids``, generated once per model, prompt and length (the oracle's weights
+    never change)."""
+    key = (model, tuple(token_ids), max_new_tokens)
+    if key not in _HF_GREEDY:
+        mask = torch.ones(1, len(token_ids), dtype=torch.long)
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([token_ids]), attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False)
+        _HF_GREEDY[key] = out[0, len(token_ids):].tolist()
+    return list(_HF_GREEDY[key])
 
 
 def _chat_ids(tokenizer, messages) -> list[int]:
