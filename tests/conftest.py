@@ -188,18 +188,34 @@ def left_padded_batch(seed=1, lengths=(12, 7, 10, 3), vocab=320, pad=0):
 
 @contextlib.contextmanager
 def _gguf_parsed_once():
-    """Transformers parses the GGUF file anew for the config, the tokenizer and the weights (four readers) and
-    rebuilds gguf's tensor-name table once per layer: about 35 s of one CI core per load. Within one load the file
-    and the tables do not change, so share them; the weights and tokenizer come out the same."""
+    """Transformers parses the GGUF file anew for the config, the tokenizer and the weights (four readers, each
+    decoding all of its metadata: vocabulary and merges) and rebuilds gguf's tensor-name table once per layer: about
+    35 s of one CI core per load. Within one load the file and the tables do not change, so share them, and the three
+    calls that want the metadata alone share one decoding (each gets its own copy); the weights and tokenizer come out
+    the same."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    load = modeling_gguf_pytorch_utils.load_gguf_checkpoint
+    metadata = functools.lru_cache(maxsize=2)(lambda path: load(path, return_tensors=False))
+
+    def load_once(path, return_tensors=False, **kwargs):
+        return load(path, return_tensors=True, **kwargs) if return_tensors else copy.deepcopy(metadata(path))
+
+    def rebind(old, new):  # transformers' modules import the function by name
+        for module in list(sys.modules.values()):
+            if getattr(module, "__dict__", {}).get("load_gguf_checkpoint") is old:
+                module.load_gguf_checkpoint = new
+
     gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
+    rebind(load, load_once)
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        rebind(load_once, load)
 
 
 # A folder the pytest-xdist workers of one run share (set by the controlling process, inherited by the workers).
