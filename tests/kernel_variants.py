@@ -10,7 +10,7 @@ in a process without the interpreter (``compile_for_hopper``); Triton ships the 
 A compile takes about a second and the tests launch hundreds of variants (head sizes, block sizes, split counts and
 the like), so only a covering few are compiled: per kernel, enough variants that each flag's value, each pointer's
 dtype, each launch option's value, each integer constexpr's smallest and largest value and its being 1 (a value
-Triton specializes) appear in at least one. The CPU tests run fp32 and fp16; a GPU runs bf16 models and the
+Triton specializes), and each padded size's differing from its unpadded one or not, appear in at least one. The CPU tests run fp32 and fp16; a GPU runs bf16 models and the
 sampler's hardware log, so each kernel also compiles one variant as a GPU launches it (``_as_on_a_gpu``). Not
 covered: launch options only a GPU's wrapper sets (the FP8 decode kernel's register cap) and Triton's divisibility
 specialization of pointers and sizes.
@@ -129,6 +129,10 @@ def _features(variant: dict, extremes: dict[str, tuple[int, int]]) -> set[tuple[
         smallest, largest = extremes[name]
         features.update((name, label) for label, holds in (("1", value == 1), ("smallest", value == smallest),
                                                             ("largest", value == largest)) if holds)
+    # A NAME_PADDED beside NAME (attention's head size rounded up to a power of two) is a flag in all but name: the
+    # kernel compiles its lane masks only when the two differ.
+    features.update((f"{name} != {name}_PADDED", json.dumps(value != variant["constexprs"][f"{name}_PADDED"]))
+                    for name, value in variant["constexprs"].items() if f"{name}_PADDED" in variant["constexprs"])
     features.update((name, kind) for name, kind in variant["signature"].items() if kind != "constexpr")
     features.update((name, json.dumps(value)) for name, value in variant["options"].items())
     return features

@@ -1,6 +1,7 @@
 """The engine on CUDA: Triton kernels, CUDA-graph decode, KV sizing; HF is the oracle. Skipped without CUDA."""
 import copy
 import gc
+import threading
 
 import pytest
 import torch
@@ -397,3 +398,38 @@ def test_threads_on_cuda_get_their_solo_answers():
         together = list(pool.map(lambda c: model.generate(input_ids=c[0], attention_mask=c[1], **kwargs), calls))
     assert all(torch.equal(a, b) for a, b in zip(solo, together))
     assert torch.equal(model.generate(input_ids=calls[0][0], attention_mask=calls[0][1], **kwargs), solo[0])
+
+
+def test_virtual_kv_memory_is_mapped_and_freed_from_threads_that_never_touched_cuda():
+    """A caller's worker thread or a garbage-collecting thread has no current CUDA context: the driver calls behind
+    the growable KV cache must bind the device's own, or mapping fails and a collected cache leaks its memory."""
+    from hf_minivllm.engine.cuda_vmm import VirtualRange, allocation_granularity
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    granularity = allocation_granularity(device)
+    made: list[VirtualRange] = []
+    errors: list[BaseException] = []
+
+    def on_a_fresh_thread(work):
+        def run():
+            try:
+                work()
+            except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+                errors.append(error)
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        assert not errors, errors
+
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info(device)[0]
+    on_a_fresh_thread(lambda: made.append(VirtualRange(device, 64 * granularity)))
+    on_a_fresh_thread(lambda: made[0].map(0, 32 * granularity))
+    view = made[0].tensor()[:32 * granularity]
+    view.fill_(7)
+    assert int(view.sum()) == 7 * 32 * granularity
+    assert free_before - torch.cuda.mem_get_info(device)[0] >= 32 * granularity
+    del view
+    on_a_fresh_thread(made[0].close)
+    assert made[0].address is None
+    assert free_before - torch.cuda.mem_get_info(device)[0] < 8 * granularity, "the physical memory went back"

@@ -7,8 +7,10 @@ release KV memory; here it needs no compiled extension.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+from typing import Iterator
 
 import torch
 
@@ -58,6 +60,10 @@ def _driver() -> ctypes.CDLL:
         "cuGetErrorString": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
         "cuDeviceGet": [ctypes.POINTER(ctypes.c_int), ctypes.c_int],
         "cuDeviceGetAttribute": [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
+        "cuDevicePrimaryCtxRetain": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int],
+        "cuDevicePrimaryCtxRelease_v2": [ctypes.c_int],
+        "cuCtxGetCurrent": [ctypes.POINTER(ctypes.c_void_p)],
+        "cuCtxSetCurrent": [ctypes.c_void_p],
     }
     for name, argtypes in signatures.items():
         function = getattr(lib, name)
@@ -73,6 +79,26 @@ def _check(result: int, what: str) -> None:
     _driver().cuGetErrorString(result, ctypes.byref(message))
     text = f"{what} failed: CUDA driver error {result} ({(message.value or b'?').decode()})"
     raise CudaOutOfMemory(text) if result == _ERROR_OUT_OF_MEMORY else RuntimeError(text)
+
+
+@contextlib.contextmanager
+def _primary_context(device: torch.device) -> Iterator[None]:
+    """Make ``device``'s primary context (the one PyTorch's runtime uses) current on this thread for the block, then
+    put back the thread's own. A thread that has made no CUDA runtime call (a garbage-collecting thread, a caller's
+    worker thread) has no current context, and every driver call then fails with CUDA_ERROR_INVALID_CONTEXT;
+    ``torch.cuda.device`` binds none when the device is already the thread's current one."""
+    driver, handle, context, previous = _driver(), ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+    _check(driver.cuDeviceGet(ctypes.byref(handle), device.index), "cuDeviceGet")
+    _check(driver.cuCtxGetCurrent(ctypes.byref(previous)), "cuCtxGetCurrent")
+    _check(driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle.value), "cuDevicePrimaryCtxRetain")
+    try:
+        _check(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+        try:
+            yield
+        finally:
+            driver.cuCtxSetCurrent(previous)
+    finally:
+        driver.cuDevicePrimaryCtxRelease_v2(handle.value)
 
 
 def virtual_memory_available(device: torch.device) -> bool:
@@ -135,7 +161,7 @@ class VirtualRange:
         self.size = size
         self._mappings: dict[int, tuple[int, int]] = {}  # offset -> (size, physical handle)
         address = ctypes.c_uint64()
-        with torch.cuda.device(self.device):
+        with _primary_context(self.device):
             _check(_driver().cuMemAddressReserve(ctypes.byref(address), size, self.granularity, 0, 0),
                    "cuMemAddressReserve")
         self.address = address.value
@@ -154,7 +180,7 @@ class VirtualRange:
             raise ValueError(f"mapping [{offset}, {offset + size}) is not granule-aligned inside {self.size} bytes")
         driver, handle = _driver(), ctypes.c_uint64()
         prop = _properties(self.device)
-        with torch.cuda.device(self.device):
+        with _primary_context(self.device):
             _check(driver.cuMemCreate(ctypes.byref(handle), size, ctypes.byref(prop), 0), "cuMemCreate")
             try:
                 _check(driver.cuMemMap(self.address + offset, size, 0, handle.value, 0), "cuMemMap")
@@ -177,7 +203,7 @@ class VirtualRange:
         """Release the mapping made at ``offset`` (the device must not be using it any more)."""
         size, handle = self._mappings.pop(offset)
         driver = _driver()
-        with torch.cuda.device(self.device):
+        with _primary_context(self.device):
             _check(driver.cuMemUnmap(self.address + offset, size), "cuMemUnmap")
             _check(driver.cuMemRelease(handle), "cuMemRelease")
 
@@ -190,7 +216,7 @@ class VirtualRange:
             return
         for offset in sorted(self._mappings, reverse=True):
             self.unmap(offset)
-        with torch.cuda.device(self.device):
+        with _primary_context(self.device):
             _check(_driver().cuMemAddressFree(self.address, self.size), "cuMemAddressFree")
         self.address = None
 
