@@ -43,7 +43,7 @@ def assert_engine_drained(llm: LLM) -> None:
     manager = engine.scheduler.block_manager
     assert engine.in_flight is None and not engine.has_unfinished()
     assert manager.num_free_blocks == manager.num_blocks
-    assert all(block.ref_count == 0 for block in manager.blocks)
+    assert not any(manager.ref_counts)
 
 
 def random_prompts(lengths, seed=3):

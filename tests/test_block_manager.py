@@ -33,7 +33,7 @@ def test_shared_prefix_hits_full_blocks_only():
     b = admit(manager, seq(list(range(8)) + [50, 51, 52]))
     assert b.num_cached_tokens == 8
     assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
-    assert manager.blocks[a.block_table[0]].ref_count == 2
+    assert manager.ref_counts[a.block_table[0]] == 2
 
 
 def test_fully_cached_prompt_recomputes_its_last_block_in_a_block_of_its_own():
@@ -46,13 +46,14 @@ def test_fully_cached_prompt_recomputes_its_last_block_in_a_block_of_its_own():
         manager.allocate(b)
         assert b.num_cached_tokens == 4 and b.num_computed_tokens == 4
         assert b.block_table[0] == a.block_table[0]
-        written = manager.blocks[b.block_table[b.num_computed_tokens // BS]]
-        assert written.ref_count == 1 and written.hash == bm.NO_HASH, "computed into a block the cache may share"
+        written = b.block_table[b.num_computed_tokens // BS]
+        assert manager.ref_counts[written] == 1 and manager.block_hash(written) == bm.NO_HASH, \
+            "computed into a block the cache may share"
         manager.publish(b, len(b))
     manager.deallocate(a)
     c = seq(range(8))  # a preempted sequence's own blocks, revived: the last one is recomputed all the same
     manager.allocate(c)
-    assert c.num_cached_tokens == 4 and manager.blocks[c.block_table[1]].hash == bm.NO_HASH
+    assert c.num_cached_tokens == 4 and manager.block_hash(c.block_table[1]) == bm.NO_HASH
 
 
 def test_same_new_prefix_admitted_in_one_step_shares_blocks():
@@ -183,14 +184,15 @@ def test_grown_blocks_are_handed_out_before_free_blocks_that_hold_cached_prefixe
 def test_shrink_drops_only_free_blocks_and_their_cached_prefixes():
     manager = BlockManager(8, BS)
     manager.grow(12)
-    a = admit(manager, seq(range(16)))  # takes the four grown blocks 8..11
+    a = admit(manager, seq(range(40)))  # ten blocks: 8 and 9 among them
     with pytest.raises(RuntimeError, match="still hold"):
         manager.shrink(8)
     manager.deallocate(a)
     manager.shrink(8)
     assert manager.num_blocks == 8 and manager.num_free_blocks == 8
     assert all(block_id < 8 for block_id in manager.hash_to_block.values())
-    assert admit(manager, seq(range(16))).num_cached_tokens == 0
+    assert set(manager.contents) == set(range(8))
+    assert admit(manager, seq(range(20))).num_cached_tokens == 16, "the prefix in the blocks kept still hits"
 
 
 def test_reset_prefix_cache_forgets_hits_and_old_sequences_never_publish():
@@ -200,7 +202,24 @@ def test_reset_prefix_cache_forgets_hits_and_old_sequences_never_publish():
     fresh = admit(manager, seq(range(8)))
     assert fresh.num_cached_tokens == 0, "blocks computed before the reset are not matched"
     old.token_ids += list(range(8, 12))
-    old.block_table.append(manager._take_free_block().block_id)
+    old.block_table.append(manager._take_free_block())
     manager.publish(old, 12)  # the old sequence's new block: computed on top of stale KV
     probe = seq(list(range(12)) + [99])
-    assert manager._cached_prefix(probe) == [manager.blocks[b] for b in fresh.block_table[:2]]
+    assert manager._cached_prefix(probe) == fresh.block_table[:2]
+
+
+def test_millions_of_blocks_cost_no_python_object_each():
+    """A small model on a large GPU gets millions of blocks (a test model given 40 GB: ten million). One object per
+    block made the engine take seconds to build and every later garbage collection of the program walk them all."""
+    import gc
+
+    gc.collect()
+    before = len(gc.get_objects())
+    manager = BlockManager(10_000_000, BS)
+    manager.grow(12_000_000)
+    a = admit(manager, seq(range(40)))
+    assert len(gc.get_objects()) - before < 50
+    manager.deallocate(a)
+    manager.shrink(1_000)
+    assert manager.num_blocks == manager.num_free_blocks == 1_000
+    assert admit(manager, seq(range(40))).num_cached_tokens == 36
