@@ -428,8 +428,11 @@ def test_virtual_kv_memory_is_mapped_and_freed_from_threads_that_never_touched_c
     view = made[0].tensor()[:32 * granularity]
     view.fill_(7)
     assert int(view.sum()) == 7 * 32 * granularity
-    assert free_before - torch.cuda.mem_get_info(device)[0] >= 32 * granularity
+    torch.cuda.synchronize()
+    free_mapped = torch.cuda.mem_get_info(device)[0]
+    assert free_before - free_mapped >= 32 * granularity
     del view
     on_a_fresh_thread(made[0].close)
     assert made[0].address is None
-    assert free_before - torch.cuda.mem_get_info(device)[0] < 8 * granularity, "the physical memory went back"
+    # Measured from the mapped state: the first sum may have loaded kernels and cached memory of PyTorch's own.
+    assert torch.cuda.mem_get_info(device)[0] - free_mapped >= 32 * granularity, "the physical memory went back"
