@@ -19,7 +19,9 @@ _INT64_LIMIT = 2**63
 @runtime_checkable
 class StepHook(Protocol):
     """Per-step code a request can carry (``SamplingParams.step_hook``), e.g. HF logits processors and stopping
-    criteria. Requests that share one hook object are handed to it together, once per step.
+    criteria. Requests that share one hook object are handed to it together, once per step. A hook whose class sets
+    ``lockstep = True`` has its requests stepped together where the engine can (see ``engine/scheduler.py``): each
+    step then hands it all of them, at the same length.
     """
 
     def process_logits(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:

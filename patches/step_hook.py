@@ -5,10 +5,13 @@ whole batch, ``input_ids`` being the left-padded prompts (pads included) plus ev
 ``pad_token_id`` after a row finished. ``HFStepHook`` rebuilds exactly that tensor from the engine's sequences, so
 every processor (built-in or the user's) sees what it would see under HF: same rows, same order, same history.
 
-The engine may advance rows of one call in different steps (a prompt split over prefill chunks, a preempted row
-recomputed later). Rows are then handed to the processors in groups of equal length, each time inside the full
-batch: absent rows carry their own history cut or pad-filled to that length and zero logits, and their results are
-discarded. Stateless processors (all of HF's that the engine serves) give the same result either way.
+The hook asks the engine to step a call's rows together (``lockstep``): prompts prefilled over several steps wait for
+each other, so the processors see the whole batch once per step, as under HF, and a processor with state of its
+own (a call counter, a constraint's automaton) sees what it would see there. Where the engine cannot keep the rows
+together (more rows than it runs at once, a KV cache too small for all of them, a preempted row recomputed later),
+rows are handed to the processors in groups of equal length, each time inside the full batch: absent rows carry
+their own history cut or pad-filled to that length and zero logits, and their results are discarded. Stateless
+processors (all of HF's that the engine serves) give the same result either way.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ class HFStepHook:
     eos criterion exists HF even keeps generating real tokens for them). ``pad_finished_rows``: such a row's token
     is ``pad_token_id`` (HF does this exactly when an eos criterion is present).
     """
+
+    lockstep = True  # the engine steps this call's rows together where it can (see the module doc)
 
     def __init__(
         self,

@@ -79,6 +79,27 @@ def test_user_processor_sees_hf_inputs_once_per_step_after_the_builtin_ones(pair
         assert torch.allclose(got_scores, expected_scores, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_a_call_whose_prompts_take_several_prefill_steps_still_steps_its_rows_together(mixed_steps):
+    """A token budget smaller than the call's prompts prefills them over several steps. The rows done first wait
+    for the others, so a processor is called once per step with the whole batch, as HF calls it: a processor with
+    state of its own (a call counter here) sees what it sees under HF."""
+    model, oracle = accelerated_pair(**SMALL_ENGINE, max_num_batched_tokens=8, mixed_steps=mixed_steps)
+    ids, mask = left_padded_batch()
+    got_processor, expected_processor = RecordingProcessor(), RecordingProcessor()
+    settings = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0, **RECORDED)
+    got = model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([got_processor]),
+                         **settings)
+    expected = oracle.generate(input_ids=ids, attention_mask=mask,
+                               logits_processor=LogitsProcessorList([expected_processor]), **settings)
+    assert_same_output(got, expected)
+    assert len(got_processor.calls) == len(expected_processor.calls) == 6
+    for (got_ids, got_scores), (expected_ids, expected_scores) in zip(got_processor.calls, expected_processor.calls):
+        assert torch.equal(got_ids, expected_ids)
+        assert torch.allclose(got_scores, expected_scores, atol=1e-4, rtol=1e-4)
+    assert hf_minivllm.stats(model)["fallbacks"] == 0
+
+
 class RecordingCriteria(StoppingCriteria):
     """Records what it is given and never stops a row itself."""
 

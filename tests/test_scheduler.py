@@ -35,3 +35,73 @@ def test_a_long_rope_recompute_does_not_leave_a_chunked_prompt_holding_its_block
     assert len(prompt.completion_token_ids) == 1
     manager = scheduler.block_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+class LockstepHook:
+    """A step hook that asks for its requests to be stepped together (as HF's processors of one call do)."""
+
+    lockstep = True
+
+    def process_logits(self, seqs, logits):
+        return logits
+
+    def should_stop(self, seqs):
+        return [False] * len(seqs)
+
+
+def gang(hook, lengths, first_token=100, max_tokens=6):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, step_hook=hook)
+    return [Sequence(list(range(first_token + 50 * i, first_token + 50 * i + n)), params, 4)
+            for i, n in enumerate(lengths)]
+
+
+def sampling_steps(scheduler: Scheduler, seqs: list[Sequence], max_steps: int = 200) -> list[set[int]]:
+    """Run to completion; per step, which of ``seqs`` took a token."""
+    steps = []
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished():
+            return steps
+        batch = scheduler.schedule()
+        assert batch is not None, "nothing could run although requests are waiting"
+        scheduler.mark_launched(batch, tokens_pending=False)
+        scheduler.postprocess(batch, [5 if sampled else None for sampled in batch.sample])
+        steps.append({index for index, seq in enumerate(seqs)
+                      for row, sampled in zip(batch.seqs, batch.sample) if sampled and row is seq})
+    raise AssertionError("requests still unfinished")
+
+
+def test_a_lockstep_gang_prefilled_over_several_steps_takes_every_token_together():
+    for mixed_steps in (True, False):
+        scheduler = Scheduler(Config(kvcache_block_size=4, max_num_batched_tokens=8, mixed_steps=mixed_steps), 64,
+                              eos_token_ids=[2])
+        loner = Sequence(list(range(10, 14)), SamplingParams(temperature=0, max_tokens=9, ignore_eos=True), 4)
+        seqs = gang(LockstepHook(), [12, 7, 10, 3])
+        for seq in [loner] + seqs:
+            scheduler.add(seq)
+        steps = [taken for taken in sampling_steps(scheduler, seqs) if taken]
+        assert steps == [{0, 1, 2, 3}] * 6, "the gang's rows take each token in the same step"
+        assert len(loner.completion_token_ids) == 9  # the request outside the gang was not held back
+        assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
+
+
+def test_a_gang_that_cannot_all_be_admitted_goes_on_separately_rather_than_wait_forever():
+    """Two sequence slots for three rows, or a cache too small for all of them at once: stepping them together
+    would wait forever for a member that cannot get in, so they go on separately (and all finish)."""
+    for config, num_blocks in ((Config(kvcache_block_size=4, max_num_seqs=2), 64),
+                               (Config(kvcache_block_size=4, max_num_batched_tokens=8), 9)):
+        scheduler = Scheduler(config, num_blocks, eos_token_ids=[2])
+        seqs = gang(LockstepHook(), [8, 8, 8])
+        for seq in seqs:
+            scheduler.add(seq)
+        sampling_steps(scheduler, seqs)
+        assert all(len(seq.completion_token_ids) == 6 for seq in seqs)
+        assert scheduler._gang_sizes == {} and scheduler._broken_gangs == set()
+
+
+def test_two_gangs_competing_for_the_cache_both_finish():
+    scheduler = Scheduler(Config(kvcache_block_size=4), 12, eos_token_ids=[2])
+    first, second = gang(LockstepHook(), [8, 8]), gang(LockstepHook(), [8, 8], first_token=300)
+    for seq in first + second:
+        scheduler.add(seq)
+    sampling_steps(scheduler, first + second)
+    assert all(len(seq.completion_token_ids) == 6 for seq in first + second)

@@ -14,6 +14,12 @@ that token is sure to finish (its length limits) sits a decode step out. The eng
 right after queueing the next one, so a sequence preempted while its token was pending knows that token before any
 later step can recompute it.
 
+Requests sharing a step hook that asks for ``lockstep`` (one ``generate`` call's rows under HF's logits processors)
+are stepped together, as HF's loop steps its batch: each computes its prompt but the last token, and they take
+their last prompt token and every later one in the same steps, so the hook sees the whole batch once per step.
+When a member cannot be admitted (no free block or sequence slot) while the others hold theirs, or nothing else
+could run, the rows go on separately (the hook then sees them in groups of equal length, possibly in one step each).
+
 The KV cache may hold fewer blocks than it could (sized to the work in hand): when a sequence does not fit, the
 scheduler first asks ``grow`` for more blocks, enough for every unfinished request's longest possible length, and
 only waits or preempts when the cache cannot grow (its cap, or no free device memory).
@@ -72,6 +78,11 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.rope_long_after = rope_long_after  # LongRoPE models: the original context length
+        self._gang_sizes: dict[int, int] = {}  # id of a lockstep hook -> its unfinished requests
+        self._broken_gangs: set[int] = set()  # lockstep hooks whose requests go on separately
+        self._held_gangs: set[int] = set()  # this step: gangs whose running members wait for a member not running
+        self._prefill_blocked = False  # this step: a waiting prompt found no free block or sequence slot
+        self._joined_without_compute = False  # this step: a gang member had nothing to prefill and joined at once
 
     @property
     def watermark_blocks(self) -> int:
@@ -103,7 +114,23 @@ class Scheduler:
         return not self._growth_blocked
 
     def add(self, seq: Sequence) -> None:
+        hook = seq.sampling_params.step_hook
+        if getattr(hook, "lockstep", False):
+            self._gang_sizes[id(hook)] = self._gang_sizes.get(id(hook), 0) + 1
         self.waiting.append(seq)
+
+    def _gang(self, seq: Sequence) -> int | None:
+        """The lockstep gang ``seq`` steps with (its hook's id), None when it steps on its own."""
+        key = id(seq.sampling_params.step_hook)
+        return key if key in self._gang_sizes and key not in self._broken_gangs else None
+
+    def _leave_gang(self, seq: Sequence) -> None:
+        key = id(seq.sampling_params.step_hook)
+        if key in self._gang_sizes:
+            self._gang_sizes[key] -= 1
+            if not self._gang_sizes[key]:
+                del self._gang_sizes[key]
+                self._broken_gangs.discard(key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -111,11 +138,23 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """The next step; None when nothing is left to schedule before the step in flight is read back."""
         self._switch_to_long_rope()
+        self._held_gangs.clear()
+        self._prefill_blocked = self._joined_without_compute = False
         if self.mixed_steps:
-            return self._schedule_mixed()
-        batch = self._schedule_prefill()
-        if batch is None:
+            batch = self._schedule_mixed()
+        else:
+            batch = self._schedule_prefill()
+            if batch is None:
+                batch = self._schedule_decode()
+        if batch is None and self._joined_without_compute:  # the last member joined its gang: they may step now
+            self._held_gangs.clear()
             batch = self._schedule_decode()
+        if self._held_gangs and (self._prefill_blocked or batch is None):
+            # A member cannot get in while the others hold their blocks and slots (or nothing else could run):
+            # waiting for it could wait forever, so these rows go on separately from now on.
+            self._broken_gangs |= self._held_gangs
+            if batch is None:
+                batch = self._schedule_decode()
         return batch
 
     def _schedule_mixed(self) -> ScheduledBatch | None:
@@ -138,6 +177,7 @@ class Scheduler:
         manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
             seq = self.waiting[0]
+            gang = self._gang(seq)
             if seq.num_pending_tokens:
                 # Preempted in this very step (a mixed step decodes first) while its last token is still on the
                 # device: recomputing it now would sample that position a second time. It goes first next step.
@@ -148,22 +188,29 @@ class Scheduler:
                 reserve = self.watermark_blocks if self.running or seqs else 0
                 short = manager.blocks_short(seq, reserve)
                 if short > 0 and not self._try_grow(short):
+                    self._prefill_blocked = True
                     break
                 manager.allocate(seq)
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = time.monotonic()
-            remaining = len(seq) - seq.num_computed_tokens
-            chunk = min(remaining, budget)
-            budget -= chunk
-            manager.publish(seq, seq.num_computed_tokens + chunk)
-            seqs.append(seq)
-            num_new_tokens.append(chunk)
-            sample.append(chunk == remaining)
-            if chunk < remaining:
-                break
+            # A gang member leaves its last prompt token to the step in which its whole gang takes a token.
+            remaining = len(seq) - (gang is not None) - seq.num_computed_tokens
+            if remaining:
+                chunk = min(remaining, budget)
+                budget -= chunk
+                manager.publish(seq, seq.num_computed_tokens + chunk)
+                seqs.append(seq)
+                num_new_tokens.append(chunk)
+                sample.append(chunk == remaining and gang is None)
+                if chunk < remaining:
+                    break
+            else:
+                self._joined_without_compute = True
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+        if self.waiting and len(self.running) + len(seqs) >= self.max_num_seqs:
+            self._prefill_blocked = True
         if not seqs:
             return None
         return ScheduledBatch(seqs, True, num_new_tokens, sample)
@@ -175,9 +222,10 @@ class Scheduler:
         candidates = deque(self.running)  # ``running`` stays whole meanwhile, so growth sees the whole demand
         scheduled: list[Sequence] = []
         kept: list[Sequence] = []  # running sequences in their order: scheduled ones and those sitting out
+        gang_steps = self._gang_steps() if self._gang_sizes else {}
         while candidates:
             seq = candidates.popleft()
-            if self._finishes_when_pending_arrive(seq):
+            if self._finishes_when_pending_arrive(seq) or not self._may_step(seq, gang_steps):
                 kept.append(seq)
                 continue
             while not manager.can_append(seq) and not self._try_grow(1):
@@ -194,10 +242,39 @@ class Scheduler:
                 scheduled.append(seq)
                 kept.append(seq)
         self.running = deque(kept)
+        if gang_steps:
+            # A member preempted above leaves its gang short: the members already scheduled wait for it as well.
+            short = {key for key, step in self._gang_steps().items() if step is None}
+            self._held_gangs |= short
+            scheduled = [seq for seq in scheduled if self._gang(seq) not in short]
         if not scheduled:
             assert kept, "a single sequence must always fit: requests are checked against the KV cache size"
             return None
         return ScheduledBatch(scheduled, False, [1] * len(scheduled), [True] * len(scheduled))
+
+    def _gang_steps(self) -> dict[int, int | None]:
+        """Per lockstep gang with running members: how many tokens its members that may take one now have generated
+        (the fewest of any member, so one behind catches up), or None while some member is not running."""
+        running: dict[int, int] = {}
+        fewest: dict[int, int] = {}
+        for seq in self.running:
+            key = self._gang(seq)
+            if key is not None:
+                running[key] = running.get(key, 0) + 1
+                generated = seq.num_completion_tokens + seq.num_pending_tokens
+                fewest[key] = min(fewest.get(key, generated), generated)
+        return {key: fewest[key] if count == self._gang_sizes[key] else None for key, count in running.items()}
+
+    def _may_step(self, seq: Sequence, gang_steps: dict[int, int | None]) -> bool:
+        """Whether running ``seq`` may take a token this step (always, unless its gang holds it back)."""
+        key = self._gang(seq) if gang_steps else None
+        if key is None:
+            return True
+        step = gang_steps[key]
+        if step is None:
+            self._held_gangs.add(key)
+            return False
+        return seq.num_completion_tokens + seq.num_pending_tokens == step
 
     def _release_partial_prefill(self) -> bool:
         """Free the blocks of the prompt being prefilled in chunks (it waits at the queue's head holding all of its
@@ -289,6 +366,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.num_pending_tokens = 0
+        self._leave_gang(seq)
         if seq.block_table:
             self.block_manager.deallocate(seq)
         self._growth_blocked = False
