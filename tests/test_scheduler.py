@@ -105,3 +105,12 @@ def test_two_gangs_competing_for_the_cache_both_finish():
         scheduler.add(seq)
     sampling_steps(scheduler, first + second)
     assert all(len(seq.completion_token_ids) == 6 for seq in first + second)
+
+
+def test_a_gang_that_fits_whole_samples_in_its_prefill_step():
+    """The common case costs no extra step: every member prefilled in one step takes its first token there."""
+    scheduler = Scheduler(Config(kvcache_block_size=4), 64, eos_token_ids=[2])
+    seqs = gang(LockstepHook(), [12, 7, 10, 3])
+    for seq in seqs:
+        scheduler.add(seq)
+    assert sampling_steps(scheduler, seqs) == [{0, 1, 2, 3}] * 6

@@ -175,9 +175,14 @@ class Scheduler:
         sample: list[bool] = []
         budget = self.max_num_batched_tokens if budget is None else budget
         manager = self.block_manager
+        whole_gangs: set[int] = set()  # gangs admitted whole in this step: they sample as they finish prefilling
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
             seq = self.waiting[0]
             gang = self._gang(seq)
+            if gang is not None and gang not in whole_gangs and self._fits_whole(gang, budget, len(seqs)):
+                whole_gangs.add(gang)
+            if gang in whole_gangs:
+                gang = None
             if seq.num_pending_tokens:
                 # Preempted in this very step (a mixed step decodes first) while its last token is still on the
                 # device: recomputing it now would sample that position a second time. It goes first next step.
@@ -193,7 +198,8 @@ class Scheduler:
                 manager.allocate(seq)
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = time.monotonic()
-            # A gang member leaves its last prompt token to the step in which its whole gang takes a token.
+            # A gang member prefilled apart from some of its gang leaves its last prompt token to the step in which
+            # the whole gang takes a token.
             remaining = len(seq) - (gang is not None) - seq.num_computed_tokens
             if remaining:
                 chunk = min(remaining, budget)
@@ -214,6 +220,25 @@ class Scheduler:
         if not seqs:
             return None
         return ScheduledBatch(seqs, True, num_new_tokens, sample)
+
+    def _fits_whole(self, gang: int, budget: int, num_scheduled: int) -> bool:
+        """Whether the gang's members, all waiting at the queue's head, fit this step whole: every prompt token
+        (cache hits not counted), sequence slots and KV blocks (growing the cache as admitting them would)."""
+        members = []
+        for seq in self.waiting:
+            if self._gang(seq) != gang:
+                break
+            members.append(seq)
+        if len(members) != self._gang_sizes[gang] or any(seq.num_pending_tokens for seq in members):
+            return False
+        if sum(len(seq) - seq.num_computed_tokens for seq in members) > budget:
+            return False
+        if len(self.running) + num_scheduled + len(members) > self.max_num_seqs:
+            return False
+        manager = self.block_manager
+        reserve = self.watermark_blocks if self.running or num_scheduled else 0
+        short = reserve + sum(seq.num_blocks - len(seq.block_table) for seq in members) - manager.num_free_blocks
+        return short <= 0 or self._try_grow(short)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         if not self.running:
