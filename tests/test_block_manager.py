@@ -223,3 +223,17 @@ def test_millions_of_blocks_cost_no_python_object_each():
     manager.shrink(1_000)
     assert manager.num_blocks == manager.num_free_blocks == 1_000
     assert admit(manager, seq(range(40))).num_cached_tokens == 36
+
+
+def test_decode_block_tables_rebuild_a_row_whose_sequence_got_a_new_table():
+    """A lockstep gang's member whose prompt, all but its last token, is cached gets a new table and joins the running
+    sequences without a prefill row, so no clear or forget comes: the row must follow the table's version."""
+    from hf_minivllm.engine.decode_tables import DecodeBlockTables
+
+    manager, tables = BlockManager(16, BS), DecodeBlockTables(max_num_seqs=2, max_blocks_per_seq=8)
+    recomputed = admit(manager, seq(range(9)))
+    tables.gather([recomputed])
+    manager.deallocate(recomputed)  # preempted
+    admit(manager, seq(range(50, 62)))  # takes its last block
+    manager.allocate(recomputed)  # its two cached blocks back, and another last block
+    assert tables.gather([recomputed]).tolist() == [recomputed.block_table]

@@ -114,3 +114,29 @@ def test_a_gang_that_fits_whole_samples_in_its_prefill_step():
     for seq in seqs:
         scheduler.add(seq)
     assert sampling_steps(scheduler, seqs) == [{0, 1, 2, 3}] * 6
+
+
+def test_every_free_sequence_slot_is_filled_in_one_step():
+    """A prompt prefilled whole joins the running sequences at once: it must not count twice against max_num_seqs
+    (four slots took two prompts a step), which also left a gang admitted whole short of a member."""
+    scheduler = Scheduler(Config(kvcache_block_size=4, max_num_seqs=4), 64, eos_token_ids=[2])
+    seqs = gang(LockstepHook(), [5] * 4, max_tokens=3)
+    for seq in seqs:
+        scheduler.add(seq)
+    first = scheduler.schedule()
+    assert first.seqs == seqs and all(first.sample)
+
+
+def test_a_gang_whose_last_member_joined_in_this_step_is_not_broken_by_a_later_prompt_that_waits():
+    scheduler = Scheduler(Config(kvcache_block_size=4, max_num_batched_tokens=8), 6, eos_token_ids=[2])
+    seqs = gang(LockstepHook(), [8, 8], max_tokens=2)
+    waiting = Sequence(list(range(300, 312)), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), 4)
+    for seq in seqs + [waiting]:
+        scheduler.add(seq)
+    for _ in range(2):  # the first member's prompt, then the second's (it joins; the waiting prompt finds no block)
+        batch = scheduler.schedule()
+        scheduler.mark_launched(batch, tokens_pending=False)
+        scheduler.postprocess(batch, [5 if sampled else None for sampled in batch.sample])
+    assert not scheduler._broken_gangs
+    assert [taken for taken in sampling_steps(scheduler, seqs) if taken] == [{0, 1}] * 2
+    assert len(waiting.completion_token_ids) == 1

@@ -181,6 +181,7 @@ class BlockManager:
         for block_id in cached:
             self._share(block_id)
         seq.block_table.extend(cached)
+        seq.block_table_version += 1
         seq.block_table.extend(self._take_free_block() for _ in range(seq.num_blocks - len(cached)))
         seq.num_hashed_blocks = len(cached)
         seq.cache_epoch = self.epoch

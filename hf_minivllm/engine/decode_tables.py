@@ -5,7 +5,10 @@ decode steps), so rebuilding a ``[batch, width]`` array from Python lists every 
 step at batch 256) is wasted work: each sequence keeps a row here, and a step copies only the blocks added since the
 last one, then gathers its rows in one indexing operation. A prefill gives its sequences new tables (admission,
 recompute after preemption), so the runner calls ``clear`` on every prefill step, or ``forget`` on the prefilled
-sequences of a mixed step whose decode rows keep theirs.
+sequences of a mixed step whose decode rows keep theirs. A row is also rebuilt whenever its sequence's
+``block_table_version`` moved on: a sequence can get a new table without a prefill row (a lockstep gang's member
+whose prompt, all but its last token, is cached), and decoding through its old one would write into blocks it
+no longer holds.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class DecodeBlockTables:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int):
         self.table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
         self.lengths = [0] * max_num_seqs  # blocks copied into each row
+        self.versions = [0] * max_num_seqs  # the block_table_version each row was copied from
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
 
@@ -34,7 +38,7 @@ class DecodeBlockTables:
 
     def gather(self, seqs: list[Sequence]) -> np.ndarray:
         """The block tables of ``seqs``, ``[len(seqs), widest table]`` (zero-padded); frees departed sequences."""
-        row_of, lengths, table = self.row_of, self.lengths, self.table
+        row_of, lengths, table, versions = self.row_of, self.lengths, self.table, self.versions
         if len(row_of) + len(seqs) > len(lengths):
             self._release_departed(seqs)
         rows = np.empty(len(seqs), dtype=np.int64)
@@ -43,8 +47,11 @@ class DecodeBlockTables:
             row = row_of.get(seq.seq_id)
             if row is None:
                 row = row_of[seq.seq_id] = self.free_rows.pop()
-                table[row, : lengths[row]] = 0  # the previous owner's blocks
+                versions[row] = -1  # the previous owner's blocks
+            if versions[row] != seq.block_table_version:
+                table[row, : lengths[row]] = 0
                 lengths[row] = 0
+                versions[row] = seq.block_table_version
             block_table = seq.block_table
             count = len(block_table)
             if count != lengths[row]:

@@ -149,6 +149,8 @@ class Scheduler:
         if batch is None and self._joined_without_compute:  # the last member joined its gang: they may step now
             self._held_gangs.clear()
             batch = self._schedule_decode()
+        if self._held_gangs:  # those whose missing members did not join in this step's prefill
+            self._held_gangs &= {key for key, step in self._gang_steps().items() if step is None}
         if self._held_gangs and (self._prefill_blocked or batch is None):
             # A member cannot get in while the others hold their blocks and slots (or nothing else could run):
             # waiting for it could wait forever, so these rows go on separately from now on.
@@ -176,10 +178,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens if budget is None else budget
         manager = self.block_manager
         whole_gangs: set[int] = set()  # gangs admitted whole in this step: they sample as they finish prefilling
-        while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.max_num_seqs:
+        # A prompt prefilled whole joins ``running`` at once; a chunked one ends the loop: so ``running`` counts the
+        # sequence slots taken.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             gang = self._gang(seq)
-            if gang is not None and gang not in whole_gangs and self._fits_whole(gang, budget, len(seqs)):
+            if gang is not None and gang not in whole_gangs and self._fits_whole(gang, budget, bool(seqs)):
                 whole_gangs.add(gang)
             if gang in whole_gangs:
                 gang = None
@@ -215,13 +219,13 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-        if self.waiting and len(self.running) + len(seqs) >= self.max_num_seqs:
+        if self.waiting and len(self.running) >= self.max_num_seqs:
             self._prefill_blocked = True
         if not seqs:
             return None
         return ScheduledBatch(seqs, True, num_new_tokens, sample)
 
-    def _fits_whole(self, gang: int, budget: int, num_scheduled: int) -> bool:
+    def _fits_whole(self, gang: int, budget: int, admitted_some: bool) -> bool:
         """Whether the gang's members, all waiting at the queue's head, fit this step whole: every prompt token
         (cache hits not counted), sequence slots and KV blocks (growing the cache as admitting them would)."""
         members = []
@@ -233,10 +237,10 @@ class Scheduler:
             return False
         if sum(len(seq) - seq.num_computed_tokens for seq in members) > budget:
             return False
-        if len(self.running) + num_scheduled + len(members) > self.max_num_seqs:
+        if len(self.running) + len(members) > self.max_num_seqs:
             return False
         manager = self.block_manager
-        reserve = self.watermark_blocks if self.running or num_scheduled else 0
+        reserve = self.watermark_blocks if self.running or admitted_some else 0
         short = reserve + sum(seq.num_blocks - len(seq.block_table) for seq in members) - manager.num_free_blocks
         return short <= 0 or self._try_grow(short)
 
@@ -263,7 +267,6 @@ class Scheduler:
                     break
             else:
                 manager.append_slot(seq)
-                manager.publish(seq, len(seq))
                 scheduled.append(seq)
                 kept.append(seq)
         self.running = deque(kept)
@@ -272,6 +275,8 @@ class Scheduler:
             short = {key for key, step in self._gang_steps().items() if step is None}
             self._held_gangs |= short
             scheduled = [seq for seq in scheduled if self._gang(seq) not in short]
+        for seq in scheduled:  # not before: a block is published once the step that writes it is certain
+            manager.publish(seq, len(seq))
         if not scheduled:
             assert kept, "a single sequence must always fit: requests are checked against the KV cache size"
             return None

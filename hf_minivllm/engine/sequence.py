@@ -42,6 +42,7 @@ class Sequence:
         self.block_size = block_size
         self.sampling_params = sampling_params
         self.block_table: list[int] = []
+        self.block_table_version = 0  # bumped by every new table (admission, recompute): copies of it check this
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_hashed_blocks = 0
