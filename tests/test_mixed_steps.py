@@ -158,7 +158,7 @@ def test_prefill_graphs_pass_serves_sliding_windows_and_experts_token_exact(fami
     eager = LLM(copy.deepcopy(model), **ENGINE)
     graphed = LLM(model, **ENGINE)
     graphed.engine.runner.graphs = EagerDecodeGraphs(graphed.engine.runner)
-    prefill_graphs = eager_prefill_graphs(graphed.engine.runner)
+    prefill_graphs = eager_prefill_graphs(graphed.engine.runner, max_tokens=128, max_seqs=4)  # every prefill step
     assert graphed.generate(batch, params, use_tqdm=False) == eager.generate(batch, params, use_tqdm=False)
     assert prefill_graphs.replays > 0
 
