@@ -6,6 +6,7 @@ request carries a step hook (HF processors and stopping criteria need every toke
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence as SequenceOf
 from contextlib import closing
@@ -60,21 +61,14 @@ class LLMEngine:
         """A runner and scheduler for ``model``, swapped in together once both exist (callers on other threads
         read the scheduler's capacity while validating)."""
         runner = ModelRunner(model, self.config, self.eos_token_ids, self.workers)
+        # The scheduler's growth callback holds the runner and the stats, not the engine: no reference cycle, so
+        # an engine dropped without close() frees its KV cache at once, not whenever the garbage collector runs.
         scheduler = Scheduler(self.config, runner.num_blocks, self.eos_token_ids,
-                              capacity_blocks=runner.capacity_blocks, grow=self._grow_kv_cache,
+                              capacity_blocks=runner.capacity_blocks,
+                              grow=functools.partial(_grow_kv_cache, runner, self.stats),
                               rope_long_after=getattr(model, "rope_long_after", None))
         self.model, self.runner, self.scheduler = model, runner, scheduler
         self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, runner.num_blocks)
-
-    def _grow_kv_cache(self, min_blocks: int, wanted_blocks: int) -> int:
-        start = time.perf_counter()
-        before = self.runner.num_blocks
-        num_blocks = self.runner.grow_kv_cache(min_blocks, wanted_blocks)
-        if num_blocks > before:
-            self.stats.kv_cache_growths += 1
-            self.stats.kv_cache_growth_seconds += time.perf_counter() - start
-            self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, num_blocks)
-        return num_blocks
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -347,3 +341,15 @@ def _without_distribution(seqs: list[Sequence], token_ids: list[int | None]
         "min_tokens suppression were applied, so there is no distribution to sample from (the model or its "
         "logits processors produced them; greedy decoding, temperature 0, would take their argmax)"))
         for seq, token_id in zip(seqs, token_ids) if token_id == NO_DISTRIBUTION]
+
+
+def _grow_kv_cache(runner: ModelRunner, stats: EngineStats, min_blocks: int, wanted_blocks: int) -> int:
+    """The scheduler's ``grow``: the runner's cache grown, counted in the engine's stats."""
+    start = time.perf_counter()
+    before = runner.num_blocks
+    num_blocks = runner.grow_kv_cache(min_blocks, wanted_blocks)
+    if num_blocks > before:
+        stats.kv_cache_growths += 1
+        stats.kv_cache_growth_seconds += time.perf_counter() - start
+        stats.kv_cache_peak_blocks = max(stats.kv_cache_peak_blocks, num_blocks)
+    return num_blocks
