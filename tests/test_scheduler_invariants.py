@@ -1,12 +1,12 @@
 """The scheduler and block manager driven at random, as the engine drives them, with the KV cache simulated.
 
 Each run picks a configuration (block size, token budget, sequence slots, mixed and async steps, prefix caching, a
-cache that grows), then queues requests that share prefixes, repeat each other or carry a lockstep step hook (one
+cache that grows, LongRoPE's switch to its long table), then queues requests that share prefixes, repeat each other or carry a lockstep step hook (one
 HF ``generate`` call's rows), aborts some and resets the prefix cache now and then. Every step:
 - the batch is well formed (decode rows first, each sequence once, sampling exactly where its tokens end);
 - every K/V slot the step writes goes through the table the runner would use (``DecodeBlockTables`` for decode
-  rows), and every slot it reads holds the K/V of the same token at the same position (so a stale table, a block
-  handed out twice or a cached block overwritten shows as a wrong read);
+  rows), and every slot it reads holds the K/V of the same token at the same position, rotated with the same
+  table (so a stale table, a block handed out twice or a cached block overwritten shows as a wrong read);
 - reference counts equal the block tables holding each block, and the free count the blocks nobody holds.
 At the end every request has finished and every block is free.
 """
@@ -60,10 +60,12 @@ def run(seed: int) -> None:
     growable = rng.random() < 0.4
     scheduler = Scheduler(config, rng.randint(max_model_len // block_size, capacity) if growable else capacity,
                           [EOS], capacity_blocks=capacity if growable else None,
-                          grow=(lambda needed, wanted: min(capacity, max(needed, wanted))) if growable else None)
+                          grow=(lambda needed, wanted: min(capacity, max(needed, wanted))) if growable else None,
+                          rope_long_after=rng.choice([None, None, rng.randint(8, 30)]))  # LongRoPE's switch
     tables = DecodeBlockTables(config.max_num_seqs, capacity)
     prefixes = [[rng.randrange(3, 12) for _ in range(rng.randint(1, 16))] for _ in range(3)]
-    kv: dict[tuple[int, int], tuple[Sequence, int]] = {}  # (block, slot) -> (the sequence that wrote it, position)
+    # (block, slot) -> (the sequence that wrote it, position, rotated with LongRoPE's long table)
+    kv: dict[tuple[int, int], tuple[Sequence, int, bool]] = {}
     requests: list[Sequence] = []
 
     def add_requests() -> None:
@@ -94,12 +96,13 @@ def run(seed: int) -> None:
             if index < (batch.num_decode if batch.is_prefill else len(batch.seqs)):
                 assert count == 1 and sampled and end == seq.num_tokens
             for position in range(seq.num_computed_tokens, end):
-                kv[table[position // block_size], position % block_size] = (seq, position)
+                kv[table[position // block_size], position % block_size] = (seq, position, seq.long_rope)
             for position in range(end):
-                writer, written_at = kv.get((table[position // block_size], position % block_size), (None, None))
+                writer, written_at, long_rope = kv.get((table[position // block_size], position % block_size),
+                                                       (None, None, None))
                 known = min(position + 1, len(seq.token_ids), len(writer.token_ids)) if writer else 0
-                assert written_at == position and writer.token_ids[:known] == seq.token_ids[:known], \
-                    f"wrong K/V read at position {position}"
+                assert written_at == position and long_rope == seq.long_rope and \
+                    writer.token_ids[:known] == seq.token_ids[:known], f"wrong K/V read at position {position}"
 
     def complete(batch) -> None:
         tokens = [next_token(seq) if sampled else None for seq, sampled in zip(batch.seqs, batch.sample)]
