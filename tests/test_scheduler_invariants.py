@@ -18,18 +18,9 @@ from hf_minivllm import Config, SamplingParams
 from hf_minivllm.engine.decode_tables import DecodeBlockTables
 from hf_minivllm.engine.scheduler import Scheduler
 from hf_minivllm.engine.sequence import Sequence
+from test_scheduler import LockstepHook
 
 EOS = 2
-
-
-class LockstepHook:
-    lockstep = True
-
-    def process_logits(self, seqs, logits):
-        return logits
-
-    def should_stop(self, seqs):
-        return [False] * len(seqs)
 
 
 def next_token(seq: Sequence) -> int:

@@ -254,7 +254,7 @@ class Scheduler:
         gang_steps = self._gang_steps() if self._gang_sizes else {}
         while candidates:
             seq = candidates.popleft()
-            if self._finishes_when_pending_arrive(seq) or not self._may_step(seq, gang_steps):
+            if self._finishes_when_pending_arrive(seq) or (gang_steps and not self._may_step(seq, gang_steps)):
                 kept.append(seq)
                 continue
             while not manager.can_append(seq) and not self._try_grow(1):
@@ -297,7 +297,7 @@ class Scheduler:
 
     def _may_step(self, seq: Sequence, gang_steps: dict[int, int | None]) -> bool:
         """Whether running ``seq`` may take a token this step (always, unless its gang holds it back)."""
-        key = self._gang(seq) if gang_steps else None
+        key = self._gang(seq)
         if key is None:
             return True
         step = gang_steps[key]
