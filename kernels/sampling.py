@@ -5,8 +5,8 @@
 to draw from (HF's sampling raises there): its token is -1. Unlike the torch form (divide, softmax, noise, divide,
 argmax: about ten passes over a float32 ``[rows, vocab]`` tensor) the kernel reads the logits once and writes one
 token id per row.
-Uniforms come from Philox (``tl.rand4x``, four per draw) keyed by a seed the caller draws from torch's generator on
-the device, so ``torch.manual_seed`` makes runs repeatable and no host sync is needed.
+Uniforms come from Philox (``tl.rand4x``, four per draw) keyed by a seed the caller draws on the device from a
+seeded generator, so runs are repeatable and no host sync is needed.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """The engine on CUDA: Triton kernels, CUDA-graph decode, KV sizing; HF is the oracle. Skipped without CUDA."""
+import contextlib
 import copy
 import gc
 import threading
@@ -436,3 +437,83 @@ def test_virtual_kv_memory_is_mapped_and_freed_from_threads_that_never_touched_c
     assert made[0].address is None
     # Measured from the mapped state: the first sum may have loaded kernels and cached memory of PyTorch's own.
     assert torch.cuda.mem_get_info(device)[0] - free_mapped >= 32 * granularity, "the physical memory went back"
+
+
+class _AllLayers:
+    """The one part of a model that ``capture_graph`` needs."""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def only_layers(layers):
+        yield
+
+
+def test_a_failed_graph_capture_leaves_random_draws_memory_and_later_captures_working():
+    """A capture invalidated by an operation it does not allow (a host sync here) cannot end. torch 2.11 then left
+    its CUDA default generator in capture mode (every later random draw in the process raised) and its allocator
+    routing to the capture's pool (``empty_cache`` handed nothing back: a closed engine's memory stayed reserved)."""
+    from hf_minivllm.engine.cuda_graphs import capture_graph
+
+    torch.cuda.empty_cache()
+    reserved_before = torch.cuda.memory_reserved()
+    stream = torch.cuda.Stream()
+    ones = torch.ones(4, device="cuda")
+    out = torch.zeros(4, device="cuda")
+    passes = []
+
+    def syncs_while_captured():
+        passes.append(len(passes))
+        out.copy_(ones * 2)
+        if len(passes) == 2:  # the first pass runs before the capture
+            out.sum().item()
+
+    with pytest.raises(RuntimeError):
+        capture_graph(_AllLayers(), [], syncs_while_captured, None, stream)
+    assert passes == [0, 1]
+    torch.randn(4, device="cuda")
+    torch.nn.functional.dropout(ones, 0.5, training=True)
+    freed = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    del freed
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() - reserved_before < 1 << 28, "freed memory goes back to the driver"
+    graph = capture_graph(_AllLayers(), [], lambda: out.copy_(ones * 3), None, stream)
+    graph.replay()
+    assert out.tolist() == [3.0] * 4
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)])
+def test_sampling_steps_run_while_another_thread_captures_a_cuda_graph(settings):
+    """Another engine starting, or a user's own CUDA graph, captures in another thread: with torch 2.11 any draw
+    from its CUDA default generator meanwhile raised, so the sampled steps draw from the engine's own generator."""
+    llm = LLM(tiny_model("qwen3").cuda(), max_model_len=256, max_num_seqs=8)
+    params = SamplingParams(max_tokens=24, ignore_eos=True, **settings)
+    torch.manual_seed(0)
+    alone = llm.generate([[5, 6, 7, 8], [9, 10]], params, use_tqdm=False)
+    capturing, release, errors = threading.Event(), threading.Event(), []
+
+    def hold_a_capture_open():
+        try:
+            scratch = torch.zeros(4, device="cuda")
+            side = torch.cuda.Stream()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                scratch.add_(1)
+                capturing.set()
+                release.wait(timeout=120)
+                graph.capture_end()
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            errors.append(error)
+            capturing.set()
+
+    thread = threading.Thread(target=hold_a_capture_open)
+    thread.start()
+    try:
+        assert capturing.wait(timeout=60)
+        torch.manual_seed(0)
+        during = llm.generate([[5, 6, 7, 8], [9, 10]], params, use_tqdm=False)
+    finally:
+        release.set()
+        thread.join()
+    assert not errors, errors
+    assert during == alone, "torch.manual_seed still makes the draws repeatable"

@@ -70,16 +70,54 @@ def capture_graph(model: torch.nn.Module, variant_layers: list[int], forward: Ca
     with model.only_layers(variant_layers):
         forward()
     graph = torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool  # known even if the capture fails
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         # thread_local: another engine's loop thread may be running CUDA work meanwhile.
-        graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
+        graph.capture_begin(pool, capture_error_mode="thread_local")
         try:
             forward()
-        finally:
-            graph.capture_end()
+        except BaseException:
+            _end_capture(graph, pool, stream.device, forward_failed=True)
+            raise
+        _end_capture(graph, pool, stream.device)
     torch.cuda.current_stream().wait_stream(stream)
     return graph
+
+
+def _end_capture(graph: torch.cuda.CUDAGraph, pool, device: torch.device, forward_failed: bool = False) -> None:
+    """End the capture. One that cannot end (an operation it does not allow invalidated it) leaves two things
+    behind up to at least torch 2.11, both process-wide, which are undone here:
+
+    - the caching allocator still routes to the capture's pool: ``empty_cache`` then hands nothing back to the
+      driver, and freed memory (a closed engine's KV cache) stays reserved for good;
+    - torch's CUDA default generator stays in capture mode: every later random draw on the device raises, the
+      user's own ones too (dropout in a training step).
+
+    Where the forward raised, its error is the one the caller sees."""
+    try:
+        graph.capture_end()
+    except Exception:
+        end_routing = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        try:
+            if end_routing is not None:
+                end_routing(device.index, pool)
+        except RuntimeError:  # "not currently recording": this torch ended the routing itself
+            pass
+        _end_generator_capture(device)
+        if not forward_failed:
+            raise
+        logger.debug("ending a failed CUDA graph capture raised", exc_info=True)
+
+
+def _end_generator_capture(device: torch.device) -> None:
+    """Capture (and drop) a one-kernel graph on the current stream: a capture that ends takes torch's CUDA default
+    generator out of capture mode."""
+    scratch = torch.zeros(1, device=device)
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(capture_error_mode="thread_local")
+    scratch.zero_()
+    graph.capture_end()
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

@@ -117,6 +117,8 @@ class ModelRunner:
                          and config.max_num_seqs >= CASCADE_MIN_SEQS
                          and any(layer.sliding_window is None for layer in model.attention_layers))
         self._decode_tables = DecodeBlockTables(config.max_num_seqs, self.max_blocks_per_seq)
+        # The draw of unseeded sampled rows (see _sampling_tensors): the runner's own, never torch's CUDA default.
+        self._draws = torch.Generator(device=self.device)
         self._rope_long_after = getattr(model, "rope_long_after", None)
         self._rope_long_offset = getattr(model, "rope_long_offset", 0)
         self.layout = KVLayout(model.num_layers, self.block_size, model.num_kv_heads, model.head_dim,
@@ -548,7 +550,17 @@ class ModelRunner:
             use_min_p=max(min_ps[row] for row in sampled) > 0.0,
             generators=generators,
             max_top_k=max(top_ks[row] for row in sampled),
+            generator=self._reseeded_draws(),
         )
+
+    def _reseeded_draws(self) -> torch.Generator:
+        """The runner's generator, seeded for this step from torch's default CPU generator, so that
+        ``torch.manual_seed`` keeps making runs repeatable. Not torch's CUDA default generator: up to at least torch
+        2.11 every CUDA graph capture in the process puts that one in capture mode, and an eager draw from it in any
+        other thread meanwhile raises ("Offset increment outside graph capture encountered unexpectedly"). Another
+        engine starting, a cascade graph captured mid-run or a user's own graphs would fail this engine's steps."""
+        self._draws.manual_seed(int(torch.randint(1 << 62, ())))
+        return self._draws
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.generator is None:

@@ -2,7 +2,8 @@
 
 Everything is tensor work on the whole batch; only the host-side flags (is any row using top-k? ...) branch, so no
 device-to-host sync happens per request. Sampling uses the exponential-race form of the Gumbel-max trick:
-``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p``; a seeded request draws its ``E`` from its own generator.
+``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p``; a seeded request draws its ``E`` from its own generator,
+the others from the step's (``SamplingTensors.generator``).
 On CUDA a batch with temperatures only (no top-k/top-p/min-p, no seeded request: W1's case) samples in one Triton
 pass over the logits (``hf_minivllm.kernels.sampling``) instead of the ten or so passes of the torch form. A batch
 whose sampled rows all keep at most ``CANDIDATES_MAX`` tokens by top-k (HF's default of 50 and the top_k of most
@@ -34,6 +35,7 @@ class SamplingTensors:
     use_min_p: bool
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator of a seeded request
     max_top_k: int | None = None  # the largest top_k of the sampled rows (vocab size where disabled); None: unknown
+    generator: torch.Generator | None = None  # the draw of the other sampled rows; None: torch's default generator
 
     def rows(self, chunk: slice) -> SamplingTensors:
         """The settings of the rows in ``chunk`` (the flags stay the whole batch's: a chunk may then filter for
@@ -130,7 +132,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, temperatures: torch.Tensor, pa
 def _race(probs: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Per row, the index of ``argmax(probs / E)`` with ``E ~ Exp(1)``: a draw from ``probs``; a seeded row's ``E``
     comes from its own generator."""
-    noise = torch.empty_like(probs).exponential_()
+    noise = torch.empty_like(probs).exponential_(generator=params.generator)
     for row, generator in params.generators.items():
         noise[row].exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
@@ -176,7 +178,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     if params.all_greedy:
         return logits.argmax(dim=-1)
     if logits.is_cuda and not (params.use_top_k or params.use_top_p or params.use_min_p or params.generators):
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=logits.device)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=logits.device, generator=params.generator)
         return gumbel_max_sample(logits, params.temperatures, seed)
     greedy_tokens = logits.argmax(dim=-1) if params.any_greedy else None
     temperatures = params.temperatures.clamp_min(1e-6) if params.any_greedy else params.temperatures
