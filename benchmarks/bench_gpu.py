@@ -24,7 +24,7 @@ from hf_minivllm.layers import linear
 from hf_minivllm.layers.attention import Attention
 from hf_minivllm.patches.state import state_of
 from results import finish_run
-from workloads import commit, random_model, w1_requests, w3_requests
+from workloads import commit, leading_rows, left_padded, random_model, w1_requests, w3_requests
 
 W1_FLOOR_TOK_S = 25_000  # DESIGN.md 3: KV reads + weights per step at ~3 TB/s on an H100
 W2_FLOOR_MS = 0.4  # weights alone (1.2 GB) per step
@@ -198,13 +198,8 @@ def w2_and_drop_in(results: dict, hf_subset: int, peers: tuple[str, ...] = ()) -
                      "fallbacks": hf_minivllm.stats(model)["fallbacks"]}
 
     prompts, _ = w1_requests()
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     drop_in = dict(max_new_tokens=512, min_new_tokens=512, do_sample=True, temperature=0.6, top_k=0)
     start = now()
     out = model.generate(input_ids=ids, attention_mask=mask, **drop_in)
@@ -218,9 +213,7 @@ def w2_and_drop_in(results: dict, hf_subset: int, peers: tuple[str, ...] = ()) -
     row = {"tokens": drop_tokens, "drop_in_tok_s": drop_tokens / drop_seconds,
            "llm_tok_s": len(prompts) * 512 / llm_seconds, "fallbacks": hf_minivllm.stats(model)["fallbacks"]}
     if hf_subset:
-        sub_ids, sub_mask = ids[:hf_subset], mask[:hf_subset]
-        keep = int(sub_mask.sum(0).nonzero()[0])
-        sub_ids, sub_mask = sub_ids[:, keep:], sub_mask[:, keep:]
+        sub_ids, sub_mask = leading_rows(ids, mask, hf_subset)
         hf_new = 128
         start = now()
         oracle.generate(input_ids=sub_ids, attention_mask=sub_mask, max_new_tokens=hf_new, min_new_tokens=hf_new,

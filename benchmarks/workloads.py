@@ -23,6 +23,24 @@ def w1_requests(num_seqs: int = 256, max_input_len: int = 1024, max_output_len: 
     return prompts, params
 
 
+def left_padded(prompts: list[list[int]], device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one left-padded batch (input_ids, attention_mask), as HF code hands them to ``generate``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def leading_rows(ids: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's first ``rows`` rows without the padding columns all of them share (HF's subset peers)."""
+    ids, mask = ids[:rows], mask[:rows]
+    keep = int(mask.sum(0).nonzero()[0])
+    return ids[:, keep:], mask[:, keep:]
+
+
 def w3_requests(num_seqs: int = 256, prefix_len: int = 2048, own_len: int = 128, new_tokens: int = 128,
                 own_seed: int = 0):
     """W3 (DESIGN.md section 3): one shared prefix, then each request's own tokens; sampled at T=0.6, eos ignored.

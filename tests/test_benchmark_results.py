@@ -62,3 +62,10 @@ def test_scripts_turn_their_summaries_into_figures_against_their_peers():
         "short_calls": {"calls": 200, "ms_per_token": 2.0, "w2_ms_per_token": 1.5},
         "memory": {"weights_gib": 1.2, "after_accelerate_gib": 2.2, "resident_llm_idle_gib": 65.2}})
     assert [round(f.ratio(), 2) for f in programs] == [20.0, 0.5, 0.75, 64.0]
+
+    import dropin_processors
+
+    processors = dropin_processors.figures({"hf_subset": "32 prompts x 128 new tokens", "hf_tok_s": 100.0,
+                                            "with_processor": {"tok_s": 15000.0},
+                                            "without_processor": {"tok_s": 30000.0}})
+    assert [f.ratio() for f in processors] == [150.0, 0.5]
