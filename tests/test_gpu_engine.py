@@ -485,7 +485,11 @@ def test_a_failed_graph_capture_leaves_random_draws_memory_and_later_captures_wo
 def test_sampling_steps_run_while_another_thread_captures_a_cuda_graph(settings):
     """Another engine starting, or a user's own CUDA graph, captures in another thread: with torch 2.11 any draw
     from its CUDA default generator meanwhile raised, so the sampled steps draw from the engine's own generator."""
-    llm = LLM(tiny_model("qwen3").cuda(), max_model_len=256, max_num_seqs=8)
+    model = tiny_model("qwen3").cuda()
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state()
+    llm = LLM(model, max_model_len=256, max_num_seqs=8)
+    assert torch.equal(torch.get_rng_state(), cpu_state), "building an engine leaves the caller's draws alone"
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
     params = SamplingParams(max_tokens=24, ignore_eos=True, **settings)
     torch.manual_seed(0)
     alone = llm.generate([[5, 6, 7, 8], [9, 10]], params, use_tqdm=False)

@@ -333,13 +333,15 @@ class ModelRunner:
         """Each sampling path over max_num_seqs rows of logits in the model's dtype, as steps give them. The sort of
         the whole vocabulary (top-p and min-p without a top-k) takes the most memory; a logprobs request's copy of
         the logits is kept beside it, then its log-probabilities are computed, as ``_sample`` does. The one-pass
-        kernel (temperatures alone) is compiled here rather than at the first step."""
+        kernel (temperatures alone) is compiled here rather than at the first step. The draws' seeds come from
+        torch's CPU generator, whose state is put back: building an engine leaves the caller's random numbers alone."""
         config = self.config
         logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device, dtype=self.dtype)
         raw = [logits[chunk].clone() for chunk in row_chunks(*logits.shape)]
-        for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
-            rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
-            sample(logits, self._sampling_tensors(rows))
+        with torch.random.fork_rng(devices=[]):
+            for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
+                rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
+                sample(logits, self._sampling_tensors(rows))
         # Token 0 for every row, not the sampled ones: under compile_ahead() the kernel only compiles, and its
         # tokens are whatever its output buffer held.
         tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
