@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the end-to-end benchmarks, logs and JSON under $OUT.
 # Usage: bash benchmarks/run_device.sh [tests] [engine-tests] [profile] [host] [timeline] [tp TP_ARGS... | bench ARGS...]
-# tests fits one device call (10 minutes); tests/test_gpu_engine.py (engine-tests) takes about 2.5 minutes on an
+# tests fits one device call (10 minutes); tests/test_gpu_engine.py (engine-tests) takes about 3.5 minutes on an
 # H200 (ENGINE_TESTS_K, a pytest -k expression, picks some of its tests).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
