@@ -521,3 +521,18 @@ def test_sampling_steps_run_while_another_thread_captures_a_cuda_graph(settings)
         thread.join()
     assert not errors, errors
     assert during == alone, "torch.manual_seed still makes the draws repeatable"
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_generate_under_cuda_autocast_computes_in_the_models_dtype(enforce_eager):
+    """Under the caller's bf16 autocast the rotary kernel got bf16 q/k beside its float32 table and raised; graphs
+    captured in float32 would have run beside eager passes in bf16. The engine computes as if autocast were off."""
+    model = tiny_model("qwen3").cuda()
+    oracle = copy.deepcopy(model)
+    ids, mask = left_padded((30, 11, 22, 5))
+    expected = oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hf_minivllm.accelerate(model, enforce_eager=enforce_eager, max_num_seqs=16, max_model_len=256)
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    assert torch.equal(got, expected)
+    assert hf_minivllm.stats(model)["fallbacks"] == 0

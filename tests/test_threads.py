@@ -1,4 +1,5 @@
 """Many threads, one engine: each call joins the running batch and gets exactly its own answer."""
+import contextlib
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,37 @@ def run_in_threads(function, count):
 def batches(count, seed=0):
     """``count`` left-padded batches of one to three random prompts (input_ids, attention_mask)."""
     return [left_padded_batch(seed=seed + i, lengths=(5 + 3 * i, 9, 30)[: 1 + i % 3]) for i in range(count)]
+
+
+def test_a_callers_autocast_does_not_reach_the_engine_whichever_thread_drives_it(caplog):
+    """torch keeps autocast per thread, and whoever waits for results drives the engine: a call made under
+    autocast would otherwise compute in bf16 or not depending on the thread that ran its steps. The engine computes
+    in the model's dtype (an unpatched model's answer without autocast), says so once, and the answer is the same
+    under autocast, beside a call without it, and for an engine built under autocast."""
+    import copy
+
+    built_plain = tiny_model("qwen3")
+    oracle = copy.deepcopy(built_plain)
+    calls = batches(6)
+    kwargs = dict(max_new_tokens=24, do_sample=False)
+    expected = [oracle.generate(input_ids=ids, attention_mask=mask, **kwargs) for ids, mask in calls]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(oracle.generate(input_ids=calls[2][0], attention_mask=calls[2][1], **kwargs),
+                               expected[2]), "autocast must change HF's answer, or the test proves nothing"
+        built_under_autocast = hf_minivllm.accelerate(copy.deepcopy(oracle))
+    hf_minivllm.accelerate(built_plain)
+
+    def call(model, index):
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if index % 2 else contextlib.nullcontext()
+        with context:
+            return model.generate(input_ids=calls[index][0], attention_mask=calls[index][1], **kwargs)
+
+    for model in (built_plain, built_under_autocast):
+        with caplog.at_level("WARNING", logger="hf_minivllm.engine.llm_engine"):
+            together = run_in_threads(lambda index: call(model, index), len(calls))
+        assert all(torch.equal(got, want) for got, want in zip(together, expected))
+    assert sum("torch.autocast is on" in record.message for record in caplog.records) <= 2, "once per engine"
+    assert any("torch.autocast is on" in record.message for record in caplog.records)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])

@@ -7,11 +7,13 @@ request carries a step hook (HF processors and stopping criteria need every toke
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence as SequenceOf
-from contextlib import closing
+from contextlib import AbstractContextManager, ExitStack, closing, nullcontext
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from hf_minivllm.config import Config
@@ -22,6 +24,9 @@ from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.layers.sampler import NO_DISTRIBUTION
 from hf_minivllm.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+# Device types whose autocast a caller's thread may have on (torch keeps it per thread and per device type).
+_AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
 
 class EngineClosed(RuntimeError):
     """The engine was closed (``LLM.close``, ``hf_minivllm.restore``) before or while a request ran."""
@@ -55,12 +60,14 @@ class LLMEngine:
         self.in_flight: LaunchedStep | None = None  # a step queued ahead, its tokens not read back yet
         self.closed = False
         self._unreported: list[StepResult] = []  # results completed outside step() (a reload), for its caller
+        self._autocast_noted = False
         self._start(model)
 
     def _start(self, model: nn.Module) -> None:
         """A runner and scheduler for ``model``, swapped in together once both exist (callers on other threads
         read the scheduler's capacity while validating)."""
-        runner = ModelRunner(model, self.config, self.eos_token_ids, self.workers)
+        with self._autocast_off():
+            runner = ModelRunner(model, self.config, self.eos_token_ids, self.workers)
         # The scheduler's growth callback holds the runner and the stats, not the engine: no reference cycle, so
         # an engine dropped without close() frees its KV cache at once, not whenever the garbage collector runs.
         scheduler = Scheduler(self.config, runner.num_blocks, self.eos_token_ids,
@@ -69,6 +76,24 @@ class LLMEngine:
                               rope_long_after=getattr(model, "rope_long_after", None))
         self.model, self.runner, self.scheduler = model, runner, scheduler
         self.stats.kv_cache_peak_blocks = max(self.stats.kv_cache_peak_blocks, runner.num_blocks)
+
+    def _autocast_off(self) -> AbstractContextManager:
+        """The caller's ``torch.autocast`` turned off for the engine's work. Whoever waits for results drives the
+        engine, so under the caller's autocast a step would compute in the autocast dtype or not depending on the
+        thread that runs it, beside KV and CUDA graphs computed in the model's dtype (and the kernels refuse the
+        mix). The engine computes in the model's dtype, as ``accelerate`` built it, whoever drives."""
+        enabled = [kind for kind in _AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(kind)]
+        if not enabled:
+            return nullcontext()
+        if not self._autocast_noted:
+            self._autocast_noted = True
+            logger.warning("torch.autocast is on (%s) where the engine runs: the engine computes in the model's "
+                           "dtype as if it were off (HF's generate would compute in the autocast dtype); cast the "
+                           "model to that dtype to generate in it", ", ".join(enabled))
+        stack = ExitStack()
+        for kind in enabled:
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        return stack
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -152,7 +177,8 @@ class LLMEngine:
             self.stats.prefix_cache_hit_tokens += sum(
                 seq.num_cached_tokens for seq in batch.seqs if seq.num_computed_tokens == seq.num_cached_tokens
             )
-        launched = self.runner.launch(batch, previous)
+        with self._autocast_off():
+            launched = self.runner.launch(batch, previous)
         self.scheduler.mark_launched(batch, tokens_pending=ahead)
         if not ahead:
             return self._complete(launched)
