@@ -98,7 +98,7 @@ class EngineCall:
                     break
                 steps.append([self._token(seq, step) for seq in self.seqs])
         for tokens in steps:  # HF's new tokens are int64 whatever the prompt's dtype
-            self.streamer.put(torch.tensor(tokens, dtype=torch.long))
+            self.streamer.put(torch.tensor(tokens, dtype=torch.long, device="cpu"))
             self.streamed_steps += 1
 
     def _token(self, seq: Sequence, step: int) -> int:
@@ -109,10 +109,10 @@ class EngineCall:
     def output(self) -> Any:
         num_steps = self.num_steps()
         filler = self.pad_token_id if self.pad_token_id is not None else 0
-        generated = torch.full((len(self.seqs), num_steps), filler, dtype=torch.long)
+        generated = torch.full((len(self.seqs), num_steps), filler, dtype=torch.long, device="cpu")
         for row, seq in enumerate(self.seqs):
             tokens = seq.completion_token_ids[: self._length(row, seq)]
-            generated[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            generated[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device="cpu")
         # HF's torch.cat of the prompt and its int64 tokens promotes an int32 prompt: the result is int64 either way
         sequences = torch.cat([self.input_ids, generated.to(self.input_ids.device)], dim=1)
         if not self.return_dict:

@@ -536,3 +536,16 @@ def test_generate_under_cuda_autocast_computes_in_the_models_dtype(enforce_eager
         got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
     assert torch.equal(got, expected)
     assert hf_minivllm.stats(model)["fallbacks"] == 0
+
+
+def test_a_cuda_default_device_around_sampled_calls():
+    """``with torch.device("cuda")`` around a call: the engine's host-side tensors (pinned copies, per-step seeds)
+    stay on the host; before, a pinned tensor asked for in the default device raised, and each step's seed was a
+    device draw read back with a sync."""
+    llm = LLM(tiny_model("qwen3").cuda(), max_model_len=256, max_num_seqs=8)
+    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=16, logprobs=2)
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        first = llm.generate([[5, 6, 7, 8], [9, 10]], params, use_tqdm=False)
+    torch.manual_seed(0)
+    assert llm.generate([[5, 6, 7, 8], [9, 10]], params, use_tqdm=False) == first

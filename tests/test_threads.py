@@ -78,6 +78,37 @@ def test_a_callers_autocast_does_not_reach_the_engine_whichever_thread_drives_it
     assert any("torch.autocast is on" in record.message for record in caplog.records)
 
 
+def test_a_callers_default_device_does_not_reach_the_engines_host_tensors():
+    """``with torch.device("cuda"):`` (or ``torch.set_default_device``, per thread too) around a call made the
+    engine's host-side tensors (sampling settings, read-back tokens, per-step seeds) in that device, and sampled
+    steps failed. The meta device stands in for CUDA here: a tensor put there by mistake cannot be read at all."""
+    from transformers import TextIteratorStreamer
+
+    model = tiny_model("qwen3")
+    llm = LLM(model, max_model_len=128)
+    ids, mask = left_padded_batch(lengths=(7, 12))
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, logprobs=2)
+    expected = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    accelerated = hf_minivllm.accelerate(tiny_model("qwen3"))
+    expected_generate = accelerated.generate(input_ids=ids, attention_mask=mask, **greedy)
+
+    class Tokens:  # the streamer's tokenizer: token ids as text
+        def decode(self, ids, **kwargs):
+            return " ".join(map(str, ids))
+
+    streamer = TextIteratorStreamer(Tokens())
+    with torch.device("meta"):
+        got = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        assert len(llm.generate([[5, 6, 7, 8]], sampled, use_tqdm=False)[0]["token_ids"]) == 8
+        got_generate = accelerated.generate(input_ids=ids[1:], attention_mask=mask[1:], streamer=streamer,
+                                            do_sample=True, max_new_tokens=8)
+        assert got_generate.device.type == "cpu"
+        got_greedy = accelerated.generate(input_ids=ids, attention_mask=mask, **greedy)
+    assert got == expected and torch.equal(got_greedy, expected_generate)
+    assert "".join(streamer).strip()
+
+
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_threads_calling_generate_get_their_solo_answers_in_one_batch(family):
     model = hf_minivllm.accelerate(tiny_model(family))

@@ -360,7 +360,8 @@ class ModelRunner:
         config, layers = self.config, self.model.attention_layers
         seq_len = min(config.max_model_len, KV_CALIBRATION_TOKENS)
         num_seqs = -(-KV_CALIBRATION_TOKENS // seq_len)  # as many tokens however short max_model_len is
-        tokens = torch.randint(0, self.model.vocab_size, (num_seqs, seq_len), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, self.model.vocab_size, (num_seqs, seq_len), device="cpu",
+                               generator=torch.Generator().manual_seed(0))
         seqs = [Sequence(row, _WARMUP_PARAMS, self.block_size) for row in tokens.tolist()]
         for seq in seqs:
             seq.block_table = list(range(-(-seq_len // self.block_size)))
@@ -435,7 +436,7 @@ class ModelRunner:
             self.storage.close()
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        tensor = torch.tensor(values, dtype=dtype, device="cpu", pin_memory=self.device.type == "cuda")
         return tensor.to(self.device, non_blocking=True)
 
     def _pinned(self, array: np.ndarray) -> torch.Tensor:
@@ -561,7 +562,7 @@ class ModelRunner:
         2.11 every CUDA graph capture in the process puts that one in capture mode, and an eager draw from it in any
         other thread meanwhile raises ("Offset increment outside graph capture encountered unexpectedly"). Another
         engine starting, a cascade graph captured mid-run or a user's own graphs would fail this engine's steps."""
-        self._draws.manual_seed(int(torch.randint(1 << 62, ())))
+        self._draws.manual_seed(int(torch.randint(1 << 62, (), device="cpu")))
         return self._draws
 
     def _generator(self, seq: Sequence) -> torch.Generator:
@@ -788,7 +789,7 @@ class LaunchedStep:
         self._copied: torch.cuda.Event | None = None
         self.wait: Callable[[torch.cuda.Event], None] = torch.cuda.Event.synchronize  # (TP: watching the workers)
         if read is not None and read.is_cuda:
-            self._host_tokens = torch.empty(read.shape, dtype=read.dtype, pin_memory=True)
+            self._host_tokens = torch.empty(read.shape, dtype=read.dtype, device="cpu", pin_memory=True)
             self._host_tokens.copy_(read, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
