@@ -20,6 +20,7 @@ from conftest import shared_prefix_prompts, tiny_model
 from hf_minivllm import LLM, SamplingParams
 from hf_minivllm.engine.llm_engine import EngineClosed
 from hf_minivllm.tp import TensorParallelError, TensorParallelWorkers, tensor_parallel_devices
+from workloads import left_padded
 
 ENGINE = dict(cpu_kvcache_space_gib=0.02, kvcache_block_size=8)
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -92,13 +93,8 @@ def assert_accelerated_tp2_matches_hf(model, batch: list[list[int]]) -> None:
         hf_minivllm.restore(model)
 
 
-def _left_padded(batch: list[list[int]]) -> dict:
-    width = max(len(row) for row in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, tokens in enumerate(batch):
-        ids[row, width - len(tokens):] = torch.tensor(tokens)
-        mask[row, width - len(tokens):] = 1
+def _left_padded(batch: list[list[int]], device: str = "cpu") -> dict:
+    ids, mask = left_padded(batch, device)
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -352,7 +348,7 @@ def test_a_model_spread_over_two_gpus_is_served_where_it_lies(tmp_path):
         assert llm.config.tensor_parallel_size == 2
         assert [out["token_ids"] for out in llm.generate(batch, params, use_tqdm=False)] == expected
 
-    padded = {key: value.cuda() for key, value in _left_padded(prompts(4, seed=3)).items()}
+    padded = _left_padded(prompts(4, seed=3), "cuda")
     reference = model.generate(**padded, max_new_tokens=10, do_sample=False, pad_token_id=0)
     accelerated = hf_minivllm.accelerate(model, gpu_memory_utilization=0.3)
     try:
