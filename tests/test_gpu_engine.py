@@ -450,8 +450,9 @@ class _AllLayers:
 
 def test_a_failed_graph_capture_leaves_random_draws_memory_and_later_captures_working():
     """A capture invalidated by an operation it does not allow (a host sync here) cannot end. torch 2.11 then left
-    its CUDA default generator in capture mode (every later random draw in the process raised) and its allocator
-    routing to the capture's pool (``empty_cache`` handed nothing back: a closed engine's memory stayed reserved)."""
+    its CUDA default generator in capture mode (every later random draw in the process raised), its allocator
+    routing to the capture's pool (``empty_cache`` handed nothing back: a closed engine's memory stayed reserved),
+    and the capture's reference on the pool, which the graphs before it share (their memory was never freed)."""
     from hf_minivllm.engine.cuda_graphs import capture_graph
 
     torch.cuda.empty_cache()
@@ -461,24 +462,32 @@ def test_a_failed_graph_capture_leaves_random_draws_memory_and_later_captures_wo
     out = torch.zeros(4, device="cuda")
     passes = []
 
+    def with_activations(scale):
+        activations = torch.ones(1 << 26, device="cuda")  # 256 MiB, in the graphs' pool when captured
+        out.copy_(ones * scale + activations[:4] - 1)
+
     def syncs_while_captured():
         passes.append(len(passes))
-        out.copy_(ones * 2)
+        with_activations(2)
         if len(passes) == 2:  # the first pass runs before the capture
             out.sum().item()
 
+    first = capture_graph(_AllLayers(), [], lambda: with_activations(3), None, stream)
     with pytest.raises(RuntimeError):
-        capture_graph(_AllLayers(), [], syncs_while_captured, None, stream)
+        capture_graph(_AllLayers(), [], syncs_while_captured, first.pool(), stream)
     assert passes == [0, 1]
     torch.randn(4, device="cuda")
     torch.nn.functional.dropout(ones, 0.5, training=True)
+    first.replay()
+    assert out.tolist() == [3.0] * 4, "the graph sharing the failed capture's pool still runs"
+    later = capture_graph(_AllLayers(), [], lambda: out.copy_(ones * 4), None, stream)
+    later.replay()
+    assert out.tolist() == [4.0] * 4
+    del first, later
     freed = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     del freed
     torch.cuda.empty_cache()
-    assert torch.cuda.memory_reserved() - reserved_before < 1 << 28, "freed memory goes back to the driver"
-    graph = capture_graph(_AllLayers(), [], lambda: out.copy_(ones * 3), None, stream)
-    graph.replay()
-    assert out.tolist() == [3.0] * 4
+    assert torch.cuda.memory_reserved() - reserved_before < 1 << 27, "freed memory and the pool go back to the driver"
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)])

@@ -51,31 +51,45 @@ def test_a_callers_autocast_does_not_reach_the_engine_whichever_thread_drives_it
     """torch keeps autocast per thread, and whoever waits for results drives the engine: a call made under
     autocast would otherwise compute in bf16 or not depending on the thread that ran its steps. The engine computes
     in the model's dtype (an unpatched model's answer without autocast), says so once, and the answer is the same
-    under autocast, beside a call without it, and for an engine built under autocast."""
+    under autocast and beside a call without it. (An engine built under autocast computes at start-up on CUDA
+    only: tests/test_gpu_engine.py covers it.)"""
     import copy
 
-    built_plain = tiny_model("qwen3")
-    oracle = copy.deepcopy(built_plain)
+    model = tiny_model("qwen3")
+    oracle = copy.deepcopy(model)
     calls = batches(6)
     kwargs = dict(max_new_tokens=24, do_sample=False)
     expected = [oracle.generate(input_ids=ids, attention_mask=mask, **kwargs) for ids, mask in calls]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not torch.equal(oracle.generate(input_ids=calls[2][0], attention_mask=calls[2][1], **kwargs),
                                expected[2]), "autocast must change HF's answer, or the test proves nothing"
-        built_under_autocast = hf_minivllm.accelerate(copy.deepcopy(oracle))
-    hf_minivllm.accelerate(built_plain)
+    hf_minivllm.accelerate(model)
 
-    def call(model, index):
+    def call(index):
         context = torch.autocast("cpu", dtype=torch.bfloat16) if index % 2 else contextlib.nullcontext()
         with context:
             return model.generate(input_ids=calls[index][0], attention_mask=calls[index][1], **kwargs)
 
-    for model in (built_plain, built_under_autocast):
-        with caplog.at_level("WARNING", logger="hf_minivllm.engine.llm_engine"):
-            together = run_in_threads(lambda index: call(model, index), len(calls))
-        assert all(torch.equal(got, want) for got, want in zip(together, expected))
-    assert sum("torch.autocast is on" in record.message for record in caplog.records) <= 2, "once per engine"
-    assert any("torch.autocast is on" in record.message for record in caplog.records)
+    with caplog.at_level("WARNING", logger="hf_minivllm.engine.llm_engine"):
+        for _ in range(2):
+            together = run_in_threads(call, len(calls))
+            assert all(torch.equal(got, want) for got, want in zip(together, expected))
+    assert sum("torch.autocast is on" in record.message for record in caplog.records) == 1, "once per engine"
+
+
+def test_warm_up_sampling_leaves_torchs_generators_alone_without_restoring_them(monkeypatch):
+    """Start-up samples (it compiles and measures the samplers). Saving torch's process-wide generator and putting
+    it back afterwards would replay, to other threads, the numbers they drew meanwhile; the warm-up draws from the
+    runner's own generator instead."""
+    llm = LLM(tiny_model("qwen3"), max_model_len=64, max_num_seqs=4)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch's generator state is saved and restored")
+
+    monkeypatch.setattr(torch.random, "fork_rng", forbidden)
+    state = torch.get_rng_state()
+    llm.engine.runner._warm_up_samplers()
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_a_callers_default_device_does_not_reach_the_engines_host_tensors():

@@ -86,28 +86,45 @@ def capture_graph(model: torch.nn.Module, variant_layers: list[int], forward: Ca
 
 
 def _end_capture(graph: torch.cuda.CUDAGraph, pool, device: torch.device, forward_failed: bool = False) -> None:
-    """End the capture. One that cannot end (an operation it does not allow invalidated it) leaves two things
-    behind up to at least torch 2.11, both process-wide, which are undone here:
-
-    - the caching allocator still routes to the capture's pool: ``empty_cache`` then hands nothing back to the
-      driver, and freed memory (a closed engine's KV cache) stays reserved for good;
-    - torch's CUDA default generator stays in capture mode: every later random draw on the device raises, the
-      user's own ones too (dropout in a training step).
-
-    Where the forward raised, its error is the one the caller sees."""
+    """End the capture. Where the forward raised, its error is the one the caller sees."""
     try:
         graph.capture_end()
     except Exception:
-        end_routing = getattr(torch._C, "_cuda_endAllocateToPool", None)
         try:
-            if end_routing is not None:
-                end_routing(device.index, pool)
-        except RuntimeError:  # "not currently recording": this torch ended the routing itself
-            pass
-        _end_generator_capture(device)
+            _undo_failed_capture(graph, pool, device)
+        except Exception:  # noqa: BLE001 - the capture's own error says more
+            logger.warning("could not undo what a failed CUDA graph capture left behind", exc_info=True)
         if not forward_failed:
             raise
         logger.debug("ending a failed CUDA graph capture raised", exc_info=True)
+
+
+def _undo_failed_capture(graph: torch.cuda.CUDAGraph, pool, device: torch.device) -> None:
+    """What a capture that cannot end (an operation it does not allow invalidated it) leaves behind, up to at least
+    torch 2.11, all process-wide:
+
+    - the caching allocator still routes to the capture's pool: ``empty_cache`` then hands nothing back to the
+      driver, and freed memory (a closed engine's KV cache) stays reserved for good;
+    - the pool keeps the reference the capture took (a graph gives it back only after a capture that ended): a pool
+      shared with other graphs would never be freed;
+    - torch's CUDA default generator stays in capture mode: every later random draw on the device raises, the
+      user's own ones too (dropout in a training step).
+
+    (Pinned host memory that newer torch routes to the pool during a capture has no Python-side undo.)"""
+    end_routing = (getattr(torch._C, "_cuda_endAllocateToPool", None)  # torch 2.8 on
+                   or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None))
+    try:
+        if end_routing is not None:
+            end_routing(device.index, pool)
+    except RuntimeError:  # "not currently recording": this torch ended the routing itself
+        pass
+    try:
+        graph.pool()
+    except RuntimeError:  # no capture that ended: the graph will not give the pool's reference back
+        release = getattr(torch._C, "_cuda_releasePool", None)
+        if release is not None:
+            release(device.index, pool)
+    _end_generator_capture(device)
 
 
 def _end_generator_capture(device: torch.device) -> None:

@@ -263,16 +263,16 @@ class ModelRunner:
         """Compile at once, on a thread pool, the Triton kernels that the warm-up and the decode graphs launch
         (``hf_minivllm.kernels.launch``): one after another they took 7.5 of a 13 s start with an empty Triton
         cache (0.6B architecture, H200). In these passes the Triton kernels only compile and what they would write
-        is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers, with the
-        random generators' state put back afterwards.
+        is never read; everything else (matrix products, collectives, sampling) runs, on scratch buffers. Nothing in
+        them draws from torch's generators (see ``_warm_up_samplers``), so the caller's random numbers are left alone
+        without saving and restoring the process-wide state, which would replay other threads' draws.
 
         The passes run only the variant layers (two or three layers, not all) and nothing waits between them, so
         that every variant is submitted within a fraction of a second and the block lasts about as long as the
         slowest compile. The slow ones go first: the warm-up's prefill kernel, then the cascade kernel. With a warm
         Triton cache the passes cost tens of milliseconds, so they always run, on every rank alike."""
-        devices = [self.device] if self.device.type == "cuda" else []
         buckets = batch_buckets(self.config.max_num_seqs)
-        with torch.random.fork_rng(devices=devices), compile_ahead(), self.model.only_layers(self.variant_layers):
+        with compile_ahead(), self.model.only_layers(self.variant_layers):
             self._warm_up()
             if self._cascade:
                 # Few sequences split the prefix finely and many coarsely: both merge widths of the decode kernel.
@@ -333,15 +333,15 @@ class ModelRunner:
         """Each sampling path over max_num_seqs rows of logits in the model's dtype, as steps give them. The sort of
         the whole vocabulary (top-p and min-p without a top-k) takes the most memory; a logprobs request's copy of
         the logits is kept beside it, then its log-probabilities are computed, as ``_sample`` does. The one-pass
-        kernel (temperatures alone) is compiled here rather than at the first step. The draws' seeds come from
-        torch's CPU generator, whose state is put back: building an engine leaves the caller's random numbers alone."""
+        kernel (temperatures alone) is compiled here rather than at the first step. The draws come from the
+        runner's generator under a fixed seed, not from torch's: building an engine leaves the caller's random
+        numbers alone."""
         config = self.config
         logits = torch.zeros(config.max_num_seqs, self.model.vocab_size, device=self.device, dtype=self.dtype)
         raw = [logits[chunk].clone() for chunk in row_chunks(*logits.shape)]
-        with torch.random.fork_rng(devices=[]):
-            for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
-                rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
-                sample(logits, self._sampling_tensors(rows))
+        for params in (_WARMUP_WHOLE_VOCABULARY, _WARMUP_PARAMS, _WARMUP_TEMPERATURE_ONLY):
+            rows = [Sequence([0], params, self.block_size) for _ in range(config.max_num_seqs)]
+            sample(logits, self._sampling_tensors(rows, draws=self._draws.manual_seed(0)))
         # Token 0 for every row, not the sampled ones: under compile_ahead() the kernel only compiles, and its
         # tokens are whatever its output buffer held.
         tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
@@ -523,7 +523,9 @@ class ModelRunner:
                                             dtype=np.int64)
         return plan
 
-    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+    def _sampling_tensors(self, seqs: list[Sequence], draws: torch.Generator | None = None) -> SamplingTensors:
+        """The step's per-row settings; unseeded sampled rows draw from ``draws``, by default the runner's generator
+        reseeded for the step (``_reseeded_draws``)."""
         if all(seq.sampling_params.greedy for seq in seqs):
             return GREEDY
         vocab = self.model.vocab_size
@@ -553,7 +555,7 @@ class ModelRunner:
             use_min_p=max(min_ps[row] for row in sampled) > 0.0,
             generators=generators,
             max_top_k=max(top_ks[row] for row in sampled),
-            generator=self._reseeded_draws(),
+            generator=draws if draws is not None else self._reseeded_draws(),
         )
 
     def _reseeded_draws(self) -> torch.Generator:
@@ -727,8 +729,7 @@ class ModelRunner:
             slot_mapping=rows[2],
             block_tables=inputs.block_tables.to(self.device, non_blocking=True),
             context_lens=inputs.context_lens.to(self.device, non_blocking=True),
-            shared_prefix_len=(torch.tensor([shared_prefix_len], dtype=torch.int32).to(self.device, non_blocking=True)
-                               if shared_prefix_len else None),
+            shared_prefix_len=(self._to_device([shared_prefix_len], torch.int32) if shared_prefix_len else None),
         ))
         try:
             return self.model.compute_logits(self.model(rows[0], rows[1]))
