@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 # Device types whose autocast a caller's thread may have on (torch keeps it per thread and per device type).
 _AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
 
+
 class EngineClosed(RuntimeError):
     """The engine was closed (``LLM.close``, ``hf_minivllm.restore``) before or while a request ran."""
 
