@@ -327,3 +327,23 @@ def test_a_rebuild_that_failed_for_good_is_not_tried_again(monkeypatch):
     with pytest.raises(RuntimeError, match="could not rebuild its decoder"):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert builds == [1]
+
+
+@pytest.mark.parametrize("built_in", ["accelerate", "rebuild"])
+def test_a_decoder_built_under_inference_mode_leaves_the_model_trainable(built_in):
+    """HF's q/k/v and gate/up weights become views of the decoder's fused tensors. Built under the caller's
+    ``torch.inference_mode`` (``accelerate`` there, or a rebuild after a weight change run by a call made there),
+    those were inference tensors, and the next training step raised."""
+    model = tiny_model("qwen3")
+    ids, mask = left_padded_batch(lengths=(20, 13))
+    if built_in == "accelerate":
+        with torch.inference_mode():
+            hf_minivllm.accelerate(model)
+    else:
+        hf_minivllm.accelerate(model)
+        replace_parameters(model)
+        with torch.inference_mode():
+            greedy(model, ids, mask)
+        assert hf_minivllm.stats(model)["rebuilds"] == 1
+    train_step(model, ids, mask)
+    assert torch.equal(greedy(model, ids, mask), greedy(unpatched_twin(model, "qwen3"), ids, mask))

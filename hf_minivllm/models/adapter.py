@@ -577,6 +577,7 @@ class _Binder:
                 setattr(fused_layer, name, self._own(fused_layer.fuse(detached), fresh=True))
 
 
+@torch.inference_mode(False)  # then no_grad: inference_mode(False) turns grad mode on
 @torch.no_grad()
 def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group: ParallelGroup | None = None,
                   device: torch.device | None = None) -> DecoderForCausalLM:
@@ -584,6 +585,10 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
 
     At ``tp_size > 1``: rank ``tp_rank``'s shards, copied to ``device`` and communicating over ``group``; with no
     ``device``, views of the HF weights where they are (another rank's shards, to be sent to its worker).
+
+    The HF weights that are fused (q/k/v, gate/up) become views of the decoder's tensors, so those are made as
+    ordinary tensors even when a caller in ``torch.inference_mode`` builds (``accelerate``, or a rebuild after a
+    weight change, run by whichever caller drives the engine): a training step through an inference tensor raises.
 
     Raises ``UnsupportedModel`` (a ValueError) for architectures or features the decoder does not implement.
     A ``PeftModel`` (or a model with PEFT LoRA layers) is served with its active adapters' updates added to the
