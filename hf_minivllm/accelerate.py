@@ -7,7 +7,7 @@ from typing import Any
 
 from hf_minivllm.engine.stats import EngineStats
 from hf_minivllm.llm import LLM
-from hf_minivllm.models.adapter import UnsupportedModel, spread_size, unwrap_peft
+from hf_minivllm.models.adapter import UnsupportedModel, spread_size, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,11 @@ def accelerate(model: Any, **config: Any) -> Any:
 
     A PEFT ``PeftModel`` is served with its active LoRA adapters (its ``generate`` reaches the transformers model
     inside, which is the one patched); switching, disabling, merging or training adapters is seen by the next call.
+    A ``torch.compile``'d model is served likewise through the model it wraps.
     """
     from hf_minivllm.patches.model import install, install_hf_served, is_accelerated
 
-    target = unwrap_peft(model)
+    target = unwrap_model(model)
     if is_accelerated(target):
         if config:
             logger.warning("model is already accelerated; ignoring %s (call hf_minivllm.restore first)", sorted(config))
@@ -56,7 +57,7 @@ def restore(model: Any) -> Any:
     """Undo ``accelerate``: ``model.generate`` is HF's again and the engine (and its KV cache) is released."""
     from hf_minivllm.patches.model import is_accelerated, state_of, uninstall
 
-    target = unwrap_peft(model)
+    target = unwrap_model(model)
     if is_accelerated(target):
         state_of(target).llm.close()
     uninstall(target)
@@ -66,7 +67,7 @@ def restore(model: Any) -> Any:
 def _llm_of(model_or_llm: Any) -> LLM:
     from hf_minivllm.patches.model import state_of
 
-    return model_or_llm if isinstance(model_or_llm, LLM) else state_of(unwrap_peft(model_or_llm)).llm
+    return model_or_llm if isinstance(model_or_llm, LLM) else state_of(unwrap_model(model_or_llm)).llm
 
 
 def stats(model_or_llm: Any) -> dict:
@@ -74,7 +75,7 @@ def stats(model_or_llm: Any) -> dict:
     ``unsupported_reason`` (why ``accelerate`` left the model to transformers; None when the engine serves it)."""
     from hf_minivllm.patches.model import unsupported_reason
 
-    reason = None if isinstance(model_or_llm, LLM) else unsupported_reason(unwrap_peft(model_or_llm))
+    reason = None if isinstance(model_or_llm, LLM) else unsupported_reason(unwrap_model(model_or_llm))
     if reason is not None:
         return {**EngineStats().as_dict(), "unsupported_reason": reason}
     return {**_llm_of(model_or_llm).stats.as_dict(), "unsupported_reason": None}
@@ -89,6 +90,6 @@ def reset_prefix_cache(model_or_llm: Any) -> None:
     """
     from hf_minivllm.patches.model import unsupported_reason
 
-    if not isinstance(model_or_llm, LLM) and unsupported_reason(unwrap_peft(model_or_llm)) is not None:
+    if not isinstance(model_or_llm, LLM) and unsupported_reason(unwrap_model(model_or_llm)) is not None:
         return
     _llm_of(model_or_llm).reset_prefix_cache()

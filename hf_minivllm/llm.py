@@ -20,7 +20,7 @@ from hf_minivllm.models.adapter import (
     load_hf_model,
     model_devices,
     spread_size,
-    unwrap_peft,
+    unwrap_model,
 )
 from hf_minivllm.models.decoder import DecoderForCausalLM
 from hf_minivllm.models.loading import eos_token_ids_of, load_tokenizer
@@ -106,7 +106,7 @@ class LLM:
         if config.get("kv_cache_resident") is None:
             config["kv_cache_resident"] = True  # the offline API pre-allocates, as vLLM does
         if not isinstance(model, str) and "tensor_parallel_size" not in config:
-            config["tensor_parallel_size"] = spread_size(unwrap_peft(model))  # device_map="auto": shard it there
+            config["tensor_parallel_size"] = spread_size(unwrap_model(model))  # device_map="auto": shard it there
         self.config = Config(model=model, **config)
         tp_size = self.config.tensor_parallel_size
         if isinstance(model, str):
@@ -114,7 +114,7 @@ class LLM:
             hf_model = load_hf_model(model, device="cpu" if tp_size > 1 else None)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         else:
-            hf_model = unwrap_peft(model)
+            hf_model = unwrap_model(model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.config.fit_to_model(getattr(hf_model.config, "max_position_embeddings", None))

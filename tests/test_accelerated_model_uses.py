@@ -87,3 +87,27 @@ def test_a_pruned_projection_is_left_to_transformers_before_and_after_accelerate
             prune.remove(model.model.layers[0].mlp.down_proj, "weight")  # pruned for good: a plain parameter again
     stats = hf_minivllm.stats(model)
     assert stats["fallbacks"] == 1 and stats["rebuilds"] == 1 and stats["requests"] == 4
+
+
+def test_a_model_compiled_for_training_is_accelerated_through_its_wrapper():
+    """``torch.compile(model)`` (for the training steps) wraps the model; ``accelerate`` used to see an unknown
+    architecture and leave it to HF. It serves the model inside, and the wrapper's training steps are seen."""
+    model = tiny_model("qwen3")
+    compiled = torch.compile(model, backend="eager")  # no code generation: the wrapper is what matters here
+    assert hf_minivllm.accelerate(compiled) is compiled
+    assert hf_minivllm.stats(compiled)["unsupported_reason"] is None
+    ids, mask = left_padded_batch(lengths=(20, 13))
+    before = compiled.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert hf_minivllm.stats(compiled)["steps"] > 0
+    compiled.train()
+    optimizer = torch.optim.SGD(compiled.parameters(), lr=0.5)
+    compiled(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    optimizer.step()
+    compiled.eval()
+    twin = tiny_model("qwen3")
+    twin.load_state_dict(model.state_dict())
+    after = compiled.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(after, type(twin).generate(twin, input_ids=ids, attention_mask=mask, **GREEDY))
+    assert not torch.equal(after, before), "the training step must matter, or the test proves nothing"
+    hf_minivllm.restore(compiled)
+    assert not hf_minivllm.patches.model.is_accelerated(model)

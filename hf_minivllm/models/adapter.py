@@ -71,10 +71,14 @@ def load_hf_model(path: str, dtype: torch.dtype | str = "auto", device: torch.de
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), local_files_only=True).eval()
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT ``PeftModel`` with a tuner (LoRA layers wrapping its linears); any other
-    model as it is (prompt-learning PEFT models then stay unsupported as a whole). Recognised by its classes'
-    modules, so peft need not be installed."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside the wrappers that keep its weights as they are: ``torch.compile``'s module (a
+    model compiled for training; its ``generate`` is the inner model's) and a PEFT ``PeftModel`` with a tuner (LoRA
+    layers wrapping its linears); any other model as it is (prompt-learning PEFT models then stay unsupported as a
+    whole). Recognised by their classes' names and modules, so neither dynamo nor peft is imported for it."""
+    compiled = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(compiled, nn.Module):
+        model = compiled
     base = getattr(model, "base_model", None)
     if (type(model).__module__.startswith("peft.") and type(base).__module__.startswith("peft.")
             and isinstance(getattr(base, "model", None), nn.Module)):
@@ -352,7 +356,7 @@ def _check_supported(hf_model: nn.Module) -> None:
 def check_tensor_parallel(hf_model: nn.Module, tp_size: int) -> None:
     """Raise before anything starts if the model cannot be served at this tensor-parallel size: UnsupportedModel
     for what the engine cannot serve at all (or not sharded), ValueError for a size that does not divide it."""
-    hf_model = unwrap_peft(hf_model)
+    hf_model = unwrap_model(hf_model)
     _check_supported(hf_model)
     spread = spread_size(hf_model)
     if spread > 1 and tp_size != spread:
@@ -389,7 +393,7 @@ def spread_size(hf_model: nn.Module) -> int:
 
 def model_devices(hf_model: nn.Module) -> list[torch.device]:
     """The devices the model's parameters lie on, its embedding's first (where rank 0 goes)."""
-    hf_model = unwrap_peft(hf_model)
+    hf_model = unwrap_model(hf_model)
     try:
         devices = [hf_model.get_input_embeddings().weight.device]
     except (AttributeError, NotImplementedError):
@@ -594,7 +598,7 @@ def build_decoder(hf_model: nn.Module, tp_rank: int = 0, tp_size: int = 1, group
     A ``PeftModel`` (or a model with PEFT LoRA layers) is served with its active adapters' updates added to the
     base weights' outputs; ``DecoderForCausalLM.adapter_state`` tells when that set changes.
     """
-    hf_model = unwrap_peft(hf_model)
+    hf_model = unwrap_model(hf_model)
     _check_supported(hf_model)
     with torch.device("meta"):
         decoder = DecoderForCausalLM(_decoder_config(hf_model, tp_rank, tp_size), group)
