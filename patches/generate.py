@@ -377,6 +377,7 @@ def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
     call = GenerateCall.bind(model, args, kwargs)
     try:
         _sync_weights(state.llm)
+        _check_no_module_hooks(model)
         prepared = _prepare(model, state.llm, call)
     except _Fallback as fallback:
         return state.fall_back(str(fallback), call.args, call.kwargs)
@@ -390,6 +391,33 @@ def _sync_weights(llm: Any) -> None:
         llm.sync_weights()
     except UnsupportedModel as error:
         raise _Fallback(f"the model changed into one the engine cannot serve: {error}") from None
+
+
+# transformers' own forward hooks that leave a forward's values as they are: the output recorders it installs for
+# good once a forward asked for attentions or hidden states (they record only while a call collects), and the hook
+# that makes the embeddings' output require grad (gradient checkpointing with adapters, TRL's trainers).
+_VALUE_PRESERVING_HOOKS = frozenset({
+    ("transformers.utils.output_capturing", "output_capturing_hook"),
+    ("transformers.modeling_utils", "make_inputs_require_grads"),
+})
+
+
+def _runs_user_code(hooks: dict) -> bool:
+    return any((getattr(hook, "__module__", None), getattr(hook, "__name__", None)) not in _VALUE_PRESERVING_HOOKS
+               for hook in hooks.values())
+
+
+def _check_no_module_hooks(model: Any) -> None:
+    """HF's generate runs the model's forward hooks at every step (activation steering, probes, recorders of
+    activations); the engine computes the layers itself and would skip them, a silent difference. A call on a model
+    with one (but transformers' own that change nothing), or with a global module hook, is handed to HF."""
+    modules = torch.nn.modules.module
+    if modules._global_forward_hooks or modules._global_forward_pre_hooks:
+        raise _Fallback("global module forward hooks are registered; the engine does not run module hooks")
+    for module in model.modules():
+        if _runs_user_code(module._forward_hooks) or _runs_user_code(module._forward_pre_hooks):
+            name = next(name for name, found in model.named_modules() if found is module) or "the model"
+            raise _Fallback(f"{name} has forward hooks; the engine does not run module hooks")
 
 
 @torch.no_grad()
@@ -408,6 +436,7 @@ def generate_many(model: Any, calls: list[tuple[tuple, dict[str, Any]]]) -> list
         call = GenerateCall.bind(model, args, kwargs)
         try:
             _sync_weights(state.llm)
+            _check_no_module_hooks(model)
             prepared[index] = _prepare(model, state.llm, call)
         except _Fallback as fallback:
             results[index] = state.fall_back(str(fallback), call.args, call.kwargs)

@@ -122,3 +122,46 @@ def test_restore_and_accelerate_again_once_the_model_is_servable():
 def test_invalid_settings_still_raise():
     with pytest.raises(ValueError, match="max_num_seqs"):
         hf_minivllm.accelerate(tiny_model("llama"), max_num_seqs=0)
+
+
+def test_a_call_on_a_model_with_forward_hooks_goes_to_hf_while_they_are_there():
+    """HF's generate runs forward hooks at every step (activation steering, probes); the engine computes the layers
+    itself and silently skipped them. Such calls go to HF; transformers' own hooks that change no value do not
+    count; once the hooks are removed the engine serves again."""
+    model = tiny_model("qwen3")
+    oracle = copy.deepcopy(model)
+    hf_minivllm.accelerate(model)
+    ids, mask = left_padded_batch(lengths=(20, 13))
+    settings = dict(max_new_tokens=8, do_sample=False)
+
+    def steer(module, args, output):
+        return (output[0] + 2.0, *output[1:]) if isinstance(output, tuple) else output + 2.0
+
+    plain = oracle.generate(input_ids=ids, attention_mask=mask, **settings)
+    hooks = {  # name -> (register on a model, whether it changes the answer)
+        "a layer's forward hook": (lambda m: m.model.layers[1].register_forward_hook(steer), True),
+        "a norm's forward pre-hook": (
+            lambda m: m.model.norm.register_forward_pre_hook(lambda module, args: (args[0] + 1.0,)), True),
+        "a global module hook": (lambda m: torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, output: None), False),
+    }
+    for name, (register, changes) in hooks.items():
+        handles = [register(model), register(oracle)]
+        try:
+            expected = oracle.generate(input_ids=ids, attention_mask=mask, **settings)
+            with pytest.warns(UserWarning, match="forward hooks"):
+                got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert torch.equal(got, expected), name
+        assert changes == (not torch.equal(expected, plain)), name
+    assert hf_minivllm.stats(model)["fallbacks"] == 3
+
+    model.enable_input_require_grads()  # transformers' own hook: the embeddings' output requires grad
+    with pytest.warns(UserWarning, match="output_hidden_states"):  # HF's: it may leave its recorders installed
+        model.generate(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict_in_generate=True,
+                       max_new_tokens=2)
+    steps = hf_minivllm.stats(model)["steps"]
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings), plain)
+    assert hf_minivllm.stats(model)["steps"] > steps and hf_minivllm.stats(model)["fallbacks"] == 4
